@@ -1,0 +1,16 @@
+"""gradmetanet: learning on the gradients and weights of neural networks."""
+
+from .capture import CaptureError, GradientCapture
+from .gradients import GradientSet
+from .spec import LinearSite, NetworkSpec, NeuronSpace, UnsupportedModuleError
+
+__all__ = [
+    "CaptureError",
+    "GradientCapture",
+    "GradientSet",
+    "LinearSite",
+    "NetworkSpec",
+    "NeuronSpace",
+    "UnsupportedModuleError",
+]
+__version__ = "0.1.0"

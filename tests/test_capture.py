@@ -1,0 +1,345 @@
+"""GradientCapture and GradientSet against torch.func references, and every error path."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
+from gradmetanet.basenets import make_mlp
+
+
+def per_example_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_kind: str) -> dict:
+    """Gradients of each example's own loss, by ``vmap(grad(...))``."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        if loss_kind == "mse":
+            return F.mse_loss(out, yi.unsqueeze(0))
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), yi.unsqueeze(0).reshape(-1))
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def batch_loss(out: torch.Tensor, y: torch.Tensor, loss_kind: str, reduction: str) -> torch.Tensor:
+    """The batch loss whose per-example terms match :func:`per_example_reference`."""
+    if loss_kind == "mse":
+        per = (out - y).square().flatten(1).mean(1)
+    else:
+        per = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+        per = per.reshape(out.shape[0], -1).mean(1)
+    return per.mean() if reduction == "mean" else per.sum()
+
+
+def random_case(seed: int):
+    rng = random.Random(seed)
+    depth = rng.randint(1, 5)
+    sizes = [rng.choice([3, 5, 7, 9, 13]) for _ in range(depth + 1)]
+    activation = rng.choice(["relu", "tanh", "sine", "relu_inplace"])
+    bias = rng.random() < 0.7
+    loss_kind = rng.choice(["mse", "ce"])
+    reduction = rng.choice(["mean", "sum"])
+    tokens = rng.choice([None, 1, 4])
+    return sizes, activation, bias, loss_kind, reduction, tokens
+
+
+CASES = [random_case(s) for s in range(24)] + [
+    ([5, 7, 3], "relu_inplace", True, "ce", "mean", None),
+    ([4, 9, 9, 2], "sine", False, "mse", "sum", 6),
+    ([6, 11], "tanh", True, "mse", "mean", 3),
+]
+
+
+def make_batch(sizes, loss_kind, tokens, b=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lead = (b,) if tokens is None else (b, tokens)
+    x = torch.randn(*lead, sizes[0], generator=gen, dtype=torch.float64)
+    if loss_kind == "mse":
+        y = torch.randn(*lead, sizes[-1], generator=gen, dtype=torch.float64)
+    else:
+        y = torch.randint(sizes[-1], lead, generator=gen)
+    return x, y
+
+
+def capture(model, x, y, loss_kind, reduction):
+    with GradientCapture(model, loss_reduction=reduction) as cap:
+        batch_loss(model(x), y, loss_kind, reduction).backward()
+    return cap.gradients
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-bias{c[2]}-{c[3]}-{c[4]}-T{c[5]}")
+def test_per_example_grads_match_torch_func(case):
+    sizes, activation, bias, loss_kind, reduction, tokens = case
+    torch.manual_seed(len(sizes))
+    model = make_mlp(sizes, activation, bias).double()
+    x, y = make_batch(sizes, loss_kind, tokens)
+    gs = capture(model, x, y, loss_kind, reduction)
+    ref = per_example_reference(model, x, y, loss_kind)
+    mine = gs.per_example_grads()
+    assert mine.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(mine[name], ref[name], atol=1e-10, rtol=0)
+    # the batch gradient is exactly what backward accumulated
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(gs.mean_grad()[name], p.grad, atol=1e-10, rtol=0)
+    # the empirical Fisher diagonal equals the brute-force mean of squares
+    for name, value in gs.empirical_fisher_diag().items():
+        torch.testing.assert_close(value, ref[name].square().mean(0), atol=1e-10, rtol=0)
+
+
+def test_chunked_fisher_matches_brute_force(monkeypatch):
+    import gradmetanet.gradients as gradients_module
+    monkeypatch.setattr(gradients_module, "_CHUNK_ELEMENTS", 7)   # many tiny chunks
+    model = make_mlp([4, 5, 3], "tanh").double()
+    x, y = make_batch([4, 5, 3], "mse", tokens=5, b=9)
+    gs = capture(model, x, y, "mse", "mean")
+    dense = gs.per_example_grads()
+    for name, value in gs.empirical_fisher_diag().items():
+        torch.testing.assert_close(value, dense[name].square().mean(0), atol=1e-12, rtol=0)
+
+
+def test_spec_of_an_mlp():
+    model = make_mlp([5, 7, 9, 3])
+    spec = NetworkSpec.from_module(model)
+    assert [s.size for s in spec.spaces] == [5, 7, 9, 3]
+    assert [s.permutable for s in spec.spaces] == [False, True, True, False]
+    assert [(s.weight, s.bias) for s in spec.sites] == [("0.weight", "0.bias"), ("2.weight", "2.bias"),
+                                                        ("4.weight", "4.bias")]
+    assert dict(spec.param_shapes()) == {n: p.shape for n, p in model.named_parameters()}
+    assert NetworkSpec.from_json(spec.to_json()) == spec
+
+
+def test_hidden_permutation_permutes_captured_factors():
+    torch.manual_seed(0)
+    model = make_mlp([5, 7, 13, 7, 3], "tanh").double()
+    x, y = make_batch([5, 7, 13, 7, 3], "ce", None, b=8)
+    gs = capture(model, x, y, "ce", "mean")
+    spec = gs.spec
+    perms = spec.random_permutations(torch.Generator().manual_seed(1))
+    assert set(perms) == {"s1", "s2", "s3"}
+    permuted = make_mlp([5, 7, 13, 7, 3], "tanh").double()
+    permuted.load_state_dict(spec.permute_parameters(model.state_dict(), perms))
+    torch.testing.assert_close(permuted(x), model(x))          # function-preserving
+    gs_perm = capture(permuted, x, y, "ce", "mean")
+    expected = gs.permute_neurons(perms)
+    for site in spec.sites:
+        torch.testing.assert_close(gs_perm.activations[site.name], expected.activations[site.name])
+        torch.testing.assert_close(gs_perm.output_grads[site.name], expected.output_grads[site.name])
+    feats, feats_perm = gs.neuron_features(), gs_perm.neuron_features()
+    for space in spec.spaces:
+        p = perms.get(space.name, torch.arange(space.size))
+        torch.testing.assert_close(feats_perm[space.name], feats[space.name][:, p])
+    # and the sensitivity check: an input-neuron permutation is not a symmetry
+    bad = dict(perms, s0=torch.randperm(5, generator=torch.Generator().manual_seed(2)))
+    broken = make_mlp([5, 7, 13, 7, 3], "tanh").double()
+    broken.load_state_dict(spec.permute_parameters(model.state_dict(), bad))
+    assert not torch.allclose(broken(x), model(x))
+
+
+def test_neuron_features_layout():
+    torch.manual_seed(0)
+    model = make_mlp([4, 6, 3], "relu").double()
+    x, y = make_batch([4, 6, 3], "mse", None, b=5)
+    gs = capture(model, x, y, "mse", "sum")
+    feats = gs.neuron_features()
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {"s0": (5, 4, 2), "s1": (5, 6, 2), "s2": (5, 3, 2)}
+    torch.testing.assert_close(feats["s0"][..., 0], x)
+    assert torch.all(feats["s0"][..., 1] == 0)                    # documented edge slot
+    torch.testing.assert_close(feats["s2"][..., 0], model(x).detach())  # network output
+    torch.testing.assert_close(feats["s1"][..., 0], torch.relu(model[0](x)).detach())
+    torch.testing.assert_close(feats["s2"][..., 1], 2 * (model(x) - y).detach() / 3)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = make_mlp([4, 7, 3], "sine").double()
+    x, y = make_batch([4, 7, 3], "ce", 2)
+    gs = capture(model, x, y, "ce", "mean")
+    path = tmp_path / "grads.safetensors"
+    gs.save(path)
+    loaded = GradientSet.load(path)
+    assert loaded.spec == gs.spec and loaded.loss_reduction == "mean"
+    for name, value in gs.per_example_grads().items():
+        torch.testing.assert_close(loaded.per_example_grads()[name], value, atol=0, rtol=0)
+    assert loaded.to(torch.float32).dtype == torch.float32
+    assert len(loaded.select(slice(0, 2))) == 2
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GradientSet file"):
+        GradientSet.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        GradientSet.load(junk)
+    from safetensors.torch import save_file
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a saved GradientSet"):
+        GradientSet.load(other)
+    # a truncated file (a corrupted checkpoint) is reported, not half-read
+    model = make_mlp([4, 7, 3]).double()
+    x, y = make_batch([4, 7, 3], "ce", None)
+    good = tmp_path / "good.safetensors"
+    capture(model, x, y, "ce", "mean").save(good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        GradientSet.load(truncated)
+
+
+def test_hooks_removed_on_exit_and_on_exception():
+    model = make_mlp([3, 4, 2])
+    x, y = make_batch([3, 4, 2], "ce", None)
+    x = x.float()
+    with GradientCapture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ZeroDivisionError):
+        with GradientCapture(model):
+            model(x)
+            1 / 0
+    assert all(not m._forward_hooks for m in model.modules())
+    assert cap.gradients.batch_size == 6
+
+
+def test_inplace_activation_does_not_corrupt_capture():
+    torch.manual_seed(0)
+    model = make_mlp([4, 9, 9, 3], "relu_inplace").double()
+    reference = make_mlp([4, 9, 9, 3], "relu").double()
+    reference.load_state_dict(model.state_dict())
+    x, y = make_batch([4, 9, 9, 3], "ce", None)
+    a = capture(model, x, y, "ce", "mean").per_example_grads()
+    b = capture(reference, x, y, "ce", "mean").per_example_grads()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-12, rtol=0)
+
+
+def test_weight_sharing_becomes_tokens():
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 5)
+            self.mid = nn.Linear(5, 5)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            h = torch.tanh(self.mid(h))
+            h = torch.tanh(self.mid(h))      # the same layer twice
+            return self.out(h)
+
+    model = Shared().double()
+    x, y = make_batch([3, 2], "mse", None, b=4)
+    gs = capture(model, x, y, "mse", "mean")
+    assert gs.activations["mid"].shape == (4, 2, 5)
+    assert not gs.spec.space("s1").permutable and not gs.spec.space("s2").permutable
+    ref = per_example_reference(model, x, y, "mse")
+    for name, value in gs.per_example_grads().items():
+        torch.testing.assert_close(value, ref[name], atol=1e-10, rtol=0)
+
+
+def test_subset_of_layers_and_unsupported_modules():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(UnsupportedModuleError, match=r"'1' \(LayerNorm\)"):
+        GradientCapture(model)
+    x = torch.randn(5, 4)
+    with GradientCapture(model, layers=["0", model[3]]) as cap:
+        model(x).sum().backward()
+    gs = cap.gradients
+    assert [s.name for s in gs.spec.sites] == ["0", "3"]
+    assert not any(s.permutable for s in gs.spec.spaces)
+    for name in ("0.weight", "0.bias", "3.weight", "3.bias"):
+        torch.testing.assert_close(gs.mean_grad()[name], model.get_parameter(name).grad)
+    for bad in (nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))):
+        with pytest.raises(UnsupportedModuleError, match="Conv2d|Embedding"):
+            GradientCapture(bad)
+    with pytest.raises(UnsupportedModuleError, match="no nn.Linear"):
+        GradientCapture(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="only nn.Linear"):
+        GradientCapture(model, layers=["1"])
+    with pytest.raises(ValueError, match="do not form an MLP chain"):
+        NetworkSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
+
+
+def test_error_paths():
+    model = make_mlp([3, 4, 2])
+    x, y = torch.randn(5, 3), torch.randint(2, (5,))
+    with pytest.raises(ValueError, match="loss_reduction"):
+        GradientCapture(model, loss_reduction="avg")
+    with pytest.raises(CaptureError, match="no_grad"):
+        with GradientCapture(model), torch.no_grad():
+            model(x)
+    with pytest.raises(CaptureError, match="backward reached layer .* twice"):
+        with GradientCapture(model):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(retain_graph=True)
+            loss.backward()
+    with pytest.raises(CaptureError, match="no backward pass"):
+        with GradientCapture(model) as cap:
+            model(x)
+        cap.gradients
+    with pytest.raises(CaptureError, match="forward after a backward"):
+        with GradientCapture(model):
+            F.cross_entropy(model(x), y).backward()
+            model(x)
+    with pytest.raises(CaptureError, match="modified in place"):
+        with GradientCapture(model):
+            xr = x.clone().requires_grad_(False)
+            out = model[2](model[1](model[0](xr)))
+            xr.add_(1.0)
+            out.sum().backward()
+    with pytest.raises(CaptureError, match="non-finite"):
+        with GradientCapture(model) as cap:
+            F.cross_entropy(model(x * float("nan")), y).backward()
+        cap.gradients
+    with pytest.raises(CaptureError, match="batch axis"):
+        with GradientCapture(model):
+            model(torch.randn(3))
+    frozen = make_mlp([3, 4, 2]).requires_grad_(False)
+    with pytest.raises(CaptureError, match="does not require grad"):
+        with GradientCapture(frozen):
+            frozen(x)
+    with pytest.raises(ValueError, match="output_grads must be"):
+        spec = NetworkSpec.chain([3, 2])
+        GradientSet(spec, {"0": torch.zeros(2, 1, 3)}, {"0": torch.zeros(2, 1, 4)})
+
+
+def test_layer_off_the_loss_path_gets_zero_gradient():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    model = TwoHeads()
+    x = torch.randn(4, 3)
+    with GradientCapture(model, layers=["a", "b"]) as cap:
+        model(x)[0].sum().backward()
+    assert torch.all(cap.gradients.output_grads["b"] == 0)
+
+
+def test_float32_and_cuda_devices():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device, dtype in itertools.product(devices, [torch.float32, torch.float64]):
+        torch.manual_seed(0)
+        model = make_mlp([5, 8, 3], "tanh").to(device, dtype)
+        x = torch.randn(7, 5, device=device, dtype=dtype)
+        y = torch.randint(3, (7,), device=device)
+        gs = capture(model, x, y, "ce", "mean")
+        assert gs.dtype == dtype and gs.device.type == device
+        ref = per_example_reference(model, x, y, "ce")
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        for name, value in gs.per_example_grads().items():
+            torch.testing.assert_close(value, ref[name], atol=tol, rtol=tol)
