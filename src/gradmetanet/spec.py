@@ -148,10 +148,6 @@ class NetworkSpec:
     def space(self, name: str) -> NeuronSpace:
         return self.spaces[self._space_index[name]]
 
-    def space_offset(self, name: str) -> int:
-        """Index of the first neuron of ``name`` in the concatenation of all spaces."""
-        return sum(s.size for s in self.spaces[: self._space_index[name]])
-
     @property
     def n_neurons(self) -> int:
         return sum(s.size for s in self.spaces)
@@ -214,6 +210,27 @@ class NetworkSpec:
             if site.bias is not None and site.bias in out and p_out is not None:
                 out[site.bias] = out[site.bias].index_select(leading, p_out.to(out[site.bias].device))
         return out
+
+    def neuron_index(self, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Index ``[N]`` applying ``perms`` to the concatenation of all spaces (spec order).
+
+        ``x.index_select(axis, spec.neuron_index(perms))`` permutes every space's block of a
+        neuron axis as :meth:`permute_parameters` permutes the parameters.
+        """
+        parts, offset = [], 0
+        for s in self.spaces:
+            p = perms.get(s.name)
+            parts.append(offset + (torch.arange(s.size) if p is None else p.cpu()))
+            offset += s.size
+        return torch.cat(parts)
+
+    def space_slices(self) -> dict[str, slice]:
+        """Space name -> its slice of the concatenated neuron axis."""
+        slices, offset = {}, 0
+        for s in self.spaces:
+            slices[s.name] = slice(offset, offset + s.size)
+            offset += s.size
+        return slices
 
     # ------------------------------------------------------------------ serialisation
     def to_json(self) -> str:

@@ -1,0 +1,187 @@
+"""GradMetaNet (spec 3.1) and GradMetaNet++ (spec 3.4): metanetworks on sets of decomposed gradients."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..batch import GradientBatch
+from ..gradients import GradientSet
+from .encoding import neuron_codes
+from .heads import InvariantHead, ProductHead, SetProductHead
+from .layers import MLP, NeuronLayer, Reduction, SetNeuronLayer, SetPool, make_activation
+
+__all__ = ["GradMetaNet", "GradMetaNetPlusPlus", "as_gradient_batch", "HeadKind"]
+
+HeadKind = Literal["product", "parameter_product", "invariant", "neuron"]
+GradientInput = GradientBatch | GradientSet | Sequence[GradientSet]
+
+
+def as_gradient_batch(inputs: GradientInput) -> tuple[GradientBatch, bool]:
+    """Normalise a model input to a :class:`GradientBatch`; the flag says whether it was a single set."""
+    if isinstance(inputs, GradientBatch):
+        return inputs, False
+    if isinstance(inputs, GradientSet):
+        return GradientBatch.from_gradient_sets([inputs]), True
+    if isinstance(inputs, (list, tuple)) and all(isinstance(g, GradientSet) for g in inputs):
+        return GradientBatch.from_gradient_sets(list(inputs)), False
+    raise TypeError(f"expected a GradientBatch, a GradientSet or a list of them, got {type(inputs).__name__}")
+
+
+def _with_codes(batch: GradientBatch, pe_dim: int) -> torch.Tensor:
+    """``[B, b, N, f + pe_dim]``: the features with every neuron's positional code appended."""
+    x = batch.features
+    codes = neuron_codes(batch.spec, pe_dim, x.dtype, x.device)
+    return torch.cat([x, codes.expand(*x.shape[:2], -1, -1)], dim=-1)
+
+
+def _unbatch(out, single: bool):
+    if not single:
+        return out
+    if isinstance(out, dict):
+        return {k: v[0] for k, v in out.items()}
+    return out[0]
+
+
+class GradMetaNet(nn.Module):
+    """The GradMetaNet pipeline ``head . L_Gamma^k2 . L_Pool . L_Gamma_b^k1 . PE`` (spec eq. 9).
+
+    Its parameters depend on hyper-parameters only, never on the base network's widths, so one
+    model runs on MLPs of any width. It is invariant to the order of the examples and
+    equivariant to permutations of every permutable neuron space of the spec.
+
+    Args:
+        in_features: features per neuron and example (2 for raw ``(a, g)``).
+        hidden: width of every equivariant layer.
+        set_layers: number of set -> set layers before pooling (``k1``).
+        neuron_layers: number of neuron -> neuron layers after pooling (``k2``).
+        out_features: features per output entry (per parameter, per neuron, or of the invariant vector).
+        head: ``"product"`` (weight space), ``"parameter_product"`` (weight space, reading the
+            base weights too, spec 3.3), ``"invariant"`` (a vector, spec 3.2) or ``"neuron"``
+            (per-neuron outputs ``{space: [B, n, out]}``).
+        head_hidden: width of the head MLPs (default ``hidden``).
+        pe_dim: size of the sinusoidal neuron codes.
+        reduction: ``"mean"`` (default: outputs keep their scale when ``b`` or ``N`` change, which
+            width transfer needs) or ``"sum"`` (as the paper writes the layers).
+
+    ``forward`` takes a :class:`GradientBatch` ``[B, b, N, f]`` (or one / a list of GradientSets)
+    and returns ``{param: [B, *param.shape, out]}`` (no ``B`` axis for a single GradientSet),
+    ``[B, out]`` for the invariant head, or ``{space: [B, n, out]}`` for the neuron head.
+    """
+
+    def __init__(self, in_features: int = 2, hidden: int = 64, set_layers: int = 2, neuron_layers: int = 2,
+                 out_features: int = 1, head: HeadKind = "product", head_hidden: int | None = None,
+                 head_layers: int = 2, pe_dim: int = 16, activation: str = "gelu",
+                 reduction: Reduction = "mean") -> None:
+        super().__init__()
+        if set_layers < 0 or neuron_layers < 0:
+            raise ValueError("set_layers and neuron_layers must be >= 0")
+        self.pe_dim, self.head_kind = pe_dim, head
+        widths = [in_features + pe_dim] + [hidden] * set_layers
+        self.set_layers = nn.ModuleList(SetNeuronLayer(a, b, reduction) for a, b in zip(widths[:-1], widths[1:]))
+        self.pool = SetPool(widths[-1], hidden, reduction)
+        self.neuron_layers = nn.ModuleList(NeuronLayer(hidden, hidden, reduction) for _ in range(neuron_layers))
+        self.act = make_activation(activation)
+        head_hidden = head_hidden or hidden
+        if head in ("product", "parameter_product"):
+            self.head = ProductHead(hidden, out_features, head_hidden, head_layers, activation,
+                                    parameter_aware=head == "parameter_product")
+        elif head == "invariant":
+            self.head = InvariantHead(hidden, out_features, head_hidden, head_layers, activation, reduction)
+        elif head == "neuron":
+            self.head = MLP([hidden] + [head_hidden] * (head_layers - 1) + [out_features], activation)
+        else:
+            raise ValueError(f"unknown head {head!r}; choose product, parameter_product, invariant or neuron")
+
+    def neuron_embeddings(self, batch: GradientBatch) -> torch.Tensor:
+        """``[B, N, hidden]``: the pooled, processed neuron features that every head reads."""
+        x = _with_codes(batch, self.pe_dim)
+        for layer in self.set_layers:
+            x = self.act(layer(x))
+        h = self.pool(x)
+        for layer in self.neuron_layers:
+            h = self.act(layer(h))
+        return h
+
+    def forward(self, inputs: GradientInput):
+        batch, single = as_gradient_batch(inputs)
+        h = self.neuron_embeddings(batch)
+        if self.head_kind == "invariant":
+            out = self.head(h)
+        elif self.head_kind == "neuron":
+            y = self.head(h)
+            out = {name: y[:, sl] for name, sl in batch.spec.space_slices().items()}
+        else:
+            out = self.head(h, batch.spec, batch.params if self.head_kind == "parameter_product" else None)
+        return _unbatch(out, single)
+
+
+class _AttentionBlock(nn.Module):
+    """Pre-norm block: attention across the set, attention across neurons, feed-forward.
+
+    ``x = x + SetAttn(LN(x))``: for every neuron, its ``b`` example features attend to each other.
+    ``x = x + NeuronAttn(LN(x))``: for every example, its ``N`` neurons attend to each other.
+    ``x = x + FFN(LN(x))``. Cost ``O((b^2 N + N^2 b) f)``. The spec leaves the combination open;
+    this is the Set-Transformer recipe, applied one axis after the other.
+    """
+
+    def __init__(self, hidden: int, heads: int, ffn_mult: int, activation: str) -> None:
+        super().__init__()
+        self.norm_set, self.norm_neuron, self.norm_ffn = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.set_attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.neuron_attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.ffn = MLP([hidden, ffn_mult * hidden, hidden], activation)
+
+    @staticmethod
+    def _attend(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+        return attn(x, x, x, need_weights=False)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, b, N, f = x.shape
+        y = self.norm_set(x).transpose(1, 2).reshape(B * N, b, f)
+        x = x + self._attend(self.set_attn, y).reshape(B, N, b, f).transpose(1, 2)
+        y = self.norm_neuron(x).reshape(B * b, N, f)
+        x = x + self._attend(self.neuron_attn, y).reshape(B, b, N, f)
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class GradMetaNetPlusPlus(nn.Module):
+    """GradMetaNet++ (spec 3.4): attention blocks over the set and over neurons, then a set product head.
+
+    There is no pooling stage: the head reads the whole processed set and reduces over examples
+    inside its pair MLPs. Same input and output conventions as :class:`GradMetaNet`; heads
+    ``"product"`` and ``"invariant"``.
+    """
+
+    def __init__(self, in_features: int = 2, hidden: int = 64, blocks: int = 3, heads: int = 8,
+                 out_features: int = 1, head: Literal["product", "invariant"] = "product",
+                 head_hidden: int | None = None, head_layers: int = 2, pe_dim: int = 16, ffn_mult: int = 2,
+                 activation: str = "gelu", reduction: Reduction = "mean", head_chunk: int = 32) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        self.pe_dim, self.head_kind, self.reduction = pe_dim, head, reduction
+        self.embed = nn.Linear(in_features + pe_dim, hidden)
+        self.blocks = nn.ModuleList(_AttentionBlock(hidden, heads, ffn_mult, activation) for _ in range(blocks))
+        self.norm = nn.LayerNorm(hidden)
+        head_hidden = head_hidden or hidden
+        if head == "product":
+            self.head = SetProductHead(hidden, out_features, head_hidden, head_layers, activation, reduction, head_chunk)
+        elif head == "invariant":
+            self.head = InvariantHead(hidden, out_features, head_hidden, head_layers, activation, reduction)
+        else:
+            raise ValueError(f"unknown head {head!r} for GradMetaNet++; choose product or invariant")
+
+    def forward(self, inputs: GradientInput):
+        batch, single = as_gradient_batch(inputs)
+        x = self.embed(_with_codes(batch, self.pe_dim))
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        if self.head_kind == "invariant":
+            out = self.head(x.mean(1) if self.reduction == "mean" else x.sum(1))
+        else:
+            out = self.head(x, batch.spec)
+        return _unbatch(out, single)

@@ -1,0 +1,146 @@
+"""Output heads: neuron features -> weight space (product heads) or -> an invariant vector.
+
+A product head gives weight ``W_l[m, n]`` (joining input neuron ``n`` to output neuron ``m``) the
+output of a small MLP on the pair of neuron features ``[h_in[n], h_out[m]]``, and bias
+``b_l[m]`` an MLP of ``h_out[m]``. The first linear layer of the pair MLP is split into an
+input-neuron part and an output-neuron part, computed per neuron and broadcast-added, so the
+head costs ``O(N f h + P h^2)`` rather than ``O(P f h)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..spec import NetworkSpec
+from .layers import MLP, Reduction, make_activation
+
+__all__ = ["ProductHead", "SetProductHead", "InvariantHead"]
+
+
+class _PairMLP(nn.Module):
+    """MLP on ``[h_in[n], h_out[m] (, w[m, n])]`` for all pairs, with the first layer split."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, layers: int, activation: str,
+                 extra_scalar: bool) -> None:
+        super().__init__()
+        self.from_in = nn.Linear(in_features, hidden)
+        self.from_out = nn.Linear(in_features, hidden, bias=False)
+        self.from_value = nn.Linear(1, hidden, bias=False) if extra_scalar else None
+        self.act = make_activation(activation)
+        self.rest = MLP([hidden] * (layers - 1) + [out_features], activation)
+
+    def pre(self, h_in: torch.Tensor, h_out: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
+        """First-layer activations ``[..., d_out, d_in, hidden]`` from ``h_in [..., d_in, f]``, ``h_out [..., d_out, f]``."""
+        z = self.from_in(h_in).unsqueeze(-3) + self.from_out(h_out).unsqueeze(-2)
+        if self.from_value is not None:
+            if value is None:
+                raise ValueError("this parameter-aware head needs the base network's parameters "
+                                 "(GradientBatch.params)")
+            z = z + self.from_value(value.unsqueeze(-1))
+        return self.act(z)
+
+
+class _NeuronMLP(nn.Module):
+    """MLP on ``[h[m] (, b[m])]`` for the biases."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, layers: int, activation: str,
+                 extra_scalar: bool) -> None:
+        super().__init__()
+        self.extra_scalar = extra_scalar
+        self.mlp = MLP([in_features + int(extra_scalar)] + [hidden] * (layers - 1) + [out_features], activation)
+
+    def forward(self, h: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
+        if self.extra_scalar:
+            if value is None:
+                raise ValueError("this parameter-aware head needs the base network's parameters (GradientBatch.params)")
+            h = torch.cat([h, value.unsqueeze(-1)], dim=-1)
+        return self.mlp(h)
+
+
+class ProductHead(nn.Module):
+    """Neuron features ``[B, N, f]`` -> per-parameter outputs ``{name: [B, *param.shape, out]}`` (block V).
+
+    With ``parameter_aware=True`` each weight's own value joins its pair (spec 3.3), which lets
+    the model output e.g. ``theta^2 * diag(F)`` (OBD saliencies).
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 64, layers: int = 2,
+                 activation: str = "gelu", parameter_aware: bool = False) -> None:
+        super().__init__()
+        if layers < 2:
+            raise ValueError("a product head needs at least 2 layers (the pair layer and an output layer)")
+        self.weight_mlp = _PairMLP(in_features, hidden, out_features, layers, activation, parameter_aware)
+        self.bias_mlp = _NeuronMLP(in_features, hidden, out_features, layers, activation, parameter_aware)
+
+    def forward(self, h: torch.Tensor, spec: NetworkSpec,
+                params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        slices = spec.space_slices()
+        out: dict[str, torch.Tensor] = {}
+        for site in spec.sites:
+            h_in, h_out = h[:, slices[site.in_space]], h[:, slices[site.out_space]]
+            w = None if params is None else params[site.weight]
+            out[site.weight] = self.weight_mlp.rest(self.weight_mlp.pre(h_in, h_out, w))
+            if site.bias is not None:
+                out[site.bias] = self.bias_mlp(h_out, None if params is None else params[site.bias])
+        return out
+
+
+class SetProductHead(nn.Module):
+    """Gradient *set* ``[B, b, N, f]`` -> weight space, averaging pair MLPs over the set (GradMetaNet++).
+
+    ``W_l[m, n] = red_i MLP([x_i[n], x_i[m]])``: a learned generalisation of ``sum_i g_i a_i^T``.
+    The per-example pair activations ``[B, b, d_out, d_in, h]`` are reduced in chunks of
+    ``chunk`` examples (with activation checkpointing while training) to bound memory.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 32, layers: int = 2,
+                 activation: str = "gelu", reduction: Reduction = "mean", chunk: int = 32) -> None:
+        super().__init__()
+        if layers < 2:
+            raise ValueError("a product head needs at least 2 layers")
+        self.pair = _PairMLP(in_features, hidden, hidden, 2, activation, False)
+        self.bias_pre = MLP([in_features, hidden, hidden], activation)
+        self.act = make_activation(activation)
+        self.weight_out = MLP([hidden] * (layers - 1) + [out_features], activation)
+        self.bias_out = MLP([hidden] * (layers - 1) + [out_features], activation)
+        self.reduction = reduction
+        self.chunk = chunk
+
+    def _pair_sum(self, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        return self.act(self.pair.rest(self.pair.pre(x_in, x_out, None))).sum(1)
+
+    def forward(self, x: torch.Tensor, spec: NetworkSpec) -> dict[str, torch.Tensor]:
+        slices = spec.space_slices()
+        b = x.shape[1]
+        scale = 1.0 / b if self.reduction == "mean" else 1.0
+        out: dict[str, torch.Tensor] = {}
+        for site in spec.sites:
+            x_in, x_out = x[:, :, slices[site.in_space]], x[:, :, slices[site.out_space]]
+            total = 0
+            for start in range(0, b, self.chunk):
+                args = (x_in[:, start:start + self.chunk], x_out[:, start:start + self.chunk])
+                if self.training and torch.is_grad_enabled():
+                    total = total + torch.utils.checkpoint.checkpoint(self._pair_sum, *args, use_reentrant=False)
+                else:
+                    total = total + self._pair_sum(*args)
+            out[site.weight] = self.weight_out(total * scale)
+            if site.bias is not None:
+                pooled = self.act(self.bias_pre(x_out))
+                pooled = pooled.mean(1) if self.reduction == "mean" else pooled.sum(1)
+                out[site.bias] = self.bias_out(pooled)
+        return out
+
+
+class InvariantHead(nn.Module):
+    """Neuron features ``[B, N, f]`` -> ``[B, out]``: an MLP of the neuron mean (or sum); spec 3.2."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 64, layers: int = 2,
+                 activation: str = "gelu", reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.mlp = MLP([in_features] + [hidden] * (layers - 1) + [out_features], activation)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pooled = h.mean(1) if self.reduction == "mean" else h.sum(1)
+        return self.mlp(pooled)

@@ -1,0 +1,98 @@
+"""The equivariant linear layers of GradMetaNet (spec section 3.1, blocks II-IV) and a plain MLP.
+
+Shapes: ``B`` base networks, ``b`` examples per set, ``N`` neurons (all spaces concatenated,
+identified by positional codes), ``f`` features. Every reduction is a mean by default, so a
+trained model sees inputs of the same scale when ``b`` or ``N`` change (width transfer); the
+paper writes sums, available as ``reduction="sum"``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SetNeuronLayer", "SetPool", "NeuronLayer", "MLP", "make_activation", "Reduction"]
+
+Reduction = Literal["mean", "sum"]
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def _reduce(x: torch.Tensor, dims: tuple[int, ...], reduction: Reduction) -> torch.Tensor:
+    return x.mean(dims, keepdim=True) if reduction == "mean" else x.sum(dims, keepdim=True)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+class SetNeuronLayer(nn.Module):
+    """Gradient set -> gradient set (block II): ``[B, b, N, f_in] -> [B, b, N, f_out]``.
+
+    ``y = M1 x + M2 red_b x + M3 red_N x + M4 red_{b,N} x + c`` (Hartford et al.'s exchangeable
+    layer on the example x neuron matrix). Invariant in form to both axes' permutations, so it
+    commutes with them. Cost ``O(b N f_in f_out)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.reduction = reduction
+        self.own = nn.Linear(in_features, out_features)
+        self.over_set = nn.Linear(in_features, out_features, bias=False)
+        self.over_neurons = nn.Linear(in_features, out_features, bias=False)
+        self.over_both = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.reduction
+        return (self.own(x) + self.over_set(_reduce(x, (1,), r)) + self.over_neurons(_reduce(x, (2,), r))
+                + self.over_both(_reduce(x, (1, 2), r)))
+
+
+class SetPool(nn.Module):
+    """Pool the set away (block III): ``[B, b, N, f_in] -> [B, N, f_out]``, ``M1 red_b x + M2 red_{b,N} x + c``."""
+
+    def __init__(self, in_features: int, out_features: int, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.reduction = reduction
+        self.per_neuron = nn.Linear(in_features, out_features)
+        self.global_ = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = _reduce(x, (1,), self.reduction).squeeze(1)          # [B, N, f]
+        return self.per_neuron(pooled) + self.global_(_reduce(pooled, (1,), self.reduction))
+
+
+class NeuronLayer(nn.Module):
+    """Gradient -> gradient (block IV), DeepSets over neurons: ``[B, N, f_in] -> [B, N, f_out]``."""
+
+    def __init__(self, in_features: int, out_features: int, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.reduction = reduction
+        self.own = nn.Linear(in_features, out_features)
+        self.over_neurons = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.own(x) + self.over_neurons(_reduce(x, (1,), self.reduction))
+
+
+class MLP(nn.Sequential):
+    """``Linear -> act -> ... -> Linear`` through ``widths`` (no activation after the last layer)."""
+
+    def __init__(self, widths: Sequence[int], activation: str = "gelu") -> None:
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < len(widths) - 2:
+                layers.append(make_activation(activation))
+        super().__init__(*layers)
