@@ -17,12 +17,7 @@ on CPU the growth of the resident-set high-water mark (``VmHWM``, reset first) o
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +26,8 @@ from torch.func import functional_call, grad, vmap
 from gradmetanet import GradientCapture
 from gradmetanet.basenets import make_mlp
 from gradmetanet.timing import interleaved_median_times
+
+from common import machine, peak_extra_bytes, run_child, write_json
 
 METHODS = ["plain", "capture", "torch.func", "opacus"]
 
@@ -76,6 +73,7 @@ def make_step(method: str, width: int, batch: int, device: str):
     elif method == "opacus":
         from opacus import GradSampleModule
         wrapped = GradSampleModule(model, loss_reduction="mean")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
         def step():
             wrapped.zero_grad(set_to_none=True)
@@ -86,39 +84,9 @@ def make_step(method: str, width: int, batch: int, device: str):
     return step, kept
 
 
-def peak_memory_child(method: str, width: int, batch: int, device: str) -> None:
-    """Run in a subprocess: print the peak extra bytes of a few steps of ``method``."""
-    step, _ = make_step(method, width, batch, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        print(torch.cuda.max_memory_allocated() - base)
-    else:
-        base = _proc_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:   # resets the high-water mark to the current RSS
-            fh.write("5")
-        for _ in range(3):
-            step()
-        print(_proc_status_bytes("VmHWM") - base)
-
-
-def _proc_status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (Linux), in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}; peak CPU memory needs Linux")
-
-
 def peak_memory(method: str, width: int, batch: int, device: str) -> int:
-    cmd = [sys.executable, __file__, "--child", method, str(width), str(batch), device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-    return int(out.stdout.strip().splitlines()[-1])
+    """Peak extra bytes of a few steps of ``method``, measured in a fresh process."""
+    return run_child(__file__, [method, str(width), str(batch), device])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.child:
         method, width, batch, device = args.child
-        peak_memory_child(method, int(width), int(batch), device)
+        print(peak_extra_bytes(make_step(method, int(width), int(batch), device)[0], device))
         return {}
     methods = [m for m in METHODS if m != "opacus" or has_opacus()]
     rows = []
@@ -151,16 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "time_ratio_to_plain": times[method] / times["plain"], "peak_extra_bytes": mems[method],
                 "per_example_bytes": kept_bytes[method], "dense_per_example_bytes": dense_bytes,
             })
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    result = {
-        "benchmark": "capture", "device": args.device, "device_name": device_name,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "batch": args.batch,
-        "dtype": "float32", "model": "MLP w-w-w-w (3 linear layers, ReLU)", "rows": rows,
-    }
+    result = {"benchmark": "capture", **machine(args.device), "batch": args.batch, "dtype": "float32",
+              "model": "MLP w-w-w-w (3 linear layers, ReLU)", "rows": rows}
     print(render_table(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_json(result, args.out)
     return result
 
 

@@ -68,7 +68,7 @@ EQUIVARIANT_MODELS = {
     "gradmetanet_invariant": lambda: GradMetaNet(hidden=16, head="invariant", out_features=4),
     "gradmetanet_neuron": lambda: GradMetaNet(hidden=16, head="neuron", out_features=2),
     "gradmetanet_param": lambda: GradMetaNet(hidden=16, head="parameter_product"),
-    "gradmetanet++": lambda: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, out_features=2, head_chunk=2),
+    "gradmetanet++": lambda: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, out_features=2, head_rank=3),
     "gradmetanet++_invariant": lambda: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, head="invariant"),
 }
 

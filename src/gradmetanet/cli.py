@@ -1,14 +1,38 @@
-"""The `gradmetanet` command line."""
+"""The `gradmetanet` command line: `gradmetanet run EXPERIMENT --preset quick|paper`, `gradmetanet demo`."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
+import time
+from pathlib import Path
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` with a Python literal value (``epochs=5``, ``train_sizes=[10,100]``, ``device='cuda'``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"override {text!r} is not key=value")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradmetanet", description="Learning on the gradients of neural networks.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a paper experiment and write results.json, table.md and plots")
+    run.add_argument("experiment", choices=["curvature"], help="which experiment")
+    run.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores), paper (the paper's set-up)")
+    run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
+    run.add_argument("--device", default=None, help="cpu or cuda (overrides the preset)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
+
     demo = commands.add_parser("demo", help="capture the decomposed gradients of a digits MLP and report the cost")
     demo.add_argument("--batch-size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
@@ -20,6 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_capture_demo
         run_capture_demo(batch_size=args.batch_size, seed=args.seed)
+        return 0
+    overrides = dict(args.overrides)
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    if args.device is not None:
+        overrides["device"] = args.device
+    if args.experiment == "curvature":
+        from .experiments import curvature
+        try:
+            config = curvature.config_from_preset(args.preset, **overrides)
+        except TypeError as err:
+            raise SystemExit(f"gradmetanet: bad override ({err}); fields: {list(curvature.CurvatureConfig.__annotations__)}")
+        except ValueError as err:
+            raise SystemExit(f"gradmetanet: {err}")
+        out = Path(args.out or f"runs/curvature-{args.preset}")
+        start = time.perf_counter()
+        curvature.run(config, out)
+        print((out / "table.md").read_text())
+        print(f"wrote {out}/results.json, table.md, curvature.png in {time.perf_counter() - start:.0f} s")
     return 0
 
 

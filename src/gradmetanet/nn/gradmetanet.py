@@ -158,7 +158,7 @@ class GradMetaNetPlusPlus(nn.Module):
     def __init__(self, in_features: int = 2, hidden: int = 64, blocks: int = 3, heads: int = 8,
                  out_features: int = 1, head: Literal["product", "invariant"] = "product",
                  head_hidden: int | None = None, head_layers: int = 2, pe_dim: int = 16, ffn_mult: int = 2,
-                 activation: str = "gelu", reduction: Reduction = "mean", head_chunk: int = 32) -> None:
+                 activation: str = "gelu", reduction: Reduction = "mean", head_rank: int | None = None) -> None:
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
@@ -168,7 +168,7 @@ class GradMetaNetPlusPlus(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         head_hidden = head_hidden or hidden
         if head == "product":
-            self.head = SetProductHead(hidden, out_features, head_hidden, head_layers, activation, reduction, head_chunk)
+            self.head = SetProductHead(hidden, out_features, head_hidden, head_layers, activation, reduction, head_rank)
         elif head == "invariant":
             self.head = InvariantHead(hidden, out_features, head_hidden, head_layers, activation, reduction)
         else:

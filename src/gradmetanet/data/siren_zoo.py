@@ -1,0 +1,193 @@
+"""A zoo of random SIRENs with their decomposed output gradients and Fisher diagonals (paper 7.1).
+
+Every network is a SIREN ``1 -> 32 -> 32 -> 1`` (sine activations) whose weights and biases are
+drawn from a standard Gaussian. Each network ``k`` has its own input distribution ``X_p``
+on ``[-1, 1]``: with ``p ~ U[0, 1]``, a point is drawn from ``U[-1, 0]`` with probability ``p``
+and from ``U[0, 1]`` otherwise (the paper leaves ``X_p`` open; this is our documented choice).
+Inputs to the metanetworks: the decomposed gradients of the network *output* at ``set_size``
+points. Target: the Fisher diagonal of the unit-variance Gaussian regression model,
+``diag F = mean_k (grad f(x'_k))^2``, from ``target_points`` independent points. The standard
+estimator is the same formula on the ``set_size`` input points.
+
+Generation is vectorised over networks: a batched functional forward pass keeps every
+pre-activation, and one ``torch.autograd.grad`` call returns ``df/du`` for all networks and
+points at once (what :class:`~gradmetanet.GradientCapture` records layer by layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..basenets import Sine
+from ..spec import NetworkSpec
+
+__all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "siren_module", "siren_spec",
+           "siren_factors"]
+
+
+@dataclass(frozen=True)
+class SirenZooConfig:
+    """What defines a zoo; any change gives another cache file."""
+
+    n_networks: int = 3000
+    widths: tuple[int, ...] = (1, 32, 32, 1)
+    set_size: int = 128
+    target_points: int = 1024
+    omega_0: float = 1.0
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SirenZoo:
+    """Per network ``k``: parameters, input points, decomposed gradients, targets and the standard estimate.
+
+    Attributes:
+        config: how it was made.
+        params: name -> ``[M, *shape]`` SIREN parameters (names as in :func:`siren_module`).
+        points: ``[M, set_size]`` input points; ``target_inputs``: ``[M, target_points]``.
+        features: ``[M, set_size, N, 2]`` neuron features (activation, output gradient).
+        target: ``[M, P]`` Fisher diagonal from the independent points (parameters in spec order).
+        standard: ``[M, P]`` the empirical estimate from the ``set_size`` input gradients.
+    """
+
+    config: SirenZooConfig
+    params: dict[str, torch.Tensor]
+    points: torch.Tensor
+    target_inputs: torch.Tensor
+    features: torch.Tensor
+    target: torch.Tensor
+    standard: torch.Tensor
+
+    @property
+    def spec(self) -> NetworkSpec:
+        return siren_spec(self.config.widths)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+def siren_spec(widths: tuple[int, ...]) -> NetworkSpec:
+    """The spec of :func:`siren_module` (linear layers at ``0, 2, 4, ...``)."""
+    return NetworkSpec.chain(widths, [str(2 * i) for i in range(len(widths) - 1)])
+
+
+def siren_module(params: dict[str, torch.Tensor], widths: tuple[int, ...], omega_0: float) -> torch.nn.Sequential:
+    """An ``nn.Sequential`` SIREN holding one network's parameters (for checks and plots)."""
+    layers: list[torch.nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(d_in, d_out))
+        if i < len(widths) - 2:
+            layers.append(Sine(omega_0))
+    model = torch.nn.Sequential(*layers).to(next(iter(params.values())).dtype)
+    model.load_state_dict(params)
+    return model
+
+
+def siren_factors(params: dict[str, torch.Tensor], x: torch.Tensor, spec: NetworkSpec, omega_0: float
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Inputs ``a_l [M, n, d_in]`` and output gradients ``g_l [M, n, d_out]`` of every layer, and ``f [M, n]``.
+
+    ``params[name]: [M, *shape]``; ``x: [M, n]`` scalar inputs. ``g_l = d f / d u_l`` for each
+    network and point, from one autograd call (the outputs of different points do not interact).
+    """
+    a = x.unsqueeze(-1)
+    acts, pre = [], []
+    for i, site in enumerate(spec.sites):
+        acts.append(a)
+        u = (torch.einsum("mni,moi->mno", a, params[site.weight]) + params[site.bias].unsqueeze(1)).requires_grad_()
+        pre.append(u)
+        a = torch.sin(omega_0 * u) if i < len(spec.sites) - 1 else u
+    out = a.squeeze(-1)
+    grads = torch.autograd.grad(out.sum(), pre)
+    return [t.detach() for t in acts], [g.detach() for g in grads], out.detach()
+
+
+def _fisher_from_factors(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """``[M, P]`` mean over points of squared per-point gradients, from factors, in spec order."""
+    parts = []
+    for a, g in zip(acts, grads):
+        n = a.shape[1]
+        parts.append((torch.einsum("mno,mni->moi", g.square(), a.square()) / n).flatten(1))
+        parts.append(g.square().mean(1))
+    return torch.cat(parts, 1)
+
+
+def _draw_inputs(m: int, n: int, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``[m, n]`` points of ``X_p``: ``U[-1, 0]`` with probability ``p`` (per network), else ``U[0, 1]``."""
+    left = torch.rand(m, n, generator=gen) < p[:, None]
+    u = torch.rand(m, n, generator=gen)
+    return torch.where(left, -u, u)
+
+
+def generate_siren_zoo(config: SirenZooConfig, chunk: int = 250, progress: bool = True) -> SirenZoo:
+    """Draw the zoo (float64 generation, float32 storage), ``chunk`` networks at a time."""
+    gen = torch.Generator().manual_seed(config.seed)
+    spec = siren_spec(config.widths)
+    M = config.n_networks
+    params = {k: torch.randn(M, *s, generator=gen, dtype=torch.float64) for k, s in spec.param_shapes().items()}
+    p = torch.rand(M, generator=gen, dtype=torch.float64)
+    points = _draw_inputs(M, config.set_size, p, gen).double()
+    target_inputs = _draw_inputs(M, config.target_points, p, gen).double()
+    feats, targets, standards = [], [], []
+    for start in tqdm(range(0, M, chunk), desc="SIREN zoo", unit="chunk", disable=not progress):
+        sl = slice(start, start + chunk)
+        chunk_params = {k: v[sl] for k, v in params.items()}
+        acts, grads, out = siren_factors(chunk_params, points[sl], spec, config.omega_0)
+        standards.append(_fisher_from_factors(acts, grads))
+        feats.append(_space_features(spec, acts, grads, out))
+        t_acts, t_grads, _ = siren_factors(chunk_params, target_inputs[sl], spec, config.omega_0)
+        targets.append(_fisher_from_factors(t_acts, t_grads))
+    return SirenZoo(config, {k: v.float() for k, v in params.items()}, points.float(), target_inputs.float(),
+                    torch.cat(feats).float(), torch.cat(targets).float(), torch.cat(standards).float())
+
+
+def _space_features(spec: NetworkSpec, acts: list[torch.Tensor], grads: list[torch.Tensor],
+                    out: torch.Tensor) -> torch.Tensor:
+    """``[M, n, N, 2]`` neuron features, with the edge slots chosen as in ``GradientSet.neuron_features``."""
+    per_space = []
+    n_sites = len(spec.sites)
+    for l, _ in enumerate(spec.spaces):
+        act = acts[l] if l < n_sites else out.unsqueeze(-1)
+        grad = grads[l - 1] if l > 0 else torch.zeros_like(act)
+        per_space.append(torch.stack([act, grad], -1))
+    return torch.cat(per_space, 2)
+
+
+def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathLike | None,
+                               progress: bool = True) -> SirenZoo:
+    """The zoo of ``config``, read from ``cache_dir`` when a file for exactly this config is there.
+
+    A missing or unreadable cache file is (re)generated and written atomically.
+    """
+    if cache_dir is None:
+        return generate_siren_zoo(config, progress=progress)
+    path = Path(cache_dir) / f"siren_zoo_{config.key()}.safetensors"
+    if path.exists():
+        try:
+            tensors = load_file(path)
+            params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
+            return SirenZoo(config, params, tensors["points"], tensors["target_inputs"], tensors["features"],
+                            tensors["target"], tensors["standard"])
+        except (SafetensorError, KeyError, OSError) as err:
+            print(f"cached zoo {path} is unreadable ({err}); regenerating it")
+    zoo = generate_siren_zoo(config, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"params/{k}": v.contiguous() for k, v in zoo.params.items()}
+    tensors |= {"points": zoo.points, "target_inputs": zoo.target_inputs, "features": zoo.features,
+                "target": zoo.target, "standard": zoo.standard}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
+    os.replace(tmp, path)
+    return zoo

@@ -1,0 +1,1 @@
+"""One module per paper experiment: a config dataclass, run(config, out_dir) and report(results, out_dir)."""

@@ -1,0 +1,312 @@
+"""Curvature estimation (paper section 7.1): predict a SIREN's Fisher diagonal from 128 gradients.
+
+Every learned model reads the decomposed output gradients of a network at ``set_size`` points
+and predicts ``diag F`` computed from ``target_points`` independent points; the standard
+estimator is the empirical diagonal of the input gradients themselves. The metric is the test
+MSE divided by the variance of the test targets (so 1.0 is the error of predicting the mean),
+at the epoch of best validation error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..batch import GradientBatch
+from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
+from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
+from ..nn.baselines import weight_space_inputs
+from ..spec import NetworkSpec
+from ..training import fit_regression
+
+__all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "run", "report", "build_model"]
+
+MODEL_KEYS = ("gradmetanet", "gradmetanet++", "mlp_concat", "neuron_asym", "batch_asym", "ws_concat", "ws_average")
+LABELS = {"standard": "Standard estimator", "gradmetanet": "GradMetaNet", "gradmetanet++": "GradMetaNet++",
+          "mlp_concat": "MLP + Concat", "neuron_asym": "Neuron-Asymmetric", "batch_asym": "Batch-Asymmetric",
+          "ws_concat": "Weight-space + Concat", "ws_average": "Weight-space + Average"}
+METRIC = "test MSE of diag(F) / variance of the test targets (best-validation epoch)"
+
+
+@dataclass
+class CurvatureConfig:
+    """Everything a curvature run depends on (the same config and seed give the same table)."""
+
+    train_sizes: tuple[int, ...] = (10, 30, 100, 300, 1000, 2000)
+    n_val: int = 500
+    n_test: int = 500
+    set_size: int = 128
+    target_points: int = 1024
+    omega_0: float = 1.0
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    seeds: int = 5
+    models: tuple[str, ...] = MODEL_KEYS
+    zoo_seed: int = 0
+    device: str = "cpu"
+    cache_dir: str | None = field(default_factory=lambda: os.environ.get(
+        "GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet")))
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in MODEL_KEYS]
+        if unknown:
+            raise ValueError(f"unknown curvature models {unknown}; choose from {list(MODEL_KEYS)}")
+        if not self.train_sizes or min(self.train_sizes) < 1:
+            raise ValueError(f"train_sizes must be positive, got {self.train_sizes}")
+
+    def zoo(self) -> SirenZooConfig:
+        return SirenZooConfig(n_networks=self.n_test + self.n_val + max(self.train_sizes), set_size=self.set_size,
+                              target_points=self.target_points, omega_0=self.omega_0, seed=self.zoo_seed)
+
+    def key(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k not in ("device", "cache_dir", "seeds", "models")}
+        return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS: dict[str, CurvatureConfig] = {
+    "paper": CurvatureConfig(),
+    "quick": CurvatureConfig(train_sizes=(30, 300), n_val=200, n_test=300, set_size=32, epochs=15, seeds=1),
+    "tiny": CurvatureConfig(train_sizes=(8,), n_val=8, n_test=8, set_size=8, target_points=32, epochs=2, seeds=1),
+}
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_model(key: str, spec: NetworkSpec, set_size: int) -> nn.Module:
+    """The model ``key`` at the size used here (about 15K parameters where the input allows)."""
+    if key == "gradmetanet":
+        return GradMetaNet(hidden=32, set_layers=2, neuron_layers=2, head_hidden=32)
+    if key == "gradmetanet++":
+        return GradMetaNetPlusPlus(hidden=24, heads=4, blocks=2, ffn_mult=1, head_hidden=24, pe_dim=8)
+    if key == "mlp_concat":
+        return MLPConcat(spec, set_size, hidden=16, layers=3)
+    if key == "neuron_asym":
+        return NeuronAsymmetric(spec, hidden=12, phi_layers=2, rho_layers=1)
+    if key == "batch_asym":
+        return BatchAsymmetric(set_size, hidden=16, set_layers=2, neuron_layers=2, pe_dim=8)
+    if key == "ws_concat":
+        return WeightSpaceNet(spec, in_channels=set_size, hidden=8, layers=3, mode="concat")
+    if key == "ws_average":
+        return WeightSpaceNet(spec, in_channels=1, hidden=16, layers=3, mode="average")
+    raise ValueError(f"unknown model {key!r}; choose from {list(MODEL_KEYS)}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class _Prepared:
+    """Normalised inputs and targets for one train/val/test split of the zoo."""
+
+    spec: NetworkSpec
+    features: torch.Tensor            # [M, b, N, 2] normalised per space and channel
+    raw: torch.Tensor                 # [M, b, N, 2] as generated, for dense per-example gradients
+    targets: torch.Tensor             # [M, P] normalised by one scalar mean and std
+    target_mean: float
+    target_std: float
+    ws_stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _feature_stats(features: torch.Tensor, spec: NetworkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-neuron mean and std ``[N, 2]``, shared within each space and channel (train statistics)."""
+    mean = torch.empty(spec.n_neurons, features.shape[-1])
+    std = torch.empty_like(mean)
+    for sl in spec.space_slices().values():
+        block = features[:, :, sl]
+        mean[sl] = block.mean((0, 1, 2))
+        std[sl] = block.std((0, 1, 2)).clamp_min(1e-6)
+    return mean, std
+
+
+def _ws_stats(raw: torch.Tensor, spec: NetworkSpec, mode: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-parameter-tensor mean and std of weight-space inputs (weights and biases separately)."""
+    inputs = weight_space_inputs(GradientBatch(spec, raw), mode)
+    return {k: (v.mean(), v.std().clamp_min(1e-12)) for k, v in inputs.items()}
+
+
+def _prepare(zoo: SirenZoo, train_idx: torch.Tensor) -> _Prepared:
+    spec = zoo.spec
+    mean, std = _feature_stats(zoo.features[train_idx], spec)
+    t_train = zoo.target[train_idx]
+    t_mean, t_std = t_train.mean().item(), t_train.std().item()
+    sample = train_idx[:256]
+    ws_stats = {mode: _ws_stats(zoo.features[sample], spec, mode) for mode in ("concat", "average")}
+    return _Prepared(spec, (zoo.features - mean) / std, zoo.features, (zoo.target - t_mean) / t_std,
+                     t_mean, t_std, ws_stats)
+
+
+def _predictor(key: str, data: _Prepared, device: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    names = list(data.spec.param_shapes())
+
+    def flat(out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([out[n].flatten(1) for n in names], 1).cpu()
+
+    if key.startswith("ws_"):
+        mode = key.split("_")[1]
+        stats = data.ws_stats[mode]
+
+        def predict(model, idx):
+            x = weight_space_inputs(GradientBatch(data.spec, data.raw[idx].to(device)), mode)
+            x = {k: (v - stats[k][0].to(device)) / stats[k][1].to(device) for k, v in x.items()}
+            return flat(model(x))
+        return predict
+
+    def predict(model, idx):
+        return flat(model(GradientBatch(data.spec, data.features[idx].to(device))))
+    return predict
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _cell_key(model: str, size: int, seed: int) -> str:
+    return f"{model}/{size}/{seed}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """Train every model at every training size and seed; write results into ``out_dir``.
+
+    Finished cells are recorded in ``out_dir/cells.json`` (atomically) and skipped when the
+    same config is run again into the same directory, so a killed run resumes where it stopped.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    zoo = load_or_generate_siren_zoo(config.zoo(), config.cache_dir, progress=progress)
+    n_test, n_val = config.n_test, config.n_val
+    test_idx = torch.arange(n_test)
+    val_idx = torch.arange(n_test, n_test + n_val)
+    pool = torch.arange(n_test + n_val, len(zoo))
+    test_var = zoo.target[test_idx].var().item()
+
+    cells_path = out / "cells.json"
+    cells: dict[str, dict] = {}
+    if cells_path.exists():
+        saved = json.loads(cells_path.read_text())
+        if saved.get("config_key") == config.key():
+            cells = saved["cells"]
+        else:
+            print(f"{cells_path} belongs to another configuration; starting afresh")
+    todo = [(seed, size, m) for seed in range(config.seeds) for size in config.train_sizes for m in config.models
+            if _cell_key(m, size, seed) not in cells]
+    bar = tqdm(total=len(todo), desc="curvature", unit="fit", disable=not progress)
+    prepared: dict[tuple[int, int], _Prepared] = {}
+    for seed, size, key in todo:
+        train_idx = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:size]]
+        if (seed, size) not in prepared:
+            prepared = {(seed, size): _prepare(zoo, train_idx)}
+        data = prepared[(seed, size)]
+        torch.manual_seed(seed)
+        model = build_model(key, zoo.spec, config.set_size).to(config.device)
+        bar.set_postfix_str(f"{key} n={size} seed={seed}")
+        start = time.perf_counter()
+        fit = fit_regression(model, _predictor(key, data, config.device), data.targets, train_idx, val_idx, test_idx,
+                             config.epochs, config.batch_size, config.lr, seed)
+        scale = data.target_std ** 2 / test_var            # normalised-target MSE -> metric
+        cells[_cell_key(key, size, seed)] = {
+            "test": fit.test * scale, "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
+            "seconds": time.perf_counter() - start, "parameters": count_parameters(model)}
+        _write_atomic(cells_path, json.dumps({"config_key": config.key(), "cells": cells}, indent=1))
+        bar.update()
+    bar.close()
+    standard = ((zoo.standard[test_idx] - zoo.target[test_idx]).square().mean() / test_var).item()
+    results = _summarise(config, cells, standard)
+    report(results, out)
+    return results
+
+
+def _summarise(config: CurvatureConfig, cells: dict[str, dict], standard: float) -> dict:
+    models: dict[str, dict] = {"standard": {str(n): {"mean": standard, "std": 0.0, "runs": [standard]}
+                                            for n in config.train_sizes}}
+    params, improvement = {}, {}
+    for key in config.models:
+        models[key], improvement[key] = {}, {}
+        for n in config.train_sizes:
+            runs = [cells[_cell_key(key, n, s)]["test"] for s in range(config.seeds)]
+            mean = sum(runs) / len(runs)
+            std = math.sqrt(sum((r - mean) ** 2 for r in runs) / (len(runs) - 1)) if len(runs) > 1 else 0.0
+            models[key][str(n)] = {"mean": mean, "std": std, "runs": runs}
+            improvement[key][str(n)] = 1.0 - mean / standard
+        params[key] = cells[_cell_key(key, config.train_sizes[0], 0)]["parameters"]
+    return {"experiment": "curvature", "metric": METRIC, "config": {**asdict(config), "cache_dir": None},
+            "models": models, "relative_improvement_over_standard": improvement, "parameters": params,
+            "torch": torch.__version__, "device": config.device}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def report(results: dict, out_dir: str | os.PathLike) -> str:
+    """Write ``results.json``, ``table.md`` and ``curvature.png`` into ``out_dir``; return the table."""
+    out = Path(out_dir)
+    _write_atomic(out / "results.json", json.dumps(results, indent=2))
+    table = render_table(results)
+    _write_atomic(out / "table.md", table + "\n")
+    plot(results, out / "curvature.png")
+    return table
+
+
+def render_table(results: dict) -> str:
+    sizes = [str(n) for n in results["config"]["train_sizes"]]
+    largest = sizes[-1]
+    lines = [f"Metric: {results['metric']}; mean ± std over {results['config']['seeds']} seed(s); "
+             f"set size {results['config']['set_size']}.", "",
+             "| model | params | " + " | ".join(f"n={n}" for n in sizes) + f" | vs standard at n={largest} |",
+             "|---|---:|" + "---:|" * len(sizes) + "---:|"]
+    for key, per_size in results["models"].items():
+        cells = " | ".join(f"{per_size[n]['mean']:.4f} ± {per_size[n]['std']:.4f}" for n in sizes)
+        if key == "standard":
+            lines.append(f"| {LABELS[key]} | - | {cells} | - |")
+            continue
+        gain = results["relative_improvement_over_standard"][key][largest]
+        lines.append(f"| {LABELS[key]} | {results['parameters'][key]:,} | {cells} | {100 * gain:+.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = results["config"]["train_sizes"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
+    for key, per_size in results["models"].items():
+        mean = [per_size[str(n)]["mean"] for n in sizes]
+        std = [per_size[str(n)]["std"] for n in sizes]
+        if key == "standard":
+            ax.axhline(mean[0], color="black", linestyle="--", linewidth=1.2, label=LABELS[key])
+            continue
+        line, = ax.plot(sizes, mean, marker="o", markersize=3, label=LABELS[key])
+        ax.fill_between(sizes, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("number of training networks")
+    ax.set_ylabel("test error (MSE / target variance)")
+    ax.set_title("Fisher diagonal estimation from decomposed gradients")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def config_from_preset(preset: str, **overrides) -> CurvatureConfig:
+    """A preset with overrides applied (``train_sizes`` and ``models`` accept sequences)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(PRESETS[preset], **fixed)

@@ -1,0 +1,106 @@
+"""The curvature experiment end to end on a tiny configuration, and the SIREN zoo behind it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gradmetanet import GradientCapture
+from gradmetanet.cli import main as cli_main
+from gradmetanet.data.siren_zoo import SirenZooConfig, generate_siren_zoo, load_or_generate_siren_zoo, siren_module
+from gradmetanet.experiments import curvature
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("curvature")
+    config = curvature.config_from_preset("tiny", cache_dir=str(out / "cache"))
+    return config, out, curvature.run(config, out / "run", progress=False)
+
+
+def test_files_and_json_schema(tiny_run):
+    config, out, results = tiny_run
+    run_dir = out / "run"
+    for name in ("results.json", "table.md", "curvature.png", "cells.json"):
+        assert (run_dir / name).stat().st_size > 0
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["metric"] == curvature.METRIC
+    assert set(saved["models"]) == {"standard", *curvature.MODEL_KEYS}
+    for per_size in saved["models"].values():
+        assert set(per_size) == {str(n) for n in config.train_sizes}
+        for cell in per_size.values():
+            assert isinstance(cell["mean"], float) and isinstance(cell["std"], float) and cell["mean"] > 0
+    table = (run_dir / "table.md").read_text()
+    assert "GradMetaNet++" in table and "Standard estimator" in table
+    assert (run_dir / "curvature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_standard_estimator_matches_an_independent_computation(tiny_run):
+    """Rebuild each test SIREN as an nn.Module, capture its gradients, and recompute the error."""
+    config, out, results = tiny_run
+    zoo = load_or_generate_siren_zoo(config.zoo(), config.cache_dir, progress=False)
+    estimates, targets = [], []
+    for k in range(config.n_test):
+        params = {name: value[k].double() for name, value in zoo.params.items()}
+        model = siren_module(params, zoo.config.widths, zoo.config.omega_0)
+        fishers = []
+        for points in (zoo.points[k], zoo.target_inputs[k]):
+            model.zero_grad()
+            with GradientCapture(model, loss_reduction="sum") as cap:
+                model(points.double()[:, None]).sum().backward()
+            fishers.append(torch.cat([v.flatten() for v in cap.gradients.empirical_fisher_diag().values()]))
+        estimates.append(fishers[0])
+        targets.append(fishers[1])
+    estimates, targets = torch.stack(estimates), torch.stack(targets)
+    expected = ((estimates - targets).square().mean() / targets.var()).item()
+    assert results["models"]["standard"]["8"]["mean"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_rerun_resumes_without_refitting(tiny_run, monkeypatch):
+    config, out, results = tiny_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was fitted again")
+
+    monkeypatch.setattr(curvature, "fit_regression", refuse)
+    again = curvature.run(config, out / "run", progress=False)
+    assert again["models"] == results["models"]
+
+
+def test_zoo_cache_is_reused_and_regenerated_when_corrupt(tmp_path):
+    config = SirenZooConfig(n_networks=4, set_size=4, target_points=8)
+    first = load_or_generate_siren_zoo(config, tmp_path, progress=False)
+    (path,) = tmp_path.glob("siren_zoo_*.safetensors")
+    again = load_or_generate_siren_zoo(config, tmp_path, progress=False)
+    assert torch.equal(first.target, again.target)
+    path.write_bytes(b"corrupted")
+    regenerated = load_or_generate_siren_zoo(config, tmp_path, progress=False)
+    assert torch.equal(first.target, regenerated.target)
+    other = load_or_generate_siren_zoo(SirenZooConfig(n_networks=4, set_size=4, target_points=8, seed=1), tmp_path,
+                                       progress=False)
+    assert not torch.equal(first.target, other.target) and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_zoo_features_match_gradient_capture():
+    zoo = generate_siren_zoo(SirenZooConfig(n_networks=3, set_size=5, target_points=7), progress=False)
+    for k in range(3):
+        model = siren_module({n: v[k].double() for n, v in zoo.params.items()}, zoo.config.widths, 1.0)
+        with GradientCapture(model, loss_reduction="sum") as cap:
+            model(zoo.points[k].double()[:, None]).sum().backward()
+        feats = torch.cat(list(cap.gradients.neuron_features().values()), 1)
+        torch.testing.assert_close(feats.float(), zoo.features[k], atol=1e-4, rtol=1e-4)
+    assert torch.all((zoo.points >= -1) & (zoo.points <= 1))
+
+
+def test_cli_errors_and_help(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert "run" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown preset"):
+        cli_main(["run", "curvature", "--preset", "huge"])
+    with pytest.raises(SystemExit, match="bad override"):
+        cli_main(["run", "curvature", "--preset", "tiny", "--set", "no_such_field=3"])
+    with pytest.raises(SystemExit, match="unknown curvature models"):
+        cli_main(["run", "curvature", "--preset", "tiny", "--set", "models=['gradmetanet','resnet']"])
