@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradmetanet demo
+	$(VENV)/bin/gradmetanet run curvature --preset quick --out runs/curvature-quick
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["gradmetanet", "gradmetanet++"],
+                        choices=["gradmetanet", "gradmetanet++"], help="which metanetworks to sweep")
     parser.add_argument("--out", default="benchmarks/results/metanet_scaling.json")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -79,13 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
         name, width, b, device = args.child
         print(peak_extra_bytes(make_step(name, int(width), int(b), device), device, runs=2))
         return {}
-    models = ["gradmetanet", "gradmetanet++"]
+    models = args.models
     by_b = [measure(models, 128, b, args.device, args.repeats) for b in args.set_sizes]
     by_width = [measure(models, w, 128, args.device, args.repeats) for w in args.widths]
     exponents = {m: {"b": slope([r[m]["b"] for r in by_b], [r[m]["median_ms"] for r in by_b]),
                      "n_neurons": slope([r[m]["n_neurons"] for r in by_width], [r[m]["median_ms"] for r in by_width])}
                  for m in models}
-    side = measure(["gradmetanet", "gradmetanet++", "ws_concat"], 256, 128, args.device, args.repeats)
+    side = measure([*models, "ws_concat"], 256, 128, args.device, args.repeats)
     result = {"benchmark": "metanet_scaling", **machine(args.device), "hidden": HIDDEN, "networks_per_batch": NETWORKS,
               "base": "MLP 32-w-w-10", "by_set_size": by_b, "by_width": by_width, "exponents": exponents,
               "side_by_side": side}

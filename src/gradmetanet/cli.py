@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a paper experiment and write results.json, table.md and plots")
-    run.add_argument("experiment", choices=["curvature"], help="which experiment")
+    run.add_argument("experiment", choices=["curvature", "fisher-trace"],
+                     help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs (G.1)")
     run.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores), paper (the paper's set-up)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
@@ -50,19 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         overrides["seeds"] = args.seeds
     if args.device is not None:
         overrides["device"] = args.device
-    if args.experiment == "curvature":
-        from .experiments import curvature
-        try:
-            config = curvature.config_from_preset(args.preset, **overrides)
-        except TypeError as err:
-            raise SystemExit(f"gradmetanet: bad override ({err}); fields: {list(curvature.CurvatureConfig.__annotations__)}")
-        except ValueError as err:
-            raise SystemExit(f"gradmetanet: {err}")
-        out = Path(args.out or f"runs/curvature-{args.preset}")
-        start = time.perf_counter()
-        curvature.run(config, out)
-        print((out / "table.md").read_text())
-        print(f"wrote {out}/results.json, table.md, curvature.png in {time.perf_counter() - start:.0f} s")
+    from .experiments import curvature, fisher_trace
+    module = curvature if args.experiment == "curvature" else fisher_trace
+    try:
+        config = module.config_from_preset(args.preset, **overrides)
+    except TypeError as err:
+        fields = list(type(module.PRESETS["quick"]).__dataclass_fields__)
+        raise SystemExit(f"gradmetanet: bad override ({err}); fields: {fields}")
+    except ValueError as err:
+        raise SystemExit(f"gradmetanet: {err}")
+    out = Path(args.out or f"runs/{args.experiment}-{args.preset}")
+    start = time.perf_counter()
+    module.run(config, out)
+    print((out / "table.md").read_text())
+    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

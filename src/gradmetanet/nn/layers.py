@@ -53,8 +53,12 @@ class SetNeuronLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.reduction
-        return (self.own(x) + self.over_set(_reduce(x, (1,), r)) + self.over_neurons(_reduce(x, (2,), r))
-                + self.over_both(_reduce(x, (1, 2), r)))
+        # the pooled terms are small ([B, 1, N, f], [B, b, 1, f], [B, 1, 1, f]); adding them in place
+        # into the one full-size output keeps a single [B, b, N, f_out] tensor per layer alive
+        y = self.own(x)
+        y.add_(self.over_set(_reduce(x, (1,), r)))
+        y.add_(self.over_neurons(_reduce(x, (2,), r)))
+        return y.add_(self.over_both(_reduce(x, (1, 2), r)))
 
 
 class SetPool(nn.Module):
