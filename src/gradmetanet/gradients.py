@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import temporary_path
 from .spec import NetworkSpec
 
 __all__ = ["GradientSet", "LossReduction"]
@@ -203,7 +204,7 @@ class GradientSet:
         tensors |= {f"out/{k}": v.contiguous() for k, v in self.outputs.items()}
         metadata = {"format": "gradmetanet.GradientSet", "version": _FORMAT_VERSION,
                     "spec": self.spec.to_json(), "loss_reduction": self.loss_reduction}
-        tmp = f"{os.fspath(path)}.tmp"
+        tmp = temporary_path(path)
         save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..atomic import temporary_path
 from ..basenets import Sine
 from ..spec import NetworkSpec
 
@@ -187,7 +188,7 @@ def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathL
     tensors = {f"params/{k}": v.contiguous() for k, v in zoo.params.items()}
     tensors |= {"points": zoo.points, "target_inputs": zoo.target_inputs, "features": zoo.features,
                 "target": zoo.target, "standard": zoo.standard}
-    tmp = path.with_suffix(".tmp")
+    tmp = temporary_path(path)
     save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
     os.replace(tmp, path)
     return zoo

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..batch import GradientBatch
 from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
@@ -173,12 +174,6 @@ def _cell_key(model: str, size: int, seed: int) -> str:
     return f"{model}/{size}/{seed}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Train every model at every training size and seed; write results into ``out_dir``.
 
@@ -221,7 +216,7 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
         cells[_cell_key(key, size, seed)] = {
             "test": fit.test * scale, "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
             "seconds": time.perf_counter() - start, "parameters": count_parameters(model)}
-        _write_atomic(cells_path, json.dumps({"config_key": config.key(), "cells": cells}, indent=1))
+        atomic_write_text(cells_path, json.dumps({"config_key": config.key(), "cells": cells}, indent=1))
         bar.update()
     bar.close()
     standard = ((zoo.standard[test_idx] - zoo.target[test_idx]).square().mean() / test_var).item()
@@ -252,9 +247,9 @@ def _summarise(config: CurvatureConfig, cells: dict[str, dict], standard: float)
 def report(results: dict, out_dir: str | os.PathLike) -> str:
     """Write ``results.json``, ``table.md`` and ``curvature.png`` into ``out_dir``; return the table."""
     out = Path(out_dir)
-    _write_atomic(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     table = render_table(results)
-    _write_atomic(out / "table.md", table + "\n")
+    atomic_write_text(out / "table.md", table + "\n")
     plot(results, out / "curvature.png")
     return table
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..basenets import make_mlp
 from ..batch import GradientBatch
 from ..capture import GradientCapture
@@ -38,14 +39,14 @@ METRIC = "test MAE of log tr(F) / MAE of the mean-training-target predictor"
 
 @dataclass
 class FisherTraceConfig:
-    width: int = 256
+    width: int = 128
     input_dim: int = 4
-    n_train: int = 600
+    n_train: int = 400
     n_val: int = 100
     n_test: int = 200
     set_size: int = 32
     target_points: int = 512
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0
@@ -138,8 +139,9 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
             return m(GradientBatch(spec, feats[idx].to(config.device))).cpu()
 
         start = time.perf_counter()
-        fit = fit_regression(model, predict, y, train, val, test, config.epochs, config.batch_size, config.lr,
-                             config.seed)
+        with tqdm(total=config.epochs, desc=f"train {name}", unit="epoch", disable=not progress) as bar:
+            fit = fit_regression(model, predict, y, train, val, test, config.epochs, config.batch_size, config.lr,
+                                 config.seed, on_epoch=lambda epoch, val_mse: (bar.update(), bar.set_postfix(val=val_mse)))
         model.eval()
         with torch.no_grad():
             pred = torch.cat([predict(model, test[i:i + 64]) for i in range(0, len(test), 64)])[:, 0]
@@ -151,11 +153,11 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
                "base_network": {"sizes": [config.input_dim, config.width, config.width, 1],
                                 "parameters": spec.n_params, "neurons": spec.n_neurons},
                "models": rows, "paper": {"gradmetanet": 0.413, "mlp": 0.779}}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     lines = [f"Base MLP {results['base_network']['sizes']} ({spec.n_params:,} parameters), set size "
              f"{config.set_size}; metric: {METRIC}.", "",
              "| model | params | normalised MAE | paper |", "|---|---:|---:|---:|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['parameters']:,} | {row['normalised_mae']:.3f} | {results['paper'][name]} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     return results

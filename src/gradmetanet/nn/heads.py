@@ -19,7 +19,11 @@ __all__ = ["ProductHead", "SetProductHead", "InvariantHead"]
 
 
 class _PairMLP(nn.Module):
-    """MLP on ``[h_in[n], h_out[m] (, w[m, n])]`` for all pairs, with the first layer split."""
+    """MLP on the pair ``(h_in[n], h_out[m] (, w[m, n]))`` for all pairs, with the first layer split.
+
+    The first layer on the concatenation is ``A h_in[n] + B h_out[m] (+ c w[m, n])``, computed
+    per neuron and broadcast over pairs.
+    """
 
     def __init__(self, in_features: int, hidden: int, out_features: int, layers: int, activation: str,
                  extra_scalar: bool) -> None:
@@ -30,15 +34,15 @@ class _PairMLP(nn.Module):
         self.act = make_activation(activation)
         self.rest = MLP([hidden] * (layers - 1) + [out_features], activation)
 
-    def pre(self, h_in: torch.Tensor, h_out: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
-        """First-layer activations ``[..., d_out, d_in, hidden]`` from ``h_in [..., d_in, f]``, ``h_out [..., d_out, f]``."""
+    def forward(self, h_in: torch.Tensor, h_out: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
+        """``[..., d_out, d_in, out]`` from ``h_in [..., d_in, f]`` and ``h_out [..., d_out, f]``."""
         z = self.from_in(h_in).unsqueeze(-3) + self.from_out(h_out).unsqueeze(-2)
         if self.from_value is not None:
             if value is None:
                 raise ValueError("this parameter-aware head needs the base network's parameters "
                                  "(GradientBatch.params)")
             z = z + self.from_value(value.unsqueeze(-1))
-        return self.act(z)
+        return self.rest(self.act(z))
 
 
 class _NeuronMLP(nn.Module):
@@ -80,7 +84,7 @@ class ProductHead(nn.Module):
         for site in spec.sites:
             h_in, h_out = h[:, slices[site.in_space]], h[:, slices[site.out_space]]
             w = None if params is None else params[site.weight]
-            out[site.weight] = self.weight_mlp.rest(self.weight_mlp.pre(h_in, h_out, w))
+            out[site.weight] = self.weight_mlp(h_in, h_out, w)
             if site.bias is not None:
                 out[site.bias] = self.bias_mlp(h_out, None if params is None else params[site.bias])
         return out
