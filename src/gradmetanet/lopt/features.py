@@ -1,0 +1,47 @@
+"""Per-parameter input features of learned optimizers (as learned_optimization's ``mlp_lopt``).
+
+For every scalar parameter: its value, its gradient, six gradient momenta (EMAs with decays
+0.1 ... 0.9999) and eleven features of the step count, ``tanh(t / tau)`` for time scales
+``tau = 1, 3, 10, ..., 1e5``: 19 features. Value, gradient and momenta are normalised per
+tensor by their root mean square (``x / sqrt(mean(x^2) + eps)``), so one learned rule serves
+tensors of any scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MOMENTUM_DECAYS", "TIME_SCALES", "N_FEATURES", "time_features", "parameter_features",
+           "update_momenta"]
+
+MOMENTUM_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
+N_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TIME_SCALES)
+
+
+def time_features(step: int | torch.Tensor, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """``[11]`` (or ``[*step.shape, 11]``): ``tanh(step / tau)`` for every time scale."""
+    t = torch.as_tensor(step, dtype=dtype, device=device)
+    scales = torch.tensor(TIME_SCALES, dtype=dtype, device=device)
+    return torch.tanh(t.unsqueeze(-1) / scales)
+
+
+def update_momenta(momenta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """EMAs ``m_k <- d_k m_k + (1 - d_k) grad``; ``momenta: [*shape, 6]``, ``grad: [*shape]``."""
+    decays = torch.tensor(MOMENTUM_DECAYS, dtype=grad.dtype, device=grad.device)
+    return momenta * decays + grad.unsqueeze(-1) * (1 - decays)
+
+
+def _rms_normalise(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Divide by the root mean square over the tensor's own entries (last axis: features kept apart)."""
+    dims = tuple(range(x.dim() - 1))
+    return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+
+
+def parameter_features(param: torch.Tensor, grad: torch.Tensor, momenta: torch.Tensor,
+                       step: int | torch.Tensor) -> torch.Tensor:
+    """``[*param.shape, 19]`` features of one parameter tensor (see the module docstring)."""
+    raw = torch.cat([param.unsqueeze(-1), grad.unsqueeze(-1), momenta], dim=-1)
+    times = time_features(step, param.dtype, param.device).expand(*param.shape, len(TIME_SCALES))
+    return torch.cat([_rms_normalise(raw), times], dim=-1)
