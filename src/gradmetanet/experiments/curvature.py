@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,7 @@ from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, N
 from ..nn.baselines import weight_space_inputs
 from ..spec import NetworkSpec
 from ..training import fit_regression
+from . import apply_preset
 
 __all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "run", "report", "build_model"]
 
@@ -301,7 +302,4 @@ def plot(results: dict, path: Path) -> None:
 
 def config_from_preset(preset: str, **overrides) -> CurvatureConfig:
     """A preset with overrides applied (``train_sizes`` and ``models`` accept sequences)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return replace(PRESETS[preset], **fixed)
+    return apply_preset(PRESETS, preset, overrides)

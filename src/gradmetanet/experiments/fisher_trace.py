@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from ..nn import GradMetaNet
 from ..nn.layers import MLP
 from ..spec import NetworkSpec
 from ..training import fit_regression
+from . import apply_preset
 
 __all__ = ["FisherTraceConfig", "PRESETS", "run", "config_from_preset"]
 
@@ -63,9 +64,8 @@ PRESETS = {
 
 
 def config_from_preset(preset: str, **overrides) -> FisherTraceConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[preset], **overrides)
+    """A preset with overrides applied."""
+    return apply_preset(PRESETS, preset, overrides)
 
 
 def _log_trace(model: nn.Module, x: torch.Tensor) -> float:
