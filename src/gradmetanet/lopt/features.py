@@ -22,7 +22,7 @@ N_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TIME_SCALES)
 def time_features(step: int | torch.Tensor, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """``[11]`` (or ``[*step.shape, 11]``): ``tanh(step / tau)`` for every time scale."""
-    t = torch.as_tensor(step, dtype=dtype, device=device)
+    t = step.to(dtype) if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=dtype, device=device)
     scales = torch.tensor(TIME_SCALES, dtype=dtype, device=device)
     return torch.tanh(t.unsqueeze(-1) / scales)
 

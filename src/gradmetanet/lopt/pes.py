@@ -1,0 +1,212 @@
+"""Meta-training of update rules with Persistent Evolution Strategies (Vicol et al., 2021).
+
+The pieces are separate, as in learned_optimization: a :class:`~gradmetanet.lopt.tasks.Task`,
+the learned rule (:class:`~gradmetanet.lopt.optimizers.UpdateRule`), :class:`TruncatedInnerRuns`
+(``2 x pairs`` inner runs advanced together, vectorised with ``vmap``), :class:`PES` (the
+gradient estimator) and :class:`MetaTrainer` (Adam on the meta-parameters, atomic checkpoints,
+exact resume).
+
+PES with antithetic pairs: each pair ``k`` runs its inner problem under ``theta + eps_k`` and
+``theta - eps_k``; ``xi_k`` accumulates the perturbations since the pair's inner runs were last
+reset, and the estimate ``sum_k xi_k (L+_k - L-_k) / (2 pairs sigma^2)`` is unbiased for the
+gradient of the whole unrolled objective despite the truncation. The meta-objective of a
+truncation is the training loss at its end (on a fresh batch), as the paper's "training loss at
+the end of the horizon" applied to every truncation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parameters_to_vector
+from tqdm.auto import tqdm
+
+from ..atomic import temporary_path
+from .optimizers import UpdateRule
+from .tasks import Task
+
+__all__ = ["TruncatedInnerRuns", "PES", "MetaTrainer", "PESConfig", "stack_meta_parameters"]
+
+
+def stack_meta_parameters(rule: UpdateRule, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Meta-parameter dict with a leading particle axis from ``vectors [n, D]``."""
+    out, offset = {}, 0
+    for name, p in rule.named_parameters():
+        out[name] = vectors[:, offset:offset + p.numel()].reshape(len(vectors), *p.shape)
+        offset += p.numel()
+    return out
+
+
+class TruncatedInnerRuns:
+    """``n`` inner training runs of ``task`` under ``n`` meta-parameter vectors, advanced in lockstep.
+
+    State: inner parameters, rule state (momentum and feature momenta) and step counters, each
+    with a leading run axis; a run that reaches ``horizon`` steps restarts from a fresh init.
+    """
+
+    def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator) -> None:
+        self.task, self.rule, self.n, self.horizon = task, rule, n, horizon
+        self.params = task.init_params(n, generator)
+        self.rule_state = {k: self._init_rule_state(v) for k, v in self.params.items()}
+        self.step = torch.zeros(n, dtype=torch.long)
+
+        def update_one(meta, params, grads, state, step):
+            new_params, new_state = {}, {}
+            for name in params:
+                new_params[name], new_state[name] = functional_call(
+                    self.rule, meta, (params[name], grads[name], state[name], step))
+            return new_params, new_state
+
+        self._grads = vmap(grad(task.loss))
+        self._update = vmap(update_one)
+        self._losses = vmap(task.loss)
+
+    def _init_rule_state(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        return vmap(self.rule.init_state)(stacked)
+
+    def state_dict(self) -> dict:
+        return {"params": self.params, "rule_state": self.rule_state, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params, self.rule_state, self.step = state["params"], state["rule_state"], state["step"]
+
+    def reset_finished(self, generator: torch.Generator) -> torch.Tensor:
+        """Restart runs that reached the horizon; returns the boolean mask of restarted runs ``[n]``."""
+        done = self.step >= self.horizon
+        if done.any():
+            fresh = self.task.init_params(self.n, generator)
+            fresh_state = {k: self._init_rule_state(v) for k, v in fresh.items()}
+            mask = lambda t: done.view(-1, *([1] * (t.dim() - 1)))          # noqa: E731
+            self.params = {k: torch.where(mask(v), fresh[k], v) for k, v in self.params.items()}
+            self.rule_state = {k: {s: torch.where(mask(v), fresh_state[k][s], v) for s, v in st.items()}
+                               for k, st in self.rule_state.items()}
+            self.step = torch.where(done, torch.zeros_like(self.step), self.step)
+        return done
+
+    @torch.no_grad()
+    def unroll(self, meta: dict[str, torch.Tensor], length: int, generator: torch.Generator) -> torch.Tensor:
+        """Advance every run ``length`` steps (or to its horizon); return each run's loss after, ``[n]``."""
+        for _ in range(length):
+            active = self.step < self.horizon
+            batch = self.task.sample_batch(self.n, generator)
+            with torch.enable_grad():
+                grads = self._grads(self.params, batch)
+            new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step)
+            keep = lambda new, old: torch.where(active.view(-1, *([1] * (old.dim() - 1))), new, old)  # noqa: E731
+            self.params = {k: keep(new_params[k], v) for k, v in self.params.items()}
+            self.rule_state = {k: {s: keep(new_state[k][s], v) for s, v in st.items()}
+                               for k, st in self.rule_state.items()}
+            self.step = self.step + active.long()
+        return self._losses(self.params, self.task.sample_batch(self.n, generator))
+
+
+class PES:
+    """Antithetic PES estimator over ``pairs`` persistent pairs of inner runs."""
+
+    def __init__(self, task: Task, rule: UpdateRule, pairs: int, sigma: float, truncation: int, horizon: int,
+                 generator: torch.Generator) -> None:
+        if horizon % truncation:
+            raise ValueError(f"horizon ({horizon}) must be a multiple of the truncation length ({truncation})")
+        self.rule, self.pairs, self.sigma, self.truncation = rule, pairs, sigma, truncation
+        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator)
+        self.dim = parameters_to_vector(rule.parameters()).numel()
+        self.xi = torch.zeros(pairs, self.dim)
+
+    def state_dict(self) -> dict:
+        return {"runs": self.runs.state_dict(), "xi": self.xi}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.runs.load_state_dict(state["runs"])
+        self.xi = state["xi"]
+
+    def estimate(self, theta: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+        """``(gradient estimate [D], mean meta-loss)`` for meta-parameters ``theta [D]``."""
+        restarted = self.runs.reset_finished(generator)[: self.pairs]
+        self.xi[restarted] = 0.0
+        eps = self.sigma * torch.randn(self.pairs, self.dim, generator=generator)
+        thetas = torch.cat([theta + eps, theta - eps])
+        losses = self.runs.unroll(stack_meta_parameters(self.rule, thetas), self.truncation, generator)
+        losses = torch.nan_to_num(losses, nan=1e6, posinf=1e6)       # a diverged run is a bad direction
+        self.xi += eps
+        diff = losses[: self.pairs] - losses[self.pairs:]
+        g = (self.xi * diff[:, None]).sum(0) / (2 * self.pairs * self.sigma ** 2)
+        return g, losses.mean().item()
+
+
+@dataclass
+class PESConfig:
+    """Meta-training hyper-parameters (paper: 16 runs, truncation 50, meta-lr 1e-4)."""
+
+    pairs: int = 8
+    sigma: float = 0.01
+    truncation: int = 50
+    horizon: int = 200
+    meta_lr: float = 1e-4
+    meta_steps: int = 500
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+class MetaTrainer:
+    """Adam on the rule's meta-parameters with PES estimates; checkpoints atomically and resumes exactly."""
+
+    def __init__(self, task: Task, rule: UpdateRule, config: PESConfig,
+                 checkpoint: str | os.PathLike | None = None) -> None:
+        self.rule, self.config = rule, config
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.pes = PES(task, rule, config.pairs, config.sigma, config.truncation, config.horizon, self.generator)
+        self.meta_opt = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
+        self.step = 0
+        self.history: list[float] = []
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self._load()
+
+    def _save(self) -> None:
+        state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": self.pes.state_dict(),
+                 "generator": self.generator.get_state(), "step": self.step, "history": self.history}
+        tmp = temporary_path(self.checkpoint)
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def _load(self) -> None:
+        try:
+            state = torch.load(self.checkpoint, weights_only=False)
+            self.rule.load_state_dict(state["rule"])
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
+            raise ValueError(f"checkpoint {os.fspath(self.checkpoint)!r} is unreadable or from another "
+                             f"rule ({err}); delete it to start afresh") from err
+        self.meta_opt.load_state_dict(state["meta_opt"])
+        self.pes.load_state_dict(state["pes"])
+        self.generator.set_state(state["generator"])
+        self.step, self.history = state["step"], state["history"]
+
+    def train(self, steps: int | None = None, progress: bool = True,
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        """Run meta-steps until ``steps`` (default the config's) are done in total; returns meta-losses."""
+        total = self.config.meta_steps if steps is None else steps
+        bar = tqdm(total=total, initial=self.step, desc="meta-train (PES)", disable=not progress)
+        while self.step < total:
+            theta = parameters_to_vector(self.rule.parameters()).detach()
+            g, meta_loss = self.pes.estimate(theta, self.generator)
+            self.meta_opt.zero_grad(set_to_none=True)
+            offset = 0
+            for p in self.rule.parameters():
+                p.grad = g[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+            self.meta_opt.step()
+            self.step += 1
+            self.history.append(meta_loss)
+            bar.update()
+            bar.set_postfix(meta_loss=f"{meta_loss:.4f}")
+            if on_step is not None:
+                on_step(self.step, meta_loss)
+            if self.checkpoint is not None and (self.step % self.config.checkpoint_every == 0 or self.step == total):
+                self._save()
+        bar.close()
+        return self.history
