@@ -81,12 +81,13 @@ def test_rule_is_differentiable_for_meta_training():
     rule = deepsets_rule()
     w = torch.randn(5, 3)
     x, target = torch.randn(32, 3), torch.randn(32, 5)
-    state = rule.init_state(w)
+    state = rule.init_state({"w": w})
     for step in range(3):
         w_leaf = w.detach().requires_grad_() if step == 0 else w
         loss = F.mse_loss(x @ w_leaf.T, target)
         (g,) = torch.autograd.grad(loss, w_leaf, create_graph=True)
-        w, state = rule(w_leaf, g, state, step)
+        new, state = rule({"w": w_leaf}, {"w": g}, state, torch.tensor(step))
+        w = new["w"]
     final = F.mse_loss(x @ w.T, target)
     grads = torch.autograd.grad(final, list(rule.parameters()), allow_unused=True)
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
@@ -140,3 +141,86 @@ def test_pes_resume_is_exact_and_bad_checkpoints_are_refused(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable"):
         _linreg_trainer(path)
+
+
+def test_task_decomposed_gradients_match_gradient_capture():
+    from gradmetanet import GradientCapture
+    from gradmetanet.lopt import DigitsMLPTask
+    task = DigitsMLPTask(batch_size=16)
+    gen = torch.Generator().manual_seed(0)
+    params = {k: v[0] for k, v in task.init_params(1, gen).items()}
+    x, y = (t[0] for t in task.sample_batch(1, gen))
+    grads, feats = task.grads_and_features(params, (x, y))
+    model = make_mlp([64, 32, 10], "relu")
+    model.load_state_dict(params)
+    with GradientCapture(model) as cap:
+        F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(feats, torch.cat(list(cap.gradients.neuron_features().values()), 1))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad)
+
+
+def _gmn_optimizer(model, seed=0):
+    from gradmetanet.lopt import GradMetaNetOptimizer, GradMetaNetRule
+    torch.manual_seed(seed)
+    return GradMetaNetOptimizer(model, GradMetaNetRule(beta=0.1))
+
+
+def test_gradmetanet_optimizer_update_is_permutation_equivariant():
+    """Permute the base MLP's hidden neurons: one step gives the permuted parameters of the original step."""
+    from gradmetanet import NetworkSpec
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    model = make_mlp([5, 7, 9, 3], "tanh")
+    spec = NetworkSpec.from_module(model)
+    perms = spec.random_permutations(torch.Generator().manual_seed(1))
+    permuted = make_mlp([5, 7, 9, 3], "tanh")
+    permuted.load_state_dict(spec.permute_parameters(model.state_dict(), perms))
+    for net in (model, permuted):
+        opt = _gmn_optimizer(net)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        opt.close()
+    expected = spec.permute_parameters(model.state_dict(), perms)
+    for name, value in permuted.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_gradmetanet_optimizer_drop_in_and_errors():
+    from gradmetanet import CaptureError
+    x, y, x_test, y_test = load_digits_split()
+    torch.manual_seed(0)
+    model = make_mlp([64, 32, 10], "relu")
+    opt = _gmn_optimizer(model)
+    with torch.no_grad():
+        start = F.cross_entropy(model(x_test), y_test).item()
+    for i in range(30):
+        idx = torch.arange(i * 40, (i + 1) * 40)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        with torch.no_grad():                               # evaluation between steps is ignored by the capture
+            end = F.cross_entropy(model(x_test), y_test).item()
+    assert end < 0.75 * start, (start, end)       # an untrained rule with beta = 0.1 still descends
+    with pytest.raises(CaptureError, match="no fresh decomposed gradients"):
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x[:32]), y[:32]).backward()       # another batch size
+    with pytest.raises(ValueError, match="fixed batch size"):
+        opt.step()
+    opt.close()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_pes_runs_with_the_gradmetanet_rule():
+    from gradmetanet.lopt import DigitsMLPTask, GradMetaNetRule, MetaTrainer, PESConfig
+    torch.manual_seed(0)
+    rule = GradMetaNetRule()
+    before = [p.detach().clone() for p in rule.parameters()]
+    trainer = MetaTrainer(DigitsMLPTask(batch_size=32), rule,
+                          PESConfig(pairs=2, truncation=3, horizon=6, meta_lr=1e-2, meta_steps=3))
+    history = trainer.train(progress=False)
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(history)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, rule.parameters()))

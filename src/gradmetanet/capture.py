@@ -50,6 +50,8 @@ class GradientCapture:
         layers: optional subset to capture (module paths or the modules themselves); the spec
             then gives every site its own fixed spaces, as the symmetry of a part is unknown.
         check_finite: raise when a captured factor holds NaN or infinity.
+        ignore_no_grad: skip forward passes run without gradients (evaluation under
+            ``torch.no_grad()``) instead of raising; for captures that stay armed across steps.
 
     Usage::
 
@@ -62,12 +64,14 @@ class GradientCapture:
     """
 
     def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean",
-                 layers: Iterable[str | nn.Module] | None = None, check_finite: bool = True) -> None:
+                 layers: Iterable[str | nn.Module] | None = None, check_finite: bool = True,
+                 ignore_no_grad: bool = False) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (as in Opacus), got {loss_reduction!r}")
         self.model = model
         self.loss_reduction: LossReduction = loss_reduction
         self.check_finite = check_finite
+        self.ignore_no_grad = ignore_no_grad
         if layers is None:
             self.spec = NetworkSpec.from_module(model)
             self._chain = True
@@ -129,6 +133,8 @@ class GradientCapture:
     def _make_forward_hook(self, path: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not torch.is_grad_enabled():
+                if self.ignore_no_grad:
+                    return
                 raise CaptureError(f"layer {path!r} ran under torch.no_grad() (or inference_mode) inside "
                                    "GradientCapture: there will be no backward pass to capture")
             if not isinstance(output, torch.Tensor) or not output.requires_grad:

@@ -42,32 +42,50 @@ def stack_meta_parameters(rule: UpdateRule, vectors: torch.Tensor) -> dict[str, 
     return out
 
 
+def _tree_where(mask: torch.Tensor, new, old):
+    """``where(mask[run], new, old)`` through nested dicts of tensors with a leading run axis."""
+    if isinstance(old, dict):
+        return {k: _tree_where(mask, new[k], v) for k, v in old.items()}
+    return torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)
+
+
 class TruncatedInnerRuns:
     """``n`` inner training runs of ``task`` under ``n`` meta-parameter vectors, advanced in lockstep.
 
-    State: inner parameters, rule state (momentum and feature momenta) and step counters, each
-    with a leading run axis; a run that reaches ``horizon`` steps restarts from a fresh init.
+    State: inner parameters, rule state and step counters, each with a leading run axis; a run
+    that reaches ``horizon`` steps restarts from a fresh init. Rules that read decomposed
+    gradients (``rule.needs_decomposed``) get them from ``task.grads_and_features``.
     """
 
     def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator) -> None:
         self.task, self.rule, self.n, self.horizon = task, rule, n, horizon
-        self.params = task.init_params(n, generator)
-        self.rule_state = {k: self._init_rule_state(v) for k, v in self.params.items()}
+        self.decomposed = rule.needs_decomposed
+        if self.decomposed and not hasattr(task, "grads_and_features"):
+            raise TypeError(f"{type(rule).__name__} reads decomposed gradients, which {type(task).__name__} "
+                            "does not provide (no grads_and_features)")
+        spec = getattr(task, "spec", None)
+
+        def update_one(meta, params, grads, state, step, features=None):
+            return functional_call(self.rule, meta, (params, grads, state, step, features), {"spec": spec})
+
+        if self.decomposed:
+            self._grads = vmap(task.grads_and_features)
+            self._update = vmap(update_one)
+        else:
+            self._grads = vmap(grad(task.loss))
+            self._update = vmap(lambda meta, params, grads, state, step: update_one(meta, params, grads, state, step))
+        self._losses = vmap(task.loss)
+        self.params, self.rule_state = self._fresh(generator)
         self.step = torch.zeros(n, dtype=torch.long)
 
-        def update_one(meta, params, grads, state, step):
-            new_params, new_state = {}, {}
-            for name in params:
-                new_params[name], new_state[name] = functional_call(
-                    self.rule, meta, (params[name], grads[name], state[name], step))
-            return new_params, new_state
-
-        self._grads = vmap(grad(task.loss))
-        self._update = vmap(update_one)
-        self._losses = vmap(task.loss)
-
-    def _init_rule_state(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
-        return vmap(self.rule.init_state)(stacked)
+    def _fresh(self, generator: torch.Generator) -> tuple[dict, dict]:
+        params = self.task.init_params(self.n, generator)
+        if self.decomposed:
+            _, feats = self._grads(params, self.task.sample_batch(self.n, generator))
+            state = vmap(self.rule.init_state)(params, feats)
+        else:
+            state = vmap(self.rule.init_state)(params)
+        return params, state
 
     def state_dict(self) -> dict:
         return {"params": self.params, "rule_state": self.rule_state, "step": self.step}
@@ -79,12 +97,9 @@ class TruncatedInnerRuns:
         """Restart runs that reached the horizon; returns the boolean mask of restarted runs ``[n]``."""
         done = self.step >= self.horizon
         if done.any():
-            fresh = self.task.init_params(self.n, generator)
-            fresh_state = {k: self._init_rule_state(v) for k, v in fresh.items()}
-            mask = lambda t: done.view(-1, *([1] * (t.dim() - 1)))          # noqa: E731
-            self.params = {k: torch.where(mask(v), fresh[k], v) for k, v in self.params.items()}
-            self.rule_state = {k: {s: torch.where(mask(v), fresh_state[k][s], v) for s, v in st.items()}
-                               for k, st in self.rule_state.items()}
+            params, state = self._fresh(generator)
+            self.params = _tree_where(done, params, self.params)
+            self.rule_state = _tree_where(done, state, self.rule_state)
             self.step = torch.where(done, torch.zeros_like(self.step), self.step)
         return done
 
@@ -95,12 +110,14 @@ class TruncatedInnerRuns:
             active = self.step < self.horizon
             batch = self.task.sample_batch(self.n, generator)
             with torch.enable_grad():
-                grads = self._grads(self.params, batch)
-            new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step)
-            keep = lambda new, old: torch.where(active.view(-1, *([1] * (old.dim() - 1))), new, old)  # noqa: E731
-            self.params = {k: keep(new_params[k], v) for k, v in self.params.items()}
-            self.rule_state = {k: {s: keep(new_state[k][s], v) for s, v in st.items()}
-                               for k, st in self.rule_state.items()}
+                if self.decomposed:
+                    grads, feats = self._grads(self.params, batch)
+                    new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step, feats)
+                else:
+                    grads = self._grads(self.params, batch)
+                    new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step)
+            self.params = _tree_where(active, new_params, self.params)
+            self.rule_state = _tree_where(active, new_state, self.rule_state)
             self.step = self.step + active.long()
         return self._losses(self.params, self.task.sample_batch(self.n, generator))
 

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from torch.func import grad
+
+from ..basenets import make_mlp
 from ..data import load_digits_split
+from ..spec import NetworkSpec
 
 __all__ = ["Task", "LinearRegressionTask", "DigitsMLPTask"]
 
@@ -62,11 +66,13 @@ class DigitsMLPTask(Task):
 
     Parameter names follow ``make_mlp`` (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``), so a
     meta-trained rule drops into an ``nn.Sequential`` of the same shape.
+    :meth:`grads_and_features` also returns the decomposed gradients that GradMetaNet rules read.
     """
 
     def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0) -> None:
         self.hidden, self.batch_size = hidden, batch_size
         self.x_train, self.y_train, self.x_test, self.y_test = load_digits_split(seed=seed)
+        self.spec = NetworkSpec.from_module(make_mlp([64, hidden, 10]))
 
     def init_params(self, n: int, generator: torch.Generator) -> Params:
         def uniform(shape, fan_in):
@@ -80,7 +86,30 @@ class DigitsMLPTask(Task):
         idx = torch.randint(len(self.x_train), (n, self.batch_size), generator=generator)
         return self.x_train[idx], self.y_train[idx]
 
+    def _forward(self, params: Params, x: torch.Tensor, shifts: tuple[torch.Tensor, torch.Tensor]):
+        """Logits, with ``shifts`` added to the pre-activations (their gradient is ``g``), and the activations."""
+        u1 = x @ params["0.weight"].T + params["0.bias"] + shifts[0]
+        a1 = F.relu(u1)
+        u2 = a1 @ params["2.weight"].T + params["2.bias"] + shifts[1]
+        return u2, a1
+
     def loss(self, params: Params, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = batch
-        hidden = F.relu(x @ params["0.weight"].T + params["0.bias"])
-        return F.cross_entropy(hidden @ params["2.weight"].T + params["2.bias"], y)
+        zeros = (x.new_zeros(x.shape[0], self.hidden), x.new_zeros(x.shape[0], 10))
+        return F.cross_entropy(self._forward(params, x, zeros)[0], y)
+
+    def grads_and_features(self, params: Params, batch: tuple[torch.Tensor, ...]) -> tuple[Params, torch.Tensor]:
+        """Parameter gradients and neuron features ``[b, N, 2]`` laid out as ``GradientSet.neuron_features``."""
+        x, y = batch
+        b = x.shape[0]
+
+        def loss_and_acts(p, shifts):
+            logits, a1 = self._forward(p, x, shifts)
+            return F.cross_entropy(logits, y), (a1, logits)
+
+        shifts = (x.new_zeros(b, self.hidden), x.new_zeros(b, 10))
+        (g_params, g_shifts), (a1, logits) = grad(loss_and_acts, argnums=(0, 1), has_aux=True)(params, shifts)
+        g1, g2 = (b * g for g in g_shifts)          # per-example gradients of a batch-mean loss
+        feats = torch.cat([torch.stack([x, torch.zeros_like(x)], -1), torch.stack([a1, g1], -1),
+                           torch.stack([logits, g2], -1)], dim=1)
+        return g_params, feats
