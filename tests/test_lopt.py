@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from gradmetanet.basenets import make_mlp
 from gradmetanet.data import load_digits_split
-from gradmetanet.lopt import LearnedOptimizer, N_FEATURES, deepsets_rule, learnable_sgdm, parameter_features
+from gradmetanet.lopt import (LearnedOptimizer, N_FEATURES, NetworkOptimizer, deepsets_rule, gradmetanet_ds_rule,
+                              gradmetanet_unf_rule, learnable_sgdm, parameter_features, unf_rule)
 from gradmetanet.lopt.features import time_features
 
 
@@ -111,7 +112,7 @@ def _linreg_trainer(checkpoint=None, steps=150):
     from gradmetanet.lopt.pes import MetaTrainer, PESConfig
     from gradmetanet.lopt.tasks import LinearRegressionTask
     torch.manual_seed(0)
-    rule = UpdateRule(None, alpha=0.01, mu=0.5)
+    rule = UpdateRule(alpha=0.01, mu=0.5)
     config = PESConfig(pairs=8, sigma=0.1, truncation=5, horizon=10, meta_lr=3e-2, meta_steps=steps,
                        checkpoint_every=3)
     return MetaTrainer(LinearRegressionTask(), rule, config, checkpoint), rule
@@ -161,31 +162,52 @@ def test_task_decomposed_gradients_match_gradient_capture():
 
 
 def _gmn_optimizer(model, seed=0):
-    from gradmetanet.lopt import GradMetaNetOptimizer, GradMetaNetRule
     torch.manual_seed(seed)
-    return GradMetaNetOptimizer(model, GradMetaNetRule(beta=0.1))
+    return NetworkOptimizer(model, gradmetanet_ds_rule(beta=0.1))
 
 
-def test_gradmetanet_optimizer_update_is_permutation_equivariant():
-    """Permute the base MLP's hidden neurons: one step gives the permuted parameters of the original step."""
+RULES = {
+    "ds": lambda: deepsets_rule(beta=0.1),
+    "unf": lambda: unf_rule(3, beta=0.1),
+    "gradmetanet_ds": lambda: gradmetanet_ds_rule(beta=0.1),
+    "gradmetanet_unf": lambda: gradmetanet_unf_rule(3, beta=0.1),
+}
+
+
+@pytest.mark.parametrize("rule_name", list(RULES))
+def test_learned_updates_are_permutation_equivariant(rule_name):
+    """Permute the base MLP's hidden neurons: two steps give the permuted parameters of the original steps."""
     from gradmetanet import NetworkSpec
     torch.manual_seed(0)
     x, y = torch.randn(16, 5), torch.randint(3, (16,))
     model = make_mlp([5, 7, 9, 3], "tanh")
+    initial = copy.deepcopy(model.state_dict())
     spec = NetworkSpec.from_module(model)
     perms = spec.random_permutations(torch.Generator().manual_seed(1))
     permuted = make_mlp([5, 7, 9, 3], "tanh")
     permuted.load_state_dict(spec.permute_parameters(model.state_dict(), perms))
-    for net in (model, permuted):
-        opt = _gmn_optimizer(net)
+    sgdm = make_mlp([5, 7, 9, 3], "tanh")
+    sgdm.load_state_dict(initial)
+    runs = [(model, NetworkOptimizer), (permuted, NetworkOptimizer), (sgdm, None)]
+    for net, kind in runs:
+        torch.manual_seed(0)
+        opt = kind(net, RULES[rule_name]()) if kind else learnable_sgdm(net.parameters())
         for _ in range(2):
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
             opt.step()
-        opt.close()
+        if kind:
+            opt.close()
     expected = spec.permute_parameters(model.state_dict(), perms)
     for name, value in permuted.state_dict().items():
         torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5)
+    # sensitivity: the learned term changes the update (else equivariance would hold trivially)
+    assert max((model.state_dict()[k] - sgdm.state_dict()[k]).abs().max() for k in initial) > 1e-4
+
+
+def test_structure_reading_rules_need_a_network_optimizer():
+    with pytest.raises(TypeError, match="NetworkOptimizer"):
+        LearnedOptimizer(make_mlp([3, 4, 2]).parameters(), unf_rule(2))
 
 
 def test_gradmetanet_optimizer_drop_in_and_errors():
@@ -215,9 +237,9 @@ def test_gradmetanet_optimizer_drop_in_and_errors():
 
 
 def test_pes_runs_with_the_gradmetanet_rule():
-    from gradmetanet.lopt import DigitsMLPTask, GradMetaNetRule, MetaTrainer, PESConfig
+    from gradmetanet.lopt import DigitsMLPTask, MetaTrainer, PESConfig
     torch.manual_seed(0)
-    rule = GradMetaNetRule()
+    rule = gradmetanet_ds_rule()
     before = [p.detach().clone() for p in rule.parameters()]
     trainer = MetaTrainer(DigitsMLPTask(batch_size=32), rule,
                           PESConfig(pairs=2, truncation=3, horizon=6, meta_lr=1e-2, meta_steps=3))

@@ -1,11 +1,12 @@
 """Learned optimizers on (decomposed) gradients: features, update rules, torch.optim wrappers, PES."""
 
 from .features import N_FEATURES, parameter_features, time_features
-from .optimizers import (GradMetaNetOptimizer, GradMetaNetRule, LearnedOptimizer, UpdateRule, deepsets_rule,
-                         learnable_sgdm)
+from .optimizers import (LearnedOptimizer, NetworkOptimizer, UpdateRule, deepsets_rule, gradmetanet_ds_rule,
+                         gradmetanet_unf_rule, learnable_sgdm, unf_rule)
 from .pes import PES, MetaTrainer, PESConfig, TruncatedInnerRuns
 from .tasks import DigitsMLPTask, LinearRegressionTask, Task
 
-__all__ = ["DigitsMLPTask", "GradMetaNetOptimizer", "GradMetaNetRule", "LearnedOptimizer", "LinearRegressionTask",
-           "MetaTrainer", "N_FEATURES", "PES", "PESConfig", "Task", "TruncatedInnerRuns", "UpdateRule",
-           "deepsets_rule", "learnable_sgdm", "parameter_features", "time_features"]
+__all__ = ["DigitsMLPTask", "LearnedOptimizer", "LinearRegressionTask", "MetaTrainer", "N_FEATURES",
+           "NetworkOptimizer", "PES", "PESConfig", "Task", "TruncatedInnerRuns", "UpdateRule", "deepsets_rule",
+           "gradmetanet_ds_rule", "gradmetanet_unf_rule", "learnable_sgdm", "parameter_features", "time_features",
+           "unf_rule"]

@@ -26,8 +26,8 @@ from .encoding import neuron_codes
 from .gradmetanet import GradientInput, GradMetaNet, _unbatch, as_gradient_batch
 from .layers import MLP, make_activation
 
-__all__ = ["MLPConcat", "NeuronAsymmetric", "BatchAsymmetric", "WeightSpaceNet", "unflatten_weight_space",
-           "weight_space_inputs"]
+__all__ = ["MLPConcat", "NeuronAsymmetric", "BatchAsymmetric", "WeightSpaceLayer", "WeightSpaceNet",
+           "unflatten_weight_space", "weight_space_inputs"]
 
 
 def unflatten_weight_space(flat: torch.Tensor, spec: NetworkSpec, out_features: int) -> dict[str, torch.Tensor]:
@@ -110,7 +110,7 @@ def weight_space_inputs(batch: GradientBatch, mode: Literal["concat", "average"]
     raise ValueError(f"mode must be 'concat' or 'average', got {mode!r}")
 
 
-class _WeightSpaceLayer(nn.Module):
+class WeightSpaceLayer(nn.Module):
     """One equivariant linear layer on ``{param: [B, *shape, C_in]} -> [B, *shape, C_out]``.
 
     For weight ``W_l[m, n]`` between spaces ``s_in`` and ``s_out``::
@@ -125,20 +125,24 @@ class _WeightSpaceLayer(nn.Module):
     fixed neurons break the input/output symmetry that the group does not have.
     """
 
-    def __init__(self, spec: NetworkSpec, in_channels: int, out_channels: int, pe_dim: int) -> None:
+    def __init__(self, n_sites: int, in_channels: int, out_channels: int, pe_dim: int = 8) -> None:
         super().__init__()
         summary = 3 * in_channels + pe_dim
-        n_global = 2 * in_channels * len(spec.sites)
-        self.weight_self = nn.ModuleList(nn.Linear(in_channels, out_channels) for _ in spec.sites)
-        self.weight_in = nn.ModuleList(nn.Linear(summary, out_channels, bias=False) for _ in spec.sites)
-        self.weight_out = nn.ModuleList(nn.Linear(summary, out_channels, bias=False) for _ in spec.sites)
-        self.weight_global = nn.ModuleList(nn.Linear(n_global, out_channels, bias=False) for _ in spec.sites)
-        self.bias_self = nn.ModuleList(nn.Linear(in_channels, out_channels) for _ in spec.sites)
-        self.bias_out = nn.ModuleList(nn.Linear(summary, out_channels, bias=False) for _ in spec.sites)
-        self.bias_global = nn.ModuleList(nn.Linear(n_global, out_channels, bias=False) for _ in spec.sites)
-        self.pe_dim = pe_dim
+        n_global = 2 * in_channels * n_sites
+        sites = range(n_sites)
+        self.weight_self = nn.ModuleList(nn.Linear(in_channels, out_channels) for _ in sites)
+        self.weight_in = nn.ModuleList(nn.Linear(summary, out_channels, bias=False) for _ in sites)
+        self.weight_out = nn.ModuleList(nn.Linear(summary, out_channels, bias=False) for _ in sites)
+        self.weight_global = nn.ModuleList(nn.Linear(n_global, out_channels, bias=False) for _ in sites)
+        self.bias_self = nn.ModuleList(nn.Linear(in_channels, out_channels) for _ in sites)
+        self.bias_out = nn.ModuleList(nn.Linear(summary, out_channels, bias=False) for _ in sites)
+        self.bias_global = nn.ModuleList(nn.Linear(n_global, out_channels, bias=False) for _ in sites)
+        self.n_sites, self.pe_dim = n_sites, pe_dim
 
     def forward(self, x: dict[str, torch.Tensor], spec: NetworkSpec) -> dict[str, torch.Tensor]:
+        if len(spec.sites) != self.n_sites:
+            raise ValueError(f"this weight-space layer was built for {self.n_sites} linear layers, "
+                             f"got a network with {len(spec.sites)}")
         some = next(iter(x.values()))
         B, C = some.shape[0], some.shape[-1]
         codes = neuron_codes(spec, self.pe_dim, some.dtype, some.device)
@@ -185,7 +189,8 @@ class WeightSpaceNet(nn.Module):
             raise ValueError("WeightSpaceNet needs at least one layer")
         self.spec, self.mode = spec, mode
         widths = [in_channels] + [hidden] * (layers - 1) + [out_features]
-        self.layers = nn.ModuleList(_WeightSpaceLayer(spec, a, b, pe_dim) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(WeightSpaceLayer(len(spec.sites), a, b, pe_dim)
+                                    for a, b in zip(widths[:-1], widths[1:]))
         self.act = make_activation(activation)
 
     def forward(self, inputs: GradientInput | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,9 +200,6 @@ class WeightSpaceNet(nn.Module):
         else:
             batch, single = as_gradient_batch(inputs)
             spec = batch.spec
-            if len(spec.sites) != len(self.spec.sites):
-                raise ValueError(f"WeightSpaceNet was built for {len(self.spec.sites)} linear layers, "
-                                 f"got a network with {len(spec.sites)}")
             x = weight_space_inputs(batch, self.mode)
         for i, layer in enumerate(self.layers):
             x = layer(x, spec)
