@@ -17,9 +17,11 @@ from torch.func import grad
 
 from ..basenets import make_mlp
 from ..data import load_digits_split
+from ..data.image_files import load_cifar, load_fashion_mnist
 from ..spec import NetworkSpec
 
-__all__ = ["Task", "LinearRegressionTask", "DigitsMLPTask"]
+__all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
+           "cifar_task"]
 
 Params = dict[str, torch.Tensor]
 
@@ -61,26 +63,33 @@ class LinearRegressionTask(Task):
         return (x @ params["w"]).square().mean()
 
 
-class DigitsMLPTask(Task):
-    """MLP ``64 -> hidden -> 10`` (ReLU) on the scikit-learn digits, cross-entropy, batch 128.
+class MLPClassificationTask(Task):
+    """MLP ``d -> hidden -> classes`` (ReLU), cross-entropy, on given training data; batch 128 by default.
 
     Parameter names follow ``make_mlp`` (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``), so a
     meta-trained rule drops into an ``nn.Sequential`` of the same shape.
     :meth:`grads_and_features` also returns the decomposed gradients that GradMetaNet rules read.
     """
 
-    def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0) -> None:
+    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 hidden: int = 32, batch_size: int = 128) -> None:
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
         self.hidden, self.batch_size = hidden, batch_size
-        self.x_train, self.y_train, self.x_test, self.y_test = load_digits_split(seed=seed)
-        self.spec = NetworkSpec.from_module(make_mlp([64, hidden, 10]))
+        self.in_dim = x_train.shape[1]
+        self.classes = int(max(y_train.max(), y_test.max())) + 1
+        self.spec = NetworkSpec.from_module(self.make_model())
+
+    def make_model(self) -> torch.nn.Sequential:
+        """The ``nn.Sequential`` this task trains, for ordinary (non-functional) training loops."""
+        return make_mlp([self.in_dim, self.hidden, self.classes], "relu")
 
     def init_params(self, n: int, generator: torch.Generator) -> Params:
         def uniform(shape, fan_in):
             bound = 1.0 / math.sqrt(fan_in)
             return (torch.rand(n, *shape, generator=generator) * 2 - 1) * bound
-        h = self.hidden
-        return {"0.weight": uniform((h, 64), 64), "0.bias": uniform((h,), 64),
-                "2.weight": uniform((10, h), h), "2.bias": uniform((10,), h)}
+        d, h, c = self.in_dim, self.hidden, self.classes
+        return {"0.weight": uniform((h, d), d), "0.bias": uniform((h,), d),
+                "2.weight": uniform((c, h), h), "2.bias": uniform((c,), h)}
 
     def sample_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(self.x_train), (n, self.batch_size), generator=generator)
@@ -95,7 +104,7 @@ class DigitsMLPTask(Task):
 
     def loss(self, params: Params, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = batch
-        zeros = (x.new_zeros(x.shape[0], self.hidden), x.new_zeros(x.shape[0], 10))
+        zeros = (x.new_zeros(x.shape[0], self.hidden), x.new_zeros(x.shape[0], self.classes))
         return F.cross_entropy(self._forward(params, x, zeros)[0], y)
 
     def grads_and_features(self, params: Params, batch: tuple[torch.Tensor, ...]) -> tuple[Params, torch.Tensor]:
@@ -107,9 +116,29 @@ class DigitsMLPTask(Task):
             logits, a1 = self._forward(p, x, shifts)
             return F.cross_entropy(logits, y), (a1, logits)
 
-        shifts = (x.new_zeros(b, self.hidden), x.new_zeros(b, 10))
+        shifts = (x.new_zeros(b, self.hidden), x.new_zeros(b, self.classes))
         (g_params, g_shifts), (a1, logits) = grad(loss_and_acts, argnums=(0, 1), has_aux=True)(params, shifts)
         g1, g2 = (b * g for g in g_shifts)          # per-example gradients of a batch-mean loss
         feats = torch.cat([torch.stack([x, torch.zeros_like(x)], -1), torch.stack([a1, g1], -1),
                            torch.stack([logits, g2], -1)], dim=1)
         return g_params, feats
+
+
+class DigitsMLPTask(MLPClassificationTask):
+    """The scikit-learn 8x8 digits with an MLP ``64 -> hidden -> 10`` (the task that runs offline)."""
+
+    def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0) -> None:
+        super().__init__(*load_digits_split(seed=seed), hidden=hidden, batch_size=batch_size)
+
+
+def fashion_mnist_task(root: str, hidden: int = 32, batch_size: int = 128) -> MLPClassificationTask:
+    """FashionMNIST 8x8 (IDX files in ``root``), MLP ``64 -> hidden -> 10`` as in the paper."""
+    return MLPClassificationTask(*load_fashion_mnist(root, "train"), *load_fashion_mnist(root, "test"),
+                                 hidden=hidden, batch_size=batch_size)
+
+
+def cifar_task(root: str, classes: int = 10, hidden: int | None = None, batch_size: int = 128) -> MLPClassificationTask:
+    """CIFAR-10 / CIFAR-100 8x8 colour (pickles in ``root``), MLP ``192 -> 32 | 128 -> classes`` as in the paper."""
+    hidden = hidden or (32 if classes == 10 else 128)
+    return MLPClassificationTask(*load_cifar(root, classes, "train"), *load_cifar(root, classes, "test"),
+                                 hidden=hidden, batch_size=batch_size)
