@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a paper experiment and write results.json, table.md and plots")
-    run.add_argument("experiment", choices=["curvature", "fisher-trace"],
-                     help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs (G.1)")
+    run.add_argument("experiment", choices=["curvature", "fisher-trace", "lopt"],
+                     help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs "
+                          "(G.1); lopt: learned optimizers meta-trained with PES against tuned Adam (7.2)")
     run.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores), paper (the paper's set-up)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
@@ -48,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = dict(args.overrides)
     if args.seeds is not None:
-        overrides["seeds"] = args.seeds
+        overrides["eval_seeds" if args.experiment == "lopt" else "seeds"] = args.seeds
     if args.device is not None:
         overrides["device"] = args.device
-    from .experiments import curvature, fisher_trace
-    module = curvature if args.experiment == "curvature" else fisher_trace
+    from .experiments import curvature, fisher_trace, lopt
+    module = {"curvature": curvature, "fisher-trace": fisher_trace, "lopt": lopt}[args.experiment]
     try:
         config = module.config_from_preset(args.preset, **overrides)
     except TypeError as err:
