@@ -139,6 +139,11 @@ def test_pes_resume_is_exact_and_bad_checkpoints_are_refused(tmp_path):
     for a, b in zip(rule_a.parameters(), rule_b.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert resumed.history == uninterrupted.history
+    from gradmetanet.lopt.optimizers import UpdateRule
+    from gradmetanet.lopt.pes import MetaTrainer, PESConfig
+    from gradmetanet.lopt.tasks import LinearRegressionTask
+    with pytest.raises(ValueError, match="another PES configuration"):
+        MetaTrainer(LinearRegressionTask(), UpdateRule(alpha=0.01, mu=0.5), PESConfig(pairs=2), path)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="unreadable"):
         _linreg_trainer(path)

@@ -12,9 +12,12 @@ def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     for name in ("results.json", "table.md", "loss_curves.png", "meta/sgdm.safetensors", "meta/gradmetanet_ds.ckpt"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["optimizers"]) == {"adam", "sgdm", "gradmetanet_ds"}
-    assert saved["optimizers"]["adam"]["step_reduction"] == [1.0, 0.0]     # Adam against itself
-    assert saved["adam_lr"] in config.adam_grid and saved["adam_lr"] == results["adam_lr"]
+    assert list(saved["tasks"]) == ["digits (hidden 32)", "digits (hidden 8, transfer)"]
+    for race in saved["tasks"].values():
+        assert set(race["optimizers"]) == {"adam", "sgdm", "gradmetanet_ds"}
+        assert race["optimizers"]["adam"]["step_reduction"] == [1.0, 0.0]     # Adam against itself
+        assert race["adam_lr"] in config.adam_grid
+    assert saved["tasks"] == json.loads(json.dumps(results["tasks"]))
     # a rerun finds the finished meta-training checkpoints and does not meta-train again
     from gradmetanet.lopt import pes
     monkeypatch.setattr(pes.PES, "estimate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))

@@ -17,7 +17,7 @@ the end of the horizon" applied to every truncation.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -186,10 +186,15 @@ class MetaTrainer:
 
     def _save(self) -> None:
         state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": self.pes.state_dict(),
-                 "generator": self.generator.get_state(), "step": self.step, "history": self.history}
+                 "generator": self.generator.get_state(), "step": self.step, "history": self.history,
+                 "config": self._resumable_config()}
         tmp = temporary_path(self.checkpoint)
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint)
+
+    def _resumable_config(self) -> dict:
+        """The settings a resumed run must share (``meta_steps`` and checkpointing may change)."""
+        return {k: v for k, v in asdict(self.config).items() if k not in ("meta_steps", "checkpoint_every")}
 
     def _load(self) -> None:
         try:
@@ -198,6 +203,9 @@ class MetaTrainer:
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
             raise ValueError(f"checkpoint {os.fspath(self.checkpoint)!r} is unreadable or from another "
                              f"rule ({err}); delete it to start afresh") from err
+        if state.get("config") != self._resumable_config():
+            raise ValueError(f"checkpoint {os.fspath(self.checkpoint)!r} was written with another PES configuration "
+                             f"({state.get('config')} vs {self._resumable_config()}); delete it or use its settings")
         self.meta_opt.load_state_dict(state["meta_opt"])
         self.pes.load_state_dict(state["pes"])
         self.generator.set_state(state["generator"])
