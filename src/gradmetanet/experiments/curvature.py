@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, N
 from ..nn.baselines import weight_space_inputs
 from ..spec import NetworkSpec
 from ..training import fit_regression
-from . import apply_preset
+from . import apply_preset, mean_std
 
 __all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "run", "report", "build_model"]
 
@@ -234,8 +233,7 @@ def _summarise(config: CurvatureConfig, cells: dict[str, dict], standard: float)
         models[key], improvement[key] = {}, {}
         for n in config.train_sizes:
             runs = [cells[_cell_key(key, n, s)]["test"] for s in range(config.seeds)]
-            mean = sum(runs) / len(runs)
-            std = math.sqrt(sum((r - mean) ** 2 for r in runs) / (len(runs) - 1)) if len(runs) > 1 else 0.0
+            mean, std = mean_std(runs)
             models[key][str(n)] = {"mean": mean, "std": std, "runs": runs}
             improvement[key][str(n)] = 1.0 - mean / standard
         params[key] = cells[_cell_key(key, config.train_sizes[0], 0)]["parameters"]

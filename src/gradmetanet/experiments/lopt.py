@@ -31,7 +31,7 @@ from ..atomic import atomic_write_text, temporary_path
 from ..lopt import (DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, deepsets_rule,
                     fashion_mnist_task, gradmetanet_ds_rule, gradmetanet_unf_rule, unf_rule)
 from ..lopt.tasks import MLPClassificationTask
-from . import apply_preset
+from . import apply_preset, mean_std
 
 __all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "config_from_preset"]
 
@@ -144,15 +144,6 @@ def train_curve(task: MLPClassificationTask, make_optimizer: Callable[[nn.Module
     return curve
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    mean = sum(finite) / len(finite)
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
-    return mean, std
-
-
 def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """The whole experiment; meta-training checkpoints live in ``out_dir/meta`` (a rerun resumes)."""
     out = Path(out_dir)
@@ -229,9 +220,9 @@ def _summarise(best_lr: float, grid: dict, curves: dict[str, list[Curve]]) -> di
             factors.append(n_adam / steps)
             speedups.append((n_adam * a.seconds) / (steps * c.seconds))    # per-step seconds x steps
         horizon = runs[0].steps[-1]
-        rows[name] = {"step_reduction": _mean_std(factors), "speedup": _mean_std(speedups),
-                      "best_test_loss": _mean_std([min(c.test_loss) for c in runs]),
-                      "ms_per_step": _mean_std([1e3 * c.seconds / horizon for c in runs]),
+        rows[name] = {"step_reduction": mean_std(factors), "speedup": mean_std(speedups),
+                      "best_test_loss": mean_std([min(c.test_loss) for c in runs]),
+                      "ms_per_step": mean_std([1e3 * c.seconds / horizon for c in runs]),
                       "reached_adam_best": f"{reached}/{len(runs)}",
                       "curves": {"steps": runs[0].steps, "test_loss": [c.test_loss for c in runs]}}
     return {"adam_lr": best_lr, "adam_grid": {str(k): v for k, v in grid.items()}, "optimizers": rows}
