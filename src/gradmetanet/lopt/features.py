@@ -9,6 +9,8 @@ tensors of any scale.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 __all__ = ["MOMENTUM_DECAYS", "TIME_SCALES", "N_FEATURES", "time_features", "parameter_features",
@@ -19,17 +21,23 @@ TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 
 N_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TIME_SCALES)
 
 
+@lru_cache(maxsize=None)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """A cached constant vector (built once per dtype and device, not once per optimizer step)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def time_features(step: int | torch.Tensor, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """``[11]`` (or ``[*step.shape, 11]``): ``tanh(step / tau)`` for every time scale."""
     t = step.to(dtype) if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=dtype, device=device)
-    scales = torch.tensor(TIME_SCALES, dtype=dtype, device=device)
+    scales = _constant(TIME_SCALES, dtype, t.device if device is None else device)
     return torch.tanh(t.unsqueeze(-1) / scales)
 
 
 def update_momenta(momenta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """EMAs ``m_k <- d_k m_k + (1 - d_k) grad``; ``momenta: [*shape, 6]``, ``grad: [*shape]``."""
-    decays = torch.tensor(MOMENTUM_DECAYS, dtype=grad.dtype, device=grad.device)
+    decays = _constant(MOMENTUM_DECAYS, grad.dtype, grad.device)
     return momenta * decays + grad.unsqueeze(-1) * (1 - decays)
 
 

@@ -154,8 +154,9 @@ def unf_rule(n_layers: int, hidden: int = 32, **scalars: float) -> UpdateRule:
 
 
 def _gradmetanet_branch(features: int, hidden: int) -> GradMetaNet:
+    """The GradMetaNet of the optimizer rules (ReLU: it runs at every training step, and GELU costs more)."""
     return GradMetaNet(in_features=2 * (1 + len(MOMENTUM_DECAYS)), hidden=hidden, set_layers=2, neuron_layers=1,
-                       out_features=features, head_hidden=hidden)
+                       out_features=features, head_hidden=hidden, activation="relu")
 
 
 def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 14, gmn_hidden: int = 32,

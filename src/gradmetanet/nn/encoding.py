@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -39,7 +40,12 @@ def sinusoidal_codes(ids: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+@lru_cache(maxsize=256)
 def neuron_codes(spec: NetworkSpec, dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """``[N, dim]`` positional codes of every neuron of ``spec`` (see :func:`neuron_ids`)."""
+    """``[N, dim]`` positional codes of every neuron of ``spec`` (see :func:`neuron_ids`).
+
+    Cached per spec, size, dtype and device: the codes are constants, and metanetworks inside
+    an optimizer step would otherwise rebuild them every step. Do not modify the result in place.
+    """
     return sinusoidal_codes(neuron_ids(spec), dim).to(dtype=dtype, device=device)
