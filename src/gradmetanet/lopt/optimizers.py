@@ -264,7 +264,8 @@ class NetworkOptimizer(LearnedOptimizer):
     captures itself: hooks are registered at construction (remove them with :meth:`close`),
     every forward + backward with gradients enabled is recorded, and ``step()`` consumes the
     capture. Run evaluation passes under ``torch.no_grad()``: they are ignored. The model's loss
-    must be a batch mean, and the batch size fixed.
+    must be a batch mean, the batch size fixed, and each step one forward and one backward
+    (gradient accumulation over several forwards is not supported by the GradMetaNet rules).
     """
 
     def __init__(self, model: nn.Module, rule: UpdateRule) -> None:
