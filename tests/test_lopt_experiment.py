@@ -12,7 +12,7 @@ def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     for name in ("results.json", "table.md", "loss_curves.png", "meta/sgdm.safetensors", "meta/gradmetanet_ds.ckpt"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["tasks"]) == ["digits (hidden 32)", "digits (hidden 8, transfer)"]
+    assert list(saved["tasks"]) == ["digits (hidden 32)", "digits (hidden 8, transfer)", "iris (hidden 32, transfer)"]
     for race in saved["tasks"].values():
         assert set(race["optimizers"]) == {"adam", "sgdm", "gradmetanet_ds"}
         assert race["optimizers"]["adam"]["step_reduction"] == [1.0, 0.0]     # Adam against itself

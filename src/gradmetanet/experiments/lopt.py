@@ -8,7 +8,8 @@
    optimizer's first step reaching ``L*``. The step-reduction factor is ``N / steps``; the
    wall-clock speed-up is the same ratio in seconds, all optimizers timed in this one process.
 Reported: mean and std over seeds of the factor, the speed-up and the best test loss, on the
-meta-training task and, without re-meta-training, on the same task with a wider MLP (G.3).
+meta-training task and, without re-meta-training, on the same task with a wider MLP and on
+other classification tasks (G.3).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text, temporary_path
 from ..lopt import (DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, deepsets_rule,
                     fashion_mnist_task, gradmetanet_ds_rule, gradmetanet_unf_rule, unf_rule)
-from ..lopt.tasks import MLPClassificationTask
+from ..lopt.tasks import MLPClassificationTask, tabular_task
 from . import apply_preset, mean_std
 
 __all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "config_from_preset"]
@@ -58,6 +59,7 @@ class LoptConfig:
     seed: int = 0
     meta_train_horizon: int | None = None  # inner horizon during meta-training (default: horizon)
     transfer_hidden: int | None = 64      # also race on the same task with this hidden width (paper G.3)
+    transfer_tasks: tuple[str, ...] = ("wine",)   # and on other tasks (scikit-learn tabular sets, G.3)
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -70,7 +72,7 @@ PRESETS = {
     "quick": LoptConfig(horizon=300, eval_seeds=3, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=60,
                         pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300),
     "tiny": LoptConfig(horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2, pairs=1,
-                       truncation=5, meta_train_horizon=10, transfer_hidden=8),
+                       truncation=5, meta_train_horizon=10, transfer_hidden=8, transfer_tasks=("iris",)),
 }
 
 
@@ -176,6 +178,8 @@ def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -
     if config.transfer_hidden is not None:
         wide = replace(config, hidden=config.transfer_hidden)
         tasks[f"{config.task} (hidden {config.transfer_hidden}, transfer)"] = make_task(wide)
+    for name in config.transfer_tasks:
+        tasks[f"{name} (hidden {task.hidden}, transfer)"] = tabular_task(name, hidden=task.hidden)
     for label, race_task in tasks.items():
         results["tasks"][label] = race(race_task, rules, config, progress)
     report(results, out)

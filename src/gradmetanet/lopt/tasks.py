@@ -21,7 +21,7 @@ from ..data.image_files import load_cifar, load_fashion_mnist
 from ..spec import NetworkSpec
 
 __all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
-           "cifar_task"]
+           "cifar_task", "tabular_task"]
 
 Params = dict[str, torch.Tensor]
 
@@ -142,3 +142,25 @@ def cifar_task(root: str, classes: int = 10, hidden: int | None = None, batch_si
     hidden = hidden or (32 if classes == 10 else 128)
     return MLPClassificationTask(*load_cifar(root, classes, "train"), *load_cifar(root, classes, "test"),
                                  hidden=hidden, batch_size=batch_size)
+
+
+def tabular_task(name: str, hidden: int = 32, batch_size: int = 128, seed: int = 0) -> MLPClassificationTask:
+    """A small tabular classification set that scikit-learn ships (``wine``, ``breast_cancer``, ``iris``).
+
+    Features are standardised with training statistics; the split is a seeded 75/25 permutation.
+    For transfer tests: a learned optimizer meta-trained on digits meets other input and output sizes.
+    """
+    from sklearn import datasets
+
+    loaders = {"wine": datasets.load_wine, "breast_cancer": datasets.load_breast_cancer, "iris": datasets.load_iris}
+    if name not in loaders:
+        raise ValueError(f"unknown tabular task {name!r}; choose from {sorted(loaders)}")
+    data = loaders[name]()
+    x = torch.as_tensor(data.data, dtype=torch.float32)
+    y = torch.as_tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = len(x) // 4
+    test, train = order[:n_test], order[n_test:]
+    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
+    x = (x - mean) / std
+    return MLPClassificationTask(x[train], y[train], x[test], y[test], hidden=hidden, batch_size=batch_size)
