@@ -97,3 +97,12 @@ def test_tasks_from_files_train_the_paper_mlps(tmp_path):
     params = {k: v[0] for k, v in task.init_params(1, gen).items()}
     loss = task.loss(params, tuple(t[0] for t in task.sample_batch(1, gen)))
     assert torch.isfinite(loss)
+
+
+def test_tabular_tasks_are_standardised_and_checked():
+    from gradmetanet.lopt.tasks import tabular_task
+    task = tabular_task("wine")
+    assert task.in_dim == 13 and task.classes == 3
+    torch.testing.assert_close(task.x_train.mean(0), torch.zeros(13), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown tabular task"):
+        tabular_task("mnist")
