@@ -66,10 +66,6 @@ class GradientBatch:
         return cls(spec, feats, stacked)
 
     @property
-    def num_networks(self) -> int:
-        return self.features.shape[0]
-
-    @property
     def set_size(self) -> int:
         return self.features.shape[1]
 
