@@ -119,11 +119,12 @@ def _linreg_trainer(checkpoint=None, steps=150):
 
 
 def test_pes_meta_training_reduces_the_meta_loss():
-    """Learnable SGDM on the 2-parameter regression: the meta-loss falls by more than half."""
+    """Learnable SGDM on the 2-parameter regression: the meta-loss (mean training loss over each
+    truncation, the first steps' losses included, which no optimizer changes) falls by over 15%."""
     trainer, rule = _linreg_trainer()
     history = trainer.train(progress=False)
     first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.85 * first, (first, last)
     assert rule.alpha.item() > 0.01                    # it learned to take larger steps
 
 
@@ -156,7 +157,8 @@ def test_task_decomposed_gradients_match_gradient_capture():
     gen = torch.Generator().manual_seed(0)
     params = {k: v[0] for k, v in task.init_params(1, gen).items()}
     x, y = (t[0] for t in task.sample_batch(1, gen))
-    grads, feats = task.grads_and_features(params, (x, y))
+    grads, feats, loss = task.grads_and_features(params, (x, y))
+    torch.testing.assert_close(loss, task.loss(params, (x, y)))
     model = make_mlp([64, 32, 10], "relu")
     model.load_state_dict(params)
     with GradientCapture(model) as cap:
@@ -251,3 +253,21 @@ def test_pes_runs_with_the_gradmetanet_rule():
     history = trainer.train(progress=False)
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(history)))
     assert any(not torch.equal(a, b) for a, b in zip(before, rule.parameters()))
+
+
+def test_pes_staggers_the_pairs_over_their_episodes():
+    """Fresh meta-training spreads the pairs over episode phases (truncation boundaries); the two runs
+    of a pair stay together (same steps, same data: identical parameters under the same meta-parameters),
+    and without staggering every run starts at step 0."""
+    from gradmetanet.lopt.optimizers import UpdateRule
+    from gradmetanet.lopt.pes import MetaTrainer, PESConfig
+    from gradmetanet.lopt.tasks import LinearRegressionTask
+    config = PESConfig(pairs=8, truncation=5, horizon=40, meta_steps=1)
+    runs = MetaTrainer(LinearRegressionTask(), UpdateRule(), config).pes.runs
+    steps = runs.step
+    assert torch.all(steps % 5 == 0) and len(set(steps[:8].tolist())) > 2
+    torch.testing.assert_close(steps[:8], steps[8:])
+    torch.testing.assert_close(runs.params["w"][:8], runs.params["w"][8:], atol=0, rtol=0)
+    plain = MetaTrainer(LinearRegressionTask(), UpdateRule(), PESConfig(pairs=8, truncation=5, horizon=40,
+                                                                        stagger=False))
+    assert torch.all(plain.pes.runs.step == 0)

@@ -211,3 +211,16 @@ def test_gradmetanet_learns_the_fisher_diagonal():
     constant_mse = F.mse_loss(torch.full_like(y_test, y_train.mean().item()), y_test).item()
     print(f"GradMetaNet test MSE {model_mse:.4f} vs constant {constant_mse:.4f}")
     assert model_mse < 0.4 * constant_mse, (model_mse, constant_mse)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_set_layer_with_codes_equals_concatenated_codes(reduction):
+    """The split first layer (codes [N, c] never expanded over the set) is the same function."""
+    from gradmetanet.nn.layers import SetNeuronLayer
+    torch.manual_seed(0)
+    layer = SetNeuronLayer(5 + 3, 7, reduction).double()
+    x, codes = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    expected = layer(torch.cat([x, codes.expand(2, 4, -1, -1)], dim=-1))
+    torch.testing.assert_close(layer(x, codes), expected, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="in_features"):
+        layer(x, codes[:, :2])

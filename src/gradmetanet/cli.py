@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", choices=["curvature", "fisher-trace", "lopt"],
                      help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs "
                           "(G.1); lopt: learned optimizers meta-trained with PES against tuned Adam (7.2)")
-    run.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores), paper (the paper's set-up)")
+    run.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores), paper (the paper's set-up); lopt also has digits (the shipped optimizer's)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     run.add_argument("--device", default=None, help="cpu or cuda (overrides the preset)")
+    run.add_argument("--meta-only", action="store_true",
+                     help="lopt: only meta-train (resumable; e.g. one process per optimizer with --set optimizers=...)")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                      help="override a config field, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
 
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"gradmetanet: {err}")
     out = Path(args.out or f"runs/{args.experiment}-{args.preset}")
     start = time.perf_counter()
+    if args.meta_only:
+        if args.experiment != "lopt":
+            raise SystemExit("gradmetanet: --meta-only applies to the lopt experiment only")
+        module.meta_train(config, out)
+        print(f"meta-trained {list(config.optimizers)} into {out / 'meta'} in {time.perf_counter() - start:.0f} s")
+        return 0
     module.run(config, out)
     print((out / "table.md").read_text())
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")

@@ -24,19 +24,19 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_text, temporary_path
-from ..lopt import (DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, deepsets_rule,
-                    fashion_mnist_task, gradmetanet_ds_rule, gradmetanet_unf_rule, unf_rule)
+from ..atomic import atomic_write_text
+from ..lopt.pretrained import save_rule
+from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
+from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
+from ..lopt.optimizers import make_rule
 from ..lopt.tasks import MLPClassificationTask, tabular_task
 from . import apply_preset, mean_std
 
-__all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "config_from_preset"]
+__all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "meta_train", "config_from_preset"]
 
-OPTIMIZERS = ("sgdm", "ds", "unf", "gradmetanet_ds", "gradmetanet_unf")
 LABELS = {"adam": "Adam (tuned)", "sgdm": "Learnable SGDM", "ds": "DS", "unf": "UNF",
           "gradmetanet_ds": "GradMetaNet + DS", "gradmetanet_unf": "GradMetaNet + UNF"}
 
@@ -69,6 +69,9 @@ class LoptConfig:
 
 PRESETS = {
     "paper": LoptConfig(),
+    # the CPU-scaled set-up of the shipped "digits-mlp" optimizer (about 1.5 hours per rule on one core)
+    "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=1200,
+                         pairs=8, truncation=50, sigma=0.01, meta_lr=2e-3),
     "quick": LoptConfig(horizon=300, eval_seeds=3, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=60,
                         pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300),
     "tiny": LoptConfig(horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2, pairs=1,
@@ -91,20 +94,6 @@ def make_task(config: LoptConfig, batch_size: int = 128) -> MLPClassificationTas
     if config.task in ("cifar10", "cifar100"):
         return cifar_task(config.data_root, classes=int(config.task[5:]), hidden=config.hidden, batch_size=batch_size)
     raise ValueError(f"unknown task {config.task!r}; choose digits, fashion_mnist, cifar10 or cifar100")
-
-
-def make_rule(name: str, n_layers: int) -> UpdateRule:
-    if name == "sgdm":
-        return UpdateRule()
-    if name == "ds":
-        return deepsets_rule()
-    if name == "unf":
-        return unf_rule(n_layers)
-    if name == "gradmetanet_ds":
-        return gradmetanet_ds_rule()
-    if name == "gradmetanet_unf":
-        return gradmetanet_unf_rule(n_layers)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
 
 
 @dataclass
@@ -146,16 +135,15 @@ def train_curve(task: MLPClassificationTask, make_optimizer: Callable[[nn.Module
     return curve
 
 
-def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """The whole experiment; meta-training checkpoints live in ``out_dir/meta`` (a rerun resumes)."""
-    out = Path(out_dir)
-    (out / "meta").mkdir(parents=True, exist_ok=True)
-    task = make_task(config)
-    n_layers = len(task.spec.sites)
-
-    # 1. meta-train
+def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True
+               ) -> tuple[dict[str, UpdateRule], dict[str, list[float]]]:
+    """Meta-train every optimizer of the config with PES (resuming from ``out_dir/meta/NAME.ckpt``)
+    and save each rule's weights as ``out_dir/meta/NAME.safetensors``; returns the rules and meta-losses."""
+    meta_dir = Path(out_dir) / "meta"
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    n_layers = len(make_task(config).spec.sites)
     rules: dict[str, UpdateRule] = {}
-    meta_history: dict[str, list[float]] = {}
+    history: dict[str, list[float]] = {}
     for name in config.optimizers:
         torch.manual_seed(config.seed)
         rule = make_rule(name, n_layers)
@@ -163,15 +151,20 @@ def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -
                         horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
                         meta_steps=config.meta_steps, checkpoint_every=max(1, min(50, config.meta_steps)),
                         seed=config.seed)
-        trainer = MetaTrainer(make_task(config), rule, pes, out / "meta" / f"{name}.ckpt")
-        meta_history[name] = trainer.train(progress=progress)
-        weights = {k: v.detach().contiguous() for k, v in rule.state_dict().items()}
-        tmp = temporary_path(out / "meta" / f"{name}.safetensors")
-        save_file(weights, tmp, metadata={"optimizer": name, "config": json.dumps(asdict(config))})
-        os.replace(tmp, out / "meta" / f"{name}.safetensors")
+        trainer = MetaTrainer(make_task(config), rule, pes, meta_dir / f"{name}.ckpt")
+        history[name] = trainer.train(progress=progress)
+        save_rule(rule, name, n_layers, meta_dir / f"{name}.safetensors",
+                  {"config": json.dumps(asdict(config)), "meta_steps_done": str(trainer.step)})
         rules[name] = rule
+    return rules, history
 
-    # 2. race tuned Adam on the meta-training task, and (without re-meta-training) on a wider MLP
+
+def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """The whole experiment; meta-training checkpoints live in ``out_dir/meta`` (a rerun resumes)."""
+    out = Path(out_dir)
+    task = make_task(config)
+    rules, meta_history = meta_train(config, out, progress)
+    # race tuned Adam on the meta-training task, and (without re-meta-training) on a wider MLP and other tasks
     results = {"experiment": "lopt", "config": asdict(config), "meta_training_loss": meta_history,
                "torch": torch.__version__, "tasks": {}}
     tasks = {f"{config.task} (hidden {task.hidden})": task}

@@ -3,6 +3,7 @@
 from .features import N_FEATURES, parameter_features, time_features
 from .optimizers import (LearnedOptimizer, NetworkOptimizer, UpdateRule, deepsets_rule, gradmetanet_ds_rule,
                          gradmetanet_unf_rule, learnable_sgdm, unf_rule)
+from .pretrained import available, describe, load_rule, pretrained, save_rule
 from .pes import PES, MetaTrainer, PESConfig, TruncatedInnerRuns
 from .tasks import (DigitsMLPTask, LinearRegressionTask, MLPClassificationTask, Task, cifar_task,
                     fashion_mnist_task)
@@ -11,4 +12,4 @@ __all__ = ["DigitsMLPTask", "LearnedOptimizer", "LinearRegressionTask", "MLPClas
            "fashion_mnist_task", "MetaTrainer", "N_FEATURES",
            "NetworkOptimizer", "PES", "PESConfig", "Task", "TruncatedInnerRuns", "UpdateRule", "deepsets_rule",
            "gradmetanet_ds_rule", "gradmetanet_unf_rule", "learnable_sgdm", "parameter_features", "time_features",
-           "unf_rule"]
+           "unf_rule", "available", "describe", "load_rule", "pretrained", "save_rule"]

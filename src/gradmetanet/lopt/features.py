@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from .layout import Segments, segment_rms_normalise, segments_of
+
 __all__ = ["MOMENTUM_DECAYS", "TIME_SCALES", "N_FEATURES", "time_features", "parameter_features",
            "update_momenta"]
 
@@ -41,15 +43,16 @@ def update_momenta(momenta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return momenta * decays + grad.unsqueeze(-1) * (1 - decays)
 
 
-def _rms_normalise(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Divide by the root mean square over the tensor's own entries (last axis: features kept apart)."""
-    dims = tuple(range(x.dim() - 1))
-    return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
-
-
 def parameter_features(param: torch.Tensor, grad: torch.Tensor, momenta: torch.Tensor,
-                       step: int | torch.Tensor) -> torch.Tensor:
-    """``[*param.shape, 19]`` features of one parameter tensor (see the module docstring)."""
+                       step: int | torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+    """``[*param.shape, 19]`` features (see the module docstring).
+
+    ``param`` is one tensor, or with ``segments`` the flat concatenation ``[P]`` of several,
+    each normalised by its own root mean square (:class:`~gradmetanet.lopt.layout.Segments`).
+    """
     raw = torch.cat([param.unsqueeze(-1), grad.unsqueeze(-1), momenta], dim=-1)
+    flat = raw.reshape(-1, raw.shape[-1])
+    segments = segments or segments_of((flat.shape[0],), flat.dtype, flat.device)
+    normalised = segment_rms_normalise(flat, segments).view_as(raw)
     times = time_features(step, param.dtype, param.device).expand(*param.shape, len(TIME_SCALES))
-    return torch.cat([_rms_normalise(raw), times], dim=-1)
+    return torch.cat([normalised, times], dim=-1)

@@ -28,9 +28,10 @@ from ..nn.gradmetanet import GradMetaNet
 from ..nn.layers import MLP
 from ..spec import NetworkSpec
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
+from .layout import FlatLayout, segments_of
 
 __all__ = ["UpdateRule", "LearnedOptimizer", "NetworkOptimizer", "learnable_sgdm", "deepsets_rule", "unf_rule",
-           "gradmetanet_ds_rule", "gradmetanet_unf_rule"]
+           "gradmetanet_ds_rule", "gradmetanet_unf_rule", "make_rule", "RULE_NAMES"]
 
 Tensors = dict[str, torch.Tensor]
 #: Key of the rule state that is not attached to one parameter (the momenta of decomposed gradients).
@@ -82,10 +83,11 @@ class UpdateRule(nn.Module):
         return torch.sigmoid(self.logit_mu)
 
     def init_state(self, params: Tensors, features: torch.Tensor | None = None) -> dict:
-        """Per parameter: zero momentum ``[*shape]`` and feature momenta ``[*shape, 6]``; with a
-        GradMetaNet also zero momenta ``[b, N, 2, 6]`` of the decomposed gradients."""
-        state: dict = {name: {"momentum": torch.zeros_like(p), "momenta": p.new_zeros(*p.shape, len(MOMENTUM_DECAYS))}
-                       for name, p in params.items()}
+        """Flat state (all tensors concatenated, ``P`` entries): zero momentum ``[P]`` and feature
+        momenta ``[P, 6]``; with a GradMetaNet also zero momenta ``[b, N, 2, 6]`` of the decomposed
+        gradients."""
+        p = FlatLayout.of(params).flatten(params)
+        state: dict = {"momentum": torch.zeros_like(p), "momenta": p.new_zeros(*p.shape, len(MOMENTUM_DECAYS))}
         if self.needs_decomposed:
             if features is None:
                 raise ValueError("a GradMetaNet rule needs the decomposed gradients ([b, N, 2]) to initialise its state")
@@ -101,42 +103,45 @@ class UpdateRule(nn.Module):
         """
         momenta = update_momenta(state[DECOMPOSED], features)                  # [b, N, 2, 6]
         x = torch.cat([features.unsqueeze(-1), momenta], dim=-1).flatten(-2)   # [b, N, 14]
-        parts = []
-        for sl in spec.space_slices().values():
-            block = x[:, sl]
-            parts.append(block * torch.rsqrt(block.square().mean((0, 1), keepdim=True) + 1e-12))
-        out = self.gradmetanet(GradientBatch(spec, torch.cat(parts, dim=1).unsqueeze(0)))
+        spaces = segments_of(tuple(sl.stop - sl.start for sl in spec.space_slices().values()), x.dtype, x.device)
+        x = x * (spaces.scatter @ torch.rsqrt(spaces.mean @ x.square().mean(0) + 1e-12))     # per-space RMS
+        out = self.gradmetanet(GradientBatch(spec, x.unsqueeze(0)))
         return {name: value[0] for name, value in out.items()}, momenta
 
-    def forward(self, params: Tensors, grads: Tensors, state: dict, step: torch.Tensor,
-                features: torch.Tensor | None = None, spec: NetworkSpec | None = None) -> tuple[Tensors, dict]:
-        """One update of every tensor: ``(new_params, new_state)``; ``step`` counts from 0.
+    def update(self, layout: FlatLayout, params: torch.Tensor, grads: torch.Tensor, state: dict, step: torch.Tensor,
+               features: torch.Tensor | None = None, spec: NetworkSpec | None = None) -> tuple[torch.Tensor, dict]:
+        """One update of the flat parameters ``params [P]`` (``layout`` names the tensors): ``(new [P], new_state)``.
 
         ``features`` (the batch's decomposed gradients ``[b, N, 2]``) and ``spec`` are needed by
         rules with a GradMetaNet or an equivariant layer, whose parameter names must be the spec's.
         """
         if self.needs_spec and spec is None:
             raise ValueError("this rule needs the network spec (use NetworkOptimizer, which knows the model)")
-        new_state: dict = {}
-        momenta = {name: update_momenta(state[name]["momenta"], grads[name]) for name in params}
-        momentum = {name: self.mu * state[name]["momentum"] + grads[name] for name in params}
-        directions = momentum
+        momenta = update_momenta(state["momenta"], grads)
+        momentum = self.mu * state["momentum"] + grads
+        new_state: dict = {"momentum": momentum, "momenta": momenta}
+        direction = momentum
         if self.per_parameter is not None:
-            feats = {name: parameter_features(p, grads[name], momenta[name], step) for name, p in params.items()}
+            feats = parameter_features(params, grads, momenta, step, layout.segments(params.dtype, params.device))
             if self.gradmetanet is not None:
                 if features is None:
                     raise ValueError("a GradMetaNet rule needs the decomposed gradients of the batch")
                 extra, new_state[DECOMPOSED] = self._gradmetanet_features(state, features, spec)
-                feats = {name: torch.cat([f, extra[name]], dim=-1) for name, f in feats.items()}
-            out = {name: self.per_parameter(f) for name, f in feats.items()}
+                feats = torch.cat([feats, layout.flatten(extra)], dim=-1)
+            out = self.per_parameter(feats)                                     # [P, out]
             if self.equivariant is not None:      # the layer reads a batch of networks: add and drop the axis
-                out = {name: v[0] for name, v in self.equivariant({n: o.unsqueeze(0) for n, o in out.items()},
-                                                                   spec).items()}
-            directions = {name: momentum[name] + self.beta * out[name].squeeze(-1) for name in params}
-        new_params = {name: p - self.alpha * directions[name] for name, p in params.items()}
-        for name in params:
-            new_state[name] = {"momentum": momentum[name], "momenta": momenta[name]}
-        return new_params, new_state
+                tensors = {name: v.unsqueeze(0) for name, v in layout.unflatten(out).items()}
+                out = layout.flatten({name: v[0] for name, v in self.equivariant(tensors, spec).items()})
+            direction = momentum + self.beta * out.squeeze(-1)
+        return params - self.alpha * direction, new_state
+
+    def forward(self, params: Tensors, grads: Tensors, state: dict, step: torch.Tensor,
+                features: torch.Tensor | None = None, spec: NetworkSpec | None = None) -> tuple[Tensors, dict]:
+        """:meth:`update` on dicts of tensors: ``(new_params, new_state)``; ``step`` counts from 0."""
+        layout = FlatLayout.of(params)
+        new, new_state = self.update(layout, layout.flatten(params), layout.flatten(grads), state, step, features,
+                                     spec)
+        return layout.unflatten(new), new_state
 
 
 def deepsets_rule(hidden: int = 32, layers: int = 3, **scalars: float) -> UpdateRule:
@@ -154,30 +159,56 @@ def unf_rule(n_layers: int, hidden: int = 32, **scalars: float) -> UpdateRule:
 
 
 def _gradmetanet_branch(features: int, hidden: int) -> GradMetaNet:
-    """The GradMetaNet of the optimizer rules (ReLU: it runs at every training step, and GELU costs more)."""
-    return GradMetaNet(in_features=2 * (1 + len(MOMENTUM_DECAYS)), hidden=hidden, set_layers=2, neuron_layers=1,
-                       out_features=features, head_hidden=hidden, activation="relu")
+    """The GradMetaNet of the optimizer rules (the paper gives no size).
+
+    Small and cheap because it runs at every training step on all ``b x N`` (example, neuron)
+    pairs: one set layer, one neuron layer, width ``hidden``, 8-dimensional neuron codes, ReLU.
+    """
+    return GradMetaNet(in_features=2 * (1 + len(MOMENTUM_DECAYS)), hidden=hidden, set_layers=1, neuron_layers=1,
+                       out_features=features, head_hidden=hidden, pe_dim=8, activation="relu")
 
 
-def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 14, gmn_hidden: int = 32,
+def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 14, gmn_hidden: int = 16,
                         **scalars: float) -> UpdateRule:
     """"GradMetaNet + DS" (eq. 11): GradMetaNet features join the 19 (33 in all) of a per-parameter MLP."""
     return UpdateRule(MLP([N_FEATURES + gmn_features] + [hidden] * layers + [1], "relu"),
                       gradmetanet=_gradmetanet_branch(gmn_features, gmn_hidden), **scalars)
 
 
-def gradmetanet_unf_rule(n_layers: int, hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 32,
+def gradmetanet_unf_rule(n_layers: int, hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 16,
                          **scalars: float) -> UpdateRule:
     """"GradMetaNet + UNF": GradMetaNet features into the UNF rule's per-parameter MLP."""
     return UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
                       WeightSpaceLayer(n_layers, hidden, 1), _gradmetanet_branch(gmn_features, gmn_hidden), **scalars)
 
 
+#: The rules by name, as the experiment and the shipped optimizers call them.
+RULE_NAMES = ("sgdm", "ds", "unf", "gradmetanet_ds", "gradmetanet_unf")
+
+
+def make_rule(name: str, n_layers: int) -> UpdateRule:
+    """A fresh rule by name (``RULE_NAMES``); ``n_layers`` (linear layers of the base network) for the UNF rules."""
+    if name == "sgdm":
+        return UpdateRule()
+    if name == "ds":
+        return deepsets_rule()
+    if name == "unf":
+        return unf_rule(n_layers)
+    if name == "gradmetanet_ds":
+        return gradmetanet_ds_rule()
+    if name == "gradmetanet_unf":
+        return gradmetanet_unf_rule(n_layers)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     """Applies a rule in place: ``opt.zero_grad(); loss.backward(); opt.step()``.
 
-    The rule's meta-parameters are not trained by ``step()``; :meth:`state_dict` holds them
-    (under ``"rule"``) with the per-parameter state, so a run resumes exactly.
+    Like PyTorch's fused optimizers, the state lives in flat buffers over all parameters
+    (``state["__rule__"]``: momentum ``[P]``, feature momenta ``[P, 6]``), so one step runs the
+    rule's network once on all ``P`` entries. The rule's meta-parameters are not trained by
+    ``step()``; :meth:`state_dict` holds them (under ``"rule"``) with the state, so a run
+    resumes exactly. Every parameter must receive a gradient at every step.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], rule: UpdateRule) -> None:
@@ -185,13 +216,26 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError("this rule reads the network's structure: use NetworkOptimizer(model, rule)")
         super().__init__(params, defaults={})
         self.rule = rule
+        self._tensors = [p for group in self.param_groups for p in group["params"]]
+        self.layout = FlatLayout(tuple(self._names()), tuple(tuple(p.shape) for p in self._tensors))
 
-    def _named(self) -> dict[str, torch.Tensor]:
-        return {f"{i}.{j}": p for i, group in enumerate(self.param_groups) for j, p in enumerate(group["params"])
-                if p.grad is not None}
+    def _names(self) -> list[str]:
+        return [f"{i}.{j}" for i, group in enumerate(self.param_groups) for j, _ in enumerate(group["params"])]
 
     def _features(self) -> tuple[torch.Tensor | None, NetworkSpec | None]:
         return None, None
+
+    def _flat_grads(self) -> torch.Tensor:
+        missing = [name for name, p in zip(self.layout.names, self._tensors) if p.grad is None]
+        if missing:
+            raise RuntimeError(f"parameters {missing} have no gradient; a learned optimizer updates all its "
+                               "parameters together (give it only the parameters that are trained)")
+        grads = torch.cat([p.grad.reshape(-1) for p in self._tensors])
+        if not torch.isfinite(grads).all():
+            bad = [name for name, p in zip(self.layout.names, self._tensors) if not torch.isfinite(p.grad).all()]
+            raise FloatingPointError(f"non-finite gradient for parameters {bad}; the learned optimizer refuses "
+                                     "to apply it")
+        return grads
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -199,49 +243,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        named = self._named()
-        grads = {}
-        for name, p in named.items():
-            if not torch.isfinite(p.grad).all():
-                raise FloatingPointError(f"non-finite gradient for parameter {name!r} (shape {list(p.shape)}); "
-                                         "the learned optimizer refuses to apply it")
-            grads[name] = p.grad
+        grads = self._flat_grads()
         features, spec = self._features()
-        params = {name: p.detach() for name, p in named.items()}
-        state = self._gather_state(params, features)
+        params = torch.cat([p.reshape(-1) for p in self._tensors])
+        if "__rule__" not in self.state:              # first step: fresh zero state
+            self.state["__step__"] = torch.zeros((), dtype=torch.long)
+            self.state["__rule__"] = self.rule.init_state(self.layout.unflatten(params), features)
+        state = self.state["__rule__"]
+        if DECOMPOSED in state and state[DECOMPOSED].shape[:-1] != features.shape:
+            raise ValueError(f"the decomposed gradients changed shape ({list(features.shape)} vs "
+                             f"{list(state[DECOMPOSED].shape[:-1])}); a GradMetaNet optimizer needs a fixed batch size")
         step = self.state["__step__"]
-        new_params, new_state = self.rule(params, grads, state, step, features, spec)
-        for name, p in named.items():
-            p.copy_(new_params[name])
-            self.state[p].update(new_state[name])
-        if DECOMPOSED in new_state:
-            self.state[DECOMPOSED] = {"momenta": new_state[DECOMPOSED]}
+        new, self.state["__rule__"] = self.rule.update(self.layout, params, grads, state, step, features, spec)
+        torch._foreach_copy_(self._tensors, list(self.layout.unflatten(new).values()))
         self.state["__step__"] = step + 1
         return loss
-
-    def _gather_state(self, params: Tensors, features: torch.Tensor | None) -> dict:
-        named = self._named()
-        if "__step__" not in self.state:
-            self.state["__step__"] = torch.zeros((), dtype=torch.long)
-        missing = [name for name, p in named.items() if not self.state[p]]
-        if self.rule.needs_decomposed and DECOMPOSED not in self.state:
-            missing.append(DECOMPOSED)
-        if missing:                      # first step (or a new parameter): fresh zero state
-            fresh = self.rule.init_state(params, features)
-            for name in missing:
-                if name == DECOMPOSED:
-                    self.state[DECOMPOSED] = {"momenta": fresh[DECOMPOSED]}
-                else:
-                    self.state[named[name]].update(fresh[name])
-        state = {name: {"momentum": self.state[p]["momentum"], "momenta": self.state[p]["momenta"]}
-                 for name, p in named.items()}
-        if self.rule.needs_decomposed:
-            state[DECOMPOSED] = self.state[DECOMPOSED]["momenta"]
-            if state[DECOMPOSED].shape[:-1] != features.shape:
-                raise ValueError(f"the decomposed gradients changed shape ({list(features.shape)} vs "
-                                 f"{list(state[DECOMPOSED].shape[:-1])}); a GradMetaNet optimizer needs a fixed "
-                                 "batch size")
-        return state
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -278,8 +294,8 @@ class NetworkOptimizer(LearnedOptimizer):
             self.capture = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True)
             self.capture.__enter__()
 
-    def _named(self) -> dict[str, torch.Tensor]:
-        return {self.names[id(p)]: p for group in self.param_groups for p in group["params"] if p.grad is not None}
+    def _names(self) -> list[str]:
+        return [self.names[id(p)] for group in self.param_groups for p in group["params"]]
 
     def _features(self) -> tuple[torch.Tensor | None, NetworkSpec | None]:
         if self.capture is None:

@@ -10,8 +10,10 @@ PES with antithetic pairs: each pair ``k`` runs its inner problem under ``theta 
 ``theta - eps_k``; ``xi_k`` accumulates the perturbations since the pair's inner runs were last
 reset, and the estimate ``sum_k xi_k (L+_k - L-_k) / (2 pairs sigma^2)`` is unbiased for the
 gradient of the whole unrolled objective despite the truncation. The meta-objective of a
-truncation is the training loss at its end (on a fresh batch), as the paper's "training loss at
-the end of the horizon" applied to every truncation.
+truncation is the mean training loss over its steps (each step's mini-batch loss, computed with
+the gradient anyway): the paper's "training loss", averaged along the trajectory as
+learned_optimization's truncated estimators do, which rewards fast progress at every step and
+has far less variance than the loss of one batch at the truncation's end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
@@ -53,12 +55,16 @@ class TruncatedInnerRuns:
     """``n`` inner training runs of ``task`` under ``n`` meta-parameter vectors, advanced in lockstep.
 
     State: inner parameters, rule state and step counters, each with a leading run axis; a run
-    that reaches ``horizon`` steps restarts from a fresh init. Rules that read decomposed
+    that reaches ``horizon`` steps restarts from a fresh init. With ``antithetic``, runs ``k`` and
+    ``k + n/2`` share their initialisations and batches. Rules that read decomposed
     gradients (``rule.needs_decomposed``) get them from ``task.grads_and_features``.
     """
 
-    def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator) -> None:
-        self.task, self.rule, self.n, self.horizon = task, rule, n, horizon
+    def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator,
+                 antithetic: bool = False) -> None:
+        if antithetic and n % 2:
+            raise ValueError(f"antithetic runs come in pairs; got n = {n}")
+        self.task, self.rule, self.n, self.horizon, self.antithetic = task, rule, n, horizon, antithetic
         self.decomposed = rule.needs_decomposed
         if self.decomposed and not hasattr(task, "grads_and_features"):
             raise TypeError(f"{type(rule).__name__} reads decomposed gradients, which {type(task).__name__} "
@@ -72,16 +78,25 @@ class TruncatedInnerRuns:
             self._grads = vmap(task.grads_and_features)
             self._update = vmap(update_one)
         else:
-            self._grads = vmap(grad(task.loss))
+            self._grads = vmap(grad_and_value(task.loss))
             self._update = vmap(lambda meta, params, grads, state, step: update_one(meta, params, grads, state, step))
-        self._losses = vmap(task.loss)
         self.params, self.rule_state = self._fresh(generator)
         self.step = torch.zeros(n, dtype=torch.long)
 
+    def _draw(self, sample, generator: torch.Generator):
+        """``sample(n, generator)`` for every run; antithetic runs ``k`` and ``k + n/2`` get the same draw
+        (common random numbers: the pair's loss difference then measures the perturbation, not the data)."""
+        if not self.antithetic:
+            return sample(self.n, generator)
+        half = sample(self.n // 2, generator)
+        if isinstance(half, dict):
+            return {k: torch.cat([v, v]) for k, v in half.items()}
+        return tuple(torch.cat([t, t]) for t in half)
+
     def _fresh(self, generator: torch.Generator) -> tuple[dict, dict]:
-        params = self.task.init_params(self.n, generator)
+        params = self._draw(self.task.init_params, generator)
         if self.decomposed:
-            _, feats = self._grads(params, self.task.sample_batch(self.n, generator))
+            _, feats, _ = self._grads(params, self._draw(self.task.sample_batch, generator))
             state = vmap(self.rule.init_state)(params, feats)
         else:
             state = vmap(self.rule.init_state)(params)
@@ -104,22 +119,28 @@ class TruncatedInnerRuns:
         return done
 
     @torch.no_grad()
-    def unroll(self, meta: dict[str, torch.Tensor], length: int, generator: torch.Generator) -> torch.Tensor:
-        """Advance every run ``length`` steps (or to its horizon); return each run's loss after, ``[n]``."""
+    def unroll(self, meta: dict[str, torch.Tensor], length: int, generator: torch.Generator,
+               stop: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every run ``length`` steps (or to its horizon, or to its ``stop [n]``); return each run's
+        mean training loss over the steps it took, ``[n]`` (the loss of each step's batch, before its update)."""
+        limit = torch.full((self.n,), self.horizon) if stop is None else stop.clamp_max(self.horizon)
+        total, counted = torch.zeros(self.n), torch.zeros(self.n)
         for _ in range(length):
-            active = self.step < self.horizon
-            batch = self.task.sample_batch(self.n, generator)
+            active = self.step < limit
+            batch = self._draw(self.task.sample_batch, generator)
             with torch.enable_grad():
                 if self.decomposed:
-                    grads, feats = self._grads(self.params, batch)
+                    grads, feats, losses = self._grads(self.params, batch)
                     new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step, feats)
                 else:
-                    grads = self._grads(self.params, batch)
+                    grads, losses = self._grads(self.params, batch)
                     new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step)
+            total += torch.where(active, losses, 0.0)
+            counted += active
             self.params = _tree_where(active, new_params, self.params)
             self.rule_state = _tree_where(active, new_state, self.rule_state)
             self.step = self.step + active.long()
-        return self._losses(self.params, self.task.sample_batch(self.n, generator))
+        return total / counted.clamp_min(1)
 
 
 class PES:
@@ -130,7 +151,7 @@ class PES:
         if horizon % truncation:
             raise ValueError(f"horizon ({horizon}) must be a multiple of the truncation length ({truncation})")
         self.rule, self.pairs, self.sigma, self.truncation = rule, pairs, sigma, truncation
-        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator)
+        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True)
         self.dim = parameters_to_vector(rule.parameters()).numel()
         self.xi = torch.zeros(pairs, self.dim)
 
@@ -140,6 +161,18 @@ class PES:
     def load_state_dict(self, state: dict) -> None:
         self.runs.load_state_dict(state["runs"])
         self.xi = state["xi"]
+
+    def stagger(self, theta: torch.Tensor, generator: torch.Generator) -> None:
+        """Advance each pair (both runs alike, under ``theta``) to a random truncation boundary of its episode.
+
+        Without it every pair starts its episodes together, and successive estimates cycle
+        through the phases of an episode (large early-training losses, then small ones);
+        staggered pairs mix all phases in every estimate, as learned_optimization does.
+        """
+        offsets = torch.randint(self.runs.horizon // self.truncation, (self.pairs,), generator=generator)
+        stop = (offsets * self.truncation).repeat(2)
+        meta = stack_meta_parameters(self.rule, theta.expand(2 * self.pairs, -1))
+        self.runs.unroll(meta, int(stop.max()), generator, stop=stop)
 
     def estimate(self, theta: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
         """``(gradient estimate [D], mean meta-loss)`` for meta-parameters ``theta [D]``."""
@@ -167,6 +200,7 @@ class PESConfig:
     meta_steps: int = 500
     checkpoint_every: int = 50
     seed: int = 0
+    stagger: bool = True        # start the pairs at random points of their episodes (see PES.stagger)
 
 
 class MetaTrainer:
@@ -183,6 +217,8 @@ class MetaTrainer:
         self.history: list[float] = []
         if self.checkpoint is not None and self.checkpoint.exists():
             self._load()
+        elif config.stagger:
+            self.pes.stagger(parameters_to_vector(rule.parameters()).detach(), self.generator)
 
     def _save(self) -> None:
         state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": self.pes.state_dict(),

@@ -107,21 +107,24 @@ class MLPClassificationTask(Task):
         zeros = (x.new_zeros(x.shape[0], self.hidden), x.new_zeros(x.shape[0], self.classes))
         return F.cross_entropy(self._forward(params, x, zeros)[0], y)
 
-    def grads_and_features(self, params: Params, batch: tuple[torch.Tensor, ...]) -> tuple[Params, torch.Tensor]:
-        """Parameter gradients and neuron features ``[b, N, 2]`` laid out as ``GradientSet.neuron_features``."""
+    def grads_and_features(self, params: Params, batch: tuple[torch.Tensor, ...]
+                           ) -> tuple[Params, torch.Tensor, torch.Tensor]:
+        """Parameter gradients, neuron features ``[b, N, 2]`` laid out as ``GradientSet.neuron_features``,
+        and the batch loss."""
         x, y = batch
         b = x.shape[0]
 
         def loss_and_acts(p, shifts):
             logits, a1 = self._forward(p, x, shifts)
-            return F.cross_entropy(logits, y), (a1, logits)
+            loss = F.cross_entropy(logits, y)
+            return loss, (a1, logits, loss)
 
         shifts = (x.new_zeros(b, self.hidden), x.new_zeros(b, self.classes))
-        (g_params, g_shifts), (a1, logits) = grad(loss_and_acts, argnums=(0, 1), has_aux=True)(params, shifts)
+        (g_params, g_shifts), (a1, logits, loss) = grad(loss_and_acts, argnums=(0, 1), has_aux=True)(params, shifts)
         g1, g2 = (b * g for g in g_shifts)          # per-example gradients of a batch-mean loss
         feats = torch.cat([torch.stack([x, torch.zeros_like(x)], -1), torch.stack([a1, g1], -1),
                            torch.stack([logits, g2], -1)], dim=1)
-        return g_params, feats
+        return g_params, feats, loss.detach()
 
 
 class DigitsMLPTask(MLPClassificationTask):

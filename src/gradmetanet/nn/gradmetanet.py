@@ -97,10 +97,11 @@ class GradMetaNet(nn.Module):
 
     def neuron_embeddings(self, batch: GradientBatch) -> torch.Tensor:
         """``[B, N, hidden]``: the pooled, processed neuron features that every head reads."""
-        x = _with_codes(batch, self.pe_dim)
-        for layer in self.set_layers:
-            x = self.act(layer(x))
-        h = self.pool(x)
+        x = batch.features
+        codes = neuron_codes(batch.spec, self.pe_dim, x.dtype, x.device)      # [N, pe_dim]
+        for i, layer in enumerate(self.set_layers):
+            x = self.act(layer(x, codes if i == 0 else None))
+        h = self.pool(x if len(self.set_layers) else _with_codes(batch, self.pe_dim))
         for layer in self.neuron_layers:
             h = self.act(layer(h))
         return h

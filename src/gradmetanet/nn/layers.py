@@ -51,14 +51,34 @@ class SetNeuronLayer(nn.Module):
         self.over_neurons = nn.Linear(in_features, out_features, bias=False)
         self.over_both = nn.Linear(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, b, N, f]``; optional ``codes [N, c]``: per-neuron constants that act as if appended to every
+        example's features (``f + c == in_features``), without materialising the ``[B, b, N, c]`` copy."""
         r = self.reduction
+        if codes is not None:
+            return self._forward_with_codes(x, codes)
         # the pooled terms are small ([B, 1, N, f], [B, b, 1, f], [B, 1, 1, f]); adding them in place
         # into the one full-size output keeps a single [B, b, N, f_out] tensor per layer alive
         y = self.own(x)
         y.add_(self.over_set(_reduce(x, (1,), r)))
         y.add_(self.over_neurons(_reduce(x, (2,), r)))
         return y.add_(self.over_both(_reduce(x, (1, 2), r)))
+
+    def _forward_with_codes(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The same layer on ``[x, codes]``, split by linearity: the code columns of each weight act on
+        ``[N, c]`` (or its reduction over neurons) once, not on every example."""
+        f, b = x.shape[-1], x.shape[1]
+        if f + codes.shape[-1] != self.own.in_features:
+            raise ValueError(f"features ({f}) + codes ({codes.shape[-1]}) != in_features ({self.own.in_features})")
+        over_b = 1.0 if self.reduction == "mean" else float(b)          # reducing a constant over the set
+        codes_n = _reduce(codes, (0,), self.reduction)                   # [1, c]
+        w = [layer.weight for layer in (self.own, self.over_set, self.over_neurons, self.over_both)]
+        constant = (torch.addmm(self.own.bias, codes, (w[0][:, f:] + over_b * w[1][:, f:]).T)
+                    + codes_n @ (w[2][:, f:] + over_b * w[3][:, f:]).T)            # [N, f_out]
+        y = nn.functional.linear(x, w[0][:, :f])
+        y.add_(nn.functional.linear(_reduce(x, (1,), self.reduction), w[1][:, :f]) + constant)
+        y.add_(nn.functional.linear(_reduce(x, (2,), self.reduction), w[2][:, :f]))
+        return y.add_(nn.functional.linear(_reduce(x, (1, 2), self.reduction), w[3][:, :f]))
 
 
 class SetPool(nn.Module):

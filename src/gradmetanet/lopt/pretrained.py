@@ -1,0 +1,95 @@
+"""Meta-trained optimizers shipped inside the package, and the safetensors format they use.
+
+A rule file holds the rule's meta-parameters (``UpdateRule.state_dict()``) and, as safetensors
+metadata, the rule's name (``"optimizer"``, one of ``RULE_NAMES``), the number of linear layers
+it was built for (``"n_layers"``, read by the UNF rules only) and free-form provenance (the
+meta-training configuration and command). :func:`pretrained` builds a drop-in optimizer from a
+shipped file::
+
+    opt = gradmetanet.lopt.pretrained("digits-mlp", model)
+    for x, y in loader:
+        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+    opt.close()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..atomic import temporary_path
+from .optimizers import RULE_NAMES, NetworkOptimizer, UpdateRule, make_rule
+
+__all__ = ["PRETRAINED_DIR", "available", "describe", "load_rule", "pretrained", "read_metadata", "save_rule"]
+
+#: Where the shipped rules live (``NAME.safetensors``).
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def available() -> list[str]:
+    """Names of the shipped optimizers."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
+
+
+def save_rule(rule: UpdateRule, name: str, n_layers: int, path: str | os.PathLike,
+              provenance: dict[str, str] | None = None) -> None:
+    """Write ``rule`` (built by ``make_rule(name, n_layers)``) to ``path`` atomically."""
+    if name not in RULE_NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
+    weights = {k: v.detach().contiguous().cpu() for k, v in rule.state_dict().items()}
+    metadata = {"optimizer": name, "n_layers": str(n_layers), **(provenance or {})}
+    tmp = temporary_path(Path(path))
+    save_file(weights, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a rule file (clear errors for a missing or corrupted file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no rule file at {os.fspath(path)!r}")
+    try:
+        with safe_open(path, "pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors rule file ({err})") from err
+
+
+def load_rule(path: str | os.PathLike) -> UpdateRule:
+    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment)."""
+    metadata = read_metadata(path)
+    name = metadata.get("optimizer")
+    if name not in RULE_NAMES:
+        raise ValueError(f"{os.fspath(path)!r} names optimizer {name!r}; this version knows {list(RULE_NAMES)}")
+    rule = make_rule(name, int(metadata.get("n_layers", 0)))
+    try:
+        rule.load_state_dict(load_file(path))
+    except RuntimeError as err:
+        raise ValueError(f"{os.fspath(path)!r} does not match the {name!r} rule of this version ({err})") from err
+    return rule
+
+
+def pretrained(name: str, model: nn.Module) -> NetworkOptimizer:
+    """A shipped meta-trained optimizer (see :func:`available`) bound to ``model``.
+
+    Call :meth:`~gradmetanet.lopt.NetworkOptimizer.close` when done if the rule reads decomposed
+    gradients (it registers capture hooks on the model).
+    """
+    path = PRETRAINED_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"no shipped optimizer named {name!r}; available: {available()}")
+    rule = load_rule(path).to(next(model.parameters()).device)
+    for p in rule.parameters():
+        p.requires_grad_(False)
+    return NetworkOptimizer(model, rule)
+
+
+def describe(name: str) -> dict[str, str]:
+    """The provenance of a shipped optimizer (its metadata: rule, meta-training config and command)."""
+    return read_metadata(PRETRAINED_DIR / f"{name}.safetensors")
