@@ -236,7 +236,7 @@ def test_gradmetanet_optimizer_drop_in_and_errors():
     with pytest.raises(CaptureError, match="no fresh decomposed gradients"):
         opt.step()
     opt.zero_grad()
-    F.cross_entropy(model(x[:32]), y[:32]).backward()       # another batch size
+    F.cross_entropy(model(x[:16]), y[:16]).backward()       # a batch smaller than the GradMetaNet's set
     with pytest.raises(ValueError, match="fixed batch size"):
         opt.step()
     opt.close()

@@ -180,8 +180,16 @@ class GradientSet:
         the network output (the pre-activation of the last site). Tokens are folded into the
         set axis (example-major), as in the paper's treatment of sequences.
         """
-        feats: dict[str, torch.Tensor] = {}
-        for space in self.spec.spaces:
+        whole = self.neuron_tensor()
+        sizes = [space.size for space in self.spec.spaces]
+        return dict(zip((space.name for space in self.spec.spaces), whole.split(sizes, dim=1)))
+
+    def neuron_tensor(self) -> torch.Tensor:
+        """``[b * T, N, 2]``: :meth:`neuron_features` of every space, concatenated in the spec's order
+        (one buffer, filled in place: what a metanetwork reads)."""
+        first = next(iter(self.activations.values()))
+        out = first.new_empty(first.shape[0] * first.shape[1], self.spec.n_neurons, 2)
+        for space, sl in zip(self.spec.spaces, self.spec.space_slices().values()):
             readers, writers = self.spec.readers(space.name), self.spec.writers(space.name)
             if readers:
                 act = self.activations[readers[0].name]
@@ -189,12 +197,13 @@ class GradientSet:
                 act = self.outputs[writers[0].name]
             else:
                 raise ValueError(f"space {space.name!r} has no reader and no recorded output")
-            grad = self.output_grads[writers[0].name] if writers else torch.zeros_like(act)
-            if grad.shape != act.shape:
+            grad = self.output_grads[writers[0].name] if writers else None
+            if grad is not None and grad.shape != act.shape:
                 raise ValueError(f"space {space.name!r}: activation {list(act.shape)} and gradient "
                                  f"{list(grad.shape)} disagree on examples or tokens")
-            feats[space.name] = torch.stack([act, grad], dim=-1).flatten(0, 1)
-        return feats
+            out[:, sl, 0] = act.flatten(0, 1)
+            out[:, sl, 1] = 0.0 if grad is None else grad.flatten(0, 1)
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,69 @@
+"""Rule files (safetensors) and the optimizers shipped inside the package."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradmetanet.basenets import make_mlp
+from gradmetanet.lopt import available, load_rule, pretrained, save_rule
+from gradmetanet.lopt.optimizers import make_rule
+
+
+@pytest.mark.parametrize("name", ["ds", "unf", "gradmetanet_ds"])
+def test_rule_files_round_trip(tmp_path, name):
+    torch.manual_seed(0)
+    rule = make_rule(name, n_layers=2)
+    with torch.no_grad():
+        rule.beta.fill_(0.37)
+    save_rule(rule, name, 2, tmp_path / "r.safetensors", {"command": "test"})
+    loaded = load_rule(tmp_path / "r.safetensors")
+    assert type(loaded.per_parameter) is type(rule.per_parameter)
+    for (k, a), (k2, b) in zip(rule.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_rule_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no rule file"):
+        load_rule(tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_rule(tmp_path / "bad.safetensors")
+    save_rule(make_rule("ds", 2), "ds", 2, tmp_path / "ds.safetensors")
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(tmp_path / "ds.safetensors"), tmp_path / "wrong.safetensors", metadata={"optimizer": "unf",
+                                                                                                 "n_layers": "2"})
+    with pytest.raises(ValueError, match="does not match the 'unf' rule"):
+        load_rule(tmp_path / "wrong.safetensors")
+    save_file(load_file(tmp_path / "ds.safetensors"), tmp_path / "anon.safetensors")
+    with pytest.raises(ValueError, match="names optimizer None"):
+        load_rule(tmp_path / "anon.safetensors")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        save_rule(make_rule("ds", 2), "adam", 2, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="no shipped optimizer named 'nope'"):
+        pretrained("nope", make_mlp([64, 32, 10], "relu"))
+
+
+def test_shipped_digits_optimizer_trains_a_fresh_mlp():
+    """The shipped "digits-mlp" rule, as a drop-in on an MLP and seed it never saw, cuts the test loss of
+    the digits task by over 80% in 150 steps (the full race against tuned Adam is `gradmetanet run lopt`)."""
+    from gradmetanet.lopt import DigitsMLPTask, describe
+    assert "digits-mlp" in available()
+    assert describe("digits-mlp")["optimizer"] == "gradmetanet_ds"
+    task = DigitsMLPTask()
+    torch.manual_seed(12345)
+    model = make_mlp([64, 32, 10], "relu")
+    opt = pretrained("digits-mlp", model)
+    gen = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        start = F.cross_entropy(model(task.x_test), task.y_test).item()
+    for _ in range(150):
+        x, y = (t[0] for t in task.sample_batch(1, gen))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.close()
+    with torch.no_grad():
+        end = F.cross_entropy(model(task.x_test), task.y_test).item()
+    assert end < 0.2 * start, (start, end)
