@@ -7,6 +7,8 @@ One training step of the digits MLP ``64 -> hidden -> 10`` at batch 128: ``zero_
 forward, backward and ``step()`` (the GradMetaNet rule's capture included). The optimizers run
 in turn within every repeat (interleaved), so machine noise falls on all of them alike; each
 figure is a median. Rules have their initial weights: the cost does not depend on them.
+The last row, the forward pass of the paper's per-parameter MLP alone (33 -> 32 -> 32 -> 32 -> 1
+on all P parameters; no training step), is a floor under every DS-based rule's step.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def main() -> None:
     torch.manual_seed(0)
     task = DigitsMLPTask(hidden=args.hidden)
     steps = {name: step_function(task, name, args.device) for name in OPTIMIZERS}
+    mlp = make_rule("gradmetanet_ds", 2).per_parameter.to(args.device)
+    inputs = torch.randn(sum(p.numel() for p in task.make_model().parameters()), 33, device=args.device)
+
+    @torch.no_grad()
+    def mlp_only() -> None:
+        mlp(inputs)
+    steps["per-parameter MLP only"] = mlp_only
     times = interleaved_median_times(steps, repeats=args.repeats, warmup=20)
     info = machine(args.device)
     result = {"benchmark": "lopt_step", **info, "hidden": args.hidden, "batch": 128, "repeats": args.repeats,
@@ -62,7 +71,7 @@ def main() -> None:
     print(f"One training step of the digits MLP 64-{args.hidden}-10, batch 128 ({info['device_name']}, "
           f"{info['threads']} threads, torch {info['torch']}), median of {args.repeats} interleaved repeats\n")
     print("| optimizer | ms / step | × Adam |\n|---|---:|---:|")
-    for name in OPTIMIZERS:
+    for name in steps:
         print(f"| {name} | {result['ms_per_step'][name]:.3f} | {result['ratio_to_adam'][name]:.2f} |")
     write_json(result, args.out or f"benchmarks/results/lopt_step_{args.device}.json")
 

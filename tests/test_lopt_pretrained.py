@@ -67,3 +67,22 @@ def test_shipped_digits_optimizer_trains_a_fresh_mlp():
     with torch.no_grad():
         end = F.cross_entropy(model(task.x_test), task.y_test).item()
     assert end < 0.2 * start, (start, end)
+
+
+def test_ship_records_provenance_and_pretrained_binds_a_model(tmp_path, monkeypatch):
+    from gradmetanet.lopt import rule_files as shipped
+    monkeypatch.setattr(shipped, "PRETRAINED_DIR", tmp_path / "pretrained")
+    save_rule(make_rule("gradmetanet_ds", 2), "gradmetanet_ds", 2, tmp_path / "run.safetensors", {"config": "{}"})
+    shipped.ship(tmp_path / "run.safetensors", "toy", "gradmetanet run lopt --preset tiny")
+    assert shipped.available() == ["toy"]
+    assert shipped.describe("toy") == {"optimizer": "gradmetanet_ds", "n_layers": "2", "config": "{}",
+                                       "command": "gradmetanet run lopt --preset tiny"}
+    model = make_mlp([5, 4, 3], "relu")
+    opt = shipped.pretrained("toy", model)
+    assert not any(p.requires_grad for p in opt.rule.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 5)), torch.randint(3, (8,))).backward()
+    opt.step()
+    opt.close()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..lopt.pretrained import save_rule
+from ..lopt.rule_files import save_rule
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
 from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
 from ..lopt.optimizers import make_rule
@@ -60,6 +60,8 @@ class LoptConfig:
     meta_train_horizon: int | None = None  # inner horizon during meta-training (default: horizon)
     transfer_hidden: int | None = 64      # also race on the same task with this hidden width (paper G.3)
     transfer_tasks: tuple[str, ...] = ("wine",)   # and on other tasks (scikit-learn tabular sets, G.3)
+    meta_objective: str = "train"         # PES objective: mean training loss, or "validation" (held-out batches)
+    validation_fraction: float = 0.0      # part of the training data held out for the validation objective
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -69,9 +71,11 @@ class LoptConfig:
 
 PRESETS = {
     "paper": LoptConfig(),
-    # the CPU-scaled set-up of the shipped "digits-mlp" optimizer (about 1.5 hours per rule on one core)
-    "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=1200,
-                         pairs=8, truncation=50, sigma=0.01, meta_lr=2e-3),
+    # the CPU-scaled set-up of the shipped "digits-mlp" optimizer (meta-training: 20-50 minutes per rule on one
+    # core; run one process per rule with --meta-only, then the race)
+    "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "unf", "gradmetanet_ds"),
+                         meta_steps=1200, pairs=8, truncation=50, sigma=0.01, meta_lr=2e-3,
+                         meta_objective="validation", validation_fraction=0.2),
     "quick": LoptConfig(horizon=300, eval_seeds=3, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=60,
                         pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300),
     "tiny": LoptConfig(horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2, pairs=1,
@@ -86,13 +90,16 @@ def config_from_preset(preset: str, **overrides) -> LoptConfig:
 
 def make_task(config: LoptConfig, batch_size: int = 128) -> MLPClassificationTask:
     if config.task == "digits":
-        return DigitsMLPTask(hidden=config.hidden or 32, batch_size=batch_size)
+        return DigitsMLPTask(hidden=config.hidden or 32, batch_size=batch_size,
+                             validation_fraction=config.validation_fraction)
     if config.data_root is None:
         raise ValueError(f"task {config.task!r} reads image files: pass data_root (a directory)")
     if config.task == "fashion_mnist":
-        return fashion_mnist_task(config.data_root, hidden=config.hidden or 32, batch_size=batch_size)
+        return fashion_mnist_task(config.data_root, hidden=config.hidden or 32, batch_size=batch_size,
+                                  validation_fraction=config.validation_fraction)
     if config.task in ("cifar10", "cifar100"):
-        return cifar_task(config.data_root, classes=int(config.task[5:]), hidden=config.hidden, batch_size=batch_size)
+        return cifar_task(config.data_root, classes=int(config.task[5:]), hidden=config.hidden, batch_size=batch_size,
+                          validation_fraction=config.validation_fraction)
     raise ValueError(f"unknown task {config.task!r}; choose digits, fashion_mnist, cifar10 or cifar100")
 
 
@@ -150,7 +157,7 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
         pes = PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
                         horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
                         meta_steps=config.meta_steps, checkpoint_every=max(1, min(50, config.meta_steps)),
-                        seed=config.seed)
+                        seed=config.seed, objective=config.meta_objective)
         trainer = MetaTrainer(make_task(config), rule, pes, meta_dir / f"{name}.ckpt")
         history[name] = trainer.train(progress=progress)
         save_rule(rule, name, n_layers, meta_dir / f"{name}.safetensors",

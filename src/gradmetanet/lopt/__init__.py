@@ -3,7 +3,7 @@
 from .features import N_FEATURES, parameter_features, time_features
 from .optimizers import (LearnedOptimizer, NetworkOptimizer, UpdateRule, deepsets_rule, gradmetanet_ds_rule,
                          gradmetanet_unf_rule, learnable_sgdm, unf_rule)
-from .pretrained import available, describe, load_rule, pretrained, save_rule
+from .rule_files import available, describe, load_rule, pretrained, save_rule
 from .pes import PES, MetaTrainer, PESConfig, TruncatedInnerRuns
 from .tasks import (DigitsMLPTask, LinearRegressionTask, MLPClassificationTask, Task, cifar_task,
                     fashion_mnist_task)

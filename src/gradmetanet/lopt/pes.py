@@ -13,7 +13,9 @@ gradient of the whole unrolled objective despite the truncation. The meta-object
 truncation is the mean training loss over its steps (each step's mini-batch loss, computed with
 the gradient anyway): the paper's "training loss", averaged along the trajectory as
 learned_optimization's truncated estimators do, which rewards fast progress at every step and
-has far less variance than the loss of one batch at the truncation's end.
+has far less variance than the loss of one batch at the truncation's end. On small datasets,
+where a horizon sees every example many times, the training loss rewards overfitting; there the
+objective ``"validation"`` averages the loss of held-out batches after every step instead.
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ class TruncatedInnerRuns:
     """
 
     def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator,
-                 antithetic: bool = False) -> None:
+                 antithetic: bool = False, objective: str = "train") -> None:
         if antithetic and n % 2:
             raise ValueError(f"antithetic runs come in pairs; got n = {n}")
+        if objective not in ("train", "validation"):
+            raise ValueError(f"objective must be 'train' or 'validation', got {objective!r}")
+        if objective == "validation":
+            task.sample_validation_batch(1, torch.Generator())      # fails early, and clearly, without held-out data
+        self.objective = objective
         self.task, self.rule, self.n, self.horizon, self.antithetic = task, rule, n, horizon, antithetic
         self.decomposed = rule.needs_decomposed
         if self.decomposed and not hasattr(task, "grads_and_features"):
@@ -80,6 +87,7 @@ class TruncatedInnerRuns:
         else:
             self._grads = vmap(grad_and_value(task.loss))
             self._update = vmap(lambda meta, params, grads, state, step: update_one(meta, params, grads, state, step))
+        self._losses = vmap(task.loss)
         self.params, self.rule_state = self._fresh(generator)
         self.step = torch.zeros(n, dtype=torch.long)
 
@@ -122,7 +130,8 @@ class TruncatedInnerRuns:
     def unroll(self, meta: dict[str, torch.Tensor], length: int, generator: torch.Generator,
                stop: torch.Tensor | None = None) -> torch.Tensor:
         """Advance every run ``length`` steps (or to its horizon, or to its ``stop [n]``); return each run's
-        mean training loss over the steps it took, ``[n]`` (the loss of each step's batch, before its update)."""
+        mean loss over the steps it took, ``[n]``: the loss of each step's training batch before its update
+        (objective ``"train"``), or of a fresh validation batch after it (``"validation"``)."""
         limit = torch.full((self.n,), self.horizon) if stop is None else stop.clamp_max(self.horizon)
         total, counted = torch.zeros(self.n), torch.zeros(self.n)
         for _ in range(length):
@@ -135,11 +144,13 @@ class TruncatedInnerRuns:
                 else:
                     grads, losses = self._grads(self.params, batch)
                     new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step)
-            total += torch.where(active, losses, 0.0)
-            counted += active
             self.params = _tree_where(active, new_params, self.params)
             self.rule_state = _tree_where(active, new_state, self.rule_state)
             self.step = self.step + active.long()
+            if self.objective == "validation":
+                losses = self._losses(self.params, self._draw(self.task.sample_validation_batch, generator))
+            total += torch.where(active, losses, 0.0)
+            counted += active
         return total / counted.clamp_min(1)
 
 
@@ -147,11 +158,11 @@ class PES:
     """Antithetic PES estimator over ``pairs`` persistent pairs of inner runs."""
 
     def __init__(self, task: Task, rule: UpdateRule, pairs: int, sigma: float, truncation: int, horizon: int,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, objective: str = "train") -> None:
         if horizon % truncation:
             raise ValueError(f"horizon ({horizon}) must be a multiple of the truncation length ({truncation})")
         self.rule, self.pairs, self.sigma, self.truncation = rule, pairs, sigma, truncation
-        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True)
+        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective)
         self.dim = parameters_to_vector(rule.parameters()).numel()
         self.xi = torch.zeros(pairs, self.dim)
 
@@ -201,6 +212,7 @@ class PESConfig:
     checkpoint_every: int = 50
     seed: int = 0
     stagger: bool = True        # start the pairs at random points of their episodes (see PES.stagger)
+    objective: str = "train"    # mean training loss over each truncation, or "validation" (held-out batches)
 
 
 class MetaTrainer:
@@ -211,7 +223,8 @@ class MetaTrainer:
         self.rule, self.config = rule, config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.pes = PES(task, rule, config.pairs, config.sigma, config.truncation, config.horizon, self.generator)
+        self.pes = PES(task, rule, config.pairs, config.sigma, config.truncation, config.horizon, self.generator,
+                       config.objective)
         self.meta_opt = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
         self.step = 0
         self.history: list[float] = []

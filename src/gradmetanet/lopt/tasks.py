@@ -27,13 +27,21 @@ Params = dict[str, torch.Tensor]
 
 
 class Task:
-    """Interface: ``init_params``, ``sample_batch`` (both for ``n`` runs at once) and ``loss`` (one run)."""
+    """Interface: ``init_params``, ``sample_batch`` (both for ``n`` runs at once) and ``loss`` (one run).
+
+    Tasks with held-out data also define ``sample_validation_batch``, which PES can use as the
+    meta-objective (``PESConfig.objective = "validation"``).
+    """
 
     def init_params(self, n: int, generator: torch.Generator) -> Params:
         raise NotImplementedError
 
     def sample_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
+
+    def sample_validation_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError(f"{type(self).__name__} has no validation data; use the training-loss "
+                                  "meta-objective (objective='train')")
 
     def loss(self, params: Params, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise NotImplementedError
@@ -66,13 +74,22 @@ class LinearRegressionTask(Task):
 class MLPClassificationTask(Task):
     """MLP ``d -> hidden -> classes`` (ReLU), cross-entropy, on given training data; batch 128 by default.
 
+    ``validation_fraction`` moves a seeded random part of the training data into a validation
+    split (``x_val``, ``y_val``) for validation meta-objectives; training then uses the rest.
     Parameter names follow ``make_mlp`` (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``), so a
     meta-trained rule drops into an ``nn.Sequential`` of the same shape.
     :meth:`grads_and_features` also returns the decomposed gradients that GradMetaNet rules read.
     """
 
     def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                 hidden: int = 32, batch_size: int = 128) -> None:
+                 hidden: int = 32, batch_size: int = 128, validation_fraction: float = 0.0) -> None:
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
+        n_val = int(round(validation_fraction * len(x_train)))
+        val, train = order[:n_val], order[n_val:]
+        self.x_val, self.y_val = x_train[val], y_train[val]
+        x_train, y_train = x_train[train], y_train[train]
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
         self.hidden, self.batch_size = hidden, batch_size
         self.in_dim = x_train.shape[1]
@@ -94,6 +111,12 @@ class MLPClassificationTask(Task):
     def sample_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(self.x_train), (n, self.batch_size), generator=generator)
         return self.x_train[idx], self.y_train[idx]
+
+    def sample_validation_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        if not len(self.x_val):
+            return super().sample_validation_batch(n, generator)
+        idx = torch.randint(len(self.x_val), (n, self.batch_size), generator=generator)
+        return self.x_val[idx], self.y_val[idx]
 
     def _forward(self, params: Params, x: torch.Tensor, shifts: tuple[torch.Tensor, torch.Tensor]):
         """Logits, with ``shifts`` added to the pre-activations (their gradient is ``g``), and the activations."""
@@ -130,21 +153,24 @@ class MLPClassificationTask(Task):
 class DigitsMLPTask(MLPClassificationTask):
     """The scikit-learn 8x8 digits with an MLP ``64 -> hidden -> 10`` (the task that runs offline)."""
 
-    def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0) -> None:
-        super().__init__(*load_digits_split(seed=seed), hidden=hidden, batch_size=batch_size)
+    def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0, validation_fraction: float = 0.0) -> None:
+        super().__init__(*load_digits_split(seed=seed), hidden=hidden, batch_size=batch_size,
+                         validation_fraction=validation_fraction)
 
 
-def fashion_mnist_task(root: str, hidden: int = 32, batch_size: int = 128) -> MLPClassificationTask:
+def fashion_mnist_task(root: str, hidden: int = 32, batch_size: int = 128,
+                       validation_fraction: float = 0.0) -> MLPClassificationTask:
     """FashionMNIST 8x8 (IDX files in ``root``), MLP ``64 -> hidden -> 10`` as in the paper."""
     return MLPClassificationTask(*load_fashion_mnist(root, "train"), *load_fashion_mnist(root, "test"),
-                                 hidden=hidden, batch_size=batch_size)
+                                 hidden=hidden, batch_size=batch_size, validation_fraction=validation_fraction)
 
 
-def cifar_task(root: str, classes: int = 10, hidden: int | None = None, batch_size: int = 128) -> MLPClassificationTask:
+def cifar_task(root: str, classes: int = 10, hidden: int | None = None, batch_size: int = 128,
+               validation_fraction: float = 0.0) -> MLPClassificationTask:
     """CIFAR-10 / CIFAR-100 8x8 colour (pickles in ``root``), MLP ``192 -> 32 | 128 -> classes`` as in the paper."""
     hidden = hidden or (32 if classes == 10 else 128)
     return MLPClassificationTask(*load_cifar(root, classes, "train"), *load_cifar(root, classes, "test"),
-                                 hidden=hidden, batch_size=batch_size)
+                                 hidden=hidden, batch_size=batch_size, validation_fraction=validation_fraction)
 
 
 def tabular_task(name: str, hidden: int = 32, batch_size: int = 128, seed: int = 0) -> MLPClassificationTask:

@@ -24,7 +24,7 @@ from torch import nn
 from ..atomic import temporary_path
 from .optimizers import RULE_NAMES, NetworkOptimizer, UpdateRule, make_rule
 
-__all__ = ["PRETRAINED_DIR", "available", "describe", "load_rule", "pretrained", "read_metadata", "save_rule"]
+__all__ = ["PRETRAINED_DIR", "available", "describe", "load_rule", "pretrained", "read_metadata", "save_rule", "ship"]
 
 #: Where the shipped rules live (``NAME.safetensors``).
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -88,6 +88,17 @@ def pretrained(name: str, model: nn.Module) -> NetworkOptimizer:
     for p in rule.parameters():
         p.requires_grad_(False)
     return NetworkOptimizer(model, rule)
+
+
+def ship(source: str | os.PathLike, name: str, command: str) -> Path:
+    """Copy a meta-trained rule file into the package as ``name``, recording the ``command`` that made it."""
+    metadata = read_metadata(source)
+    rule = load_rule(source)
+    target = PRETRAINED_DIR / f"{name}.safetensors"
+    PRETRAINED_DIR.mkdir(exist_ok=True)
+    provenance = {k: v for k, v in metadata.items() if k not in ("optimizer", "n_layers")} | {"command": command}
+    save_rule(rule, metadata["optimizer"], int(metadata.get("n_layers", 0)), target, provenance)
+    return target
 
 
 def describe(name: str) -> dict[str, str]:
