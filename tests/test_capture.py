@@ -343,3 +343,19 @@ def test_float32_and_cuda_devices():
         tol = 1e-5 if dtype == torch.float32 else 1e-10
         for name, value in gs.per_example_grads().items():
             torch.testing.assert_close(value, ref[name], atol=tol, rtol=tol)
+
+
+def test_reset_starts_a_fresh_capture_with_the_same_hooks():
+    torch.manual_seed(0)
+    model = make_mlp([4, 5, 3], "tanh")
+    batches = [(torch.randn(6, 4), torch.randint(3, (6,))) for _ in range(2)]
+    with GradientCapture(model) as cap:
+        for x, y in batches:
+            cap.reset()
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        kept = cap.gradients
+    with GradientCapture(model) as fresh:
+        F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+    torch.testing.assert_close(kept.neuron_tensor(), fresh.gradients.neuron_tensor(), atol=0, rtol=0)
+    torch.testing.assert_close(kept.neuron_tensor(), torch.cat(list(kept.neuron_features().values()), 1))

@@ -271,3 +271,23 @@ def test_pes_staggers_the_pairs_over_their_episodes():
     plain = MetaTrainer(LinearRegressionTask(), UpdateRule(), PESConfig(pairs=8, truncation=5, horizon=40,
                                                                         stagger=False))
     assert torch.all(plain.pes.runs.step == 0)
+
+
+def test_validation_split_and_objective():
+    """The held-out split is disjoint from training; the validation objective needs one and says so."""
+    from gradmetanet.lopt import DigitsMLPTask, MetaTrainer, PESConfig
+    from gradmetanet.lopt.optimizers import UpdateRule
+    from gradmetanet.lopt.tasks import LinearRegressionTask
+    full, task = DigitsMLPTask(batch_size=16), DigitsMLPTask(batch_size=16, validation_fraction=0.2)
+    assert len(task.x_val) == round(0.2 * len(full.x_train)) and len(task.x_val) + len(task.x_train) == len(full.x_train)
+    train_rows = {tuple(r.tolist()) for r in task.x_train}
+    assert not any(tuple(r.tolist()) in train_rows for r in task.x_val[:50])
+    config = PESConfig(pairs=2, truncation=2, horizon=4, meta_steps=2, objective="validation")
+    history = MetaTrainer(task, UpdateRule(), config).train(progress=False)
+    assert len(history) == 2 and all(h > 0 for h in history)
+    with pytest.raises(NotImplementedError, match="no validation data"):
+        MetaTrainer(LinearRegressionTask(), UpdateRule(), config)
+    with pytest.raises(NotImplementedError, match="no validation data"):
+        MetaTrainer(full, UpdateRule(), config)
+    with pytest.raises(ValueError, match="objective must be"):
+        MetaTrainer(task, UpdateRule(), PESConfig(objective="test"))

@@ -111,13 +111,18 @@ class GradientCapture:
     def __enter__(self) -> "GradientCapture":
         if self._active:
             raise CaptureError("this GradientCapture is already active; it cannot be entered twice")
+        self.reset()
+        self._handles = [m.register_forward_hook(self._make_forward_hook(p)) for p, m in self._modules]
+        self._active = True
+        return self
+
+    def reset(self) -> None:
+        """Forget what was recorded, keeping the hooks: the next forward and backward start a fresh capture
+        (what a training loop that captures every step needs, without re-registering hooks)."""
         self._calls = {path: [] for path, _ in self._modules}
         self._order = []
         self._backward_seen = False
         self._result = None
-        self._handles = [m.register_forward_hook(self._make_forward_hook(p)) for p, m in self._modules]
-        self._active = True
-        return self
 
     def __exit__(self, *exc_info) -> None:
         self.remove()

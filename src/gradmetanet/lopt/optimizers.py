@@ -324,8 +324,7 @@ class NetworkOptimizer(LearnedOptimizer):
     def step(self, closure=None):
         loss = super().step(closure)
         if self.capture is not None:
-            self.capture.remove()
-            self.capture.__enter__()            # re-arm for the next batch
+            self.capture.reset()                # ready for the next batch
         return loss
 
     def close(self) -> None:
