@@ -291,3 +291,29 @@ def test_validation_split_and_objective():
         MetaTrainer(full, UpdateRule(), config)
     with pytest.raises(ValueError, match="objective must be"):
         MetaTrainer(task, UpdateRule(), PESConfig(objective="test"))
+
+
+def test_warm_started_gradmetanet_rule_computes_the_source_rule():
+    """GradMetaNet + DS warm-started from a (perturbed) DS gives the same updates (its GradMetaNet features
+    enter through zero weights until meta-training moves them)."""
+    from gradmetanet.lopt.optimizers import warm_start
+    torch.manual_seed(0)
+    ds, gmn = deepsets_rule(), gradmetanet_ds_rule()
+    with torch.no_grad():
+        for p in ds.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    warm_start(gmn, ds)
+    x, y = torch.randn(40, 64), torch.randint(10, (40,))
+    models = [make_mlp([64, 32, 10], "relu") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [NetworkOptimizer(models[0], ds), NetworkOptimizer(models[1], gmn)]
+    for model, opt in zip(models, opts):
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        opt.close()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        warm_start(unf_rule(2), gmn)

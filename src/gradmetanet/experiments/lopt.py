@@ -31,7 +31,7 @@ from ..atomic import atomic_write_text
 from ..lopt.rule_files import save_rule
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
 from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
-from ..lopt.optimizers import make_rule
+from ..lopt.optimizers import make_rule, warm_start
 from ..lopt.tasks import MLPClassificationTask, tabular_task
 from . import apply_preset, mean_std
 
@@ -62,6 +62,7 @@ class LoptConfig:
     transfer_tasks: tuple[str, ...] = ("wine",)   # and on other tasks (scikit-learn tabular sets, G.3)
     meta_objective: str = "train"         # PES objective: mean training loss, or "validation" (held-out batches)
     validation_fraction: float = 0.0      # part of the training data held out for the validation objective
+    warm_start: str | None = None         # start the GradMetaNet rules from this rule meta-trained in the same run
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -77,7 +78,8 @@ PRESETS = {
                          meta_steps=1200, pairs=8, truncation=50, sigma=0.01, meta_lr=2e-3,
                          meta_objective="validation", validation_fraction=0.2),
     "quick": LoptConfig(horizon=300, eval_seeds=3, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=60,
-                        pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300),
+                        pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300,
+                        meta_objective="validation", validation_fraction=0.2),
     "tiny": LoptConfig(horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2, pairs=1,
                        truncation=5, meta_train_horizon=10, transfer_hidden=8, transfer_tasks=("iris",)),
 }
@@ -154,6 +156,11 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
     for name in config.optimizers:
         torch.manual_seed(config.seed)
         rule = make_rule(name, n_layers)
+        if config.warm_start is not None and name.startswith("gradmetanet_"):
+            if config.warm_start not in rules:
+                raise ValueError(f"warm_start={config.warm_start!r} must be one of the optimizers meta-trained "
+                                 f"before {name!r} in this run: {list(config.optimizers)}")
+            warm_start(rule, rules[config.warm_start])
         pes = PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
                         horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
                         meta_steps=config.meta_steps, checkpoint_every=max(1, min(50, config.meta_steps)),

@@ -31,7 +31,7 @@ from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_mo
 from .layout import FlatLayout, segments_of
 
 __all__ = ["UpdateRule", "LearnedOptimizer", "NetworkOptimizer", "learnable_sgdm", "deepsets_rule", "unf_rule",
-           "gradmetanet_ds_rule", "gradmetanet_unf_rule", "make_rule", "RULE_NAMES"]
+           "gradmetanet_ds_rule", "gradmetanet_unf_rule", "make_rule", "RULE_NAMES", "warm_start"]
 
 Tensors = dict[str, torch.Tensor]
 #: Key of the rule state that is not attached to one parameter (the momenta of decomposed gradients).
@@ -193,6 +193,29 @@ def gradmetanet_unf_rule(n_layers: int, hidden: int = 32, gmn_features: int = 14
     return UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
                       WeightSpaceLayer(n_layers, hidden, 1), _gradmetanet_branch(gmn_features, gmn_hidden),
                       set_size=set_size, **scalars)
+
+
+@torch.no_grad()
+def warm_start(target: UpdateRule, source: UpdateRule) -> None:
+    """Make ``target`` compute what ``source`` computes, e.g. GradMetaNet + DS from a meta-trained DS.
+
+    Every meta-parameter of ``source`` is copied into ``target``; a weight that reads more input
+    features in ``target`` (the GradMetaNet features after the 19) gets zeros on the extra ones,
+    so they start unused and meta-training learns to use them. Parts only ``target`` has (the
+    GradMetaNet) keep their initialisation.
+    """
+    mine = target.state_dict()
+    for key, value in source.state_dict().items():
+        if key not in mine:
+            raise ValueError(f"cannot warm-start: the target rule has no {key!r}")
+        slot = mine[key]
+        if slot.shape == value.shape:
+            slot.copy_(value)
+        elif slot.dim() == 2 and slot.shape[0] == value.shape[0] and slot.shape[1] > value.shape[1]:
+            slot.zero_()
+            slot[:, : value.shape[1]].copy_(value)
+        else:
+            raise ValueError(f"cannot warm-start {key!r}: shapes {list(value.shape)} -> {list(slot.shape)}")
 
 
 #: The rules by name, as the experiment and the shipped optimizers call them.
