@@ -63,6 +63,8 @@ class LoptConfig:
     meta_objective: str = "train"         # PES objective: mean training loss, or "validation" (held-out batches)
     validation_fraction: float = 0.0      # part of the training data held out for the validation objective
     warm_start: str | None = None         # start the GradMetaNet rules from this rule meta-trained in the same run
+    loss_clip: float | None = None        # PES: clip each inner step's loss (diverging runs)
+    evaluate_every: int = 0               # PES: meta-validate every this many steps and keep the best rule
 
     def __post_init__(self) -> None:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
@@ -75,8 +77,8 @@ PRESETS = {
     # the CPU-scaled set-up of the shipped "digits-mlp" optimizer (meta-training: 20-50 minutes per rule on one
     # core; run one process per rule with --meta-only, then the race)
     "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "unf", "gradmetanet_ds"),
-                         meta_steps=1200, pairs=8, truncation=50, sigma=0.01, meta_lr=2e-3,
-                         meta_objective="validation", validation_fraction=0.2),
+                         meta_steps=1000, pairs=8, truncation=50, sigma=0.01, meta_lr=1e-3,
+                         meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=50),
     "quick": LoptConfig(horizon=300, eval_seeds=3, optimizers=("sgdm", "ds", "gradmetanet_ds"), meta_steps=60,
                         pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300,
                         meta_objective="validation", validation_fraction=0.2),
@@ -164,11 +166,16 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
         pes = PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
                         horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
                         meta_steps=config.meta_steps, checkpoint_every=max(1, min(50, config.meta_steps)),
-                        seed=config.seed, objective=config.meta_objective)
+                        seed=config.seed, objective=config.meta_objective, loss_clip=config.loss_clip,
+                        evaluate_every=config.evaluate_every)
         trainer = MetaTrainer(make_task(config), rule, pes, meta_dir / f"{name}.ckpt")
         history[name] = trainer.train(progress=progress)
-        save_rule(rule, name, n_layers, meta_dir / f"{name}.safetensors",
-                  {"config": json.dumps(asdict(config)), "meta_steps_done": str(trainer.step)})
+        provenance = {"config": json.dumps(asdict(config)), "meta_steps_done": str(trainer.step),
+                      "meta_validation": json.dumps(trainer.validation)}
+        if trainer.best is not None:
+            provenance["selected_meta_step"] = str(trainer.best["step"])
+        rule.load_state_dict(trainer.best_rule_state())          # the best meta-validated rule is the one raced
+        save_rule(rule, name, n_layers, meta_dir / f"{name}.safetensors", provenance)
         rules[name] = rule
     return rules, history
 

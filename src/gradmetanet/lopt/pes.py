@@ -63,14 +63,14 @@ class TruncatedInnerRuns:
     """
 
     def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator,
-                 antithetic: bool = False, objective: str = "train") -> None:
+                 antithetic: bool = False, objective: str = "train", loss_clip: float | None = None) -> None:
         if antithetic and n % 2:
             raise ValueError(f"antithetic runs come in pairs; got n = {n}")
         if objective not in ("train", "validation"):
             raise ValueError(f"objective must be 'train' or 'validation', got {objective!r}")
         if objective == "validation":
             task.sample_validation_batch(1, torch.Generator())      # fails early, and clearly, without held-out data
-        self.objective = objective
+        self.objective, self.loss_clip = objective, loss_clip
         self.task, self.rule, self.n, self.horizon, self.antithetic = task, rule, n, horizon, antithetic
         self.decomposed = rule.needs_decomposed
         if self.decomposed and not hasattr(task, "grads_and_features"):
@@ -149,6 +149,8 @@ class TruncatedInnerRuns:
             self.step = self.step + active.long()
             if self.objective == "validation":
                 losses = self._losses(self.params, self._draw(self.task.sample_validation_batch, generator))
+            if self.loss_clip is not None:       # a diverging inner run must not dominate the estimate
+                losses = torch.nan_to_num(losses, nan=self.loss_clip).clamp_max(self.loss_clip)
             total += torch.where(active, losses, 0.0)
             counted += active
         return total / counted.clamp_min(1)
@@ -158,11 +160,12 @@ class PES:
     """Antithetic PES estimator over ``pairs`` persistent pairs of inner runs."""
 
     def __init__(self, task: Task, rule: UpdateRule, pairs: int, sigma: float, truncation: int, horizon: int,
-                 generator: torch.Generator, objective: str = "train") -> None:
+                 generator: torch.Generator, objective: str = "train", loss_clip: float | None = None) -> None:
         if horizon % truncation:
             raise ValueError(f"horizon ({horizon}) must be a multiple of the truncation length ({truncation})")
         self.rule, self.pairs, self.sigma, self.truncation = rule, pairs, sigma, truncation
-        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective)
+        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective,
+                                       loss_clip=loss_clip)
         self.dim = parameters_to_vector(rule.parameters()).numel()
         self.xi = torch.zeros(pairs, self.dim)
 
@@ -213,6 +216,9 @@ class PESConfig:
     seed: int = 0
     stagger: bool = True        # start the pairs at random points of their episodes (see PES.stagger)
     objective: str = "train"    # mean training loss over each truncation, or "validation" (held-out batches)
+    loss_clip: float | None = None   # clip every step's loss at this value (and NaN to it): diverging runs
+    evaluate_every: int = 0     # meta-validate every this many steps and keep the best rule (0: never)
+    evaluate_runs: int = 4      # full-horizon inner runs (fixed seed, unperturbed rule) per meta-validation
 
 
 class MetaTrainer:
@@ -224,10 +230,13 @@ class MetaTrainer:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.pes = PES(task, rule, config.pairs, config.sigma, config.truncation, config.horizon, self.generator,
-                       config.objective)
+                       config.objective, config.loss_clip)
+        self.task = task
         self.meta_opt = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
         self.step = 0
         self.history: list[float] = []
+        self.validation: list[tuple[int, float]] = []           # (meta-step, meta-validation loss)
+        self.best: dict | None = None                            # {"step", "loss", "rule"} of the best rule
         if self.checkpoint is not None and self.checkpoint.exists():
             self._load()
         elif config.stagger:
@@ -236,7 +245,7 @@ class MetaTrainer:
     def _save(self) -> None:
         state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": self.pes.state_dict(),
                  "generator": self.generator.get_state(), "step": self.step, "history": self.history,
-                 "config": self._resumable_config()}
+                 "validation": self.validation, "best": self.best, "config": self._resumable_config()}
         tmp = temporary_path(self.checkpoint)
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint)
@@ -244,6 +253,21 @@ class MetaTrainer:
     def _resumable_config(self) -> dict:
         """The settings a resumed run must share (``meta_steps`` and checkpointing may change)."""
         return {k: v for k, v in asdict(self.config).items() if k not in ("meta_steps", "checkpoint_every")}
+
+    @torch.no_grad()
+    def meta_validate(self) -> float:
+        """Mean loss of ``evaluate_runs`` full-horizon inner runs under the current (unperturbed) rule, with a
+        fixed seed so that successive evaluations compare rules, not data."""
+        gen = torch.Generator().manual_seed(10_000 + self.config.seed)
+        n = self.config.evaluate_runs
+        runs = TruncatedInnerRuns(self.task, self.rule, n, self.config.horizon, gen, objective=self.config.objective,
+                                  loss_clip=self.config.loss_clip)
+        theta = parameters_to_vector(self.rule.parameters()).detach()
+        return runs.unroll(stack_meta_parameters(self.rule, theta.expand(n, -1)), self.config.horizon, gen).mean().item()
+
+    def best_rule_state(self) -> dict[str, torch.Tensor]:
+        """The meta-parameters to keep: the best meta-validated ones, or the current ones without validation."""
+        return self.best["rule"] if self.best is not None else self.rule.state_dict()
 
     def _load(self) -> None:
         try:
@@ -259,6 +283,7 @@ class MetaTrainer:
         self.pes.load_state_dict(state["pes"])
         self.generator.set_state(state["generator"])
         self.step, self.history = state["step"], state["history"]
+        self.validation, self.best = state["validation"], state["best"]
 
     def train(self, steps: int | None = None, progress: bool = True,
               on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -276,6 +301,12 @@ class MetaTrainer:
             self.meta_opt.step()
             self.step += 1
             self.history.append(meta_loss)
+            if self.config.evaluate_every and self.step % self.config.evaluate_every == 0:
+                loss = self.meta_validate()
+                self.validation.append((self.step, loss))
+                if self.best is None or loss < self.best["loss"]:
+                    self.best = {"step": self.step, "loss": loss,
+                                 "rule": {k: v.detach().clone() for k, v in self.rule.state_dict().items()}}
             bar.update()
             bar.set_postfix(meta_loss=f"{meta_loss:.4f}")
             if on_step is not None:
