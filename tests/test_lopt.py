@@ -317,3 +317,28 @@ def test_warm_started_gradmetanet_rule_computes_the_source_rule():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot warm-start"):
         warm_start(unf_rule(2), gmn)
+
+
+def test_meta_validation_keeps_the_best_rule_across_a_resume(tmp_path):
+    """Every `evaluate_every` steps the unperturbed rule is scored on fixed inner runs; the best survives a resume."""
+    from gradmetanet.lopt.optimizers import UpdateRule
+    from gradmetanet.lopt.pes import MetaTrainer, PESConfig
+    from gradmetanet.lopt.tasks import LinearRegressionTask
+
+    def trainer(steps):
+        torch.manual_seed(0)
+        config = PESConfig(pairs=4, sigma=0.1, truncation=5, horizon=10, meta_lr=3e-2, meta_steps=steps,
+                           checkpoint_every=2, evaluate_every=2, loss_clip=100.0)
+        return MetaTrainer(LinearRegressionTask(), UpdateRule(alpha=0.01, mu=0.5), config, tmp_path / "m.ckpt")
+    first = trainer(4)
+    first.train(progress=False)
+    assert [s for s, _ in first.validation] == [2, 4]
+    assert first.best["loss"] == min(loss for _, loss in first.validation)
+    assert first.meta_validate() == first.meta_validate()                 # fixed runs: deterministic
+    resumed = trainer(8)
+    assert resumed.best["step"] == first.best["step"]
+    resumed.train(progress=False)
+    assert [s for s, _ in resumed.validation] == [2, 4, 6, 8]
+    best = resumed.best_rule_state()
+    assert resumed.best["loss"] == min(loss for _, loss in resumed.validation)
+    assert set(best) == set(resumed.rule.state_dict())
