@@ -22,3 +22,20 @@ def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     from gradmetanet.lopt import pes
     monkeypatch.setattr(pes.PES, "estimate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))
     lopt.run(config, tmp_path, progress=False)
+
+
+def test_warm_started_meta_training(tmp_path):
+    import pytest
+    import torch
+
+    from gradmetanet.experiments import lopt
+    config = lopt.config_from_preset("tiny", optimizers=("ds", "gradmetanet_ds"), warm_start="ds", warm_start_steps=1)
+    rules, history = lopt.meta_train(config, tmp_path, progress=False)
+    assert len(history["ds"]) == config.meta_steps and len(history["gradmetanet_ds"]) == 1
+    first = rules["gradmetanet_ds"].per_parameter[0].weight
+    # one Adam step (meta-lr 1e-4) away from the DS weights, and from zero on the GradMetaNet features
+    torch.testing.assert_close(first[:, :19], rules["ds"].per_parameter[0].weight, atol=1e-3, rtol=0)
+    assert first[:, 19:].abs().max() < 1e-3
+    bad = lopt.config_from_preset("tiny", optimizers=("gradmetanet_ds", "ds"), warm_start="ds")
+    with pytest.raises(ValueError, match="meta-trained before"):
+        lopt.meta_train(bad, tmp_path / "bad", progress=False)

@@ -63,6 +63,7 @@ class LoptConfig:
     meta_objective: str = "train"         # PES objective: mean training loss, or "validation" (held-out batches)
     validation_fraction: float = 0.0      # part of the training data held out for the validation objective
     warm_start: str | None = None         # start the GradMetaNet rules from this rule meta-trained in the same run
+    warm_start_steps: int | None = None   # meta-steps of the warm-started rules (default: meta_steps)
     loss_clip: float | None = None        # PES: clip each inner step's loss (diverging runs)
     evaluate_every: int = 0               # PES: meta-validate every this many steps and keep the best rule
 
@@ -163,9 +164,12 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
                 raise ValueError(f"warm_start={config.warm_start!r} must be one of the optimizers meta-trained "
                                  f"before {name!r} in this run: {list(config.optimizers)}")
             warm_start(rule, rules[config.warm_start])
+            steps = config.warm_start_steps or config.meta_steps
+        else:
+            steps = config.meta_steps
         pes = PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
                         horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
-                        meta_steps=config.meta_steps, checkpoint_every=max(1, min(50, config.meta_steps)),
+                        meta_steps=steps, checkpoint_every=max(1, min(50, steps)),
                         seed=config.seed, objective=config.meta_objective, loss_clip=config.loss_clip,
                         evaluate_every=config.evaluate_every)
         trainer = MetaTrainer(make_task(config), rule, pes, meta_dir / f"{name}.ckpt")
