@@ -9,7 +9,8 @@ def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     from gradmetanet.experiments import lopt
     config = lopt.config_from_preset("tiny", optimizers=("sgdm", "gradmetanet_ds"))
     results = lopt.run(config, tmp_path, progress=False)
-    for name in ("results.json", "table.md", "loss_curves.png", "meta/sgdm.safetensors", "meta/gradmetanet_ds.ckpt"):
+    for name in ("results.json", "table.md", "loss_curves.png", "meta_training.png", "meta/sgdm.safetensors",
+                 "meta/gradmetanet_ds.ckpt"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert list(saved["tasks"]) == ["digits (hidden 32)", "digits (hidden 8, transfer)", "iris (hidden 32, transfer)"]
@@ -30,8 +31,8 @@ def test_warm_started_meta_training(tmp_path):
 
     from gradmetanet.experiments import lopt
     config = lopt.config_from_preset("tiny", optimizers=("ds", "gradmetanet_ds"), warm_start="ds", warm_start_steps=1)
-    rules, history = lopt.meta_train(config, tmp_path, progress=False)
-    assert len(history["ds"]) == config.meta_steps and len(history["gradmetanet_ds"]) == 1
+    rules, record = lopt.meta_train(config, tmp_path, progress=False)
+    assert len(record["ds"]["loss"]) == config.meta_steps and record["gradmetanet_ds"]["steps"] == 1
     first = rules["gradmetanet_ds"].per_parameter[0].weight
     # one Adam step (meta-lr 1e-4) away from the DS weights, and from zero on the GradMetaNet features
     torch.testing.assert_close(first[:, :19], rules["ds"].per_parameter[0].weight, atol=1e-3, rtol=0)

@@ -84,7 +84,8 @@ PRESETS = {
                         pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3, meta_train_horizon=300,
                         meta_objective="validation", validation_fraction=0.2),
     "tiny": LoptConfig(horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2, pairs=1,
-                       truncation=5, meta_train_horizon=10, transfer_hidden=8, transfer_tasks=("iris",)),
+                       truncation=5, meta_train_horizon=10, transfer_hidden=8, transfer_tasks=("iris",),
+                       meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=1),
 }
 
 
@@ -148,14 +149,18 @@ def train_curve(task: MLPClassificationTask, make_optimizer: Callable[[nn.Module
 
 
 def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True
-               ) -> tuple[dict[str, UpdateRule], dict[str, list[float]]]:
+               ) -> tuple[dict[str, UpdateRule], dict[str, dict]]:
     """Meta-train every optimizer of the config with PES (resuming from ``out_dir/meta/NAME.ckpt``)
-    and save each rule's weights as ``out_dir/meta/NAME.safetensors``; returns the rules and meta-losses."""
+    and save each rule's weights as ``out_dir/meta/NAME.safetensors``.
+
+    Returns the rules and, per rule, its meta-training record: ``loss`` (PES meta-loss per step),
+    ``validation`` (``[meta-step, loss]`` pairs), ``selected_step`` (the rule kept) and ``steps``.
+    """
     meta_dir = Path(out_dir) / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
     n_layers = len(make_task(config).spec.sites)
     rules: dict[str, UpdateRule] = {}
-    history: dict[str, list[float]] = {}
+    record: dict[str, dict] = {}
     for name in config.optimizers:
         torch.manual_seed(config.seed)
         rule = make_rule(name, n_layers)
@@ -173,24 +178,26 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
                         seed=config.seed, objective=config.meta_objective, loss_clip=config.loss_clip,
                         evaluate_every=config.evaluate_every)
         trainer = MetaTrainer(make_task(config), rule, pes, meta_dir / f"{name}.ckpt")
-        history[name] = trainer.train(progress=progress)
+        trainer.train(progress=progress)
+        selected = trainer.best["step"] if trainer.best is not None else trainer.step
+        record[name] = {"loss": trainer.history, "validation": trainer.validation, "selected_step": selected,
+                        "steps": trainer.step}
         provenance = {"config": json.dumps(asdict(config)), "meta_steps_done": str(trainer.step),
                       "meta_validation": json.dumps(trainer.validation)}
-        if trainer.best is not None:
-            provenance["selected_meta_step"] = str(trainer.best["step"])
+        provenance["selected_meta_step"] = str(selected)
         rule.load_state_dict(trainer.best_rule_state())          # the best meta-validated rule is the one raced
         save_rule(rule, name, n_layers, meta_dir / f"{name}.safetensors", provenance)
         rules[name] = rule
-    return rules, history
+    return rules, record
 
 
 def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """The whole experiment; meta-training checkpoints live in ``out_dir/meta`` (a rerun resumes)."""
     out = Path(out_dir)
     task = make_task(config)
-    rules, meta_history = meta_train(config, out, progress)
+    rules, meta_record = meta_train(config, out, progress)
     # race tuned Adam on the meta-training task, and (without re-meta-training) on a wider MLP and other tasks
-    results = {"experiment": "lopt", "config": asdict(config), "meta_training_loss": meta_history,
+    results = {"experiment": "lopt", "config": asdict(config), "meta_training": meta_record,
                "torch": torch.__version__, "tasks": {}}
     tasks = {f"{config.task} (hidden {task.hidden})": task}
     if config.transfer_hidden is not None:
@@ -255,8 +262,10 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
     out = Path(out_dir)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     cfg = results["config"]
+    meta = results["meta_training"]
+    kept = ", ".join(f"{LABELS[name]} step {m['selected_step']} of {m['steps']}" for name, m in meta.items())
     lines = [f"Horizon {cfg['horizon']} steps, {cfg['eval_seeds']} evaluation seeds; learned optimizers "
-             f"meta-trained for {cfg['meta_steps']} PES steps on the first task only."]
+             f"meta-trained with PES on the first task only (rule kept: {kept})."]
     f = lambda pair, d=2: "-" if math.isnan(pair[0]) else f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}"  # noqa: E731
     for label, race_result in results["tasks"].items():
         lines += ["", f"**{label}**, Adam lr {race_result['adam_lr']} (grid-tuned):", "",
@@ -269,7 +278,32 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
     atomic_write_text(out / "table.md", table + "\n")
     label, first = next(iter(results["tasks"].items()))
     _plot(first, label, out / "loss_curves.png")
+    _plot_meta(meta, out / "meta_training.png")
     return table
+
+
+def _plot_meta(meta: dict, path: Path) -> None:
+    """Meta-validation loss against meta-step per rule (the rule kept is marked)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=130)
+    for name, m in meta.items():
+        if not m["validation"]:
+            continue
+        steps, losses = zip(*m["validation"])
+        line, = ax.plot(steps, losses, marker=".", label=LABELS[name])
+        if m["selected_step"] in steps:
+            ax.plot(m["selected_step"], losses[steps.index(m["selected_step"])], "*", ms=12, color=line.get_color())
+    ax.set_xlabel("meta-step (PES)")
+    ax.set_ylabel("meta-validation loss")
+    ax.set_title("Meta-training (star: the rule kept)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _plot(race_result: dict, label: str, path: Path) -> None:
