@@ -279,7 +279,8 @@ def test_validation_split_and_objective():
     from gradmetanet.lopt.optimizers import UpdateRule
     from gradmetanet.lopt.tasks import LinearRegressionTask
     full, task = DigitsMLPTask(batch_size=16), DigitsMLPTask(batch_size=16, validation_fraction=0.2)
-    assert len(task.x_val) == round(0.2 * len(full.x_train)) and len(task.x_val) + len(task.x_train) == len(full.x_train)
+    assert len(task.x_val) == round(0.2 * len(full.x_train))
+    assert len(task.x_val) + len(task.x_train) == len(full.x_train)
     train_rows = {tuple(r.tolist()) for r in task.x_train}
     assert not any(tuple(r.tolist()) in train_rows for r in task.x_val[:50])
     config = PESConfig(pairs=2, truncation=2, horizon=4, meta_steps=2, objective="validation")

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", choices=["curvature", "fisher-trace", "lopt"],
                      help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs "
                           "(G.1); lopt: learned optimizers meta-trained with PES against tuned Adam (7.2)")
-    run.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores), paper (the paper's set-up); lopt also has digits (the shipped optimizer's)")
+    run.add_argument("--preset", default="quick",
+                     help="quick (minutes on 2 CPU cores), paper (the paper's set-up); lopt also has digits "
+                          "(the shipped optimizer's)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     run.add_argument("--device", default=None, help="cpu or cuda (overrides the preset)")

@@ -93,7 +93,8 @@ class UpdateRule(nn.Module):
         state: dict = {"momentum": torch.zeros_like(p), "momenta": p.new_zeros(*p.shape, len(MOMENTUM_DECAYS))}
         if self.needs_decomposed:
             if features is None:
-                raise ValueError("a GradMetaNet rule needs the decomposed gradients ([b, N, 2]) to initialise its state")
+                raise ValueError("a GradMetaNet rule needs the decomposed gradients ([b, N, 2]) to initialise "
+                                 "its state")
             state[DECOMPOSED] = features.new_zeros(*self.gradient_set(features).shape, len(MOMENTUM_DECAYS))
         return state
 

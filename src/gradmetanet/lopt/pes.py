@@ -263,7 +263,8 @@ class MetaTrainer:
         runs = TruncatedInnerRuns(self.task, self.rule, n, self.config.horizon, gen, objective=self.config.objective,
                                   loss_clip=self.config.loss_clip)
         theta = parameters_to_vector(self.rule.parameters()).detach()
-        return runs.unroll(stack_meta_parameters(self.rule, theta.expand(n, -1)), self.config.horizon, gen).mean().item()
+        meta = stack_meta_parameters(self.rule, theta.expand(n, -1))
+        return runs.unroll(meta, self.config.horizon, gen).mean().item()
 
     def best_rule_state(self) -> dict[str, torch.Tensor]:
         """The meta-parameters to keep: the best meta-validated ones, or the current ones without validation."""

@@ -153,7 +153,8 @@ class MLPClassificationTask(Task):
 class DigitsMLPTask(MLPClassificationTask):
     """The scikit-learn 8x8 digits with an MLP ``64 -> hidden -> 10`` (the task that runs offline)."""
 
-    def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0, validation_fraction: float = 0.0) -> None:
+    def __init__(self, hidden: int = 32, batch_size: int = 128, seed: int = 0,
+                 validation_fraction: float = 0.0) -> None:
         super().__init__(*load_digits_split(seed=seed), hidden=hidden, batch_size=batch_size,
                          validation_fraction=validation_fraction)
 
