@@ -105,6 +105,13 @@ def test_errors():
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
     with pytest.raises(ValueError, match="alpha > 0"):
         learnable_sgdm(model.parameters(), alpha=-1.0)
+    with pytest.raises(NotImplementedError, match="fixed at construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    unused = LearnedOptimizer([*model.parameters(), torch.nn.Parameter(torch.zeros(3))], deepsets_rule())
+    model.zero_grad()
+    model(torch.randn(2, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"\['0.2'\] have no gradient"):
+        unused.step()
 
 
 def _linreg_trainer(checkpoint=None, steps=150):

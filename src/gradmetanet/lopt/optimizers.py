@@ -259,6 +259,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _names(self) -> list[str]:
         return [f"{i}.{j}" for i, group in enumerate(self.param_groups) for j, _ in enumerate(group["params"])]
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "layout"):        # after construction: the flat layout and state are fixed
+            raise NotImplementedError("a learned optimizer's parameters are fixed at construction (its state is "
+                                      "one flat buffer); build a new optimizer over all the parameters instead")
+        super().add_param_group(param_group)
+
     def _features(self) -> tuple[torch.Tensor | None, NetworkSpec | None]:
         return None, None
 
