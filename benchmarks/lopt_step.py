@@ -36,7 +36,7 @@ def step_function(task: DigitsMLPTask, name: str, device: str):
     elif name == "sgdm":
         opt = learnable_sgdm(model.parameters())
     else:
-        opt = NetworkOptimizer(model, make_rule(name, len(task.spec.sites)).to(device))
+        opt = NetworkOptimizer(model, make_rule(name).to(device))
     x, y = (t[0].to(device) for t in task.sample_batch(1, gen))
 
     def step() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     torch.manual_seed(0)
     task = DigitsMLPTask(hidden=args.hidden)
     steps = {name: step_function(task, name, args.device) for name in OPTIMIZERS}
-    mlp = make_rule("gradmetanet_ds", 2).per_parameter.to(args.device)
+    mlp = make_rule("gradmetanet_ds").per_parameter.to(args.device)
     inputs = torch.randn(sum(p.numel() for p in task.make_model().parameters()), 33, device=args.device)
 
     @torch.no_grad()

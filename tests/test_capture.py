@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
+from symmetry import check_symmetry
 
 
 def per_example_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_kind: str) -> dict:
@@ -116,31 +117,38 @@ def test_spec_of_an_mlp():
     assert NetworkSpec.from_json(spec.to_json()) == spec
 
 
-def test_hidden_permutation_permutes_captured_factors():
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sine"])
+def test_capture_moves_with_every_group_element(activation):
+    """Symmetry harness on the capture path: moving the parameters by an element of every space's group
+    (ScalePerm for ReLU, SignPerm for tanh / sine) moves the captured factors by the same element;
+    permuting an input neuron or a negative scale on a ReLU space is no symmetry and changes them."""
+    sizes = [5, 7, 13, 7, 3]
     torch.manual_seed(0)
-    model = make_mlp([5, 7, 13, 7, 3], "tanh").double()
-    x, y = make_batch([5, 7, 13, 7, 3], "ce", None, b=8)
-    gs = capture(model, x, y, "ce", "mean")
-    spec = gs.spec
-    perms = spec.random_permutations(torch.Generator().manual_seed(1))
-    assert set(perms) == {"s1", "s2", "s3"}
-    permuted = make_mlp([5, 7, 13, 7, 3], "tanh").double()
-    permuted.load_state_dict(spec.permute_parameters(model.state_dict(), perms))
-    torch.testing.assert_close(permuted(x), model(x))          # function-preserving
-    gs_perm = capture(permuted, x, y, "ce", "mean")
-    expected = gs.permute_neurons(perms)
-    for site in spec.sites:
-        torch.testing.assert_close(gs_perm.activations[site.name], expected.activations[site.name])
-        torch.testing.assert_close(gs_perm.output_grads[site.name], expected.output_grads[site.name])
-    feats, feats_perm = gs.neuron_features(), gs_perm.neuron_features()
-    for space in spec.spaces:
-        p = perms.get(space.name, torch.arange(space.size))
-        torch.testing.assert_close(feats_perm[space.name], feats[space.name][:, p])
-    # and the sensitivity check: an input-neuron permutation is not a symmetry
-    bad = dict(perms, s0=torch.randperm(5, generator=torch.Generator().manual_seed(2)))
-    broken = make_mlp([5, 7, 13, 7, 3], "tanh").double()
-    broken.load_state_dict(spec.permute_parameters(model.state_dict(), bad))
-    assert not torch.allclose(broken(x), model(x))
+    model = make_mlp(sizes, activation).double()
+    x, y = make_batch(sizes, "ce", None, b=8)
+    spec = NetworkSpec.from_module(model)
+    assert {s.group.name for s in spec.spaces[1:-1]} == {"scale_perm" if activation == "relu" else "sign_perm"}
+
+    def captured(params):
+        net = make_mlp(sizes, activation).double()
+        net.load_state_dict(params)
+        return capture(net, x, y, "ce", "mean")
+
+    def move_params(params, element, sp):
+        return sp.transform_parameters(params, element)
+
+    breakers = ("fixed", "negative_scale") if activation == "relu" else ("fixed",)
+    params = model.state_dict()
+    check_symmetry(spec, lambda p: model_output(sizes, activation, p, x), params, move_params,
+                   lambda out, g, sp: out, sensitivity=breakers)
+    check_symmetry(spec, captured, params, move_params, lambda gs, g, sp: gs.transform(g), sensitivity=breakers)
+
+
+def model_output(sizes, activation, params, x):
+    net = make_mlp(sizes, activation).double()
+    net.load_state_dict(params)
+    with torch.no_grad():
+        return net(x)
 
 
 def test_neuron_features_layout():
@@ -241,7 +249,18 @@ def test_weight_sharing_becomes_tokens():
     x, y = make_batch([3, 2], "mse", None, b=4)
     gs = capture(model, x, y, "mse", "mean")
     assert gs.activations["mid"].shape == (4, 2, 5)
-    assert not gs.spec.space("s1").permutable and not gs.spec.space("s2").permutable
+    # the data flow ties the shared layer's input and output: one tanh space, read and written by 'mid'
+    mid = gs.spec.site("mid")
+    assert mid.in_space == mid.out_space == gs.spec.site("inp").out_space
+    assert gs.spec.space(mid.in_space).group.name == "sign_perm"
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def output(p):
+        with torch.no_grad():
+            return functional_call(model, p, (x,))
+
+    check_symmetry(gs.spec, output, params, lambda p, g, sp: sp.transform_parameters(p, g), lambda o, g, sp: o,
+                   sensitivity=("fixed", "untie"))
     ref = per_example_reference(model, x, y, "mse")
     for name, value in gs.per_example_grads().items():
         torch.testing.assert_close(value, ref[name], atol=1e-10, rtol=0)
@@ -262,11 +281,13 @@ def test_subset_of_layers_and_unsupported_modules():
     for bad in (nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2))):
         with pytest.raises(UnsupportedModuleError, match="Conv2d|Embedding"):
             GradientCapture(bad)
-    with pytest.raises(UnsupportedModuleError, match="no nn.Linear"):
+    with pytest.raises(UnsupportedModuleError, match="no capturable layer"):
         GradientCapture(nn.Sequential(nn.ReLU()))
-    with pytest.raises(TypeError, match="only nn.Linear"):
+    with pytest.raises(TypeError, match="no registered extractor"):
         GradientCapture(model, layers=["1"])
-    with pytest.raises(ValueError, match="do not form an MLP chain"):
+    with pytest.raises(ValueError, match=r"no layer 'fc9'; capturable layers: \['0', '3'\]"):
+        GradientCapture(model, layers=["fc9"])
+    with pytest.raises(UnsupportedModuleError, match="pass example_inputs"):
         NetworkSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
 
 

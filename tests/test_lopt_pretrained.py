@@ -14,10 +14,10 @@ from gradmetanet.lopt.optimizers import make_rule
 @pytest.mark.parametrize("name", ["ds", "unf", "gradmetanet_ds"])
 def test_rule_files_round_trip(tmp_path, name):
     torch.manual_seed(0)
-    rule = make_rule(name, n_layers=2)
+    rule = make_rule(name)
     with torch.no_grad():
         rule.beta.fill_(0.37)
-    save_rule(rule, name, 2, tmp_path / "r.safetensors", {"command": "test"})
+    save_rule(rule, name, tmp_path / "r.safetensors", {"command": "test"})
     loaded = load_rule(tmp_path / "r.safetensors")
     assert type(loaded.per_parameter) is type(rule.per_parameter)
     for (k, a), (k2, b) in zip(rule.state_dict().items(), loaded.state_dict().items()):
@@ -30,7 +30,7 @@ def test_rule_file_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_rule(tmp_path / "bad.safetensors")
-    save_rule(make_rule("ds", 2), "ds", 2, tmp_path / "ds.safetensors")
+    save_rule(make_rule("ds"), "ds", tmp_path / "ds.safetensors")
     from safetensors.torch import load_file, save_file
     save_file(load_file(tmp_path / "ds.safetensors"), tmp_path / "wrong.safetensors", metadata={"optimizer": "unf",
                                                                                                  "n_layers": "2"})
@@ -40,7 +40,7 @@ def test_rule_file_errors(tmp_path):
     with pytest.raises(ValueError, match="names optimizer None"):
         load_rule(tmp_path / "anon.safetensors")
     with pytest.raises(ValueError, match="unknown optimizer"):
-        save_rule(make_rule("ds", 2), "adam", 2, tmp_path / "x.safetensors")
+        save_rule(make_rule("ds"), "adam", tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="no shipped optimizer named 'nope'"):
         pretrained("nope", make_mlp([64, 32, 10], "relu"))
 
@@ -72,10 +72,10 @@ def test_shipped_digits_optimizer_trains_a_fresh_mlp():
 def test_ship_records_provenance_and_pretrained_binds_a_model(tmp_path, monkeypatch):
     from gradmetanet.lopt import rule_files as shipped
     monkeypatch.setattr(shipped, "PRETRAINED_DIR", tmp_path / "pretrained")
-    save_rule(make_rule("gradmetanet_ds", 2), "gradmetanet_ds", 2, tmp_path / "run.safetensors", {"config": "{}"})
+    save_rule(make_rule("gradmetanet_ds"), "gradmetanet_ds", tmp_path / "run.safetensors", {"config": "{}"})
     shipped.ship(tmp_path / "run.safetensors", "toy", "gradmetanet run lopt --preset tiny")
     assert shipped.available() == ["toy"]
-    assert shipped.describe("toy") == {"optimizer": "gradmetanet_ds", "n_layers": "2", "config": "{}",
+    assert shipped.describe("toy") == {"optimizer": "gradmetanet_ds", "config": "{}",
                                        "command": "gradmetanet run lopt --preset tiny"}
     model = make_mlp([5, 4, 3], "relu")
     opt = shipped.pretrained("toy", model)

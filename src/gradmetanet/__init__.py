@@ -1,18 +1,14 @@
 """gradmetanet: learning on the gradients and weights of neural networks."""
 
-from .capture import CaptureError, GradientCapture
 from .batch import GradientBatch
+from .capture import CaptureError, Extractor, GradientCapture, functional_factors, register_extractor
+from .core import (GL, Axis, Blocks, Group, NetworkSpec, Parameter, Perm, ScalePerm, SignPerm, Site, Space, Trivial,
+                   UnsupportedModuleError)
 from .gradients import GradientSet
-from .spec import LinearSite, NetworkSpec, NeuronSpace, UnsupportedModuleError
 
 __all__ = [
-    "CaptureError",
-    "GradientBatch",
-    "GradientCapture",
-    "GradientSet",
-    "LinearSite",
-    "NetworkSpec",
-    "NeuronSpace",
-    "UnsupportedModuleError",
+    "Axis", "Blocks", "CaptureError", "Extractor", "GL", "GradientBatch", "GradientCapture", "GradientSet", "Group",
+    "NetworkSpec", "Parameter", "Perm", "ScalePerm", "SignPerm", "Site", "Space", "Trivial", "UnsupportedModuleError",
+    "functional_factors", "register_extractor",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

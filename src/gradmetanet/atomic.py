@@ -1,21 +1,39 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic file writes: write a uniquely named temporary file beside the target, fsync it, rename it over."""
 
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["atomic_write_text", "temporary_path"]
+__all__ = ["atomic_write_text", "atomic_replace"]
 
 
-def temporary_path(path: str | os.PathLike) -> Path:
-    """Where to write before ``os.replace(tmp, path)``: same directory, so the rename is atomic."""
+@contextmanager
+def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed over ``path``.
+
+    The name is unique (two writers never share a temporary file), the file sits in the same
+    directory (so the rename is atomic), and a reader sees either the old or the new file, never half.
+    A failed write removes the temporary file.
+    """
     path = Path(path)
-    return path.with_name(path.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` so that a reader sees either the old or the new file, never half."""
-    tmp = temporary_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace ``path`` by ``text`` atomically (see :func:`atomic_replace`)."""
+    with atomic_replace(path) as tmp:
+        tmp.write_text(text)

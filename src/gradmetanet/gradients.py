@@ -11,19 +11,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import temporary_path
-from .spec import NetworkSpec
+from .atomic import atomic_replace
+from .core.incidence import neuron_tensor
+from .core.spec import NetworkSpec, SpecElement
 
 __all__ = ["GradientSet", "LossReduction"]
 
 LossReduction = Literal["mean", "sum"]
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
+_READABLE_VERSIONS = ("1", "2")
 #: Upper bound on the elements of per-example gradients materialised at once (for ``T > 1``).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -65,9 +67,20 @@ class GradientSet:
             if g.dim() != 3 or g.shape[-1] != d_out or g.shape[:2] != a.shape[:2]:
                 raise ValueError(f"site {site.name!r}: output_grads must be [b, T, {d_out}] matching activations "
                                  f"{list(a.shape)}, got {list(g.shape)}")
+            if a.dtype != g.dtype:
+                raise ValueError(f"site {site.name!r}: activations are {a.dtype} but output_grads {g.dtype}; cast "
+                                 "both to one dtype (GradientCapture promotes them under autocast)")
             sizes.add(a.shape[0])
+        if 0 in sizes:
+            raise ValueError("GradientSet: an empty batch (0 examples) has no per-example gradients")
         if len(sizes) > 1:
             raise ValueError(f"GradientSet: sites disagree on the number of examples: {sorted(sizes)}")
+
+    def __repr__(self) -> str:
+        tokens = {a.shape[1] for a in self.activations.values()}
+        return (f"GradientSet({self.batch_size} examples, tokens={sorted(tokens)}, {len(self.spec.sites)} sites, "
+                f"{self.spec.n_params:,} parameters, loss_reduction={self.loss_reduction!r}, dtype={self.dtype}, "
+                f"device={self.device}, {self.nbytes() / 2**20:.2f} MiB of factors)")
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -107,18 +120,18 @@ class GradientSet:
         """The sub-set of examples ``index`` (a slice, index tensor or boolean mask)."""
         return self._map(lambda t: t[index])
 
-    def permute_neurons(self, perms: Mapping[str, torch.Tensor]) -> "GradientSet":
-        """Apply neuron permutations (space name -> permutation) to the factors."""
-        def perm_last(t: torch.Tensor, space: str) -> torch.Tensor:
-            p = perms.get(space)
-            return t if p is None else t.index_select(-1, p.to(t.device))
-
+    def transform(self, element: SpecElement) -> "GradientSet":
+        """Move the factors by a group element of every space: ``a <- rho(g) a``, ``g <- rho(g)^-T g``,
+        recorded outputs ``<- rho(g) out`` (what the parameters moved by ``spec.transform_parameters`` produce)."""
         acts, grads, outs = {}, {}, {}
         for site in self.spec.sites:
-            acts[site.name] = perm_last(self.activations[site.name], site.in_space)
-            grads[site.name] = perm_last(self.output_grads[site.name], site.out_space)
+            g_in, g_out = element.get(site.in_space), element.get(site.out_space)
+            a, g = self.activations[site.name], self.output_grads[site.name]
+            acts[site.name] = a if g_in is None else g_in.act(a, -1)
+            grads[site.name] = g if g_out is None else g_out.act_inverse_transpose(g, -1)
             if site.name in self.outputs:
-                outs[site.name] = perm_last(self.outputs[site.name], site.out_space)
+                out = self.outputs[site.name]
+                outs[site.name] = out if g_out is None else g_out.act(out, -1)
         return GradientSet(self.spec, acts, grads, outs, self.loss_reduction)
 
     # ------------------------------------------------------------------ derived views
@@ -186,24 +199,8 @@ class GradientSet:
 
     def neuron_tensor(self) -> torch.Tensor:
         """``[b * T, N, 2]``: :meth:`neuron_features` of every space, concatenated in the spec's order
-        (one buffer, filled in place: what a metanetwork reads)."""
-        first = next(iter(self.activations.values()))
-        out = first.new_empty(first.shape[0] * first.shape[1], self.spec.n_neurons, 2)
-        for space, sl in zip(self.spec.spaces, self.spec.space_slices().values()):
-            readers, writers = self.spec.readers(space.name), self.spec.writers(space.name)
-            if readers:
-                act = self.activations[readers[0].name]
-            elif writers and writers[0].name in self.outputs:
-                act = self.outputs[writers[0].name]
-            else:
-                raise ValueError(f"space {space.name!r} has no reader and no recorded output")
-            grad = self.output_grads[writers[0].name] if writers else None
-            if grad is not None and grad.shape != act.shape:
-                raise ValueError(f"space {space.name!r}: activation {list(act.shape)} and gradient "
-                                 f"{list(grad.shape)} disagree on examples or tokens")
-            out[:, sl, 0] = act.flatten(0, 1)
-            out[:, sl, 1] = 0.0 if grad is None else grad.flatten(0, 1)
-        return out
+        (incidence features, :func:`gradmetanet.core.incidence.neuron_tensor`: what a metanetwork reads)."""
+        return neuron_tensor(self.spec, self.activations, self.output_grads, self.outputs)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -213,28 +210,36 @@ class GradientSet:
         tensors |= {f"out/{k}": v.contiguous() for k, v in self.outputs.items()}
         metadata = {"format": "gradmetanet.GradientSet", "version": _FORMAT_VERSION,
                     "spec": self.spec.to_json(), "loss_reduction": self.loss_reduction}
-        tmp = temporary_path(path)
-        save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_replace(path) as tmp:
+            save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "GradientSet":
         """Read a file written by :meth:`save`; raises ``ValueError`` on anything else."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"no GradientSet file at {os.fspath(path)!r}")
-        try:
-            with open(path, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little")
+            if len(head) < 8 or header_len > size - 8:
+                kind = " (a zip archive: torch.save output?)" if head[:2] == b"PK" else ""
+                raise ValueError(f"{os.fspath(path)!r} is not a safetensors file{kind}; GradientSet.load reads "
+                                 "files written by GradientSet.save")
+            try:
                 header = json.loads(fh.read(header_len))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file ({err})") from err
+        try:
             tensors = load_file(path, device=str(device))
-        except (SafetensorError, ValueError, OSError, UnicodeDecodeError) as err:
+        except (SafetensorError, ValueError, OSError) as err:
             raise ValueError(f"{os.fspath(path)!r} is not a readable safetensors file ({err})") from err
         meta = header.get("__metadata__", {})
         if meta.get("format") != "gradmetanet.GradientSet":
             raise ValueError(f"{os.fspath(path)!r} is a safetensors file but not a saved GradientSet")
-        if meta.get("version") != _FORMAT_VERSION:
+        if meta.get("version") not in _READABLE_VERSIONS:
             raise ValueError(f"{os.fspath(path)!r} has GradientSet format {meta.get('version')!r}; "
-                             f"this version reads {_FORMAT_VERSION!r}")
+                             f"this version reads {list(_READABLE_VERSIONS)}")
         spec = NetworkSpec.from_json(meta["spec"])
         groups: dict[str, dict[str, torch.Tensor]] = {"a": {}, "g": {}, "out": {}}
         for key, value in tensors.items():

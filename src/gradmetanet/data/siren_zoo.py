@@ -27,9 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..atomic import temporary_path
+from ..atomic import atomic_replace
 from ..basenets import Sine
-from ..spec import NetworkSpec
+from ..core.spec import NetworkSpec
 
 __all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "siren_module", "siren_spec",
            "siren_factors"]
@@ -188,7 +188,6 @@ def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathL
     tensors = {f"params/{k}": v.contiguous() for k, v in zoo.params.items()}
     tensors |= {"points": zoo.points, "target_inputs": zoo.target_inputs, "features": zoo.features,
                 "target": zoo.target, "standard": zoo.standard}
-    tmp = temporary_path(path)
-    save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
-    os.replace(tmp, path)
+    with atomic_replace(path) as tmp:
+        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
     return zoo

@@ -26,7 +26,7 @@ from ..batch import GradientBatch
 from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
 from ..nn.baselines import weight_space_inputs
-from ..spec import NetworkSpec
+from ..core.spec import NetworkSpec
 from ..training import fit_regression
 from . import apply_preset, mean_std
 

@@ -29,7 +29,7 @@ from ..batch import GradientBatch
 from ..capture import GradientCapture
 from ..nn import GradMetaNet
 from ..nn.layers import MLP
-from ..spec import NetworkSpec
+from ..core.spec import NetworkSpec
 from ..training import fit_regression
 from . import apply_preset
 

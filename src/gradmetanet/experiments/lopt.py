@@ -158,12 +158,11 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
     """
     meta_dir = Path(out_dir) / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
-    n_layers = len(make_task(config).spec.sites)
     rules: dict[str, UpdateRule] = {}
     record: dict[str, dict] = {}
     for name in config.optimizers:
         torch.manual_seed(config.seed)
-        rule = make_rule(name, n_layers)
+        rule = make_rule(name)
         if config.warm_start is not None and name.startswith("gradmetanet_"):
             if config.warm_start not in rules:
                 raise ValueError(f"warm_start={config.warm_start!r} must be one of the optimizers meta-trained "
@@ -186,7 +185,7 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
                       "meta_validation": json.dumps(trainer.validation)}
         provenance["selected_meta_step"] = str(selected)
         rule.load_state_dict(trainer.best_rule_state())          # the best meta-validated rule is the one raced
-        save_rule(rule, name, n_layers, meta_dir / f"{name}.safetensors", provenance)
+        save_rule(rule, name, meta_dir / f"{name}.safetensors", provenance)
         rules[name] = rule
     return rules, record
 

@@ -9,11 +9,9 @@ tensors of any scale.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from .layout import Segments, segment_rms_normalise, segments_of
+from .layout import Segments, segment_rms_normalise
 
 __all__ = ["MOMENTUM_DECAYS", "TIME_SCALES", "N_FEATURES", "time_features", "parameter_features",
            "update_momenta"]
@@ -23,9 +21,8 @@ TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 
 N_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TIME_SCALES)
 
 
-@lru_cache(maxsize=None)
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    """A cached constant vector (built once per dtype and device, not once per optimizer step)."""
+    """A small constant vector, built per call (a cached tensor would break after ``torch.inference_mode()``)."""
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -52,7 +49,7 @@ def parameter_features(param: torch.Tensor, grad: torch.Tensor, momenta: torch.T
     """
     raw = torch.cat([param.unsqueeze(-1), grad.unsqueeze(-1), momenta], dim=-1)
     flat = raw.reshape(-1, raw.shape[-1])
-    segments = segments or segments_of((flat.shape[0],), flat.dtype, flat.device)
+    segments = segments or Segments.of((flat.shape[0],), flat.device)
     normalised = segment_rms_normalise(flat, segments).view_as(raw)
     times = time_features(step, param.dtype, param.device).expand(*param.shape, len(TIME_SCALES))
     return torch.cat([normalised, times], dim=-1)

@@ -3,18 +3,16 @@
 A learned optimizer applies the same small network to every scalar parameter. Running it once
 on all ``P`` parameters (rather than once per tensor) costs a handful of kernels whatever the
 number of tensors, which is what keeps a learned step close to Adam's on small models. Per-tensor
-statistics (the RMS normalisation of the features) become segment reductions, written as
-products with constant ``[S, P]`` segment matrices so that they vectorise under ``vmap``.
+statistics (the RMS normalisation of the features) become index-based segment reductions,
+which vectorise under ``vmap``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-
 import torch
 
-__all__ = ["FlatLayout", "Segments", "segments_of", "segment_rms_normalise"]
+__all__ = ["FlatLayout", "Segments", "segment_rms_normalise"]
 
 
 @dataclass(frozen=True)
@@ -47,28 +45,37 @@ class FlatLayout:
         trailing = flat.shape[1:]
         return {n: chunk.view(*s, *trailing) for n, s, chunk in zip(self.names, self.shapes, flat.split(self.sizes))}
 
-    def segments(self, dtype: torch.dtype, device: torch.device) -> "Segments":
-        """The constant segment matrices of this layout (cached per dtype and device)."""
-        return segments_of(self.sizes, dtype, device)
+    def segments(self, device: torch.device | str | None = None) -> "Segments":
+        """The segments of this layout: one per tensor."""
+        return Segments.of(self.sizes, device)
 
 
 @dataclass(frozen=True)
 class Segments:
-    """``mean [S, P]`` averages each segment's entries; ``scatter [P, S]`` copies a segment value to its entries."""
+    """Consecutive blocks of ``sizes`` entries, by index: ``ids [P]`` (the block of every entry) and ``counts [S]``.
 
-    mean: torch.Tensor
-    scatter: torch.Tensor
+    Reductions are ``index_add`` and gathers, never a dense ``[S, P]`` one-hot matrix (which is tens
+    of GB for a transformer); they work under ``vmap``.
+    """
 
+    ids: torch.Tensor
+    counts: torch.Tensor
 
-@lru_cache(maxsize=64)
-def segments_of(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Segments:
-    """Segments of consecutive blocks of ``sizes`` entries (cached)."""
-    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    one_hot = torch.nn.functional.one_hot(ids, len(sizes)).to(dtype=dtype, device=device)     # [P, S]
-    counts = torch.tensor(sizes, dtype=dtype, device=device)
-    return Segments((one_hot / counts).T.contiguous(), one_hot.contiguous())
+    @classmethod
+    def of(cls, sizes: tuple[int, ...], device: torch.device | str | None = None) -> "Segments":
+        sizes_t = torch.tensor(sizes, device=device)
+        return cls(torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t), sizes_t)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``[S, f]``: the mean of ``x [P, f]`` over each segment."""
+        total = x.new_zeros(len(self.counts), *x.shape[1:]).index_add(0, self.ids, x)
+        return total / self.counts.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """``[P, f]``: each entry gets its segment's value of ``values [S, f]``."""
+        return values.index_select(0, self.ids)
 
 
 def segment_rms_normalise(x: torch.Tensor, segments: Segments, eps: float = 1e-8) -> torch.Tensor:
     """Divide ``x [P, f]`` by the root mean square of its segment, feature by feature."""
-    return x * (segments.scatter @ torch.rsqrt(segments.mean @ x.square() + eps))
+    return x * segments.scatter(torch.rsqrt(segments.mean(x.square()) + eps))

@@ -23,12 +23,12 @@ from torch import nn
 
 from ..batch import GradientBatch
 from ..capture import CaptureError, GradientCapture
-from ..nn.baselines import WeightSpaceLayer
 from ..nn.gradmetanet import GradMetaNet
 from ..nn.layers import MLP
-from ..spec import NetworkSpec
+from ..core.spec import NetworkSpec
+from ..weightspace import WeightSpaceLayer
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
-from .layout import FlatLayout, segments_of
+from .layout import FlatLayout, Segments
 
 __all__ = ["UpdateRule", "LearnedOptimizer", "NetworkOptimizer", "learnable_sgdm", "deepsets_rule", "unf_rule",
            "gradmetanet_ds_rule", "gradmetanet_unf_rule", "make_rule", "RULE_NAMES", "warm_start"]
@@ -112,8 +112,8 @@ class UpdateRule(nn.Module):
         features = self.gradient_set(features)
         momenta = update_momenta(state[DECOMPOSED], features)                  # [b, N, 2, 6]
         x = torch.cat([features.unsqueeze(-1), momenta], dim=-1).flatten(-2)   # [b, N, 14]
-        spaces = segments_of(tuple(sl.stop - sl.start for sl in spec.space_slices().values()), x.dtype, x.device)
-        x = x * (spaces.scatter @ torch.rsqrt(spaces.mean @ x.square().mean(0) + 1e-12))     # per-space RMS
+        spaces = Segments.of(tuple(s.size for s in spec.spaces), x.device)
+        x = x * spaces.scatter(torch.rsqrt(spaces.mean(x.square().mean(0)) + 1e-12))     # per-space RMS
         out = self.gradmetanet(GradientBatch(spec, x.unsqueeze(0)))
         return {name: value[0] for name, value in out.items()}, momenta
 
@@ -131,7 +131,7 @@ class UpdateRule(nn.Module):
         new_state: dict = {"momentum": momentum, "momenta": momenta}
         direction = momentum
         if self.per_parameter is not None:
-            feats = parameter_features(params, grads, momenta, step, layout.segments(params.dtype, params.device))
+            feats = parameter_features(params, grads, momenta, step, layout.segments(params.device))
             if self.gradmetanet is not None:
                 if features is None:
                     raise ValueError("a GradMetaNet rule needs the decomposed gradients of the batch")
@@ -158,12 +158,10 @@ def deepsets_rule(hidden: int = 32, layers: int = 3, **scalars: float) -> Update
     return UpdateRule(MLP([N_FEATURES] + [hidden] * layers + [1], "relu"), **scalars)
 
 
-def unf_rule(n_layers: int, hidden: int = 32, **scalars: float) -> UpdateRule:
-    """"UNF": a per-parameter MLP (2 hidden layers of 32, output 32) then one equivariant weight-space layer.
-
-    ``n_layers`` is the number of linear layers of the networks it will optimise.
-    """
-    return UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"), WeightSpaceLayer(n_layers, hidden, 1),
+def unf_rule(hidden: int = 32, **scalars: float) -> UpdateRule:
+    """"UNF": a per-parameter MLP (2 hidden layers of 32, output 32) then one equivariant weight-space layer
+    (whose weights are shared by parameter kind, so the rule runs on MLPs of any depth)."""
+    return UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"), WeightSpaceLayer(hidden, 1),
                       **scalars)
 
 
@@ -188,11 +186,11 @@ def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 1
                       gradmetanet=_gradmetanet_branch(gmn_features, gmn_hidden), set_size=set_size, **scalars)
 
 
-def gradmetanet_unf_rule(n_layers: int, hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 16,
+def gradmetanet_unf_rule(hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 16,
                          set_size: int | None = 32, **scalars: float) -> UpdateRule:
     """"GradMetaNet + UNF": GradMetaNet features into the UNF rule's per-parameter MLP."""
     return UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
-                      WeightSpaceLayer(n_layers, hidden, 1), _gradmetanet_branch(gmn_features, gmn_hidden),
+                      WeightSpaceLayer(hidden, 1), _gradmetanet_branch(gmn_features, gmn_hidden),
                       set_size=set_size, **scalars)
 
 
@@ -223,18 +221,18 @@ def warm_start(target: UpdateRule, source: UpdateRule) -> None:
 RULE_NAMES = ("sgdm", "ds", "unf", "gradmetanet_ds", "gradmetanet_unf")
 
 
-def make_rule(name: str, n_layers: int) -> UpdateRule:
-    """A fresh rule by name (``RULE_NAMES``); ``n_layers`` (linear layers of the base network) for the UNF rules."""
+def make_rule(name: str) -> UpdateRule:
+    """A fresh rule by name (``RULE_NAMES``); every rule runs on MLPs of any depth and width."""
     if name == "sgdm":
         return UpdateRule()
     if name == "ds":
         return deepsets_rule()
     if name == "unf":
-        return unf_rule(n_layers)
+        return unf_rule()
     if name == "gradmetanet_ds":
         return gradmetanet_ds_rule()
     if name == "gradmetanet_unf":
-        return gradmetanet_unf_rule(n_layers)
+        return gradmetanet_unf_rule()
     raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
 
 

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
-from ..atomic import temporary_path
+from ..atomic import atomic_replace
 from .optimizers import UpdateRule
 from .tasks import Task
 
@@ -246,9 +246,8 @@ class MetaTrainer:
         state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": self.pes.state_dict(),
                  "generator": self.generator.get_state(), "step": self.step, "history": self.history,
                  "validation": self.validation, "best": self.best, "config": self._resumable_config()}
-        tmp = temporary_path(self.checkpoint)
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        with atomic_replace(self.checkpoint) as tmp:
+            torch.save(state, tmp)
 
     def _resumable_config(self) -> dict:
         """The settings a resumed run must share (``meta_steps`` and checkpointing may change)."""
@@ -272,7 +271,7 @@ class MetaTrainer:
 
     def _load(self) -> None:
         try:
-            state = torch.load(self.checkpoint, weights_only=False)
+            state = torch.load(self.checkpoint, weights_only=True)
             self.rule.load_state_dict(state["rule"])
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
             raise ValueError(f"checkpoint {os.fspath(self.checkpoint)!r} is unreadable or from another "

@@ -1,9 +1,10 @@
 """Meta-trained optimizers shipped inside the package, and the safetensors format they use.
 
 A rule file holds the rule's meta-parameters (``UpdateRule.state_dict()``) and, as safetensors
-metadata, the rule's name (``"optimizer"``, one of ``RULE_NAMES``), the number of linear layers
-it was built for (``"n_layers"``, read by the UNF rules only) and free-form provenance (the
-meta-training configuration and command). :func:`pretrained` builds a drop-in optimizer from a
+metadata, the rule's name (``"optimizer"``, one of ``RULE_NAMES``) and free-form provenance (the
+meta-training configuration and command). Every rule runs on MLPs of any depth and width, so a
+file does not depend on the network it was meta-trained on (files of version 0.1 also carry an
+``"n_layers"`` entry, which is ignored). :func:`pretrained` builds a drop-in optimizer from a
 shipped file::
 
     opt = gradmetanet.lopt.pretrained("digits-mlp", model)
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..atomic import temporary_path
+from ..atomic import atomic_replace
 from .optimizers import RULE_NAMES, NetworkOptimizer, UpdateRule, make_rule
 
 __all__ = ["PRETRAINED_DIR", "available", "describe", "load_rule", "pretrained", "read_metadata", "save_rule", "ship"]
@@ -35,16 +36,14 @@ def available() -> list[str]:
     return sorted(p.stem for p in PRETRAINED_DIR.glob("*.safetensors"))
 
 
-def save_rule(rule: UpdateRule, name: str, n_layers: int, path: str | os.PathLike,
-              provenance: dict[str, str] | None = None) -> None:
-    """Write ``rule`` (built by ``make_rule(name, n_layers)``) to ``path`` atomically."""
+def save_rule(rule: UpdateRule, name: str, path: str | os.PathLike, provenance: dict[str, str] | None = None) -> None:
+    """Write ``rule`` (built by ``make_rule(name)``) to ``path`` atomically."""
     if name not in RULE_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
     weights = {k: v.detach().contiguous().cpu() for k, v in rule.state_dict().items()}
-    metadata = {"optimizer": name, "n_layers": str(n_layers), **(provenance or {})}
-    tmp = temporary_path(Path(path))
-    save_file(weights, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    metadata = {"optimizer": name, **(provenance or {})}
+    with atomic_replace(path) as tmp:
+        save_file(weights, tmp, metadata=metadata)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -67,7 +66,7 @@ def load_rule(path: str | os.PathLike) -> UpdateRule:
     name = metadata.get("optimizer")
     if name not in RULE_NAMES:
         raise ValueError(f"{os.fspath(path)!r} names optimizer {name!r}; this version knows {list(RULE_NAMES)}")
-    rule = make_rule(name, int(metadata.get("n_layers", 0)))
+    rule = make_rule(name)
     try:
         rule.load_state_dict(load_file(path))
     except RuntimeError as err:
@@ -97,7 +96,7 @@ def ship(source: str | os.PathLike, name: str, command: str) -> Path:
     target = PRETRAINED_DIR / f"{name}.safetensors"
     PRETRAINED_DIR.mkdir(exist_ok=True)
     provenance = {k: v for k, v in metadata.items() if k not in ("optimizer", "n_layers")} | {"command": command}
-    save_rule(rule, metadata["optimizer"], int(metadata.get("n_layers", 0)), target, provenance)
+    save_rule(rule, metadata["optimizer"], target, provenance)
     return target
 
 

@@ -18,7 +18,7 @@ from torch.func import grad
 from ..basenets import make_mlp
 from ..data import load_digits_split
 from ..data.image_files import load_cifar, load_fashion_mnist
-from ..spec import NetworkSpec
+from ..core.spec import NetworkSpec
 
 __all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
            "cifar_task", "tabular_task"]

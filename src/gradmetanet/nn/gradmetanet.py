@@ -9,7 +9,7 @@ from torch import nn
 
 from ..batch import GradientBatch
 from ..gradients import GradientSet
-from .encoding import neuron_codes
+from ..core.codes import neuron_codes
 from .heads import InvariantHead, ProductHead, SetProductHead
 from .layers import MLP, NeuronLayer, Reduction, SetNeuronLayer, SetPool, make_activation
 

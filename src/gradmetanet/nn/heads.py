@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spec import NetworkSpec
+from ..core.spec import NetworkSpec
 from .layers import MLP, Reduction, make_activation
 
 __all__ = ["ProductHead", "SetProductHead", "InvariantHead"]

@@ -1,13 +1,17 @@
 """GradientCapture: record decomposed per-example gradients during an ordinary backward.
 
-A forward hook on every captured ``nn.Linear`` keeps a reference to its input ``a`` and
-registers a tensor hook on its output; during ``backward()`` that hook receives ``dL/dy``,
-the pre-activation gradient ``g``. Nothing of size ``b x P`` is ever formed, and the only work
-added to the step is bookkeeping (plus one rescale of ``g`` when the gradients are read).
+A forward hook on every captured module (an ``nn.Linear``, or a type with a registered
+:class:`~gradmetanet.capture.registry.Extractor`) keeps a reference to the activation ``a``
+the site reads and registers a tensor hook on its output; during ``backward()`` that hook
+receives ``dL/dy``, the output gradient ``g``. Nothing of size ``b x P`` is ever formed; the
+rescale of ``g`` and the finiteness check run when the gradients are read, not in the step.
 
 A tensor hook (rather than ``register_full_backward_hook``) is used because it tolerates
 in-place activations after the layer (``nn.ReLU(inplace=True)``): the hook sees the gradient
 with respect to the value the layer produced, which is what the weight gradient needs.
+
+The batch axis of a site is 0, or 1 when the nearest enclosing module with a ``batch_first``
+attribute has ``batch_first=False`` (PyTorch's transformer layers); ``batch_dim=`` overrides it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .gradients import GradientSet, LossReduction
-from .spec import NetworkSpec
+from ..core.spec import NetworkSpec, UnsupportedModuleError
+from ..gradients import GradientSet, LossReduction
+from .registry import Extractor, extractor_for
 
 __all__ = ["GradientCapture", "CaptureError"]
 
@@ -30,26 +35,52 @@ class CaptureError(RuntimeError):
 
 @dataclass
 class _Call:
-    """One forward call of a captured layer: its input, the input's version, and later its gradient."""
+    """One forward call of a captured site: its activation, the input's version, and later its gradient."""
 
-    a: torch.Tensor            # [b, T, d_in], detached (shares storage with the layer input)
+    a: torch.Tensor            # [b, T, d_in], detached (shares storage with the layer input where it can)
     version: int               # autograd version counter of the input when recorded
     out: torch.Tensor | None   # [b, T, d_out] detached output, only where it is a network output
+    generation: int            # which root forward produced it
     g: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class _Target:
+    path: str
+    module: nn.Module
+    extractor: Extractor
+    batch_dim: int
+
+
+def _batch_dim_of(model: nn.Module, path: str) -> int:
+    """1 when the nearest ancestor (or the module) with ``batch_first`` has it ``False``, else 0."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if hasattr(module, "batch_first"):
+            return 0 if module.batch_first else 1
+    return 0
+
+
+def _to_batch_major(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """``[..., d]`` with the batch axis at ``batch_dim`` -> ``[b, T, d]``."""
+    return x.movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1, x.shape[-1])
+
+
 class GradientCapture:
-    """Context manager that captures ``(a, g)`` for each linear layer of ``model``.
+    """Context manager that captures ``(a, g)`` for each site of ``model``.
 
     Args:
-        model: the base network. Without ``layers`` it must be an MLP as described by
-            :meth:`NetworkSpec.from_module` (every parameterised module an ``nn.Linear``).
+        model: the base network.
         loss_reduction: ``"mean"`` if the loss averages over the batch (the usual
             ``F.cross_entropy``), ``"sum"`` if it sums; with ``"mean"`` the recorded gradients are
             rescaled by the batch size so that each row is the gradient of that example's own loss.
+        spec: a hand-written :class:`NetworkSpec` whose site names are module paths; default:
+            :meth:`NetworkSpec.from_module` (the data flow of one dry run).
         layers: optional subset to capture (module paths or the modules themselves); the spec
             then gives every site its own fixed spaces, as the symmetry of a part is unknown.
-        check_finite: raise when a captured factor holds NaN or infinity.
+        batch_dim: the batch axis of every site's input (default: inferred per site, see module docstring).
+        check_finite: raise when a captured factor holds NaN or infinity (checked when read).
         ignore_no_grad: skip forward passes run without gradients (evaluation under
             ``torch.no_grad()``) instead of raising; for captures that stay armed across steps.
 
@@ -59,70 +90,94 @@ class GradientCapture:
             F.cross_entropy(model(x), y).backward()
         gs = cap.gradients
 
-    A layer that runs several times in one forward (weight sharing) contributes each use as
-    extra tokens; the spaces it touches are then marked non-permutable in the spec.
+    A site that runs several times in one forward (weight sharing) contributes each use as extra
+    tokens. A forward of the whole model that is never backpropagated is forgotten when the next
+    one starts; BatchNorm in training mode (which couples the examples) is refused.
     """
 
-    def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean",
-                 layers: Iterable[str | nn.Module] | None = None, check_finite: bool = True,
-                 ignore_no_grad: bool = False) -> None:
+    def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean", spec: NetworkSpec | None = None,
+                 layers: Iterable[str | nn.Module] | None = None, batch_dim: int | None = None,
+                 check_finite: bool = True, ignore_no_grad: bool = False) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (as in Opacus), got {loss_reduction!r}")
+        if spec is not None and layers is not None:
+            raise ValueError("pass either spec= or layers=, not both")
         self.model = model
         self.loss_reduction: LossReduction = loss_reduction
         self.check_finite = check_finite
         self.ignore_no_grad = ignore_no_grad
-        if layers is None:
-            self.spec = NetworkSpec.from_module(model)
-            self._chain = True
-            named = [(site.name, model.get_submodule(site.name)) for site in self.spec.sites]
-        else:
+        if layers is not None:
             named = self._resolve_layers(model, layers)
-            self.spec = NetworkSpec.independent(named)
-            self._chain = False
-        self._modules: list[tuple[str, nn.Module]] = named
+            self.spec = NetworkSpec.independent(
+                (p, *extractor_for(m).widths(m), getattr(m, "bias", None) is not None) for p, m in named)
+        else:
+            self.spec = NetworkSpec.from_module(model) if spec is None else spec
+            named = self._resolve_layers(model, [s.name for s in self.spec.sites])
+            self._check_widths(named)
+        self._targets = [_Target(p, m, extractor_for(m), _batch_dim_of(model, p) if batch_dim is None else batch_dim)
+                         for p, m in named]
         self._keep_output = {s.name for s in self.spec.sites if not self.spec.readers(s.out_space)}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, list[_Call]] = {}
-        self._order: list[str] = []
         self._active = False
         self._backward_seen = False
+        self._generation = 0
         self._result: GradientSet | None = None
 
     @staticmethod
-    def _resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> list[tuple[str, nn.Linear]]:
+    def _resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> list[tuple[str, nn.Module]]:
         path_of = {id(m): p for p, m in model.named_modules()}
-        named: list[tuple[str, nn.Linear]] = []
+        modules = dict(model.named_modules())
+        capturable = [p for p, m in modules.items() if extractor_for(m) is not None]
+        named: list[tuple[str, nn.Module]] = []
         for layer in layers:
             if isinstance(layer, str):
-                path, module = layer, model.get_submodule(layer)
+                if layer not in modules:
+                    raise ValueError(f"the model has no layer {layer!r}; capturable layers: {capturable}")
+                path, module = layer, modules[layer]
             else:
                 if id(layer) not in path_of:
                     raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
                 path, module = path_of[id(layer)], layer
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"layer {path!r} is a {type(module).__name__}; only nn.Linear layers can be captured")
+            extractor = extractor_for(module)
+            if extractor is None:
+                raise TypeError(f"layer {path!r} is a {type(module).__name__}, which has no registered extractor; "
+                                f"capturable layers: {capturable}")
+            try:
+                extractor.check_module(path, module)
+            except UnsupportedModuleError as err:
+                raise CaptureError(str(err)) from err
             named.append((path, module))
         if not named:
             raise ValueError("layers=[] selects nothing to capture")
         return named
+
+    def _check_widths(self, named: list[tuple[str, nn.Module]]) -> None:
+        for (path, module), site in zip(named, self.spec.sites):
+            want = (self.spec.space(site.in_space).size, self.spec.space(site.out_space).size)
+            got = extractor_for(module).widths(module)
+            if got != want:
+                raise ValueError(f"spec site {path!r} has widths {want} but the module has {got}")
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "GradientCapture":
         if self._active:
             raise CaptureError("this GradientCapture is already active; it cannot be entered twice")
         self.reset()
-        self._handles = [m.register_forward_hook(self._make_forward_hook(p)) for p, m in self._modules]
+        self._handles = [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self._targets]
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm(p)) for p, m in self.model.named_modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._active = True
         return self
 
     def reset(self) -> None:
         """Forget what was recorded, keeping the hooks: the next forward and backward start a fresh capture
         (what a training loop that captures every step needs, without re-registering hooks)."""
-        self._calls = {path: [] for path, _ in self._modules}
-        self._order = []
+        self._calls = {t.path: [] for t in self._targets}
         self._backward_seen = False
         self._result = None
+        self._generation += 1
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
@@ -135,7 +190,25 @@ class GradientCapture:
         self._active = False
 
     # ------------------------------------------------------------------ hooks
-    def _make_forward_hook(self, path: str):
+    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
+        """A new forward of the whole model: records of an earlier forward that no backward reached are stale."""
+        if torch.is_grad_enabled() and not self._backward_seen and any(self._calls.values()):
+            self.reset()
+
+    @staticmethod
+    def _refuse_batch_norm(path: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if module.training and torch.is_grad_enabled():
+                raise CaptureError(
+                    f"module {path!r} is a {type(module).__name__} in training mode: it normalises with statistics "
+                    "of the whole batch, so one example's gradient depends on the others and per-example gradients "
+                    "are not defined. Put it in eval mode (module.eval()), or replace it with GroupNorm / "
+                    "LayerNorm (as Opacus requires).")
+        return hook
+
+    def _make_forward_hook(self, target: _Target):
+        path, bd = target.path, target.batch_dim
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not torch.is_grad_enabled():
                 if self.ignore_no_grad:
@@ -145,25 +218,31 @@ class GradientCapture:
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 raise CaptureError(f"the output of layer {path!r} does not require grad (frozen parameters "
                                    "and an input without grad?), so its gradient cannot be captured")
-            calls = self._calls[path]
             if self._backward_seen:
                 raise CaptureError(f"layer {path!r} ran forward after a backward pass inside the same "
-                                   "GradientCapture; use one capture per forward/backward step")
-            x = inputs[0]
-            if x.dim() < 2:
-                raise CaptureError(f"layer {path!r} got an input of shape {list(x.shape)}; capture needs a "
-                                   "leading batch axis, [b, d] or [b, ..., d]")
-            a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
-            out = output.detach().reshape(x.shape[0], -1, output.shape[-1]) if path in self._keep_output else None
-            calls.append(_Call(a, x._version, out))
-            self._order.append(path)
-            index = len(calls) - 1
-            _hook_target(output).register_hook(lambda grad: self._on_grad(path, index, grad))
+                                   "GradientCapture; use one capture per forward/backward step (or reset())")
+            x = target.extractor.activation(module, inputs, output)
+            y = target.extractor.output(module, inputs, output)
+            if x.dim() < 2 + bd:
+                raise CaptureError(f"layer {path!r} got an input of shape {list(x.shape)} with its batch axis at "
+                                   f"dim {bd}; capture needs a batched input, [b, d] or [b, ..., d] (or [T, b, d] "
+                                   "under batch_first=False)")
+            a = _to_batch_major(x.detach(), bd)
+            out = _to_batch_major(y.detach(), bd) if path in self._keep_output else None
+            calls = self._calls[path]
+            calls.append(_Call(a, x._version, out, self._generation))
+            index, generation, shape = len(calls) - 1, self._generation, y.shape
+            _hook_target(y).register_hook(
+                lambda grad: self._on_grad(path, index, generation, grad.reshape(shape), bd))
         return hook
 
-    def _on_grad(self, path: str, index: int, grad: torch.Tensor) -> None:
+    def _on_grad(self, path: str, index: int, generation: int, grad: torch.Tensor, batch_dim: int) -> None:
         if not self._active:
             return
+        if generation != self._generation:
+            raise CaptureError(f"backward reached a forward pass of layer {path!r} that a later forward superseded; "
+                               "GradientCapture records one forward per backward (accumulate over batches with "
+                               "one capture each)")
         call = self._calls[path][index]
         if call.g is not None:
             raise CaptureError(f"backward reached layer {path!r} twice inside one GradientCapture; capture "
@@ -172,7 +251,7 @@ class GradientCapture:
             raise CaptureError(f"the input of layer {path!r} was modified in place after the forward pass; "
                                "its recorded activation would be wrong")
         self._backward_seen = True
-        call.g = grad.detach().reshape(call.a.shape[0], -1, grad.shape[-1])
+        call.g = _to_batch_major(grad.detach(), batch_dim)
 
     # ------------------------------------------------------------------ result
     @property
@@ -183,7 +262,7 @@ class GradientCapture:
         return self._result
 
     def _assemble(self) -> GradientSet:
-        if not self._order:
+        if not any(self._calls.values()):
             raise CaptureError("no forward pass of a captured layer ran inside GradientCapture")
         if not self._backward_seen:
             raise CaptureError("no backward pass was captured: call loss.backward() inside the `with` block")
@@ -191,30 +270,26 @@ class GradientCapture:
         if missing:
             raise CaptureError(f"layers {missing} did not run in the forward pass; capture a subset with layers=[...]")
         spec = self.spec
-        if self._chain:
-            first_calls = list(dict.fromkeys(self._order))
-            expected = [s.name for s in spec.sites]
-            if first_calls != expected:
-                raise CaptureError(f"layers ran in the order {first_calls}, but the MLP chain inferred from the "
-                                   f"module is {expected}; describe this network with layers=[...]")
-            reused = [s for s in spec.sites if len(self._calls[s.name]) > 1]
-            if reused:
-                spec = spec.with_fixed(n for s in reused for n in (s.in_space, s.out_space))
+        sizes = {t.path: {c.a.shape[0] for c in self._calls[t.path]} for t in self._targets}
+        if len(set().union(*sizes.values())) > 1:
+            dims = {t.path: t.batch_dim for t in self._targets}
+            raise CaptureError(f"the captured layers see different batch sizes {sizes} along their batch axes "
+                               f"{dims}: the batch axis is ambiguous; pass batch_dim= or set batch_first on the "
+                               "enclosing module")
         acts, grads, outs = {}, {}, {}
         for site in spec.sites:
             calls = self._calls[site.name]
-            if len({c.a.shape[0] for c in calls}) > 1:
-                raise CaptureError(f"layer {site.name!r} ran on batches of different sizes "
-                                   f"{[c.a.shape[0] for c in calls]} inside one capture")
             a = _cat_tokens([c.a for c in calls])
             d_out = spec.space(site.out_space).size
             # a layer off the loss's path receives no gradient: its gradient is exactly zero
             g = _cat_tokens([c.g if c.g is not None else c.a.new_zeros(*c.a.shape[:2], d_out) for c in calls])
+            dtype = torch.promote_types(a.dtype, g.dtype)      # autocast: bf16 outputs of float32 inputs
+            a, g = a.to(dtype), g.to(dtype)
             if self.loss_reduction == "mean":
                 g = g * a.shape[0]
             acts[site.name], grads[site.name] = a, g
             if site.name in self._keep_output:
-                outs[site.name] = _cat_tokens([c.out for c in calls])
+                outs[site.name] = _cat_tokens([c.out for c in calls]).to(dtype)
         result = GradientSet(spec, acts, grads, outs, self.loss_reduction)
         if self.check_finite:
             _check_finite(acts, grads)

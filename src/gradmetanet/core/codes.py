@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
 
-from ..spec import NetworkSpec
+from .spec import NetworkSpec
 
 __all__ = ["neuron_ids", "sinusoidal_codes", "neuron_codes"]
 
@@ -40,12 +38,11 @@ def sinusoidal_codes(ids: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-@lru_cache(maxsize=256)
 def neuron_codes(spec: NetworkSpec, dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> torch.Tensor:
     """``[N, dim]`` positional codes of every neuron of ``spec`` (see :func:`neuron_ids`).
 
-    Cached per spec, size, dtype and device: the codes are constants, and metanetworks inside
-    an optimizer step would otherwise rebuild them every step. Do not modify the result in place.
+    Built on every call (a few microseconds for thousands of neurons) rather than cached: a cached
+    tensor made under ``torch.inference_mode()`` cannot be used in training afterwards.
     """
     return sinusoidal_codes(neuron_ids(spec), dim).to(dtype=dtype, device=device)

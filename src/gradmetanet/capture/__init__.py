@@ -1,0 +1,9 @@
+"""Capture of decomposed per-example gradients: a registry of extractors keyed by module type,
+hooks that record them during an ordinary backward, and a functional extractor for vmap."""
+
+from .functional import functional_factors
+from .hooks import CaptureError, GradientCapture
+from .registry import Extractor, LinearExtractor, extractor_for, register_extractor, registered_types
+
+__all__ = ["CaptureError", "Extractor", "GradientCapture", "LinearExtractor", "extractor_for", "functional_factors",
+           "register_extractor", "registered_types"]

@@ -1,0 +1,105 @@
+"""The functional extractor: decomposed gradients as a pure function, for ``vmap`` and ``torch.func.grad``.
+
+:func:`functional_factors` runs ``model`` with ``torch.func.functional_call`` on given
+parameters, adds a zero *probe* to the output of every site (through the same registry of
+extractors the hooks use) and differentiates the loss with respect to the parameters and the
+probes at once: the probe gradients are the output gradients ``g``. Because it is a pure function
+of tensors, many networks (a zoo, the inner runs of PES) vectorise with ``torch.vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from ..core.spec import NetworkSpec
+from .registry import extractor_for
+
+__all__ = ["functional_factors", "Factors"]
+
+#: ``(loss, param_grads, activations, output_grads, outputs)``, dicts keyed by parameter or site name.
+Factors = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor],
+                dict[str, torch.Tensor]]
+
+
+def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str, torch.Tensor],
+                       inputs: tuple[torch.Tensor, ...], loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                       loss_reduction: str = "mean") -> Factors:
+    """Loss, parameter gradients and per-site factors of ``loss_fn(model(*inputs))`` under ``params``.
+
+    ``model`` supplies the structure (its own parameter values are not used); ``inputs`` are
+    batch-major ``[b, ..., d]``. Returns ``activations[site]: [b, T, d_in]``,
+    ``output_grads[site]: [b, T, d_out]`` (per-example: rescaled by ``b`` for a mean-reduced
+    loss, as the hooks do) and ``outputs[site]`` for sites whose out-space no site reads.
+    """
+    modules = dict(model.named_modules())
+    sites = [(s, modules[s.name]) for s in spec.sites]
+    keep_output = {s.name for s in spec.sites if not spec.readers(s.out_space)}
+    b = inputs[0].shape[0]
+
+    def run(p: Mapping[str, torch.Tensor], probes: dict[str, torch.Tensor]):
+        record: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def make_hook(site_name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                extractor = extractor_for(module)
+                a = extractor.activation(module, args, output)
+                shifted = output + probes[site_name].view_as(output)
+                record[site_name] = (a, shifted)
+                return shifted
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(s.name)) for s, m in sites]
+        try:
+            out = functional_call(model, dict(p), inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        loss = loss_fn(out)
+        acts = {k: a.detach().reshape(b, -1, a.shape[-1]) for k, (a, _) in record.items()}
+        outs = {k: y.detach().reshape(b, -1, y.shape[-1]) for k, (_, y) in record.items() if k in keep_output}
+        return loss, (loss.detach(), acts, outs)
+
+    probes = {k: inputs[0].new_zeros(shape) for k, shape in _probe_shapes(model, spec, params, inputs).items()}
+    (g_params, g_probes), (loss, acts, outs) = grad(run, argnums=(0, 1), has_aux=True)(dict(params), probes)
+    scale = b if loss_reduction == "mean" else 1
+    grads = {k: (g * scale).reshape(b, -1, g.shape[-1]) for k, g in g_probes.items()}
+    return loss, g_params, acts, grads, outs
+
+
+#: (model id, spec, input shapes) -> output shape per site; shapes only, no tensors
+_SHAPES: dict[tuple, dict[str, torch.Size]] = {}
+
+
+def _probe_shapes(model: nn.Module, spec: NetworkSpec, params: Mapping[str, torch.Tensor],
+                  inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Size]:
+    """The output shape of every site on inputs of these shapes (a site's output may carry token axes).
+
+    Found by one forward without gradients the first time a model meets an input shape, then remembered.
+    """
+    key = (id(model), spec.to_json(), tuple((tuple(t.shape), t.dtype) for t in inputs))
+    if key in _SHAPES:
+        return _SHAPES[key]
+    shapes: dict[str, torch.Size] = {}
+    modules = dict(model.named_modules())
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            shapes[name] = output.shape
+        return hook
+
+    handles = [modules[s.name].register_forward_hook(make_hook(s.name)) for s in spec.sites]
+    try:
+        with torch.no_grad():
+            functional_call(model, {k: v.detach() for k, v in params.items()}, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(_SHAPES) > 256:
+        _SHAPES.clear()
+    _SHAPES[key] = shapes
+    return shapes
+

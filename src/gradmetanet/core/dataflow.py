@@ -1,0 +1,401 @@
+"""Build a :class:`NetworkSpec` by following a model's data flow in one dry run.
+
+Every tensor computed from the inputs carries a *node* for its last (feature) axis. A captured
+module (an ``nn.Linear``, or any type with a registered extractor) joins its input's node to
+its in-space and gives its output a fresh out-space node; element-wise functions keep the
+node and restrict its symmetry (ReLU keeps positive scales, tanh / sine keep signs, other
+element-wise functions keep permutations only, a purely linear path keeps GL); adding two
+tensors ties their nodes (a residual stream is one space); shape operations that keep the
+last axis keep the node. Anything the tracer does not know fixes the spaces it touches
+(``Trivial``): an unknown operation may make a symmetry false, never true.
+
+The group of a space is the largest of ``GL``, ``ScalePerm``, ``SignPerm``, ``Perm`` and
+``Trivial`` that commutes with every operation on it (a space that only dropout reads keeps
+both scales and signs; we declare ``ScalePerm``, a subgroup, which is allowed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .groups import GL, Group, Perm, ScalePerm, SignPerm, Trivial
+from .spec import NetworkSpec, Space, UnsupportedModuleError
+
+__all__ = ["trace_spec"]
+
+_ALL = frozenset({"gl", "scale", "sign", "perm"})
+_MONOMIAL = frozenset({"scale", "sign", "perm"})
+_SCALE = frozenset({"scale", "perm"})
+_SIGN = frozenset({"sign", "perm"})
+_PERM = frozenset({"perm"})
+_NONE: frozenset[str] = frozenset()
+
+_HOMOGENEOUS = {"relu", "relu_", "leaky_relu", "leaky_relu_"}
+_ODD = {"tanh", "tanh_", "sin", "sin_", "sinh", "asinh", "atan", "arctan", "hardtanh", "hardtanh_", "softsign",
+        "erf", "neg", "negative", "__neg__", "tanhshrink", "hardshrink", "softshrink"}
+_POINTWISE = {"gelu", "silu", "sigmoid", "sigmoid_", "elu", "elu_", "selu", "celu", "softplus", "mish", "exp", "cos",
+              "abs", "square", "pow", "__pow__", "hardswish", "hardsigmoid", "logsigmoid", "relu6", "sqrt", "log",
+              "log1p", "expm1", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "rsqrt", "reciprocal",
+              "threshold", "cosh", "erfc", "sign", "floor", "ceil", "round", "glu_" , "silu_", "gelu_", "exp_"}
+_SAME = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as", "detach", "requires_grad_",
+         "cpu", "cuda", "type", "positive", "__pos__"}
+_RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "squeeze_", "expand", "expand_as", "view_as",
+            "reshape_as", "repeat", "tile", "broadcast_to"}
+_ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__", "rsub"}
+_MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__",
+        "true_divide"}
+_FEATURE_NORMS = {"softmax", "log_softmax", "layer_norm", "normalize", "rms_norm", "_softmax"}
+_DROPOUT = {"dropout", "dropout_", "feature_alpha_dropout", "alpha_dropout"}
+_NOT_TRACED = {"size", "dim", "numel", "__len__", "is_floating_point", "__bool__", "item", "tolist", "__format__",
+               "__repr__", "__get__", "__set__", "shape", "dtype", "device", "requires_grad", "grad_fn", "is_leaf",
+               "_version", "__hash__", "stride", "data_ptr", "storage_offset", "is_contiguous", "ndim", "ndimension",
+               "__iter__", "__reversed__", "__contains__", "__eq__", "__ne__", "_base", "names", "__index__"}
+
+
+class _Graph:
+    """Union-find over feature-axis nodes, each with the set of symmetries it still allows."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.allowed: list[frozenset[str]] = []
+        self.size: list[int] = []
+
+    def new(self, size: int, allowed: frozenset[str] = _ALL) -> int:
+        self.parent.append(len(self.parent))
+        self.allowed.append(allowed if size > 1 else _NONE)
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> int:
+        i, j = self.find(i), self.find(j)
+        if i != j:
+            if self.size[i] != self.size[j]:
+                raise UnsupportedModuleError(f"internal: tying axes of sizes {self.size[i]} and {self.size[j]}")
+            lo, hi = min(i, j), max(i, j)
+            self.parent[hi] = lo
+            self.allowed[lo] = self.allowed[lo] & self.allowed[hi]
+        return self.find(i)
+
+    def restrict(self, i: int, allowed: frozenset[str]) -> None:
+        r = self.find(i)
+        self.allowed[r] = self.allowed[r] & allowed
+
+    def group(self, i: int) -> Group:
+        allowed = self.allowed[self.find(i)]
+        if "gl" in allowed:
+            return GL()
+        if "scale" in allowed:
+            return ScalePerm()
+        if "sign" in allowed:
+            return SignPerm()
+        if "perm" in allowed:
+            return Perm()
+        return Trivial()
+
+
+def _norm_dim(dim: Any, ndim: int) -> int | None:
+    return dim % ndim if isinstance(dim, int) and ndim else None
+
+
+class _Tracer(TorchFunctionMode):
+    """Records which node every traced tensor's last axis lives on (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
+                 describe: Callable[[nn.Module], tuple[int, int]]) -> None:
+        super().__init__()
+        self.graph = _Graph()
+        self.node: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []           # keeps traced tensors alive so their ids stay unique
+        self.site_modules, self.describe = site_modules, describe
+        self.site_params = {id(p): path for path, m in site_modules.values() for p in m.parameters(recurse=False)}
+        self.inside = 0
+        self.site_nodes: dict[str, tuple[int, int]] = {}
+        self.site_order: list[str] = []
+
+    # ------------------------------------------------------------------ bookkeeping
+    def mark(self, t: torch.Tensor, node: int) -> None:
+        self.node[id(t)] = node
+        self.keep.append(t)
+
+    def node_of(self, t: Any) -> int | None:
+        return self.node.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def fresh_fixed(self, t: torch.Tensor) -> None:
+        self.mark(t, self.graph.new(t.shape[-1] if t.dim() else 1, _NONE))
+
+    # ------------------------------------------------------------------ modules
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self.inside += 1
+
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.inside -= 1
+        path, _ = self.site_modules[id(module)]
+        x = args[0] if args else None
+        in_node = self.node_of(x)
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedModuleError(f"captured module {path!r} returned a {type(output).__name__}, not a tensor")
+        d_in, d_out = self.describe(module)
+        if path not in self.site_nodes:
+            self.site_nodes[path] = (self.graph.new(d_in), self.graph.new(d_out))
+            self.site_order.append(path)
+        site_in, site_out = self.site_nodes[path]
+        if in_node is None:             # input not computed from the model inputs: a constant, fixed
+            self.graph.restrict(site_in, _NONE)
+        else:
+            self.graph.union(in_node, site_in)
+        self.mark(output, site_out)
+
+    # ------------------------------------------------------------------ operations
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.inside:
+            return out
+        name = getattr(func, "__name__", str(func))
+        if name in _NOT_TRACED:
+            return out
+        flat_args, _ = tree_flatten((args, kwargs))
+        for a in flat_args:
+            if isinstance(a, torch.Tensor) and id(a) in self.site_params:
+                path = self.site_params[id(a)]
+                raise UnsupportedModuleError(
+                    f"a parameter of module {path!r} is used outside that module's forward ({name}); its "
+                    "per-example gradient cannot be captured by hooks on the module. Call the module instead.")
+        traced = [a for a in flat_args if self.node_of(a) is not None]
+        if not traced:
+            return out
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        self.apply_rule(name, args, kwargs, traced, outs)
+        return out
+
+    def fix_all(self, traced: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        for t in traced:
+            self.graph.restrict(self.node_of(t), _NONE)
+        for o in outs:
+            self.fresh_fixed(o)
+
+    def keep_node(self, x: torch.Tensor, outs: list[torch.Tensor], allowed: frozenset[str]) -> None:
+        n = self.node_of(x)
+        self.graph.restrict(n, allowed)
+        for o in outs:
+            if o.dim() and x.dim() and o.shape[-1] == x.shape[-1]:
+                self.mark(o, n)
+            else:
+                self.graph.restrict(n, _NONE)
+                self.fresh_fixed(o)
+
+    def apply_rule(self, name: str, args: tuple, kwargs: dict, traced: list[torch.Tensor],
+                   outs: list[torch.Tensor]) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else traced[0]
+        if not x.dim() or not outs:
+            return self.fix_all(traced, outs)
+        last = x.dim() - 1
+        if name in _HOMOGENEOUS:
+            return self.keep_node(x, outs, _SCALE)
+        if name in _ODD:
+            return self.keep_node(x, outs, _SIGN)
+        if name in _POINTWISE or name in _FEATURE_NORMS:
+            return self.keep_node(x, outs, _PERM)
+        if name in _DROPOUT:
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            return self.keep_node(x, outs, _MONOMIAL if training else _ALL)
+        if name in _SAME or name in _RESHAPE:
+            return self.keep_node(x, outs, _ALL)
+        if name in _ADD or name in _MUL:
+            return self.binary(name, args, traced, outs)
+        if name in ("transpose", "swapaxes", "swapdims", "transpose_"):
+            dims = [_norm_dim(d, x.dim()) for d in (list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")])]
+            return self.keep_node(x, outs, _ALL) if last not in dims else self.fix_all(traced, outs)
+        if name in ("permute", "movedim", "moveaxis"):
+            return self.fix_all(traced, outs) if outs[0].shape[-1] != x.shape[-1] or name != "permute" or \
+                _norm_dim(list(_dims(args))[-1], x.dim()) != last else self.keep_node(x, outs, _ALL)
+        if name in ("__getitem__", "narrow", "select", "index_select", "unsqueeze", "chunk", "split", "unbind",
+                    "sum", "mean", "cat", "concat", "concatenate", "stack"):
+            return self.structural(name, args, kwargs, x, traced, outs)
+        return self.fix_all(traced, outs)
+
+    def binary(self, name: str, args: tuple, traced: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        out = outs[0]
+        d = out.shape[-1] if out.dim() else 1
+        full = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.dim() and a.shape[-1] == d and d > 1]
+        traced_full = [a for a in full if self.node_of(a) is not None]
+        constant_full = [a for a in full if self.node_of(a) is None]
+        others = [a for a in args[:2] if a is not None and not any(a is f for f in full)]
+        if constant_full:                       # a fixed per-neuron constant joins: no symmetry survives
+            return self.fix_all(traced, outs)
+        node = traced_full[0] if traced_full else None
+        if node is None:
+            return self.fix_all(traced, outs)
+        n = self.node_of(node)
+        for t in traced_full[1:]:
+            n = self.graph.union(n, self.node_of(t))
+        traced_other = [a for a in others if self.node_of(a) is not None]
+        for t in traced_other:                  # a per-example scalar (last axis 1) broadcast over the neurons
+            self.graph.restrict(self.node_of(t), _NONE)
+        if name in _ADD:
+            allowed = _ALL if not others else _PERM
+        elif len(traced_full) > 1 or name in ("__rtruediv__",):
+            allowed = _PERM
+        elif traced_other:
+            allowed = _MONOMIAL
+        else:
+            allowed = _ALL                      # multiplication by a constant scalar is linear
+        self.graph.restrict(n, allowed)
+        for o in outs:
+            self.mark(o, n)
+
+    def structural(self, name: str, args: tuple, kwargs: dict, x: torch.Tensor, traced: list[torch.Tensor],
+                   outs: list[torch.Tensor]) -> None:
+        last = x.dim() - 1
+        if name == "__getitem__":
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            reaches_last = any(i is Ellipsis for i in index) or \
+                sum(i is not None for i in index) >= x.dim()
+            if reaches_last and not (isinstance(index[-1], slice) and index[-1] == slice(None)):
+                return self.fix_all(traced, outs)
+            return self.keep_node(x, outs, _ALL)
+        if name in ("sum", "mean"):
+            dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            dims = dims if isinstance(dims, (tuple, list)) else [dims]
+            if any(d is None for d in dims) or last in [_norm_dim(d, x.dim()) for d in dims]:
+                return self.fix_all(traced, outs)
+            return self.keep_node(x, outs, _ALL)
+        if name in ("narrow", "select", "index_select", "chunk", "split", "unbind", "unsqueeze"):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 and name in ("narrow", "select", "index_select",
+                                                                              "unsqueeze", "unbind") else
+                             args[2] if len(args) > 2 else 0)
+            if name == "unsqueeze":
+                if _norm_dim(dim, x.dim() + 1) == x.dim():
+                    return self.fix_all(traced, outs)
+            elif _norm_dim(dim, x.dim()) == last:
+                return self.fix_all(traced, outs)
+            return self.keep_node(x, outs, _ALL)
+        # cat / stack: a sequence of tensors and a dim
+        tensors = [t for t in args[0] if isinstance(t, torch.Tensor)]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        ndim = tensors[0].dim() + (1 if name == "stack" else 0)
+        if _norm_dim(dim, ndim) == ndim - 1 or any(self.node_of(t) is None for t in tensors):
+            return self.fix_all(traced, outs)
+        n = self.node_of(tensors[0])
+        for t in tensors[1:]:
+            n = self.graph.union(n, self.node_of(t))
+        for o in outs:
+            self.mark(o, n)
+
+
+def _dims(args: tuple) -> tuple:
+    rest = args[1:]
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+
+
+def _candidate_inputs(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
+                      describe: Callable[[nn.Module], tuple[int, int]]) -> list[tuple[torch.Tensor, ...]]:
+    """Guesses at an input: ``[2, d_in]`` for the ``d_in`` of each captured module, in registration order."""
+    param = next(model.parameters())
+    widths = dict.fromkeys(describe(m)[0] for _, m in site_modules.values())
+    return [(torch.randn(2, d, dtype=param.dtype, device=param.device),) for d in widths]
+
+
+def trace_spec(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> NetworkSpec:
+    """The spec of ``model``, from one forward on ``example_inputs`` (default: ``[2, d_in]`` of its first layer).
+
+    Raises :class:`UnsupportedModuleError` naming any parameterised module that no extractor
+    covers, a captured module's parameter used functionally outside it, and a model without
+    captured modules. Modules that do not run in the dry run are not part of the spec.
+    """
+    from ..capture.registry import extractor_for
+
+    site_modules: dict[int, tuple[str, nn.Module]] = {}
+    for path, module in model.named_modules():
+        extractor = extractor_for(module)
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if extractor is not None:
+            extractor.check_module(path, module)
+            site_modules[id(module)] = (path, module)
+        elif own:
+            raise UnsupportedModuleError(
+                f"module {path or '<root>'!r} ({type(module).__name__}) has parameters {own} that gradmetanet "
+                "cannot describe; supported parameterised modules: "
+                f"{', '.join(t.__name__ for t in _registered_types())}. Capture a subset with "
+                "GradientCapture(model, layers=[...]) to ignore it, or register an extractor for it.")
+    if not site_modules:
+        raise UnsupportedModuleError(f"{type(model).__name__} contains no capturable layer (nn.Linear, or a "
+                                     "module type with a registered extractor)")
+
+    def describe(module: nn.Module) -> tuple[int, int]:
+        return extractor_for(module).widths(module)
+
+    if example_inputs is not None:
+        tracer, output = _trace(model, site_modules, describe, example_inputs)
+    else:
+        errors = []
+        for guess in _candidate_inputs(model, site_modules, describe):
+            try:
+                tracer, output = _trace(model, site_modules, describe, guess)
+                break
+            except UnsupportedModuleError:
+                raise
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                errors.append(f"[2, {guess[0].shape[-1]}]: {err}")
+        else:
+            raise UnsupportedModuleError(f"could not run {type(model).__name__} on a guessed input ({'; '.join(errors)});"
+                                         " pass example_inputs= to NetworkSpec.from_module")
+    graph = tracer.graph
+    for o in tree_flatten(output)[0]:
+        n = tracer.node_of(o)
+        if n is not None:
+            graph.restrict(n, _NONE)
+    names: dict[int, str] = {}
+    spaces: list[Space] = []
+    for path in tracer.site_order:
+        for node in tracer.site_nodes[path]:
+            root = graph.find(node)
+            if root not in names:
+                names[root] = f"s{len(names)}"
+    for root in sorted(names, key=lambda r: int(names[r][1:])):
+        spaces.append(Space(names[root], graph.size[root], graph.group(root)))
+    sites = []
+    by_path = {path: module for path, module in site_modules.values()}
+    for path in tracer.site_order:
+        site_in, site_out = tracer.site_nodes[path]
+        sites.append(extractor_for(by_path[path]).site(path, by_path[path], names[graph.find(site_in)],
+                                                        names[graph.find(site_out)]))
+    return NetworkSpec(tuple(spaces), tuple(sites))
+
+
+def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
+           describe: Callable[[nn.Module], tuple[int, int]], example_inputs: tuple | torch.Tensor) -> tuple[_Tracer, Any]:
+    """One dry run of ``model`` under the tracer (no gradients, the user's RNG untouched)."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    tracer = _Tracer(model, site_modules, describe)
+    handles = []
+    for _, module in site_modules.values():
+        handles.append(module.register_forward_pre_hook(tracer.enter))
+        handles.append(module.register_forward_hook(tracer.leave))
+    try:
+        for t in tree_flatten(inputs)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                tracer.fresh_fixed(t)
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), tracer:
+            output = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return tracer, output
+
+
+def _registered_types() -> list[type]:
+    from ..capture.registry import registered_types
+
+    return registered_types()

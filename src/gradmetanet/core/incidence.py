@@ -1,0 +1,65 @@
+"""Incidence features: what GradMetaNet reads, one row per (site, role, neuron), pooled per neuron.
+
+A site reads the activations of its in-space (role ``"in"``, channel 0) and writes output
+gradients on its out-space (role ``"out"``, channel 1). A neuron's feature in a channel is the
+mean of every incidence that reaches it, a segment mean over the contiguous slice of its space:
+a residual neuron read by several sites gathers all their activations, as the paper stacks
+residual features. The two slots no site fills are chosen so: a space nobody writes (the inputs)
+has a zero gradient channel; a space nobody reads (the outputs) takes the recorded network
+output as its activation. On an MLP chain every neuron has one reader and one writer, and the
+result is the chain's ``[b T, N, 2]`` exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .spec import NetworkSpec
+
+__all__ = ["neuron_tensor", "incidence_counts"]
+
+
+def incidence_counts(spec: NetworkSpec) -> dict[str, tuple[int, int]]:
+    """Space name -> ``(readers, writers)``: how many sites read and write it."""
+    return {s.name: (len(spec.readers(s.name)), len(spec.writers(s.name))) for s in spec.spaces}
+
+
+def neuron_tensor(spec: NetworkSpec, activations: Mapping[str, torch.Tensor], output_grads: Mapping[str, torch.Tensor],
+                  outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[*lead, b T, N, 2]`` neuron features from per-site ``a: [*lead, b, T, d_in]`` and ``g: [*lead, b, T, d_out]``.
+
+    Channel 0 is the mean activation read from the neuron, channel 1 the mean gradient written to
+    it; ``outputs`` (site -> ``[*lead, b, T, d_out]``) fill the activation of spaces nobody reads.
+    Works under ``vmap`` (no in-place writes into captured tensors).
+    """
+    counts = incidence_counts(spec)
+    per_space = []
+    for space in spec.spaces:
+        readers, writers = spec.readers(space.name), spec.writers(space.name)
+        n_read, n_write = counts[space.name]
+        if n_read:
+            act = _mean([activations[s.name] for s in readers], space.name, "activations")
+        else:
+            recorded = [outputs[s.name] for s in writers if s.name in outputs]
+            if not recorded:
+                raise ValueError(f"space {space.name!r} has no reader and no recorded output")
+            act = _mean(recorded, space.name, "outputs")
+        grad = _mean([output_grads[s.name] for s in writers], space.name, "gradients") if n_write else None
+        if grad is not None and grad.shape != act.shape:
+            raise ValueError(f"space {space.name!r}: activation {list(act.shape)} and gradient "
+                             f"{list(grad.shape)} disagree on examples or tokens")
+        grad = torch.zeros_like(act) if grad is None else grad.to(act.dtype)
+        per_space.append(torch.stack([act, grad], -1).flatten(-4, -3))
+    return torch.cat(per_space, -2)
+
+
+def _mean(tensors: list[torch.Tensor], space: str, what: str) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"space {space!r}: the sites that touch it record {what} of different shapes "
+                         f"{sorted(shapes)} (a site used a different number of times)")
+    return torch.stack(tensors).mean(0)

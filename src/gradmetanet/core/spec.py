@@ -1,0 +1,356 @@
+"""Network specs: spaces with groups, parameters with axes, sites with a kind.
+
+- A :class:`Space` is a named axis of neurons with a :class:`~gradmetanet.core.groups.Group`
+  (the inputs of an MLP: ``Trivial``; a ReLU hidden layer: ``ScalePerm``). Two parameters that
+  name the same space are tied by it (a residual stream, a layer used twice).
+- A :class:`Parameter` is a tensor of the network with one :class:`Axis` label per axis: the
+  ``row``, ``col`` or ``diag`` of a space, or ``fixed`` (kernel taps).
+- A :class:`Site` is a map whose per-example gradient factors are captured; its ``kind``
+  (``"linear"``) selects the extractor. A linear site ``y = W x + b`` declares the parameters
+  ``W: (row out, col in)`` and ``b: (row out)``.
+
+One rule moves everything by a group element ``g_s`` of every space: rows ``rho(g) W``, columns
+``W rho(g)^-1``, diagonals by the permutation part; activations ``rho(g) a``, output gradients
+``rho(g)^-T g``. A spec is *true* for a model when loading ``transform_parameters(params, g)``
+leaves the model's function unchanged, for every element ``g``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, Sequence
+
+import torch
+
+from .groups import (GL, Element, Group, Identity, Monomial, Perm, ScalePerm, SignPerm, Trivial,
+                     group_from_json)
+
+__all__ = ["Space", "Axis", "Parameter", "Site", "NetworkSpec", "SpecElement", "UnsupportedModuleError",
+           "group_of_activation", "ChannelRole"]
+
+#: One element per space name (spaces left out act by the identity).
+SpecElement = dict[str, Element]
+#: How a feature channel on neurons moves: like activations (``rho``) or like gradients (``rho^-T``).
+ChannelRole = Literal["act", "grad"]
+
+
+class UnsupportedModuleError(TypeError):
+    """A base network contains a module or an operation that gradmetanet cannot describe."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """An axis of ``size`` neurons on which ``group`` acts."""
+
+    name: str
+    size: int
+    group: Group = field(default_factory=Trivial)
+
+    @property
+    def permutable(self) -> bool:
+        """Whether the group moves neurons at all (everything but ``Trivial``)."""
+        return self.group.name != "trivial"
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a parameter: ``role`` is ``row``, ``col`` or ``diag`` of ``space``, or ``fixed`` of ``size``."""
+
+    role: Literal["row", "col", "diag", "fixed"]
+    space: str | None = None
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.role == "fixed":
+            if self.size is None or self.space is not None:
+                raise ValueError("a fixed axis has a size and no space")
+        elif self.role in ("row", "col", "diag"):
+            if self.space is None:
+                raise ValueError(f"a {self.role} axis names its space")
+        else:
+            raise ValueError(f"unknown axis role {self.role!r}; choose row, col, diag or fixed")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A tensor of the network (``name`` as in ``model.named_parameters()``) and its axis labels."""
+
+    name: str
+    axes: tuple[Axis, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    """A captured map of ``kind`` (``"linear"``) from ``in_space`` to ``out_space``.
+
+    ``name`` is the module path (``"0"``, ``"encoder.fc1"``); ``weight`` and ``bias`` are
+    parameter names as in ``model.named_parameters()``.
+    """
+
+    name: str
+    in_space: str
+    out_space: str
+    weight: str
+    bias: str | None
+    kind: str = "linear"
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    def parameters(self) -> tuple[Parameter, ...]:
+        """The parameters this site declares (a linear site: weight ``(row out, col in)``, bias ``(row out)``)."""
+        params = [Parameter(self.weight, (Axis("row", self.out_space), Axis("col", self.in_space)))]
+        if self.bias is not None:
+            params.append(Parameter(self.bias, (Axis("row", self.out_space),)))
+        return tuple(params)
+
+
+_ACTIVATION_GROUPS: dict[str, type[Group]] = {
+    "relu": ScalePerm, "relu_inplace": ScalePerm, "leaky_relu": ScalePerm,
+    "tanh": SignPerm, "sine": SignPerm, "sin": SignPerm,
+}
+
+
+def group_of_activation(name: str | None) -> Group:
+    """The group of a hidden space read by the element-wise activation ``name``.
+
+    ReLU / LeakyReLU (positively homogeneous) -> ``ScalePerm``; tanh / sine (odd) -> ``SignPerm``;
+    any other element-wise function -> ``Perm``; no activation (a linear hidden layer) -> ``GL``.
+    """
+    if name is None:
+        return GL()
+    return _ACTIVATION_GROUPS.get(name, Perm)()
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Spaces, parameters and sites of a base network (see the module docstring).
+
+    ``parameters`` defaults to those the sites declare; pass extra ones (a LayerNorm gain on a
+    ``diag`` axis) to add them. A parameter named by two sites (tied weights) must carry the
+    same axes in both.
+    """
+
+    spaces: tuple[Space, ...]
+    sites: tuple[Site, ...]
+    parameters: tuple[Parameter, ...] = ()
+    _space_index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = {s.name: i for i, s in enumerate(self.spaces)}
+        if len(index) != len(self.spaces):
+            raise ValueError("NetworkSpec: space names must be unique")
+        if len({s.name for s in self.sites}) != len(self.sites):
+            raise ValueError("NetworkSpec: site names must be unique")
+        params: dict[str, Parameter] = {}
+        for p in [q for site in self.sites for q in site.parameters()] + list(self.parameters):
+            if p.name in params and params[p.name] != p:
+                raise ValueError(f"NetworkSpec: parameter {p.name!r} is declared with two different axis labelings")
+            params[p.name] = p
+        for p in params.values():
+            for axis in p.axes:
+                if axis.space is not None and axis.space not in index:
+                    raise ValueError(f"NetworkSpec: parameter {p.name!r} refers to unknown space {axis.space!r}")
+        for site in self.sites:
+            for space in (site.in_space, site.out_space):
+                if space not in index:
+                    raise ValueError(f"NetworkSpec: site {site.name!r} refers to unknown space {space!r}")
+        object.__setattr__(self, "parameters", tuple(params.values()))
+        object.__setattr__(self, "_space_index", index)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def chain(cls, sizes: Iterable[int], site_names: Iterable[str] | None = None,
+              bias: bool | Iterable[bool] = True, activation: str | None = "any",
+              groups: Sequence[Group] | None = None) -> "NetworkSpec":
+        """The spec of an MLP ``d0 -> d1 -> ... -> dL`` whose layers are named ``site_names``.
+
+        Spaces are ``s0 .. sL``; ``s0`` (inputs) and ``sL`` (outputs) are ``Trivial``. Hidden
+        spaces get ``groups`` (one per hidden space) or the group of ``activation``
+        (:func:`group_of_activation`); the default ``"any"`` gives ``Perm``, true for every
+        element-wise activation.
+        """
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"an MLP chain needs at least two widths, got {sizes}")
+        n_layers = len(sizes) - 1
+        names = [str(i) for i in range(n_layers)] if site_names is None else list(site_names)
+        biases = [bias] * n_layers if isinstance(bias, bool) else list(bias)
+        hidden = list(groups) if groups is not None else [group_of_activation(activation)] * (n_layers - 1)
+        if len(names) != n_layers or len(biases) != n_layers or len(hidden) != n_layers - 1:
+            raise ValueError("chain: need one site name and one bias flag per layer, one group per hidden space")
+        all_groups = [Trivial()] + hidden + [Trivial()]
+        spaces = tuple(Space(f"s{l}", int(d), g) for l, (d, g) in enumerate(zip(sizes, all_groups)))
+        sites = tuple(
+            Site(name, f"s{l}", f"s{l + 1}", f"{name}.weight" if name else "weight",
+                 (f"{name}.bias" if name else "bias") if has_bias else None)
+            for l, (name, has_bias) in enumerate(zip(names, biases))
+        )
+        return cls(spaces, sites)
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, example_inputs: tuple | torch.Tensor | None = None
+                    ) -> "NetworkSpec":
+        """Describe ``model`` by following its data flow in one dry run (see :mod:`gradmetanet.core.dataflow`)."""
+        from .dataflow import trace_spec
+
+        return trace_spec(model, example_inputs)
+
+    @classmethod
+    def independent(cls, named_sites: Iterable[tuple[str, int, int, bool]]) -> "NetworkSpec":
+        """Sites ``(path, d_in, d_out, has_bias)`` with their own ``Trivial`` spaces: no symmetry is assumed.
+
+        Used when only a subset of a model's layers is captured, whose symmetry is unknown.
+        """
+        spaces: list[Space] = []
+        sites: list[Site] = []
+        for path, d_in, d_out, has_bias in named_sites:
+            spaces += [Space(f"{path}:in", d_in), Space(f"{path}:out", d_out)]
+            sites.append(Site(path, f"{path}:in", f"{path}:out", f"{path}.weight",
+                              f"{path}.bias" if has_bias else None))
+        return cls(tuple(spaces), tuple(sites))
+
+    # ------------------------------------------------------------------ queries
+    def space(self, name: str) -> Space:
+        if name not in self._space_index:
+            raise KeyError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
+        return self.spaces[self._space_index[name]]
+
+    @property
+    def n_neurons(self) -> int:
+        return sum(s.size for s in self.spaces)
+
+    @property
+    def n_params(self) -> int:
+        return sum(shape.numel() for shape in self.param_shapes().values())
+
+    def site(self, name: str) -> Site:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(f"no site named {name!r}; sites: {[s.name for s in self.sites]}")
+
+    def parameter(self, name: str) -> Parameter:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(f"no parameter named {name!r}; parameters: {[p.name for p in self.parameters]}")
+
+    def param_shapes(self) -> dict[str, torch.Size]:
+        """Parameter name -> shape, in declaration order (site by site, weight before bias)."""
+        return {p.name: torch.Size([self.space(a.space).size if a.space else a.size for a in p.axes])
+                for p in self.parameters}
+
+    def readers(self, space: str) -> list[Site]:
+        return [s for s in self.sites if s.in_space == space]
+
+    def writers(self, space: str) -> list[Site]:
+        return [s for s in self.sites if s.out_space == space]
+
+    def space_slices(self) -> dict[str, slice]:
+        """Space name -> its slice of the concatenated neuron axis."""
+        slices, offset = {}, 0
+        for s in self.spaces:
+            slices[s.name] = slice(offset, offset + s.size)
+            offset += s.size
+        return slices
+
+    # ------------------------------------------------------------------ symmetry
+    def sample(self, generator: torch.Generator | None = None) -> SpecElement:
+        """A random element of every space's group (float64 factors; spaces absent act by the identity)."""
+        return {s.name: s.group.sample(s.size, generator) for s in self.spaces if s.permutable}
+
+    def identity(self) -> SpecElement:
+        return {}
+
+    def transform_parameters(self, params: Mapping[str, torch.Tensor], element: Mapping[str, Element],
+                             leading: int = 0) -> dict[str, torch.Tensor]:
+        """Move parameters (or weight-space features) by ``element``.
+
+        ``params[name]`` is ``[*lead, *param.shape, *trail]`` with ``leading`` axes before the
+        parameter's own (features may trail). Rows: ``rho(g) W``; columns: ``W rho(g)^-1``;
+        diagonals: the permutation part of ``g``. Names that are not parameters of the spec pass through.
+        """
+        out = dict(params)
+        for p in self.parameters:
+            if p.name not in out:
+                continue
+            t = out[p.name]
+            for i, axis in enumerate(p.axes):
+                g = element.get(axis.space) if axis.space is not None else None
+                if g is None:
+                    continue
+                dim = leading + i
+                if axis.role == "row":
+                    t = g.act(t, dim)
+                elif axis.role == "col":
+                    t = g.act_inverse_transpose(t, dim)
+                else:
+                    t = g.permute_only(t, dim)
+            out[p.name] = t
+        return out
+
+    def transform_neurons(self, x: torch.Tensor, element: Mapping[str, Element], dim: int = -2,
+                          roles: Sequence[ChannelRole] | None = None) -> torch.Tensor:
+        """Move a neuron tensor ``[..., N, ..., f]`` (all spaces concatenated along ``dim``) by ``element``.
+
+        ``roles[c]`` says how channel ``c`` (the last axis) moves: ``"act"`` (``rho``) or ``"grad"``
+        (``rho^-T``); ``None`` moves every channel like activations.
+        """
+        dim = dim % x.dim()
+        if dim == x.dim() - 1 and roles is not None:
+            raise ValueError("channel roles need the neuron axis before the channel axis")
+        parts = []
+        for space, sl in zip(self.spaces, self.space_slices().values()):
+            block = x.narrow(dim, sl.start, sl.stop - sl.start)
+            g = element.get(space.name)
+            if g is not None:
+                if roles is None or all(r == "act" for r in roles):
+                    block = g.act(block, dim)
+                else:
+                    channels = [g.act(block[..., c:c + 1], dim) if r == "act" else
+                                g.act_inverse_transpose(block[..., c:c + 1], dim) for c, r in enumerate(roles)]
+                    block = torch.cat(channels, -1)
+            parts.append(block)
+        return torch.cat(parts, dim)
+
+    def permutation_part(self, element: Mapping[str, Element]) -> SpecElement:
+        """The permutations of ``element`` alone (what models that respect only permutations see)."""
+        out: SpecElement = {}
+        for name, g in element.items():
+            if isinstance(g, Monomial):
+                out[name] = Monomial(g.perm)
+            elif not isinstance(g, Identity):
+                raise ValueError(f"the element on space {name!r} is not monomial; it has no permutation part")
+        return out
+
+    # ------------------------------------------------------------------ serialisation
+    def to_json(self) -> str:
+        def axis(a: Axis) -> list:
+            return [a.role, a.space if a.space is not None else a.size]
+
+        own = {p.name for site in self.sites for p in site.parameters()}
+        return json.dumps({
+            "version": 2,
+            "spaces": [[s.name, s.size, s.group.to_json()] for s in self.spaces],
+            "sites": [[s.name, s.kind, s.in_space, s.out_space, s.weight, s.bias] for s in self.sites],
+            "parameters": [[p.name, [axis(a) for a in p.axes]] for p in self.parameters if p.name not in own],
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> "NetworkSpec":
+        """Inverse of :meth:`to_json`; also reads the version-1 layout (spaces ``[name, size, permutable]``)."""
+        data = json.loads(text)
+        if data.get("version") != 2:                      # version 1: a bool per space, sites without kind
+            spaces = tuple(Space(n, int(d), Perm() if p else Trivial()) for n, d, p in data["spaces"])
+            return cls(spaces, tuple(Site(*site) for site in data["sites"]))
+
+        def axis(role: str, value) -> Axis:
+            return Axis(role, size=int(value)) if role == "fixed" else Axis(role, value)
+
+        spaces = tuple(Space(n, int(d), group_from_json(g)) for n, d, g in data["spaces"])
+        sites = tuple(Site(name, i, o, w, b, kind) for name, kind, i, o, w, b in data["sites"])
+        params = tuple(Parameter(n, tuple(axis(*a) for a in axes)) for n, axes in data.get("parameters", []))
+        return cls(spaces, sites, params)
