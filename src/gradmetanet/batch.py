@@ -84,6 +84,11 @@ class GradientBatch:
         params = None if self.params is None else {k: v.to(*args, **kwargs) for k, v in self.params.items()}
         return GradientBatch(self.spec, self.features.to(*args, **kwargs), params, self.tokens)
 
+    def select(self, index: torch.Tensor | slice) -> "GradientBatch":
+        """The networks ``index`` (a slice, index tensor or boolean mask) of the batch."""
+        params = None if self.params is None else {k: v[index] for k, v in self.params.items()}
+        return GradientBatch(self.spec, self.features[index], params, self.tokens)
+
     def transform(self, element: SpecElement, example_perm: torch.Tensor | None = None) -> "GradientBatch":
         """Move raw ``(a, g)`` features (channel 0 like activations, 1 like gradients) and the parameters by
         ``element``, and optionally permute the examples. Features with other channels: use

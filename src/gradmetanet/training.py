@@ -1,4 +1,8 @@
-"""Supervised training of a metanetwork with best-validation model selection."""
+"""Supervised training of a metanetwork with best-validation model selection.
+
+:func:`fit` is the user-facing loop (a :class:`~gradmetanet.GradientBatch` of your networks and one
+target row per network); :func:`fit_regression` is the index-based loop the experiments share.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-__all__ = ["FitResult", "fit_regression", "evaluate_mse"]
+from .batch import GradientBatch
+from .weightspace.features import flatten_weights
+
+__all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse"]
 
 #: ``predict(model, indices) -> [len(indices), P]`` predictions in normalised target units.
 Predictor = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -72,3 +80,31 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     result.best_epoch, result.best_val = best_epoch, best_val
     result.test = evaluate_mse(model, predict, test_idx, targets)
     return result
+
+
+def fit(model: nn.Module, inputs: GradientBatch, targets: torch.Tensor, epochs: int = 50, batch_size: int = 32,
+        lr: float = 1e-3, val_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> FitResult:
+    """Train ``model`` to map network ``i`` of ``inputs`` to ``targets[i]`` (``[M, K]``) by MSE with Adam.
+
+    A weight-space output ``{param: [B, *shape, C]}`` is compared flattened in the spec's parameter
+    order (:func:`~gradmetanet.weightspace.flatten_weights`, so build targets with it), an
+    invariant output ``[B, K]`` as it is. A seeded ``val_fraction`` of the networks is held out;
+    the model keeps its best-validation weights, and ``FitResult.test`` is that held-out error.
+    Normalise inputs and targets first (:class:`~gradmetanet.nn.NeuronNormaliser`).
+    """
+    if targets.dim() != 2 or targets.shape[0] != inputs.features.shape[0]:
+        raise ValueError(f"targets must be [M, K] with one row per network ({inputs.features.shape[0]}), "
+                         f"got {list(targets.shape)}")
+    n_val = max(1, int(round(val_fraction * len(targets))))
+    if n_val >= len(targets):
+        raise ValueError(f"{len(targets)} networks leave nothing to train on with val_fraction={val_fraction}")
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+
+    def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        out = m(inputs.select(idx))
+        return flatten_weights(out, inputs.spec) if isinstance(out, dict) else out.flatten(1)
+
+    with tqdm(total=epochs, desc="fit", unit="epoch", disable=not progress) as bar:
+        return fit_regression(model, predict, targets, train_idx, val_idx, val_idx, epochs, batch_size, lr, seed,
+                              on_epoch=lambda epoch, val: (bar.update(), bar.set_postfix(val_mse=f"{val:.4g}")))

@@ -43,6 +43,7 @@ _POINTWISE = {"gelu", "silu", "sigmoid", "sigmoid_", "elu", "elu_", "selu", "cel
               "log1p", "expm1", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "rsqrt", "reciprocal",
               "threshold", "cosh", "erfc", "sign", "floor", "ceil", "round", "glu_" , "silu_", "gelu_", "exp_"}
 _SAME = {"contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type_as", "detach", "requires_grad_",
+         "data",
          "cpu", "cuda", "type", "positive", "__pos__"}
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "squeeze_", "expand", "expand_as", "view_as",
             "reshape_as", "repeat", "tile", "broadcast_to"}
@@ -53,6 +54,7 @@ _FEATURE_NORMS = {"softmax", "log_softmax", "layer_norm", "normalize", "rms_norm
 _DROPOUT = {"dropout", "dropout_", "feature_alpha_dropout", "alpha_dropout"}
 _NOT_TRACED = {"size", "dim", "numel", "__len__", "is_floating_point", "__bool__", "item", "tolist", "__format__",
                "__repr__", "__get__", "__set__", "shape", "dtype", "device", "requires_grad", "grad_fn", "is_leaf",
+               "grad", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta", "output_nr",
                "_version", "__hash__", "stride", "data_ptr", "storage_offset", "is_contiguous", "ndim", "ndimension",
                "__iter__", "__reversed__", "__contains__", "__eq__", "__ne__", "_base", "names", "__index__"}
 
@@ -163,6 +165,8 @@ class _Tracer(TorchFunctionMode):
         if self.inside:
             return out
         name = getattr(func, "__name__", str(func))
+        if name in ("__get__", "__set__"):          # a property: T, mT, data, shape, ...
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
         if name in _NOT_TRACED:
             return out
         flat_args, _ = tree_flatten((args, kwargs))

@@ -9,9 +9,9 @@ points. Target: the Fisher diagonal of the unit-variance Gaussian regression mod
 ``diag F = mean_k (grad f(x'_k))^2``, from ``target_points`` independent points. The standard
 estimator is the same formula on the ``set_size`` input points.
 
-Generation is vectorised over networks: a batched functional forward pass keeps every
-pre-activation, and one ``torch.autograd.grad`` call returns ``df/du`` for all networks and
-points at once (what :class:`~gradmetanet.GradientCapture` records layer by layer).
+Generation is vectorised over networks: the functional extractor
+(:func:`~gradmetanet.capture.functional_factors`, what :class:`~gradmetanet.GradientCapture`
+records with hooks) runs under ``torch.vmap`` over a chunk of networks.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace
 from ..basenets import Sine
+from ..capture.functional import functional_factors
+from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 
 __all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "siren_module", "siren_spec",
@@ -80,39 +82,44 @@ class SirenZoo:
 
 
 def siren_spec(widths: tuple[int, ...]) -> NetworkSpec:
-    """The spec of :func:`siren_module` (linear layers at ``0, 2, 4, ...``)."""
-    return NetworkSpec.chain(widths, [str(2 * i) for i in range(len(widths) - 1)])
+    """The spec of :func:`siren_module` (linear layers at ``0, 2, 4, ...``; sine spaces are ``SignPerm``)."""
+    return NetworkSpec.chain(widths, [str(2 * i) for i in range(len(widths) - 1)], activation="sine")
 
 
-def siren_module(params: dict[str, torch.Tensor], widths: tuple[int, ...], omega_0: float) -> torch.nn.Sequential:
-    """An ``nn.Sequential`` SIREN holding one network's parameters (for checks and plots)."""
+def siren_template(widths: tuple[int, ...], omega_0: float) -> torch.nn.Sequential:
+    """An ``nn.Sequential`` SIREN of these widths (linear layers at ``0, 2, 4, ...``), default-initialised."""
     layers: list[torch.nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(torch.nn.Linear(d_in, d_out))
         if i < len(widths) - 2:
             layers.append(Sine(omega_0))
-    model = torch.nn.Sequential(*layers).to(next(iter(params.values())).dtype)
+    return torch.nn.Sequential(*layers)
+
+
+def siren_module(params: dict[str, torch.Tensor], widths: tuple[int, ...], omega_0: float) -> torch.nn.Sequential:
+    """A SIREN holding one network's parameters (for checks and plots)."""
+    model = siren_template(widths, omega_0).to(next(iter(params.values())).dtype)
     model.load_state_dict(params)
     return model
 
 
-def siren_factors(params: dict[str, torch.Tensor], x: torch.Tensor, spec: NetworkSpec, omega_0: float
+def siren_factors(params: dict[str, torch.Tensor], x: torch.Tensor, widths: tuple[int, ...], omega_0: float
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Inputs ``a_l [M, n, d_in]`` and output gradients ``g_l [M, n, d_out]`` of every layer, and ``f [M, n]``.
+    """Factors of the output gradient of ``M`` SIRENs at ``n`` scalar points each, by the functional extractor.
 
-    ``params[name]: [M, *shape]``; ``x: [M, n]`` scalar inputs. ``g_l = d f / d u_l`` for each
-    network and point, from one autograd call (the outputs of different points do not interact).
+    ``params[name]: [M, *shape]``, ``x: [M, n]``. Returns per site (spec order) ``a [M, n, d_in]`` and
+    ``g = df/du [M, n, d_out]``, and the neuron features ``[M, n, N, 2]`` (incidence features).
     """
-    a = x.unsqueeze(-1)
-    acts, pre = [], []
-    for i, site in enumerate(spec.sites):
-        acts.append(a)
-        u = (torch.einsum("mni,moi->mno", a, params[site.weight]) + params[site.bias].unsqueeze(1)).requires_grad_()
-        pre.append(u)
-        a = torch.sin(omega_0 * u) if i < len(spec.sites) - 1 else u
-    out = a.squeeze(-1)
-    grads = torch.autograd.grad(out.sum(), pre)
-    return [t.detach() for t in acts], [g.detach() for g in grads], out.detach()
+    spec = siren_spec(widths)
+    template = siren_template(widths, omega_0).to(x.dtype)
+
+    def one(p: dict[str, torch.Tensor], points: torch.Tensor):
+        _, _, acts, grads, outs = functional_factors(template, spec, p, (points.unsqueeze(-1),),
+                                                     lambda f: f.sum(), loss_reduction="sum")
+        return acts, grads, neuron_tensor(spec, acts, grads, outs)
+
+    acts, grads, feats = torch.vmap(one)(params, x)
+    return ([acts[s.name][:, :, 0] for s in spec.sites], [grads[s.name][:, :, 0] for s in spec.sites], feats)
 
 
 def _fisher_from_factors(acts: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
@@ -145,25 +152,13 @@ def generate_siren_zoo(config: SirenZooConfig, chunk: int = 250, progress: bool 
     for start in tqdm(range(0, M, chunk), desc="SIREN zoo", unit="chunk", disable=not progress):
         sl = slice(start, start + chunk)
         chunk_params = {k: v[sl] for k, v in params.items()}
-        acts, grads, out = siren_factors(chunk_params, points[sl], spec, config.omega_0)
+        acts, grads, features = siren_factors(chunk_params, points[sl], config.widths, config.omega_0)
         standards.append(_fisher_from_factors(acts, grads))
-        feats.append(_space_features(spec, acts, grads, out))
-        t_acts, t_grads, _ = siren_factors(chunk_params, target_inputs[sl], spec, config.omega_0)
+        feats.append(features)
+        t_acts, t_grads, _ = siren_factors(chunk_params, target_inputs[sl], config.widths, config.omega_0)
         targets.append(_fisher_from_factors(t_acts, t_grads))
     return SirenZoo(config, {k: v.float() for k, v in params.items()}, points.float(), target_inputs.float(),
                     torch.cat(feats).float(), torch.cat(targets).float(), torch.cat(standards).float())
-
-
-def _space_features(spec: NetworkSpec, acts: list[torch.Tensor], grads: list[torch.Tensor],
-                    out: torch.Tensor) -> torch.Tensor:
-    """``[M, n, N, 2]`` neuron features, with the edge slots chosen as in ``GradientSet.neuron_features``."""
-    per_space = []
-    n_sites = len(spec.sites)
-    for l, _ in enumerate(spec.spaces):
-        act = acts[l] if l < n_sites else out.unsqueeze(-1)
-        grad = grads[l - 1] if l > 0 else torch.zeros_like(act)
-        per_space.append(torch.stack([act, grad], -1))
-    return torch.cat(per_space, 2)
 
 
 def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathLike | None,

@@ -25,8 +25,9 @@ from ..atomic import atomic_write_text
 from ..batch import GradientBatch
 from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
-from ..nn.baselines import weight_space_inputs
 from ..core.spec import NetworkSpec
+from ..nn.baselines import weight_space_inputs
+from ..nn.normalise import NeuronNormaliser, WeightSpaceNormaliser
 from ..training import fit_regression
 from . import apply_preset, mean_std
 
@@ -117,35 +118,20 @@ class _Prepared:
     targets: torch.Tensor             # [M, P] normalised by one scalar mean and std
     target_mean: float
     target_std: float
-    ws_stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
-
-
-def _feature_stats(features: torch.Tensor, spec: NetworkSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-neuron mean and std ``[N, 2]``, shared within each space and channel (train statistics)."""
-    mean = torch.empty(spec.n_neurons, features.shape[-1])
-    std = torch.empty_like(mean)
-    for sl in spec.space_slices().values():
-        block = features[:, :, sl]
-        mean[sl] = block.mean((0, 1, 2))
-        std[sl] = block.std((0, 1, 2)).clamp_min(1e-6)
-    return mean, std
-
-
-def _ws_stats(raw: torch.Tensor, spec: NetworkSpec, mode: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-parameter-tensor mean and std of weight-space inputs (weights and biases separately)."""
-    inputs = weight_space_inputs(GradientBatch(spec, raw), mode)
-    return {k: (v.mean(), v.std().clamp_min(1e-12)) for k, v in inputs.items()}
+    ws_normalisers: dict[str, WeightSpaceNormaliser]
 
 
 def _prepare(zoo: SirenZoo, train_idx: torch.Tensor) -> _Prepared:
+    """Inputs per space and channel (:class:`NeuronNormaliser`), weight-space inputs per parameter tensor,
+    targets by one scalar mean and std; all statistics from the training networks."""
     spec = zoo.spec
-    mean, std = _feature_stats(zoo.features[train_idx], spec)
+    features = NeuronNormaliser(spec).fit(zoo.features[train_idx])(zoo.features)
     t_train = zoo.target[train_idx]
     t_mean, t_std = t_train.mean().item(), t_train.std().item()
-    sample = train_idx[:256]
-    ws_stats = {mode: _ws_stats(zoo.features[sample], spec, mode) for mode in ("concat", "average")}
-    return _Prepared(spec, (zoo.features - mean) / std, zoo.features, (zoo.target - t_mean) / t_std,
-                     t_mean, t_std, ws_stats)
+    sample = zoo.features[train_idx[:256]]
+    ws = {mode: WeightSpaceNormaliser(spec).fit(weight_space_inputs(GradientBatch(spec, sample), mode))
+          for mode in ("concat", "average")}
+    return _Prepared(spec, features, zoo.features, (zoo.target - t_mean) / t_std, t_mean, t_std, ws)
 
 
 def _predictor(key: str, data: _Prepared, device: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
@@ -156,12 +142,10 @@ def _predictor(key: str, data: _Prepared, device: str) -> Callable[[nn.Module, t
 
     if key.startswith("ws_"):
         mode = key.split("_")[1]
-        stats = data.ws_stats[mode]
+        normalise = data.ws_normalisers[mode].to(device)
 
         def predict(model, idx):
-            x = weight_space_inputs(GradientBatch(data.spec, data.raw[idx].to(device)), mode)
-            x = {k: (v - stats[k][0].to(device)) / stats[k][1].to(device) for k, v in x.items()}
-            return flat(model(x))
+            return flat(model(normalise(weight_space_inputs(GradientBatch(data.spec, data.raw[idx].to(device)), mode))))
         return predict
 
     def predict(model, idx):

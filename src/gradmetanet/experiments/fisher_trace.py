@@ -29,6 +29,7 @@ from ..batch import GradientBatch
 from ..capture import GradientCapture
 from ..nn import GradMetaNet
 from ..nn.layers import MLP
+from ..nn.normalise import NeuronNormaliser
 from ..core.spec import NetworkSpec
 from ..training import fit_regression
 from . import apply_preset
@@ -95,7 +96,7 @@ def make_zoo(config: FisherTraceConfig, progress: bool = True) -> tuple[NetworkS
         x = torch.randn(config.set_size, config.input_dim, generator=gen) * input_scale
         with GradientCapture(model, loss_reduction="sum") as cap:
             model(x).sum().backward()
-        feats.append(torch.cat(list(cap.gradients.neuron_features().values()), 1))
+        feats.append(cap.gradients.neuron_tensor())
         x_target = torch.randn(config.target_points, config.input_dim, generator=gen) * input_scale
         targets.append(_log_trace(model, x_target))
     return NetworkSpec.from_module(make_mlp(sizes, "tanh")), torch.stack(feats), torch.tensor(targets)
@@ -120,9 +121,7 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
     n_tr, n_va = config.n_train, config.n_val
     train, val, test = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va),
                         torch.arange(n_tr + n_va, len(targets)))
-    f_mean = feats[train].mean((0, 1), keepdim=True)
-    f_std = feats[train].std((0, 1), keepdim=True).clamp_min(1e-6)
-    feats = (feats - f_mean) / f_std
+    feats = NeuronNormaliser(spec, per_fixed_neuron=True).fit(feats[train])(feats)    # per space, as the model
     t_mean, t_std = targets[train].mean(), targets[train].std()
     y = ((targets - t_mean) / t_std).unsqueeze(1)
     constant_mae = (targets[test] - t_mean).abs().mean().item()

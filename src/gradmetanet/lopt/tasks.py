@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from torch.func import grad
+from torch.func import functional_call
 
 from ..basenets import make_mlp
 from ..data import load_digits_split
 from ..data.image_files import load_cifar, load_fashion_mnist
+from ..capture.functional import functional_factors
+from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 
 __all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
@@ -94,19 +96,22 @@ class MLPClassificationTask(Task):
         self.hidden, self.batch_size = hidden, batch_size
         self.in_dim = x_train.shape[1]
         self.classes = int(max(y_train.max(), y_test.max())) + 1
-        self.spec = NetworkSpec.from_module(self.make_model())
+        self.model = self.make_model()                   # the structure; parameters come from each run
+        self.spec = NetworkSpec.from_module(self.model)
 
     def make_model(self) -> torch.nn.Sequential:
         """The ``nn.Sequential`` this task trains, for ordinary (non-functional) training loops."""
         return make_mlp([self.in_dim, self.hidden, self.classes], "relu")
 
     def init_params(self, n: int, generator: torch.Generator) -> Params:
-        def uniform(shape, fan_in):
-            bound = 1.0 / math.sqrt(fan_in)
-            return (torch.rand(n, *shape, generator=generator) * 2 - 1) * bound
-        d, h, c = self.in_dim, self.hidden, self.classes
-        return {"0.weight": uniform((h, d), d), "0.bias": uniform((h,), d),
-                "2.weight": uniform((c, h), h), "2.bias": uniform((c,), h)}
+        """PyTorch's default ``nn.Linear`` initialisation, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, for ``n`` runs."""
+        params = {}
+        for site in self.spec.sites:
+            fan_in = self.spec.space(site.in_space).size
+            for name in (site.weight, site.bias) if site.bias else (site.weight,):
+                shape = self.spec.param_shapes()[name]
+                params[name] = (torch.rand(n, *shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+        return params
 
     def sample_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(self.x_train), (n, self.batch_size), generator=generator)
@@ -118,36 +123,18 @@ class MLPClassificationTask(Task):
         idx = torch.randint(len(self.x_val), (n, self.batch_size), generator=generator)
         return self.x_val[idx], self.y_val[idx]
 
-    def _forward(self, params: Params, x: torch.Tensor, shifts: tuple[torch.Tensor, torch.Tensor]):
-        """Logits, with ``shifts`` added to the pre-activations (their gradient is ``g``), and the activations."""
-        u1 = x @ params["0.weight"].T + params["0.bias"] + shifts[0]
-        a1 = F.relu(u1)
-        u2 = a1 @ params["2.weight"].T + params["2.bias"] + shifts[1]
-        return u2, a1
-
     def loss(self, params: Params, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = batch
-        zeros = (x.new_zeros(x.shape[0], self.hidden), x.new_zeros(x.shape[0], self.classes))
-        return F.cross_entropy(self._forward(params, x, zeros)[0], y)
+        return F.cross_entropy(functional_call(self.model, params, (x,)), y)
 
     def grads_and_features(self, params: Params, batch: tuple[torch.Tensor, ...]
                            ) -> tuple[Params, torch.Tensor, torch.Tensor]:
-        """Parameter gradients, neuron features ``[b, N, 2]`` laid out as ``GradientSet.neuron_features``,
-        and the batch loss."""
+        """Parameter gradients, neuron features ``[b, N, 2]`` (incidence features, as
+        ``GradientSet.neuron_tensor``) and the batch loss, by the functional extractor."""
         x, y = batch
-        b = x.shape[0]
-
-        def loss_and_acts(p, shifts):
-            logits, a1 = self._forward(p, x, shifts)
-            loss = F.cross_entropy(logits, y)
-            return loss, (a1, logits, loss)
-
-        shifts = (x.new_zeros(b, self.hidden), x.new_zeros(b, self.classes))
-        (g_params, g_shifts), (a1, logits, loss) = grad(loss_and_acts, argnums=(0, 1), has_aux=True)(params, shifts)
-        g1, g2 = (b * g for g in g_shifts)          # per-example gradients of a batch-mean loss
-        feats = torch.cat([torch.stack([x, torch.zeros_like(x)], -1), torch.stack([a1, g1], -1),
-                           torch.stack([logits, g2], -1)], dim=1)
-        return g_params, feats, loss.detach()
+        loss, g_params, acts, grads, outs = functional_factors(self.model, self.spec, params, (x,),
+                                                               lambda logits: F.cross_entropy(logits, y))
+        return g_params, neuron_tensor(self.spec, acts, grads, outs), loss
 
 
 class DigitsMLPTask(MLPClassificationTask):
