@@ -33,7 +33,7 @@ def run_capture_demo(batch_size: int = 128, hidden: int = 32, seed: int = 0) -> 
         F.cross_entropy(model(x), y).backward()
     gs = cap.gradients
     print(f"base network: {model}")
-    print(f"spec: {[(s.name, s.size, 'permutable' if s.permutable else 'fixed') for s in gs.spec.spaces]}")
+    print(f"spec: {[(s.name, s.size, s.group.name) for s in gs.spec.spaces]}")
     for site in gs.spec.sites:
         print(f"  site {site.name!r}: a {list(gs.activations[site.name].shape)}, "
               f"g {list(gs.output_grads[site.name].shape)}")

@@ -10,8 +10,9 @@ A tensor hook (rather than ``register_full_backward_hook``) is used because it t
 in-place activations after the layer (``nn.ReLU(inplace=True)``): the hook sees the gradient
 with respect to the value the layer produced, which is what the weight gradient needs.
 
-The batch axis of a site is 0, or 1 when the nearest enclosing module with a ``batch_first``
-attribute has ``batch_first=False`` (PyTorch's transformer layers); ``batch_dim=`` overrides it.
+The batch axis of a site is 0, or 1 when the nearest enclosing module that has (or whose direct
+child has) a ``batch_first`` attribute has it ``False`` (PyTorch's transformer layers keep it in
+``self_attn``); ``batch_dim=`` overrides it.
 """
 
 from __future__ import annotations
@@ -52,13 +53,23 @@ class _Target:
     batch_dim: int
 
 
+def _batch_first(module: nn.Module) -> bool | None:
+    """The module's ``batch_first``, or that of a direct child (a transformer layer keeps it in ``self_attn``)."""
+    if isinstance(getattr(module, "batch_first", None), bool):
+        return module.batch_first
+    for child in module.children():
+        if isinstance(getattr(child, "batch_first", None), bool):
+            return child.batch_first
+    return None
+
+
 def _batch_dim_of(model: nn.Module, path: str) -> int:
-    """1 when the nearest ancestor (or the module) with ``batch_first`` has it ``False``, else 0."""
+    """1 when the nearest enclosing module that knows a ``batch_first`` has it ``False``, else 0."""
     parts = path.split(".") if path else []
     for depth in range(len(parts), -1, -1):
-        module = model.get_submodule(".".join(parts[:depth]))
-        if hasattr(module, "batch_first"):
-            return 0 if module.batch_first else 1
+        flag = _batch_first(model.get_submodule(".".join(parts[:depth])))
+        if flag is not None:
+            return 0 if flag else 1
     return 0
 
 

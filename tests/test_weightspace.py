@@ -1,0 +1,96 @@
+"""Weight-space features, depth-free weight-space layers and the normalisers, through the symmetry harness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradmetanet import NetworkSpec
+from gradmetanet.basenets import make_mlp
+from gradmetanet.nn import NeuronNormaliser, WeightSpaceNormaliser
+from gradmetanet.weightspace import WeightSpaceFeatures, WeightSpaceLayer, flatten_weights, unflatten_weights
+from symmetry import check_symmetry
+
+
+def random_features(spec: NetworkSpec, B: int = 3, C: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(B, *s, C, generator=gen, dtype=torch.float64) for k, s in spec.param_shapes().items()}
+
+
+def move_ws(x, element, spec):
+    return spec.transform_parameters(x, element, leading=1)
+
+
+@pytest.mark.parametrize("sizes", [[3, 7, 2], [4, 6, 6, 5, 6, 3]], ids=["depth2", "depth5"])
+def test_one_weight_space_layer_runs_at_depth_2_and_5_and_is_equivariant(sizes):
+    torch.manual_seed(0)
+    layer = WeightSpaceLayer(4, 5).double()              # the same parameters at every depth
+    n_params = sum(p.numel() for p in layer.parameters())
+    spec = NetworkSpec.chain(sizes)
+    x = WeightSpaceFeatures(spec, random_features(spec))
+    out = layer(x.tensors, spec)
+    assert {k: v.shape[1:-1] for k, v in out.items()} == dict(spec.param_shapes())
+    breakers = ("fixed", "swap") if len(set(sizes[1:-1])) < len(sizes[1:-1]) else ("fixed",)
+
+    def move_in(f: WeightSpaceFeatures, element, sp):       # features carry the spec a breaker relabels
+        return WeightSpaceFeatures(sp, sp.transform_parameters(f.tensors, element, leading=1))
+
+    with torch.no_grad():
+        check_symmetry(spec, lambda f: layer(f.tensors, f.spec), x, move_in, move_ws, group="perm",
+                       sensitivity=breakers)
+    assert sum(p.numel() for p in layer.parameters()) == n_params
+
+
+def test_weight_space_features_convert_and_move():
+    spec = NetworkSpec.from_module(make_mlp([3, 5, 2]))
+    nets = [make_mlp([3, 5, 2]) for _ in range(4)]
+    dicts = [dict(reversed(list(n.state_dict().items()))) for n in nets]       # any key order
+    feats = WeightSpaceFeatures.from_state_dicts(spec, dicts)
+    assert feats.batch_size == 4 and feats.channels == 1
+    for net, sd in zip(nets, feats.state_dicts()):
+        for k, v in net.state_dict().items():
+            assert torch.equal(sd[k], v)
+    flat = feats.flatten()
+    assert flat.shape == (4, spec.n_params)
+    assert torch.equal(WeightSpaceFeatures.unflatten(spec, flat).flatten(), flat)
+    assert torch.equal(flatten_weights(unflatten_weights(flat, spec), spec), flat)
+    w, b = feats.to_nfn()
+    assert w[0].shape == (4, 1, 5, 3) and b[1].shape == (4, 1, 2)
+    assert torch.equal(WeightSpaceFeatures.from_nfn(spec, w, b).flatten(), flat)
+    w, b = feats.to_dws()
+    assert w[0].shape == (4, 3, 5, 1) and b[0].shape == (4, 5, 1)
+    assert torch.equal(WeightSpaceFeatures.from_dws(spec, w, b).flatten(), flat)
+    assert torch.equal((feats + feats * 2).flatten(), 3 * flat)
+    g = spec.sample(torch.Generator().manual_seed(0))
+    moved = feats.apply(g).state_dicts()[0]
+    model = make_mlp([3, 5, 2])
+    model.load_state_dict(moved)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(model(x), nets[0](x), atol=1e-5, rtol=1e-5)    # a true symmetry (ReLU: scales)
+    with pytest.raises(KeyError, match="no parameter '2.bias'"):
+        WeightSpaceFeatures.from_state_dicts(spec, [{k: v for k, v in dicts[0].items() if k != "2.bias"}])
+
+
+def test_normalisers_respect_the_groups():
+    """Statistics shared within permutable spaces: normalising commutes with hidden permutations. Per-neuron
+    statistics (what the fisher-trace experiment used) do not, and the harness sees it."""
+    spec = NetworkSpec.chain([3, 6, 5, 2])
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(20, 8, spec.n_neurons, 2, generator=gen, dtype=torch.float64) * \
+        torch.rand(spec.n_neurons, 2, generator=gen, dtype=torch.float64) * 5
+    norm = NeuronNormaliser(spec, per_fixed_neuron=True).double().fit(feats)
+
+    def move(x, element, sp):
+        return sp.transform_neurons(x, element, dim=-2)
+
+    check_symmetry(spec, norm, feats, move, move, group="perm", sensitivity=("fixed",))
+    per_neuron = NeuronNormaliser(spec).double()
+    per_neuron.mean.copy_(feats.mean((0, 1)))
+    per_neuron.std.copy_(feats.std((0, 1)))
+    with pytest.raises(AssertionError, match="not equivariant"):
+        check_symmetry(spec, per_neuron, feats, move, move, group="perm")
+    torch.testing.assert_close(norm.inverse(norm(feats)), feats)
+    ws = random_features(spec)
+    ws_norm = WeightSpaceNormaliser(spec).double().fit(ws)
+    check_symmetry(spec, ws_norm, ws, move_ws, move_ws)
+    assert abs(ws_norm(ws)["0.weight"].std().item() - 1) < 1e-9
