@@ -23,6 +23,7 @@ def reference(model: nn.Module, x: torch.Tensor, loss_one, batch_dim: int = 0) -
     return vmap(grad(one), in_dims=(None, batch_dim))(params, x)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_transformer_layer_linears_use_the_batch_axis_of_their_module(batch_first):
     """PyTorch's default batch_first=False used to give gradients over the *sequence* axis (7 'examples' for

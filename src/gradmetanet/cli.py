@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (overrides the preset)")
     run.add_argument("--meta-only", action="store_true",
                      help="lopt: only meta-train (resumable; e.g. one process per optimizer with --set optimizers=...)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="PyTorch CPU threads (default: PyTorch's, which follows OMP_NUM_THREADS); 1 is fastest "
+                          "for these small kernels when another process shares the cores")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                      help="override a config field, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
 
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        import torch
+        torch.set_num_threads(args.threads)
     if args.command == "demo":
         from .demo import run_capture_demo
         run_capture_demo(batch_size=args.batch_size, seed=args.seed)

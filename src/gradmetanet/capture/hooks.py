@@ -17,6 +17,7 @@ child has) a ``batch_first`` attribute has it ``False`` (PyTorch's transformer l
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -51,6 +52,27 @@ class _Target:
     module: nn.Module
     extractor: Extractor
     batch_dim: int
+
+
+#: model -> (its structure, its traced spec): tracing once per model, not once per captured step
+_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NetworkSpec]] = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What the traced spec depends on: module paths, types, parameter shapes and training flags."""
+    return tuple((path, type(m), m.training, tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False)))
+                 for path, m in model.named_modules())
+
+
+def traced_spec(model: nn.Module) -> NetworkSpec:
+    """:meth:`NetworkSpec.from_module`, remembered per model while its structure stays the same."""
+    structure = _structure(model)
+    cached = _TRACED.get(model)
+    if cached is not None and cached[0] == structure:
+        return cached[1]
+    spec = NetworkSpec.from_module(model)
+    _TRACED[model] = (structure, spec)
+    return spec
 
 
 def _batch_first(module: nn.Module) -> bool | None:
@@ -122,12 +144,13 @@ class GradientCapture:
             self.spec = NetworkSpec.independent(
                 (p, *extractor_for(m).widths(m), getattr(m, "bias", None) is not None) for p, m in named)
         else:
-            self.spec = NetworkSpec.from_module(model) if spec is None else spec
+            self.spec = traced_spec(model) if spec is None else spec
             named = self._resolve_layers(model, [s.name for s in self.spec.sites])
             self._check_widths(named)
         self._targets = [_Target(p, m, extractor_for(m), _batch_dim_of(model, p) if batch_dim is None else batch_dim)
                          for p, m in named]
         self._keep_output = {s.name for s in self.spec.sites if not self.spec.readers(s.out_space)}
+        self._batch_norms = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, list[_Call]] = {}
         self._active = False
@@ -177,8 +200,7 @@ class GradientCapture:
         self.reset()
         self._handles = [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self._targets]
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
-        self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm(p)) for p, m in self.model.named_modules()
-                          if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm(p)) for p, m in self._batch_norms]
         self._active = True
         return self
 
