@@ -222,12 +222,16 @@ def test_set_layer_with_codes_equals_concatenated_codes(reduction):
 
 
 def test_chain_outputs_identical_to_version_0_1():
-    """Incidence features and the new spec leave GradMetaNet / GradMetaNet++ outputs on MLP chains bit for bit
-    as version 0.1 computed them (reference file made with that version, fixed seeds)."""
+    """Incidence features and the new spec leave GradMetaNet / GradMetaNet++ outputs on MLP chains as version 0.1
+    computed them (reference file made with that version, fixed seeds): features bit for bit, outputs bit for
+    bit at the same thread count and to float64 rounding (1e-12) at another (BLAS sums in another order)."""
     from safetensors.torch import load_file
 
     from chain_reference import REFERENCE, compute_outputs
     reference, now = load_file(str(REFERENCE)), compute_outputs()
     assert reference.keys() == now.keys()
     for key, value in reference.items():
-        assert torch.equal(now[key], value), key
+        if key.endswith("/features"):
+            assert torch.equal(now[key], value), key
+        else:
+            torch.testing.assert_close(now[key], value, atol=1e-12, rtol=1e-12, msg=key)

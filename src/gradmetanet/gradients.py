@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_replace
 from .core.incidence import neuron_tensor
 from .core.spec import NetworkSpec, SpecElement
+from .errors import CaptureError
 
 __all__ = ["GradientSet", "LossReduction"]
 
@@ -51,6 +52,7 @@ class GradientSet:
     output_grads: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_reduction: LossReduction = "mean"
+    _unchecked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
@@ -107,7 +109,28 @@ class GradientSet:
         """Bytes that dense per-example gradients ``[b, P]`` of the same dtype would take."""
         return self.batch_size * self.spec.n_params * next(iter(self.activations.values())).element_size()
 
+    def verify_finite(self) -> None:
+        """Raise :class:`~gradmetanet.CaptureError` if a factor holds NaN or infinity. A capture leaves the check
+        to the first view (every view calls this), so the training step itself never waits for it.
+
+        One reduction per tensor and one host synchronisation: a sum is finite whenever every term is
+        (an overflowing sum of finite terms is then ruled in or out tensor by tensor).
+        """
+        if not self._unchecked:
+            return
+        self._unchecked = False
+        tensors = [*self.activations.values(), *self.output_grads.values()]
+        if bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
+            return
+        named = [(f"activations at layer {k!r}", t) for k, t in self.activations.items()]
+        named += [(f"gradients at layer {k!r}", t) for k, t in self.output_grads.items()]
+        for what, t in named:
+            if not bool(torch.isfinite(t).all()):
+                raise CaptureError(f"non-finite {what} (NaN or inf) captured; check the loss and the inputs "
+                                   "(or pass check_finite=False)")
+
     def _map(self, fn) -> "GradientSet":
+        self.verify_finite()
         return GradientSet(self.spec, {k: fn(v) for k, v in self.activations.items()},
                            {k: fn(v) for k, v in self.output_grads.items()},
                            {k: fn(v) for k, v in self.outputs.items()}, self.loss_reduction)
@@ -123,6 +146,7 @@ class GradientSet:
     def transform(self, element: SpecElement) -> "GradientSet":
         """Move the factors by a group element of every space: ``a <- rho(g) a``, ``g <- rho(g)^-T g``,
         recorded outputs ``<- rho(g) out`` (what the parameters moved by ``spec.transform_parameters`` produce)."""
+        self.verify_finite()
         acts, grads, outs = {}, {}, {}
         for site in self.spec.sites:
             g_in, g_out = element.get(site.in_space), element.get(site.out_space)
@@ -140,6 +164,7 @@ class GradientSet:
 
         This materialises ``b x P`` numbers: meant for checks and dense baselines.
         """
+        self.verify_finite()
         grads: dict[str, torch.Tensor] = {}
         for site in self.spec.sites:
             a, g = self.activations[site.name], self.output_grads[site.name]
@@ -150,6 +175,7 @@ class GradientSet:
 
     def mean_grad(self) -> dict[str, torch.Tensor]:
         """The batch gradient, equal to ``param.grad`` after the captured backward."""
+        self.verify_finite()
         scale = 1.0 / self.batch_size if self.loss_reduction == "mean" else 1.0
         grads: dict[str, torch.Tensor] = {}
         for site in self.spec.sites:
@@ -166,6 +192,7 @@ class GradientSet:
         gradients; with ``T > 1`` the square of a sum of ``T`` outer products is formed in chunks
         of examples of bounded size.
         """
+        self.verify_finite()
         fisher: dict[str, torch.Tensor] = {}
         b = self.batch_size
         for site in self.spec.sites:
@@ -200,11 +227,13 @@ class GradientSet:
     def neuron_tensor(self) -> torch.Tensor:
         """``[b * T, N, 2]``: :meth:`neuron_features` of every space, concatenated in the spec's order
         (incidence features, :func:`gradmetanet.core.incidence.neuron_tensor`: what a metanetwork reads)."""
+        self.verify_finite()
         return neuron_tensor(self.spec, self.activations, self.output_grads, self.outputs)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the factors and the spec to a safetensors file (atomically)."""
+        self.verify_finite()
         tensors = {f"a/{k}": v.contiguous() for k, v in self.activations.items()}
         tensors |= {f"g/{k}": v.contiguous() for k, v in self.output_grads.items()}
         tensors |= {f"out/{k}": v.contiguous() for k, v in self.outputs.items()}

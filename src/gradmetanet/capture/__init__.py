@@ -2,7 +2,8 @@
 hooks that record them during an ordinary backward, and a functional extractor for vmap."""
 
 from .functional import functional_factors
-from .hooks import CaptureError, GradientCapture
+from ..errors import CaptureError
+from .hooks import GradientCapture
 from .registry import Extractor, LinearExtractor, extractor_for, register_extractor, registered_types
 
 __all__ = ["CaptureError", "Extractor", "GradientCapture", "LinearExtractor", "extractor_for", "functional_factors",
