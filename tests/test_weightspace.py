@@ -94,3 +94,59 @@ def test_normalisers_respect_the_groups():
     ws_norm = WeightSpaceNormaliser(spec).double().fit(ws)
     check_symmetry(spec, ws_norm, ws, move_ws, move_ws)
     assert abs(ws_norm(ws)["0.weight"].std().item() - 1) < 1e-9
+
+
+def test_unf_rule_and_its_file_run_at_any_depth(tmp_path):
+    """The UNF update rule shares its weight-space weights by parameter kind: one rule file steps MLPs of
+    depth 2 and 4 (version 0.1 built one set of weights per layer position)."""
+    import torch.nn.functional as F
+
+    from gradmetanet.lopt import NetworkOptimizer, load_rule, save_rule, unf_rule
+
+    torch.manual_seed(0)
+    rule = unf_rule(beta=0.1)
+    save_rule(rule, "unf", tmp_path / "unf.safetensors")
+    for sizes in ([5, 8, 3], [5, 8, 6, 7, 3]):
+        model = make_mlp(sizes, "tanh")
+        opt = NetworkOptimizer(model, load_rule(tmp_path / "unf.safetensors"))
+        x, y = torch.randn(16, 5), torch.randint(3, (16,))
+        before = F.cross_entropy(model(x), y).item()
+        for _ in range(20):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert F.cross_entropy(model(x), y).item() < before
+
+
+def test_no_cached_tensors_survive_inference_mode():
+    """Constants are built per call: evaluating under inference_mode, then training, works."""
+    from gradmetanet import GradientBatch
+    from gradmetanet.nn import GradMetaNet
+
+    spec = NetworkSpec.chain([3, 5, 2])
+    batch = GradientBatch(spec, torch.randn(2, 4, spec.n_neurons, 2))
+    model = GradMetaNet(hidden=8)
+    with torch.inference_mode():
+        model(batch)
+    loss = sum(v.square().sum() for v in model(batch).values())
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gradient_batch_rebuilds_per_example_gradients_of_token_sequences():
+    import torch.nn.functional as F
+
+    from gradmetanet import GradientBatch, GradientCapture
+
+    torch.manual_seed(0)
+    model = make_mlp([4, 6, 3]).double()
+    x = torch.randn(5, 7, 4, dtype=torch.float64)                 # 5 examples of 7 tokens
+    with GradientCapture(model) as cap:
+        F.mse_loss(model(x), torch.zeros(5, 7, 3, dtype=torch.float64)).backward()
+    gs = cap.gradients
+    batch = GradientBatch.from_gradient_sets([gs, gs])
+    assert batch.tokens == 7 and batch.features.shape[1] == 35
+    for name, value in gs.per_example_grads().items():
+        torch.testing.assert_close(batch.per_example_grads()[name][1], value)
+    with pytest.raises(ValueError, match="empty"):
+        GradientBatch(batch.spec, batch.features[:, :0])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import torch
 
+from .constants import ConstantCache
 from .spec import NetworkSpec
+
+_CODES = ConstantCache()
 
 __all__ = ["neuron_ids", "sinusoidal_codes", "neuron_codes"]
 
@@ -42,7 +45,9 @@ def neuron_codes(spec: NetworkSpec, dim: int, dtype: torch.dtype = torch.float32
                  device: torch.device | str | None = None) -> torch.Tensor:
     """``[N, dim]`` positional codes of every neuron of ``spec`` (see :func:`neuron_ids`).
 
-    Built on every call (a few microseconds for thousands of neurons) rather than cached: a cached
-    tensor made under ``torch.inference_mode()`` cannot be used in training afterwards.
+    Kept per spec, size, dtype and device (:class:`~gradmetanet.core.constants.ConstantCache`):
+    metanetworks inside an optimizer step would otherwise rebuild them every step. Do not modify
+    the result in place.
     """
-    return sinusoidal_codes(neuron_ids(spec), dim).to(dtype=dtype, device=device)
+    return _CODES.get((spec, dim, dtype, str(device)),
+                      lambda: sinusoidal_codes(neuron_ids(spec), dim).to(dtype=dtype, device=device))

@@ -97,9 +97,9 @@ def build_model(key: str, spec: NetworkSpec, set_size: int) -> nn.Module:
     if key == "batch_asym":
         return BatchAsymmetric(set_size, hidden=16, set_layers=2, neuron_layers=2, pe_dim=8)
     if key == "ws_concat":
-        return WeightSpaceNet(spec, in_channels=set_size, hidden=8, layers=3, mode="concat")
+        return WeightSpaceNet(spec, in_channels=set_size, hidden=16, layers=3, mode="concat")
     if key == "ws_average":
-        return WeightSpaceNet(spec, in_channels=1, hidden=16, layers=3, mode="average")
+        return WeightSpaceNet(spec, in_channels=1, hidden=32, layers=3, mode="average")
     raise ValueError(f"unknown model {key!r}; choose from {list(MODEL_KEYS)}")
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ..core.constants import ConstantCache
 from .layout import Segments, segment_rms_normalise
+
+_CONSTANTS = ConstantCache()
 
 __all__ = ["MOMENTUM_DECAYS", "TIME_SCALES", "N_FEATURES", "time_features", "parameter_features",
            "update_momenta"]
@@ -22,8 +25,8 @@ N_FEATURES = 2 + len(MOMENTUM_DECAYS) + len(TIME_SCALES)
 
 
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    """A small constant vector, built per call (a cached tensor would break after ``torch.inference_mode()``)."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    """A small constant vector, kept per dtype and device (not rebuilt every optimizer step)."""
+    return _CONSTANTS.get((values, dtype, str(device)), lambda: torch.tensor(values, dtype=dtype, device=device))
 
 
 def time_features(step: int | torch.Tensor, dtype: torch.dtype = torch.float32,

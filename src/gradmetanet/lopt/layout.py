@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import torch
 
+from ..core.constants import ConstantCache
+
+_SEGMENTS = ConstantCache()
+
 __all__ = ["FlatLayout", "Segments", "segment_rms_normalise"]
 
 
@@ -63,8 +67,11 @@ class Segments:
 
     @classmethod
     def of(cls, sizes: tuple[int, ...], device: torch.device | str | None = None) -> "Segments":
-        sizes_t = torch.tensor(sizes, device=device)
-        return cls(torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t), sizes_t)
+        """The segments of consecutive blocks of ``sizes`` (kept per sizes and device: a step reuses them)."""
+        def build() -> "Segments":
+            sizes_t = torch.tensor(sizes, device=device)
+            return cls(torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t), sizes_t)
+        return _SEGMENTS.get((tuple(sizes), str(device)), build)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """``[S, f]``: the mean of ``x [P, f]`` over each segment."""
