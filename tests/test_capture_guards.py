@@ -153,3 +153,28 @@ def test_hooks_functional_and_torch_func_agree(tokens):
     for name in ref:
         torch.testing.assert_close(per_example[name], ref[name], atol=1e-10, rtol=0)
         torch.testing.assert_close(functional.per_example_grads()[name], ref[name], atol=1e-10, rtol=0)
+
+
+class BatchSoftmax(nn.Module):
+    """A softmax over the examples (dim 0) between two layers: every example's output depends on the others."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a, self.b, self.dim = nn.Linear(3, 4), nn.Linear(4, 2), dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.softmax(self.a(x), self.dim))
+
+
+def test_a_forward_that_mixes_the_examples_is_refused():
+    with pytest.raises(CaptureError, match="softmax over dim 0"):
+        GradientCapture(BatchSoftmax(0))
+    spec = NetworkSpec.from_module(BatchSoftmax(-1))        # over the neurons: a permutation symmetry, no coupling
+    assert spec.space("s1").group.name == "perm"
+    model = BatchSoftmax(-1).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with GradientCapture(model, loss_reduction="sum") as cap:
+        model(x).square().sum().backward()
+    ref = reference(model, x, lambda out: out.square().sum())
+    for name, value in cap.gradients.per_example_grads().items():
+        torch.testing.assert_close(value, ref[name], atol=1e-10, rtol=0)

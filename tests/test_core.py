@@ -216,3 +216,26 @@ def test_capture_takes_a_hand_written_spec():
     torch.testing.assert_close(feats[..., 0], expected)
     with pytest.raises(ValueError, match="widths"):
         GradientCapture(model, spec=NetworkSpec.chain([3, 5, 5, 5, 2], ["l0", "l1", "l2", "l3"]))
+
+
+@pytest.mark.parametrize("activation", [nn.Softmax(-1), nn.GELU(), nn.LeakyReLU(0.1), nn.Dropout(0.0)],
+                         ids=lambda m: type(m).__name__)
+def test_traced_groups_are_true_symmetries(activation):
+    """Softmax over the neurons and GELU keep permutations, LeakyReLU positive scales: the harness proves each
+    traced group true, and where the group is only Perm, a scale is shown not to be a symmetry."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), activation, nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    spec = NetworkSpec.from_module(model)
+    x = torch.randn(9, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    # a space only dropout reads keeps every non-zero scale (we declare ScalePerm, a subgroup): a negative
+    # scale is then a true symmetry, not a breaker
+    homogeneous = spec.space("s1").group.name == "scale_perm" and not isinstance(activation, nn.Dropout)
+    check_symmetry(spec, model_function(model, x), params, move_params, lambda y, g, sp: y, trials=3,
+                   sensitivity=("fixed", "negative_scale") if homogeneous else ("fixed",))
+    if spec.space("s1").group.name == "perm":
+        scaled = NetworkSpec(tuple(Space(s.name, s.size, ScalePerm() if s.name == "s1" else s.group)
+                                   for s in spec.spaces), spec.sites)
+        g = {"s1": scaled.sample(torch.Generator().manual_seed(1))["s1"]}
+        moved = scaled.transform_parameters(params, g)
+        assert not torch.allclose(model_function(model, x)(moved), model_function(model, x)(params))

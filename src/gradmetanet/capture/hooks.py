@@ -24,6 +24,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..core.dataflow import Trace, trace
 from ..core.spec import NetworkSpec, UnsupportedModuleError
 from ..errors import CaptureError
 from ..gradients import GradientSet, LossReduction
@@ -51,8 +52,8 @@ class _Target:
     batch_dim: int
 
 
-#: model -> (its structure, its traced spec): tracing once per model, not once per captured step
-_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NetworkSpec]] = weakref.WeakKeyDictionary()
+#: model -> (its structure, its trace): tracing once per model, not once per captured step
+_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Trace]] = weakref.WeakKeyDictionary()
 
 
 def _structure(model: nn.Module) -> tuple:
@@ -62,14 +63,20 @@ def _structure(model: nn.Module) -> tuple:
 
 
 def traced_spec(model: nn.Module) -> NetworkSpec:
-    """:meth:`NetworkSpec.from_module`, remembered per model while its structure stays the same."""
+    """:meth:`NetworkSpec.from_module`, remembered per model while its structure stays the same; refuses a
+    model whose forward mixes the examples of a batch."""
     structure = _structure(model)
     cached = _TRACED.get(model)
-    if cached is not None and cached[0] == structure:
-        return cached[1]
-    spec = NetworkSpec.from_module(model)
-    _TRACED[model] = (structure, spec)
-    return spec
+    if cached is None or cached[0] != structure:
+        cached = (structure, trace(model))
+        _TRACED[model] = cached
+    found = cached[1]
+    if found.couplings:
+        raise CaptureError(f"the forward of {type(model).__name__} mixes the examples of a batch "
+                           f"({', '.join(found.couplings)}): one example's output depends on the others, so "
+                           "per-example gradients are not defined. Remove the coupling (e.g. GroupNorm instead of "
+                           "batch statistics) or capture a subset of layers with layers=[...] if you are sure.")
+    return found.spec
 
 
 def _batch_first(module: nn.Module) -> bool | None:

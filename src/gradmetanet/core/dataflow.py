@@ -16,6 +16,7 @@ both scales and signs; we declare ``ScalePerm``, a subgroup, which is allowed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from .groups import GL, Group, Perm, ScalePerm, SignPerm, Trivial
 from .spec import NetworkSpec, Space, UnsupportedModuleError
 
-__all__ = ["trace_spec"]
+__all__ = ["Trace", "trace", "trace_spec"]
 
 _ALL = frozenset({"gl", "scale", "sign", "perm"})
 _MONOMIAL = frozenset({"scale", "sign", "perm"})
@@ -52,6 +53,9 @@ _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__true
         "true_divide"}
 _FEATURE_NORMS = {"softmax", "log_softmax", "layer_norm", "normalize", "rms_norm", "_softmax"}
 _DROPOUT = {"dropout", "dropout_", "feature_alpha_dropout", "alpha_dropout"}
+#: Operations that mix the entries of the axis they are given: over the examples they couple the batch.
+_MIXING = {"sum", "mean", "std", "var", "amax", "amin", "max", "min", "logsumexp", "norm", "softmax", "log_softmax",
+           "_softmax", "cumsum", "cumprod", "std_mean", "var_mean", "median", "sort", "argsort", "topk"}
 _NOT_TRACED = {"size", "dim", "numel", "__len__", "is_floating_point", "__bool__", "item", "tolist", "__format__",
                "__repr__", "__get__", "__set__", "shape", "dtype", "device", "requires_grad", "grad_fn", "is_leaf",
                "grad", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta", "output_nr",
@@ -124,6 +128,8 @@ class _Tracer(TorchFunctionMode):
         self.inside = 0
         self.site_nodes: dict[str, tuple[int, int]] = {}
         self.site_order: list[str] = []
+        self.couplings: list[str] = []
+        self.batch_size: int | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     def mark(self, t: torch.Tensor, node: int) -> None:
@@ -179,9 +185,24 @@ class _Tracer(TorchFunctionMode):
         traced = [a for a in flat_args if self.node_of(a) is not None]
         if not traced:
             return out
+        self.check_coupling(name, args, kwargs, traced)
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         self.apply_rule(name, args, kwargs, traced, outs)
         return out
+
+    def check_coupling(self, name: str, args: tuple, kwargs: dict, traced: list[torch.Tensor]) -> None:
+        """Record operations that mix the examples of a ``[b, d]`` tensor (the batch axis is then 0 for sure)."""
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in ("batch_norm", "instance_norm") and (kwargs.get("training") or (len(args) > 5 and args[5] is True)):
+            self.couplings.append(f"{name} with batch statistics")
+        if x is None or x.dim() != 2 or x.shape[0] != self.batch_size or self.node_of(x) is None or name not in _MIXING:
+            return
+        dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], (int, tuple, list)) else None)
+        dims = dim if isinstance(dim, (tuple, list)) else [dim]
+        if name in ("sum", "mean", "std", "var", "amax", "amin", "logsumexp", "norm") and dim is None:
+            return                       # a reduction of everything: the model returns a scalar, its own loss
+        if any(_norm_dim(d, 2) == 0 for d in dims):
+            self.couplings.append(f"{name} over dim 0 (the examples)")
 
     def fix_all(self, traced: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         for t in traced:
@@ -311,9 +332,24 @@ def _candidate_inputs(model: nn.Module, site_modules: dict[int, tuple[str, nn.Mo
     return [(torch.randn(2, d, dtype=param.dtype, device=param.device),) for d in widths]
 
 
-def trace_spec(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> NetworkSpec:
-    """The spec of ``model``, from one forward on ``example_inputs`` (default: ``[2, d_in]`` of its first layer).
+@dataclass(frozen=True)
+class Trace:
+    """What one dry run found: the spec, and operations that couple the examples of a batch."""
 
+    spec: NetworkSpec
+    couplings: tuple[str, ...] = ()
+
+
+def trace_spec(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> NetworkSpec:
+    """The spec of ``model`` (see :func:`trace`)."""
+    return trace(model, example_inputs).spec
+
+
+def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> Trace:
+    """Follow ``model``'s data flow in one forward on ``example_inputs`` (default: ``[2, d_in]`` of its first layer).
+
+    Besides the spec, it records operations that mix the examples of a ``[b, d]`` tensor (a softmax
+    or a mean over the batch, batch statistics): per-example gradients are not defined there.
     Raises :class:`UnsupportedModuleError` naming any parameterised module that no extractor
     covers, a captured module's parameter used functionally outside it, and a model without
     captured modules. Modules that do not run in the dry run are not part of the spec.
@@ -375,7 +411,7 @@ def trace_spec(model: nn.Module, example_inputs: tuple | torch.Tensor | None = N
         site_in, site_out = tracer.site_nodes[path]
         sites.append(extractor_for(by_path[path]).site(path, by_path[path], names[graph.find(site_in)],
                                                         names[graph.find(site_out)]))
-    return NetworkSpec(tuple(spaces), tuple(sites))
+    return Trace(NetworkSpec(tuple(spaces), tuple(sites)), tuple(dict.fromkeys(tracer.couplings)))
 
 
 def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
@@ -391,6 +427,7 @@ def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
         for t in tree_flatten(inputs)[0]:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 tracer.fresh_fixed(t)
+                tracer.batch_size = tracer.batch_size or (t.shape[0] if t.dim() else None)
         with torch.random.fork_rng(devices=[]), torch.no_grad(), tracer:
             output = model(*inputs)
     finally:

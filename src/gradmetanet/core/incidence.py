@@ -35,7 +35,7 @@ def neuron_tensor(spec: NetworkSpec, activations: Mapping[str, torch.Tensor], ou
     Works under ``vmap`` (no in-place writes into captured tensors).
     """
     counts = incidence_counts(spec)
-    per_space = []
+    act_parts, grad_parts = [], []
     for space in spec.spaces:
         readers, writers = spec.readers(space.name), spec.writers(space.name)
         n_read, n_write = counts[space.name]
@@ -50,9 +50,9 @@ def neuron_tensor(spec: NetworkSpec, activations: Mapping[str, torch.Tensor], ou
         if grad is not None and grad.shape != act.shape:
             raise ValueError(f"space {space.name!r}: activation {list(act.shape)} and gradient "
                              f"{list(grad.shape)} disagree on examples or tokens")
-        grad = torch.zeros_like(act) if grad is None else grad.to(act.dtype)
-        per_space.append(torch.stack([act, grad], -1).flatten(-4, -3))
-    return torch.cat(per_space, -2)
+        act_parts.append(act)
+        grad_parts.append(torch.zeros_like(act) if grad is None else grad.to(act.dtype))
+    return torch.stack([torch.cat(act_parts, -1), torch.cat(grad_parts, -1)], -1).flatten(-4, -3)
 
 
 def _mean(tensors: list[torch.Tensor], space: str, what: str) -> torch.Tensor:
