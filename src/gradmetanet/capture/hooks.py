@@ -52,8 +52,19 @@ class _Target:
     batch_dim: int
 
 
-#: model -> (its structure, its trace): tracing once per model, not once per captured step
-_TRACED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Trace]] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a capture of one model needs that does not change between steps."""
+
+    spec: NetworkSpec
+    targets: tuple[_Target, ...]
+    keep_output: frozenset[str]
+    batch_norms: tuple[tuple[str, nn.Module], ...]
+
+
+#: model -> (its structure, its plan per batch_dim argument): a capture per training step then costs
+#: no dry run and no module search
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict]] = weakref.WeakKeyDictionary()
 
 
 def _structure(model: nn.Module) -> tuple:
@@ -62,21 +73,15 @@ def _structure(model: nn.Module) -> tuple:
                  for path, m in model.named_modules())
 
 
-def traced_spec(model: nn.Module) -> NetworkSpec:
-    """:meth:`NetworkSpec.from_module`, remembered per model while its structure stays the same; refuses a
-    model whose forward mixes the examples of a batch."""
-    structure = _structure(model)
-    cached = _TRACED.get(model)
-    if cached is None or cached[0] != structure:
-        cached = (structure, trace(model))
-        _TRACED[model] = cached
-    found = cached[1]
+def _traced(model: nn.Module) -> Trace:
+    """:func:`~gradmetanet.core.dataflow.trace` of ``model``; refuses a forward that mixes the examples."""
+    found = trace(model)
     if found.couplings:
         raise CaptureError(f"the forward of {type(model).__name__} mixes the examples of a batch "
                            f"({', '.join(found.couplings)}): one example's output depends on the others, so "
                            "per-example gradients are not defined. Remove the coupling (e.g. GroupNorm instead of "
                            "batch statistics) or capture a subset of layers with layers=[...] if you are sure.")
-    return found.spec
+    return found
 
 
 def _batch_first(module: nn.Module) -> bool | None:
@@ -101,7 +106,9 @@ def _batch_dim_of(model: nn.Module, path: str) -> int:
 
 def _to_batch_major(x: torch.Tensor, batch_dim: int) -> torch.Tensor:
     """``[..., d]`` with the batch axis at ``batch_dim`` -> ``[b, T, d]``."""
-    return x.movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1, x.shape[-1])
+    if batch_dim:
+        x = x.movedim(batch_dim, 0)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class GradientCapture:
@@ -144,24 +151,46 @@ class GradientCapture:
         self.loss_reduction: LossReduction = loss_reduction
         self.check_finite = check_finite
         self.ignore_no_grad = ignore_no_grad
-        if layers is not None:
-            named = self._resolve_layers(model, layers)
-            self.spec = NetworkSpec.independent(
-                (p, *extractor_for(m).widths(m), getattr(m, "bias", None) is not None) for p, m in named)
+        if spec is None and layers is None:
+            plan = self._cached_plan(model, batch_dim)
         else:
-            self.spec = traced_spec(model) if spec is None else spec
-            named = self._resolve_layers(model, [s.name for s in self.spec.sites])
-            self._check_widths(named)
-        self._targets = [_Target(p, m, extractor_for(m), _batch_dim_of(model, p) if batch_dim is None else batch_dim)
-                         for p, m in named]
-        self._keep_output = {s.name for s in self.spec.sites if not self.spec.readers(s.out_space)}
-        self._batch_norms = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            plan = self._plan(model, spec, layers, batch_dim)
+        self.spec = plan.spec
+        self._targets, self._keep_output, self._batch_norms = plan.targets, plan.keep_output, plan.batch_norms
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, list[_Call]] = {}
         self._active = False
         self._backward_seen = False
         self._generation = 0
         self._result: GradientSet | None = None
+
+    @classmethod
+    def _cached_plan(cls, model: nn.Module, batch_dim: int | None) -> _Plan:
+        structure = _structure(model)
+        entry = _PLANS.get(model)
+        if entry is None or entry[0] != structure:
+            entry = (structure, {})
+            _PLANS[model] = entry
+        if batch_dim not in entry[1]:
+            entry[1][batch_dim] = cls._plan(model, None, None, batch_dim)
+        return entry[1][batch_dim]
+
+    @classmethod
+    def _plan(cls, model: nn.Module, spec: NetworkSpec | None, layers: Iterable[str | nn.Module] | None,
+              batch_dim: int | None) -> _Plan:
+        if layers is not None:
+            named = cls._resolve_layers(model, layers)
+            spec = NetworkSpec.independent(
+                (p, *extractor_for(m).widths(m), getattr(m, "bias", None) is not None) for p, m in named)
+        else:
+            spec = _traced(model).spec if spec is None else spec
+            named = cls._resolve_layers(model, [s.name for s in spec.sites])
+            _check_widths(spec, named)
+        targets = tuple(_Target(p, m, extractor_for(m), _batch_dim_of(model, p) if batch_dim is None else batch_dim)
+                        for p, m in named)
+        keep_output = frozenset(s.name for s in spec.sites if not spec.readers(s.out_space))
+        batch_norms = tuple((p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return _Plan(spec, targets, keep_output, batch_norms)
 
     @staticmethod
     def _resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -190,13 +219,6 @@ class GradientCapture:
         if not named:
             raise ValueError("layers=[] selects nothing to capture")
         return named
-
-    def _check_widths(self, named: list[tuple[str, nn.Module]]) -> None:
-        for (path, module), site in zip(named, self.spec.sites):
-            want = (self.spec.space(site.in_space).size, self.spec.space(site.out_space).size)
-            got = extractor_for(module).widths(module)
-            if got != want:
-                raise ValueError(f"spec site {path!r} has widths {want} but the module has {got}")
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "GradientCapture":
@@ -330,6 +352,14 @@ class GradientCapture:
             if site.name in self._keep_output:
                 outs[site.name] = _cat_tokens([c.out for c in calls]).to(a.dtype)
         return GradientSet(spec, acts, grads, outs, self.loss_reduction, _unchecked=self.check_finite)
+
+
+def _check_widths(spec: NetworkSpec, named: list[tuple[str, nn.Module]]) -> None:
+    for (path, module), site in zip(named, spec.sites):
+        want = (spec.space(site.in_space).size, spec.space(site.out_space).size)
+        got = extractor_for(module).widths(module)
+        if got != want:
+            raise ValueError(f"spec site {path!r} has widths {want} but the module has {got}")
 
 
 def _cat_tokens(tensors: list[torch.Tensor]) -> torch.Tensor:
