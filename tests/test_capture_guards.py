@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
 from gradmetanet.capture import functional_factors
+from symmetry import check_symmetry
 
 
 def reference(model: nn.Module, x: torch.Tensor, loss_one, batch_dim: int = 0) -> dict[str, torch.Tensor]:
@@ -178,3 +179,19 @@ def test_a_forward_that_mixes_the_examples_is_refused():
     ref = reference(model, x, lambda out: out.square().sum())
     for name, value in cap.gradients.per_example_grads().items():
         torch.testing.assert_close(value, ref[name], atol=1e-10, rtol=0)
+
+
+def test_functional_extractor_moves_with_every_group_element():
+    """The symmetry harness on the functional capture path (ReLU: permutations and positive scales)."""
+    torch.manual_seed(0)
+    model = make_mlp([4, 7, 6, 3], "relu").double()
+    spec = NetworkSpec.from_module(model)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
+
+    def factors(params):
+        _, _, acts, grads, outs = functional_factors(model, spec, params, (x,), lambda o: F.cross_entropy(o, y))
+        return GradientSet(spec, acts, grads, outs)
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    check_symmetry(spec, factors, params, lambda p, g, sp: sp.transform_parameters(p, g),
+                   lambda gs, g, sp: gs.transform(g), sensitivity=("fixed", "negative_scale"))

@@ -235,3 +235,24 @@ def test_chain_outputs_identical_to_version_0_1():
             assert torch.equal(now[key], value), key
         else:
             torch.testing.assert_close(now[key], value, atol=1e-12, rtol=1e-12, msg=key)
+
+
+def test_gradmetanet_on_a_residual_network_respects_the_tied_stream():
+    """Incidence features on a network whose stream is read and written by several layers: the metanetwork
+    stays equivariant to a permutation of the whole stream, and rebuilding per-example gradients from pooled
+    features is refused (the pooled neurons no longer hold each layer's own factors)."""
+    from test_core import Residual
+
+    torch.manual_seed(0)
+    model = Residual().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with GradientCapture(model, loss_reduction="sum") as cap:
+        model(x).square().sum().backward()
+    gs = cap.gradients
+    batch = GradientBatch.from_gradient_sets([gs])
+    metanet = GradMetaNet(hidden=16, out_features=2).double()
+    with torch.no_grad():
+        check_symmetry(gs.spec, metanet, batch, move_batch, move_output, group="perm", atol=1e-8,
+                       sensitivity=("fixed",))
+    with pytest.raises(ValueError, match="pool the incidences"):
+        batch.per_example_grads()
