@@ -51,6 +51,7 @@ _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "squeeze_", "e
 _ADD = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__", "rsub"}
 _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__",
         "true_divide"}
+_DIVIDE = {"div", "div_", "__truediv__", "__itruediv__", "true_divide"}
 _FEATURE_NORMS = {"softmax", "log_softmax", "layer_norm", "normalize", "rms_norm", "_softmax"}
 _DROPOUT = {"dropout", "dropout_", "feature_alpha_dropout", "alpha_dropout"}
 #: Operations that mix the entries of the axis they are given: over the examples they couple the batch.
@@ -239,12 +240,9 @@ class _Tracer(TorchFunctionMode):
             return self.keep_node(x, outs, _ALL)
         if name in _ADD or name in _MUL:
             return self.binary(name, args, traced, outs)
-        if name in ("transpose", "swapaxes", "swapdims", "transpose_"):
-            dims = [_norm_dim(d, x.dim()) for d in (list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")])]
-            return self.keep_node(x, outs, _ALL) if last not in dims else self.fix_all(traced, outs)
-        if name in ("permute", "movedim", "moveaxis"):
-            return self.fix_all(traced, outs) if outs[0].shape[-1] != x.shape[-1] or name != "permute" or \
-                _norm_dim(list(_dims(args))[-1], x.dim()) != last else self.keep_node(x, outs, _ALL)
+        if name in ("transpose", "swapaxes", "swapdims", "transpose_", "permute", "movedim", "moveaxis"):
+            kept = _last_axis_stays_last(name, args, kwargs, x.dim())
+            return self.keep_node(x, outs, _ALL) if kept else self.fix_all(traced, outs)
         if name in ("__getitem__", "narrow", "select", "index_select", "unsqueeze", "chunk", "split", "unbind",
                     "sum", "mean", "cat", "concat", "concatenate", "stack"):
             return self.structural(name, args, kwargs, x, traced, outs)
@@ -268,10 +266,11 @@ class _Tracer(TorchFunctionMode):
         traced_other = [a for a in others if self.node_of(a) is not None]
         for t in traced_other:                  # a per-example scalar (last axis 1) broadcast over the neurons
             self.graph.restrict(self.node_of(t), _NONE)
+        divisor = name in _DIVIDE and len(args) > 1 and any(args[1] is t for t in traced_full)
         if name in _ADD:
             allowed = _ALL if not others else _PERM
-        elif len(traced_full) > 1 or name in ("__rtruediv__",):
-            allowed = _PERM
+        elif len(traced_full) > 1 or divisor or name == "__rtruediv__":
+            allowed = _PERM                     # a product of two neurons' values, or c / x: not linear
         elif traced_other:
             allowed = _MONOMIAL
         else:
@@ -319,9 +318,20 @@ class _Tracer(TorchFunctionMode):
             self.mark(o, n)
 
 
-def _dims(args: tuple) -> tuple:
-    rest = args[1:]
-    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+def _last_axis_stays_last(name: str, args: tuple, kwargs: dict, ndim: int) -> bool:
+    """Whether a transpose / permute / movedim leaves the last axis where it is."""
+    last = ndim - 1
+    if name == "permute":
+        rest = args[1:] or (kwargs.get("dims"),)
+        dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+        return _norm_dim(dims[-1], ndim) == last
+    if name in ("movedim", "moveaxis"):
+        src, dst = (list(args[1:3]) + [None, None])[:2]
+        src, dst = kwargs.get("source", src), kwargs.get("destination", dst)
+        moved = [*(src if isinstance(src, (tuple, list)) else [src]), *(dst if isinstance(dst, (tuple, list)) else [dst])]
+        return all(_norm_dim(d, ndim) != last for d in moved)
+    dims = list(args[1:3]) or [kwargs.get("dim0"), kwargs.get("dim1")]
+    return all(_norm_dim(d, ndim) != last for d in dims)
 
 
 def _candidate_inputs(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
