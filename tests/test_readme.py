@@ -18,6 +18,17 @@ def example(name: str) -> str:
     return match.group(1)
 
 
+def test_ten_lines_example_shapes_are_as_commented():
+    scope: dict = {}
+    exec(compile(example("ten-lines"), "README:ten-lines", "exec"), scope)
+    gs, fisher, out = scope["gs"], scope["fisher"], scope["out"]
+    assert gs.activations["0"].shape == (128, 1, 64) and gs.output_grads["0"].shape == (128, 1, 32)
+    assert fisher["0.weight"].shape == (32, 64)
+    assert out["0.weight"].shape == (32, 64, 1) and out["2.bias"].shape == (10, 1)
+    assert [(s.name, s.size, s.group.name) for s in gs.spec.spaces] == [
+        ("s0", 64, "trivial"), ("s1", 32, "scale_perm"), ("s2", 10, "trivial")]
+
+
 def test_predict_your_own_target_example(capsys):
     scope: dict = {}
     exec(compile(example("own-target"), "README:own-target", "exec"), scope)
