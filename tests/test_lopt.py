@@ -106,13 +106,8 @@ def test_errors():
         opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
     with pytest.raises(ValueError, match="alpha > 0"):
         learnable_sgdm(model.parameters(), alpha=-1.0)
-    with pytest.raises(NotImplementedError, match="fixed at construction"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
-    unused = LearnedOptimizer([*model.parameters(), torch.nn.Parameter(torch.zeros(3))], deepsets_rule())
-    model.zero_grad()
-    model(torch.randn(2, 3)).sum().backward()
-    with pytest.raises(RuntimeError, match=r"\['0.2'\] have no gradient"):
-        unused.step()
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        LearnedOptimizer(model.parameters(), deepsets_rule(), lr=-1.0)
 
 
 def _linreg_trainer(checkpoint=None, steps=150):
@@ -249,9 +244,8 @@ def test_gradmetanet_optimizer_drop_in_and_errors():
     with pytest.raises(CaptureError, match="no fresh decomposed gradients"):
         opt.step()
     opt.zero_grad()
-    F.cross_entropy(model(x[:16]), y[:16]).backward()       # a batch smaller than the GradMetaNet's set
-    with pytest.raises(ValueError, match="fixed batch size"):
-        opt.step()
+    F.cross_entropy(model(x[:16]), y[:16]).backward()       # a batch smaller than the GradMetaNet's set works
+    opt.step()
     opt.close()
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -128,6 +128,8 @@ class GradientCapture:
             runs (with one host synchronisation) on the first view of the gradients, not in the step.
         ignore_no_grad: skip forward passes run without gradients (evaluation under
             ``torch.no_grad()``) instead of raising; for captures that stay armed across steps.
+        after_backward_hint: what the error for a forward after a backward says to do (an owner such as
+            a learned optimizer knows better than "use one capture per step").
 
     Usage::
 
@@ -142,7 +144,8 @@ class GradientCapture:
 
     def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean", spec: NetworkSpec | None = None,
                  layers: Iterable[str | nn.Module] | None = None, batch_dim: int | None = None,
-                 check_finite: bool = True, ignore_no_grad: bool = False) -> None:
+                 check_finite: bool = True, ignore_no_grad: bool = False, after_backward_hint: str | None = None
+                 ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum' (as in Opacus), got {loss_reduction!r}")
         if spec is not None and layers is not None:
@@ -151,6 +154,7 @@ class GradientCapture:
         self.loss_reduction: LossReduction = loss_reduction
         self.check_finite = check_finite
         self.ignore_no_grad = ignore_no_grad
+        self.after_backward_hint = after_backward_hint or "use one capture per forward/backward step (or reset())"
         if spec is None and layers is None:
             plan = self._cached_plan(model, batch_dim)
         else:
@@ -242,6 +246,11 @@ class GradientCapture:
     def __exit__(self, *exc_info) -> None:
         self.remove()
 
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are registered."""
+        return self._active
+
     def remove(self) -> None:
         """Remove every hook; gradients already recorded stay readable."""
         for handle in self._handles:
@@ -280,7 +289,7 @@ class GradientCapture:
                                    "and an input without grad?), so its gradient cannot be captured")
             if self._backward_seen:
                 raise CaptureError(f"layer {path!r} ran forward after a backward pass inside the same "
-                                   "GradientCapture; use one capture per forward/backward step (or reset())")
+                                   f"GradientCapture; {self.after_backward_hint}")
             x = target.extractor.activation(module, inputs, output)
             y = target.extractor.output(module, inputs, output)
             if x.dim() < 2 + bd:

@@ -16,6 +16,8 @@ optimizer classes apply it in place for ordinary training loops.
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -87,15 +89,16 @@ class UpdateRule(nn.Module):
 
     def init_state(self, params: Tensors, features: torch.Tensor | None = None) -> dict:
         """Flat state (all tensors concatenated, ``P`` entries): zero momentum ``[P]`` and feature
-        momenta ``[P, 6]``; with a GradMetaNet also zero momenta ``[b, N, 2, 6]`` of the decomposed
-        gradients."""
+        momenta ``[P, 6]``; with a GradMetaNet also zero momenta ``[s, N, 2, 6]`` of the decomposed
+        gradients, ``s = set_size`` (or the first batch's size when the rule reads whole batches)."""
         p = FlatLayout.of(params).flatten(params)
         state: dict = {"momentum": torch.zeros_like(p), "momenta": p.new_zeros(*p.shape, len(MOMENTUM_DECAYS))}
         if self.needs_decomposed:
             if features is None:
                 raise ValueError("a GradMetaNet rule needs the decomposed gradients ([b, N, 2]) to initialise "
                                  "its state")
-            state[DECOMPOSED] = features.new_zeros(*self.gradient_set(features).shape, len(MOMENTUM_DECAYS))
+            rows = self.set_size or features.shape[0]
+            state[DECOMPOSED] = features.new_zeros(rows, *features.shape[1:], len(MOMENTUM_DECAYS))
         return state
 
     def gradient_set(self, features: torch.Tensor) -> torch.Tensor:
@@ -107,22 +110,29 @@ class UpdateRule(nn.Module):
         """Per-parameter GradMetaNet features and the new decomposed momenta.
 
         The 14 channels are divided by their root mean square per neuron space, so the rule
-        sees the same scale whatever the layer; the batch size must stay fixed in a run.
+        sees the same scale whatever the layer. Example ``i`` of a batch updates momentum slot
+        ``i``: a batch smaller than the state (a last batch) updates the first slots and leaves the
+        rest, a larger one contributes its first ``set_size`` examples.
         """
-        features = self.gradient_set(features)
-        momenta = update_momenta(state[DECOMPOSED], features)                  # [b, N, 2, 6]
+        rows = state[DECOMPOSED].shape[0]
+        features = self.gradient_set(features)[:rows]
+        momenta = update_momenta(state[DECOMPOSED][: features.shape[0]], features)      # [b, N, 2, 6]
+        kept = momenta if momenta.shape[0] == rows else torch.cat([momenta, state[DECOMPOSED][momenta.shape[0]:]])
         x = torch.cat([features.unsqueeze(-1), momenta], dim=-1).flatten(-2)   # [b, N, 14]
         spaces = Segments.of(tuple(s.size for s in spec.spaces), x.device)
         x = x * spaces.scatter(torch.rsqrt(spaces.mean(x.square().mean(0)) + 1e-12))     # per-space RMS
         out = self.gradmetanet(GradientBatch(spec, x.unsqueeze(0)))
-        return {name: value[0] for name, value in out.items()}, momenta
+        return {name: value[0] for name, value in out.items()}, kept
 
     def update(self, layout: FlatLayout, params: torch.Tensor, grads: torch.Tensor, state: dict, step: torch.Tensor,
-               features: torch.Tensor | None = None, spec: NetworkSpec | None = None) -> tuple[torch.Tensor, dict]:
+               features: torch.Tensor | None = None, spec: NetworkSpec | None = None,
+               lr: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, dict]:
         """One update of the flat parameters ``params [P]`` (``layout`` names the tensors): ``(new [P], new_state)``.
 
         ``features`` (the batch's decomposed gradients ``[b, N, 2]``) and ``spec`` are needed by
-        rules with a GradMetaNet or an equivariant layer, whose parameter names must be the spec's.
+        rules with a GradMetaNet or an equivariant layer; parameters the spec does not know (an
+        unused head) get zero structural features. ``lr`` (a number or ``[P]``) multiplies the
+        learned step: the ``lr`` of ``torch.optim`` param groups, which schedulers drive.
         """
         if self.needs_spec and spec is None:
             raise ValueError("this rule needs the network spec (use NetworkOptimizer, which knows the model)")
@@ -136,13 +146,17 @@ class UpdateRule(nn.Module):
                 if features is None:
                     raise ValueError("a GradMetaNet rule needs the decomposed gradients of the batch")
                 extra, new_state[DECOMPOSED] = self._gradmetanet_features(state, features, spec)
+                width = next(iter(extra.values())).shape[-1]
+                extra = {n: extra[n] if n in extra else feats.new_zeros(*shape, width)
+                         for n, shape in zip(layout.names, layout.shapes)}
                 feats = torch.cat([feats, layout.flatten(extra)], dim=-1)
             out = self.per_parameter(feats)                                     # [P, out]
             if self.equivariant is not None:      # the layer reads a batch of networks: add and drop the axis
                 tensors = {name: v.unsqueeze(0) for name, v in layout.unflatten(out).items()}
-                out = layout.flatten({name: v[0] for name, v in self.equivariant(tensors, spec).items()})
+                moved = self.equivariant({n: t for n, t in tensors.items() if n in spec.param_shapes()}, spec)
+                out = layout.flatten({n: moved[n][0] if n in moved else t[0] for n, t in tensors.items()})
             direction = momentum + self.beta * out.squeeze(-1)
-        return params - self.alpha * direction, new_state
+        return params - lr * self.alpha * direction, new_state
 
     def forward(self, params: Tensors, grads: Tensors, state: dict, step: torch.Tensor,
                 features: torch.Tensor | None = None, spec: NetworkSpec | None = None) -> tuple[Tensors, dict]:
@@ -237,20 +251,29 @@ def make_rule(name: str) -> UpdateRule:
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    """Applies a rule in place: ``opt.zero_grad(); loss.backward(); opt.step()``.
+    """Applies a rule in place: ``opt.zero_grad(); loss.backward(); opt.step()``, with the ``torch.optim`` contract.
 
     Like PyTorch's fused optimizers, the state lives in flat buffers over all parameters
     (``state["__rule__"]``: momentum ``[P]``, feature momenta ``[P, 6]``), so one step runs the
-    rule's network once on all ``P`` entries. The rule's meta-parameters are not trained by
-    ``step()``; :meth:`state_dict` holds them (under ``"rule"``) with the state, so a run
-    resumes exactly. Every parameter must receive a gradient at every step.
+    rule's network once on all ``P`` parameters. Each param group carries ``lr`` (default 1), a
+    multiplier of the learned step that schedulers drive. Parameters without a gradient are
+    skipped (their values and state stay as they are); the rule follows the parameters' device
+    and dtype; :meth:`state_dict` holds the rule's meta-parameters (under ``"rule"``) with the
+    state, and :meth:`load_state_dict` casts the state to the parameters. The meta-parameters
+    are not trained by ``step()``.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], rule: UpdateRule) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], rule: UpdateRule,
+                 lr: float = 1.0) -> None:
         if rule.needs_spec and not isinstance(self, NetworkOptimizer):
             raise TypeError("this rule reads the network's structure: use NetworkOptimizer(model, rule)")
-        super().__init__(params, defaults={})
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
         self.rule = rule
+        super().__init__(params, defaults={"lr": lr})
+        self._refresh_layout()
+
+    def _refresh_layout(self) -> None:
         self._tensors = [p for group in self.param_groups for p in group["params"]]
         self.layout = FlatLayout(tuple(self._names()), tuple(tuple(p.shape) for p in self._tensors))
 
@@ -258,25 +281,52 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return [f"{i}.{j}" for i, group in enumerate(self.param_groups) for j, _ in enumerate(group["params"])]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "layout"):        # after construction: the flat layout and state are fixed
-            raise NotImplementedError("a learned optimizer's parameters are fixed at construction (its state is "
-                                      "one flat buffer); build a new optimizer over all the parameters instead")
+        """Add parameters; their flat state starts at zero (a fresh momentum), as a new group of SGD's does."""
+        if not hasattr(self, "layout"):                 # during construction
+            return super().add_param_group(param_group)
+        if isinstance(self, NetworkOptimizer):
+            raise ValueError("a NetworkOptimizer optimises the parameters of its model, whose structure its rule "
+                             "reads; build a new NetworkOptimizer for another model (or a LearnedOptimizer with a "
+                             "DS / SGDM rule for loose parameters)")
         super().add_param_group(param_group)
+        added = sum(p.numel() for p in self.param_groups[-1]["params"])
+        state = self.state.get("__rule__")
+        if state is not None:
+            state["momentum"] = torch.cat([state["momentum"], state["momentum"].new_zeros(added)])
+            state["momenta"] = torch.cat([state["momenta"], state["momenta"].new_zeros(added, state["momenta"].shape[1])])
+        self._refresh_layout()
 
     def _features(self) -> tuple[torch.Tensor | None, NetworkSpec | None]:
         return None, None
 
-    def _flat_grads(self) -> torch.Tensor:
-        missing = [name for name, p in zip(self.layout.names, self._tensors) if p.grad is None]
-        if missing:
-            raise RuntimeError(f"parameters {missing} have no gradient; a learned optimizer updates all its "
-                               "parameters together (give it only the parameters that are trained)")
-        grads = torch.cat([p.grad.reshape(-1) for p in self._tensors])
+    def _flat_grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[P]`` gradients (zeros where a parameter has none) and a ``[P]`` mask of the entries to update
+        (``None``: all of them)."""
+        present = [p.grad is not None for p in self._tensors]
+        grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())
+                           for p in self._tensors])
         if not torch.isfinite(grads).all():
-            bad = [name for name, p in zip(self.layout.names, self._tensors) if not torch.isfinite(p.grad).all()]
+            bad = [name for name, p in zip(self.layout.names, self._tensors)
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
             raise FloatingPointError(f"non-finite gradient for parameters {bad}; the learned optimizer refuses "
                                      "to apply it")
-        return grads
+        if all(present):
+            return grads, None
+        mask = torch.cat([torch.full((p.numel(),), has, device=grads.device) for p, has in zip(self._tensors, present)])
+        return grads, mask
+
+    def _learning_rates(self, like: torch.Tensor) -> float | torch.Tensor:
+        rates = [group["lr"] for group in self.param_groups]
+        if len(set(rates)) == 1:
+            return float(rates[0])
+        return torch.cat([like.new_full((sum(p.numel() for p in g["params"]),), g["lr"]) for g in self.param_groups])
+
+    def _follow_parameters(self) -> None:
+        """Move the rule to the parameters' device and dtype (a float64 model gets a float64 rule)."""
+        ref = self._tensors[0]
+        some = next(self.rule.parameters())
+        if some.dtype != ref.dtype or some.device != ref.device:
+            self.rule.to(device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -284,21 +334,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = self._flat_grads()
+        if all(p.grad is None for p in self._tensors):
+            return loss
+        self._follow_parameters()
+        grads, mask = self._flat_grads()
         features, spec = self._features()
         params = torch.cat([p.reshape(-1) for p in self._tensors])
         if "__rule__" not in self.state:              # first step: fresh zero state
             self.state["__step__"] = torch.zeros((), dtype=torch.long)
             self.state["__rule__"] = self.rule.init_state(self.layout.unflatten(params), features)
-        state = self.state["__rule__"]
-        if DECOMPOSED in state and state[DECOMPOSED].shape[:-1] != self.rule.gradient_set(features).shape:
-            raise ValueError(f"the decomposed gradients changed shape ({list(features.shape)} vs "
-                             f"{list(state[DECOMPOSED].shape[:-1])}); a GradMetaNet optimizer needs a fixed batch size")
-        step = self.state["__step__"]
-        new, self.state["__rule__"] = self.rule.update(self.layout, params, grads, state, step, features, spec)
+        state, step = self.state["__rule__"], self.state["__step__"]
+        new, new_state = self.rule.update(self.layout, params, grads, state, step, features, spec,
+                                          lr=self._learning_rates(params))
+        if mask is not None:                          # parameters without a gradient keep value and state
+            new = torch.where(mask, new, params)
+            for key in ("momentum", "momenta"):
+                keep = mask.view(-1, *([1] * (state[key].dim() - 1)))
+                new_state[key] = torch.where(keep, new_state[key], state[key])
+        self.state["__rule__"] = new_state
         torch._foreach_copy_(self._tensors, list(self.layout.unflatten(new).values()))
         self.state["__step__"] = step + 1
+        self._after_step()
         return loss
+
+    def _after_step(self) -> None:
+        """What a subclass does once a step is applied (inside the one ``step()`` that fires the hooks)."""
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -312,28 +372,53 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise KeyError("this state_dict has no 'rule' entry; it was not written by a LearnedOptimizer")
         self.rule.load_state_dict(rule)
         super().load_state_dict(state_dict)
+        ref = self._tensors[0]
+        flat = self.state.get("__rule__")
+        if flat is not None:                          # the flat state is not keyed by parameter: cast it here
+            self.state["__rule__"] = {k: v.to(device=ref.device, dtype=ref.dtype) if v.is_floating_point() else
+                                      v.to(ref.device) for k, v in flat.items()}
+        self._follow_parameters()
+
+
+#: model -> the NetworkOptimizer whose capture is attached to it (one at a time)
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, NetworkOptimizer]" = weakref.WeakKeyDictionary()
 
 
 class NetworkOptimizer(LearnedOptimizer):
     """A learned optimizer bound to a model: it knows the parameter names and the network spec.
 
     Rules with a GradMetaNet read the decomposed gradients of each batch, which the optimizer
-    captures itself: hooks are registered at construction (remove them with :meth:`close`),
-    every forward + backward with gradients enabled is recorded, and ``step()`` consumes the
-    capture. Run evaluation passes under ``torch.no_grad()``: they are ignored. The model's loss
-    must be a batch mean, the batch size fixed, and each step one forward and one backward
-    (gradient accumulation over several forwards is not supported by the GradMetaNet rules).
+    captures itself: hooks are registered at construction (remove them with :meth:`close`);
+    ``zero_grad()`` and ``step()`` re-arm the capture, so each step reads the last forward and
+    backward before it. Evaluation passes, with or without gradients, are ignored unless
+    backpropagated. Any batch size works (the rule reads up to ``set_size`` examples). The loss
+    must be a batch mean, and gradient accumulation over several backwards is refused (the
+    rule's features come from one batch). Only one NetworkOptimizer captures a model at a
+    time: a new one (a notebook cell run again) detaches the previous one, with a warning.
     """
 
-    def __init__(self, model: nn.Module, rule: UpdateRule) -> None:
+    def __init__(self, model: nn.Module, rule: UpdateRule, lr: float = 1.0) -> None:
         self.model = model
         self.names = {id(p): n for n, p in model.named_parameters()}
-        super().__init__(model.parameters(), rule)
+        super().__init__(model.parameters(), rule, lr=lr)
         self.spec = NetworkSpec.from_module(model) if rule.needs_spec else None
         self.capture = None
         if rule.needs_decomposed:
-            self.capture = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True)
+            frozen = [s.name for s in self.spec.sites if not all(
+                model.get_parameter(n).requires_grad for n in (s.weight, s.bias) if n is not None)]
+            if frozen:
+                raise ValueError(f"layers {frozen} are frozen: a GradMetaNet rule reads the decomposed gradient of "
+                                 "every layer, and a frozen layer has none; unfreeze them or use a rule without "
+                                 "a GradMetaNet (DS, UNF)")
+            previous = _ATTACHED.get(model)
+            if previous is not None and previous.capture is not None and previous.capture.active:
+                warnings.warn("this model already had a learned optimizer capturing its gradients; that one is "
+                              "detached now and can no longer step", stacklevel=2)
+                previous.close()
+            self.capture = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True,
+                                           after_backward_hint=_ACCUMULATION_HINT)
             self.capture.__enter__()
+            _ATTACHED[model] = self
 
     def _names(self) -> list[str]:
         return [self.names[id(p)] for group in self.param_groups for p in group["params"]]
@@ -348,17 +433,24 @@ class NetworkOptimizer(LearnedOptimizer):
                                "with gradients enabled before every step") from err
         return gs.neuron_tensor(), self.spec
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = super().step(closure)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.capture is not None:
+            self.capture.reset()                # a new step begins: forget an unused forward and backward
+
+    def _after_step(self) -> None:
         if self.capture is not None:
             self.capture.reset()                # ready for the next batch
-        return loss
 
     def close(self) -> None:
         """Remove the capture hooks (a GradMetaNet rule cannot step afterwards)."""
         if self.capture is not None:
             self.capture.remove()
+
+
+_ACCUMULATION_HINT = ("a learned optimizer with a GradMetaNet reads the decomposed gradients of one batch per "
+                      "step, so gradient accumulation over several backwards is not supported: call "
+                      "opt.zero_grad() (or opt.step()) before each forward, or use a rule without a GradMetaNet")
 
 
 def learnable_sgdm(params, alpha: float = 0.1, mu: float = 0.9) -> LearnedOptimizer:
