@@ -58,3 +58,13 @@ def test_extractor_example_registers_a_new_kind(capsys):
     finally:
         registry._REGISTRY.clear()
         registry._REGISTRY.update(saved)
+
+
+def test_learned_optimizer_example_trains_with_a_scheduler():
+    scope: dict = {}
+    exec(compile(example("learned-optimizer"), "README:learned-optimizer", "exec"), scope)
+    model, x_test, y_test = scope["model"], scope["x_test"], scope["y_test"]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x_test), y_test).item()
+    assert loss < 0.5, loss                                         # ln 10 = 2.3 at the start
+    assert scope["opt"].param_groups[0]["lr"] < 1e-3               # the schedule reached its end
