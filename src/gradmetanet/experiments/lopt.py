@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..lopt.distributed import is_main_process
 from ..lopt.rule_files import save_rule
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
 from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
@@ -185,7 +186,8 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
                       "meta_validation": json.dumps(trainer.validation)}
         provenance["selected_meta_step"] = str(selected)
         rule.load_state_dict(trainer.best_rule_state())          # the best meta-validated rule is the one raced
-        save_rule(rule, name, meta_dir / f"{name}.safetensors", provenance)
+        if is_main_process():
+            save_rule(rule, name, meta_dir / f"{name}.safetensors", provenance)
         rules[name] = rule
     return rules, record
 

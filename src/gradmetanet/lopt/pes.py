@@ -31,6 +31,7 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace
+from .distributed import Shard, current_shard, is_main_process
 from .optimizers import UpdateRule
 from .tasks import Task
 
@@ -63,15 +64,20 @@ class TruncatedInnerRuns:
     """
 
     def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator,
-                 antithetic: bool = False, objective: str = "train", loss_clip: float | None = None) -> None:
+                 antithetic: bool = False, objective: str = "train", loss_clip: float | None = None,
+                 shard: Shard | None = None) -> None:
         if antithetic and n % 2:
             raise ValueError(f"antithetic runs come in pairs; got n = {n}")
+        if shard is not None and not antithetic:
+            raise ValueError("only antithetic pairs are sharded across processes")
         if objective not in ("train", "validation"):
             raise ValueError(f"objective must be 'train' or 'validation', got {objective!r}")
         if objective == "validation":
             task.sample_validation_batch(1, torch.Generator())      # fails early, and clearly, without held-out data
         self.objective, self.loss_clip = objective, loss_clip
-        self.task, self.rule, self.n, self.horizon, self.antithetic = task, rule, n, horizon, antithetic
+        self.task, self.rule, self.horizon, self.antithetic, self.shard = task, rule, horizon, antithetic, shard
+        self.n_global = n
+        self.n = n if shard is None else 2 * shard.local_pairs          # the runs this process advances
         self.decomposed = rule.needs_decomposed
         if self.decomposed and not hasattr(task, "grads_and_features"):
             raise TypeError(f"{type(rule).__name__} reads decomposed gradients, which {type(task).__name__} "
@@ -89,14 +95,18 @@ class TruncatedInnerRuns:
             self._update = vmap(lambda meta, params, grads, state, step: update_one(meta, params, grads, state, step))
         self._losses = vmap(task.loss)
         self.params, self.rule_state = self._fresh(generator)
-        self.step = torch.zeros(n, dtype=torch.long)
+        self.step = torch.zeros(self.n, dtype=torch.long)
 
     def _draw(self, sample, generator: torch.Generator):
         """``sample(n, generator)`` for every run; antithetic runs ``k`` and ``k + n/2`` get the same draw
-        (common random numbers: the pair's loss difference then measures the perturbation, not the data)."""
+        (common random numbers: the pair's loss difference then measures the perturbation, not the data).
+        A sharded process draws for all pairs, as one process would, and keeps its own."""
         if not self.antithetic:
             return sample(self.n, generator)
-        half = sample(self.n // 2, generator)
+        half = sample(self.n_global // 2, generator)
+        if self.shard is not None:
+            sl = self.shard.pair_slice
+            half = {k: v[sl] for k, v in half.items()} if isinstance(half, dict) else tuple(t[sl] for t in half)
         if isinstance(half, dict):
             return {k: torch.cat([v, v]) for k, v in half.items()}
         return tuple(torch.cat([t, t]) for t in half)
@@ -111,15 +121,19 @@ class TruncatedInnerRuns:
         return params, state
 
     def state_dict(self) -> dict:
-        return {"params": self.params, "rule_state": self.rule_state, "step": self.step}
+        """Every run's state in the one-process layout (sharded processes gather it: a collective)."""
+        state = {"params": self.params, "rule_state": self.rule_state, "step": self.step}
+        return state if self.shard is None else self.shard.global_runs(state)
 
     def load_state_dict(self, state: dict) -> None:
+        if self.shard is not None:
+            state = self.shard.local_runs(state)
         self.params, self.rule_state, self.step = state["params"], state["rule_state"], state["step"]
 
     def reset_finished(self, generator: torch.Generator) -> torch.Tensor:
         """Restart runs that reached the horizon; returns the boolean mask of restarted runs ``[n]``."""
         done = self.step >= self.horizon
-        if done.any():
+        if done.any() if self.shard is None else self.shard.any(bool(done.any())):    # every process draws alike
             params, state = self._fresh(generator)
             self.params = _tree_where(done, params, self.params)
             self.rule_state = _tree_where(done, state, self.rule_state)
@@ -160,21 +174,28 @@ class PES:
     """Antithetic PES estimator over ``pairs`` persistent pairs of inner runs."""
 
     def __init__(self, task: Task, rule: UpdateRule, pairs: int, sigma: float, truncation: int, horizon: int,
-                 generator: torch.Generator, objective: str = "train", loss_clip: float | None = None) -> None:
+                 generator: torch.Generator, objective: str = "train", loss_clip: float | None = None,
+                 shard: Shard | None = None) -> None:
         if horizon % truncation:
             raise ValueError(f"horizon ({horizon}) must be a multiple of the truncation length ({truncation})")
-        self.rule, self.pairs, self.sigma, self.truncation = rule, pairs, sigma, truncation
+        self.rule, self.pairs, self.sigma, self.truncation, self.shard = rule, pairs, sigma, truncation, shard
         self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective,
-                                       loss_clip=loss_clip)
+                                       loss_clip=loss_clip, shard=shard)
+        self.local_pairs = pairs if shard is None else shard.local_pairs
         self.dim = parameters_to_vector(rule.parameters()).numel()
-        self.xi = torch.zeros(pairs, self.dim)
+        self.xi = torch.zeros(self.local_pairs, self.dim)
+
+    def _local(self, per_pair: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a ``[pairs, ...]`` draw."""
+        return per_pair if self.shard is None else per_pair[self.shard.pair_slice]
 
     def state_dict(self) -> dict:
-        return {"runs": self.runs.state_dict(), "xi": self.xi}
+        xi = self.xi if self.shard is None else self.shard.gather(self.xi)
+        return {"runs": self.runs.state_dict(), "xi": xi}
 
     def load_state_dict(self, state: dict) -> None:
         self.runs.load_state_dict(state["runs"])
-        self.xi = state["xi"]
+        self.xi = self._local(state["xi"])
 
     def stagger(self, theta: torch.Tensor, generator: torch.Generator) -> None:
         """Advance each pair (both runs alike, under ``theta``) to a random truncation boundary of its episode.
@@ -184,22 +205,25 @@ class PES:
         staggered pairs mix all phases in every estimate, as learned_optimization does.
         """
         offsets = torch.randint(self.runs.horizon // self.truncation, (self.pairs,), generator=generator)
-        stop = (offsets * self.truncation).repeat(2)
-        meta = stack_meta_parameters(self.rule, theta.expand(2 * self.pairs, -1))
-        self.runs.unroll(meta, int(stop.max()), generator, stop=stop)
+        stop = self._local(offsets * self.truncation).repeat(2)
+        meta = stack_meta_parameters(self.rule, theta.expand(2 * self.local_pairs, -1))
+        self.runs.unroll(meta, int(offsets.max()) * self.truncation, generator, stop=stop)
 
     def estimate(self, theta: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, float]:
-        """``(gradient estimate [D], mean meta-loss)`` for meta-parameters ``theta [D]``."""
-        restarted = self.runs.reset_finished(generator)[: self.pairs]
+        """``(gradient estimate [D], mean meta-loss)`` for meta-parameters ``theta [D]`` (summed over processes)."""
+        restarted = self.runs.reset_finished(generator)[: self.local_pairs]
         self.xi[restarted] = 0.0
-        eps = self.sigma * torch.randn(self.pairs, self.dim, generator=generator)
+        eps = self._local(self.sigma * torch.randn(self.pairs, self.dim, generator=generator))
         thetas = torch.cat([theta + eps, theta - eps])
         losses = self.runs.unroll(stack_meta_parameters(self.rule, thetas), self.truncation, generator)
         losses = torch.nan_to_num(losses, nan=1e6, posinf=1e6)       # a diverged run is a bad direction
         self.xi += eps
-        diff = losses[: self.pairs] - losses[self.pairs:]
+        diff = losses[: self.local_pairs] - losses[self.local_pairs:]
         g = (self.xi * diff[:, None]).sum(0) / (2 * self.pairs * self.sigma ** 2)
-        return g, losses.mean().item()
+        total = losses.sum()
+        if self.shard is not None:
+            g, total = self.shard.sum(g), self.shard.sum(total)
+        return g, total.item() / (2 * self.pairs)
 
 
 @dataclass
@@ -230,7 +254,7 @@ class MetaTrainer:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.pes = PES(task, rule, config.pairs, config.sigma, config.truncation, config.horizon, self.generator,
-                       config.objective, config.loss_clip)
+                       config.objective, config.loss_clip, shard=current_shard(config.pairs))
         self.task = task
         self.meta_opt = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
         self.step = 0
@@ -243,7 +267,10 @@ class MetaTrainer:
             self.pes.stagger(parameters_to_vector(rule.parameters()).detach(), self.generator)
 
     def _save(self) -> None:
-        state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": self.pes.state_dict(),
+        pes_state = self.pes.state_dict()           # every process takes part (sharded runs are gathered)
+        if not is_main_process():
+            return
+        state = {"rule": self.rule.state_dict(), "meta_opt": self.meta_opt.state_dict(), "pes": pes_state,
                  "generator": self.generator.get_state(), "step": self.step, "history": self.history,
                  "validation": self.validation, "best": self.best, "config": self._resumable_config()}
         with atomic_replace(self.checkpoint) as tmp:
@@ -289,7 +316,7 @@ class MetaTrainer:
               on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Run meta-steps until ``steps`` (default the config's) are done in total; returns meta-losses."""
         total = self.config.meta_steps if steps is None else steps
-        bar = tqdm(total=total, initial=self.step, desc="meta-train (PES)", disable=not progress)
+        bar = tqdm(total=total, initial=self.step, desc="meta-train (PES)", disable=not progress or not is_main_process())
         while self.step < total:
             theta = parameters_to_vector(self.rule.parameters()).detach()
             g, meta_loss = self.pes.estimate(theta, self.generator)
