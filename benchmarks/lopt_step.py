@@ -9,6 +9,10 @@ in turn within every repeat (interleaved), so machine noise falls on all of them
 figure is a median. Rules have their initial weights: the cost does not depend on them.
 The last row, the forward pass of the paper's per-parameter MLP alone (33 -> 32 -> 32 -> 32 -> 1
 on all P parameters; no training step), is a floor under every DS-based rule's step.
+
+FLOPs (``torch.utils.flop_counter``, matrix products only) of each whole step and of the model's
+own forward + backward: their ratio is the arithmetic floor of a step's cost relative to plain
+training, beside the measured time ratio.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ from gradmetanet.timing import interleaved_median_times
 from common import machine, write_json
 
 OPTIMIZERS = ("adam", "sgdm", "ds", "unf", "gradmetanet_ds")
+
+
+def step_flops(step) -> int:
+    """Matrix-product FLOPs of one call of ``step`` (after a warm-up call that builds optimizer state)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def step_function(task: DigitsMLPTask, name: str, device: str):
@@ -63,16 +77,20 @@ def main() -> None:
     def mlp_only() -> None:
         mlp(inputs)
     steps["per-parameter MLP only"] = mlp_only
+    flops = {name: step_flops(step) for name, step in steps.items()}
     times = interleaved_median_times(steps, repeats=args.repeats, warmup=20)
     info = machine(args.device)
     result = {"benchmark": "lopt_step", **info, "hidden": args.hidden, "batch": 128, "repeats": args.repeats,
               "ms_per_step": {k: 1e3 * v for k, v in times.items()},
-              "ratio_to_adam": {k: v / times["adam"] for k, v in times.items()}}
+              "ratio_to_adam": {k: v / times["adam"] for k, v in times.items()},
+              "mflops_per_step": {k: v / 1e6 for k, v in flops.items()},
+              "flop_ratio_to_adam": {k: v / flops["adam"] for k, v in flops.items()}}
     print(f"One training step of the digits MLP 64-{args.hidden}-10, batch 128 ({info['device_name']}, "
           f"{info['threads']} threads, torch {info['torch']}), median of {args.repeats} interleaved repeats\n")
-    print("| optimizer | ms / step | × Adam |\n|---|---:|---:|")
+    print("| optimizer | ms / step | × Adam | MFLOP / step | FLOPs × Adam (floor) |\n|---|---:|---:|---:|---:|")
     for name in steps:
-        print(f"| {name} | {result['ms_per_step'][name]:.3f} | {result['ratio_to_adam'][name]:.2f} |")
+        print(f"| {name} | {result['ms_per_step'][name]:.3f} | {result['ratio_to_adam'][name]:.2f} | "
+              f"{result['mflops_per_step'][name]:.2f} | {result['flop_ratio_to_adam'][name]:.2f} |")
     write_json(result, args.out or f"benchmarks/results/lopt_step_{args.device}.json")
 
 
