@@ -1,0 +1,267 @@
+"""LoRA adapters as data: the factors of every adapted layer, read from and written to PEFT's files.
+
+A LoRA update of a layer is ``dW = s * B A`` with ``B: [out, r]``, ``A: [r, in]`` and the scaling
+``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). ``(B M^-1, M A)`` gives the same ``dW`` for
+every invertible ``M``, independently per layer: the spec of a :class:`LoraSet` has a ``GL(r)``
+space per layer (``A: (row rank, col in)``, ``B: (row out, col rank)``), and the one transform of
+the core moves adapters like any other parameters.
+
+PEFT's format (``adapter_model.safetensors`` + ``adapter_config.json``): keys
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``; ``r``, ``lora_alpha``,
+``use_rslora``, ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``fan_in_fan_out``
+(the base layer stores ``[in, out]``, so ``dW`` is transposed). safetensors lists keys sorted as
+text (``layers.10`` before ``layers.2``): layers are paired by module path and ordered numerically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_replace, atomic_write_text
+from ..core.groups import GL, Trivial
+from ..core.spec import Axis, NetworkSpec, Parameter, Space, SpecElement
+
+__all__ = ["LoraLayer", "LoraSet", "LoraBatch", "UnsupportedAdapterError"]
+
+_PREFIX = "base_model.model."
+_WEIGHTS = "adapter_model.safetensors"
+_CONFIG = "adapter_config.json"
+
+
+class UnsupportedAdapterError(ValueError):
+    """An adapter file uses a layout gradmetanet does not read (the message names it)."""
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One adapted module: ``A: [r, in]``, ``B: [out, r]``, the scaling, and the base layer's layout."""
+
+    path: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1]:
+            raise ValueError(f"LoRA layer {self.path!r}: need A [r, in] and B [out, r], got {list(self.A.shape)} "
+                             f"and {list(self.B.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of ``B A``."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A`` in the base layer's weight layout (``[out, in]``; ``[in, out]`` with ``fan_in_fan_out``)."""
+        dw = self.scaling * (self.B @ self.A)
+        return dw.T if self.fan_in_fan_out else dw
+
+
+def _natural_key(path: str) -> list:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _pattern_value(patterns: Mapping[str, object], path: str, default):
+    """The value of the first pattern that matches ``path`` as a whole or as its trailing component(s)."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", path):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """The LoRA layers of one fine-tune, in numeric module order."""
+
+    layers: tuple[LoraLayer, ...]
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a LoraSet needs at least one adapted layer")
+        paths = [layer.path for layer in self.layers]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"duplicate module paths in a LoraSet: {paths}")
+        object.__setattr__(self, "layers", tuple(sorted(self.layers, key=lambda layer: _natural_key(layer.path))))
+
+    # ------------------------------------------------------------------ views
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def paths(self) -> list[str]:
+        return [layer.path for layer in self.layers]
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """Module path -> ``(out, in)``: what the models on LoRAs are built for."""
+        return {layer.path: layer.shape for layer in self.layers}
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """Module path -> ``dW`` with its scaling, in the base layer's weight layout."""
+        return {layer.path: layer.delta_weight() for layer in self.layers}
+
+    def spec(self) -> NetworkSpec:
+        """A ``GL(r_l)`` space per layer and its input and output spaces (``Trivial``); parameters
+        ``{path}.lora_A: (row rank, col in)`` and ``{path}.lora_B: (row out, col rank)``."""
+        spaces, params = [], []
+        for layer in self.layers:
+            p = layer.path
+            out, inp = layer.shape
+            spaces += [Space(f"{p}:in", inp, Trivial()), Space(f"{p}:rank", layer.rank, GL()),
+                       Space(f"{p}:out", out, Trivial())]
+            params += [Parameter(f"{p}.lora_A", (Axis("row", f"{p}:rank"), Axis("col", f"{p}:in"))),
+                       Parameter(f"{p}.lora_B", (Axis("row", f"{p}:out"), Axis("col", f"{p}:rank")))]
+        return NetworkSpec(tuple(spaces), (), tuple(params))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``{path}.lora_A`` / ``{path}.lora_B`` -> the factors (the parameter names of :meth:`spec`)."""
+        out = {}
+        for layer in self.layers:
+            out[f"{layer.path}.lora_A"], out[f"{layer.path}.lora_B"] = layer.A, layer.B
+        return out
+
+    def transform(self, element: SpecElement) -> "LoraSet":
+        """Move the factors by a group element of :meth:`spec` (``A <- M A``, ``B <- B M^-1`` per layer)."""
+        moved = self.spec().transform_parameters(self.tensors(), element)
+        return LoraSet(tuple(LoraLayer(layer.path, moved[f"{layer.path}.lora_A"], moved[f"{layer.path}.lora_B"],
+                                       layer.scaling, layer.fan_in_fan_out) for layer in self.layers))
+
+    # ------------------------------------------------------------------ PEFT files
+    @classmethod
+    def from_peft(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "LoraSet":
+        """Read a PEFT LoRA adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+        directory = Path(directory)
+        weights, config_path = directory / _WEIGHTS, directory / _CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {_CONFIG} in {os.fspath(directory)!r}; is it a PEFT adapter directory?")
+        if not weights.is_file():
+            found = " (an adapter_model.bin: re-save it with safetensors)" if (directory / "adapter_model.bin").exists() \
+                else ""
+            raise FileNotFoundError(f"no {_WEIGHTS} in {os.fspath(directory)!r}{found}")
+        config = json.loads(config_path.read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise UnsupportedAdapterError(f"peft_type {config.get('peft_type')!r}: only LoRA adapters are read")
+        if config.get("use_dora"):
+            raise UnsupportedAdapterError("DoRA adapters (use_dora) are not supported: they add a magnitude vector")
+        tensors = load_file(weights, device=str(device))
+        return cls(tuple(_layers_from(tensors, config)))
+
+    def to_peft(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+        """Write PEFT's format (a ``r`` / ``lora_alpha`` shared by most layers, patterns for the others)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ranks = [layer.rank for layer in self.layers]
+        r = max(set(ranks), key=ranks.count)
+        fan = {layer.fan_in_fan_out for layer in self.layers}
+        if len(fan) > 1:
+            raise ValueError("PEFT stores one fan_in_fan_out for all layers; these layers mix both layouts")
+        alphas = {layer.path: layer.scaling * layer.rank for layer in self.layers}     # alpha = s * r (no rsLoRA)
+        common_alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        config = {
+            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+            "r": r, "lora_alpha": common_alpha, "use_rslora": False, "use_dora": False,
+            "target_modules": self.paths, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan.pop(),
+            "rank_pattern": {_exact(l.path): l.rank for l in self.layers if l.rank != r},
+            "alpha_pattern": {_exact(p): a for p, a in alphas.items() if a != common_alpha},
+            "init_lora_weights": True, "modules_to_save": None,
+        }
+        tensors = {}
+        for layer in self.layers:
+            tensors[f"{_PREFIX}{layer.path}.lora_A.weight"] = layer.A.detach().contiguous().cpu()
+            tensors[f"{_PREFIX}{layer.path}.lora_B.weight"] = layer.B.detach().contiguous().cpu()
+        with atomic_replace(directory / _WEIGHTS) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        atomic_write_text(directory / _CONFIG, json.dumps(config, indent=2))
+
+
+def _exact(path: str) -> str:
+    """A pattern key that matches exactly this module path (PEFT matches pattern keys as regexes)."""
+    return re.escape(path)
+
+
+def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping) -> list[LoraLayer]:
+    """Pair ``lora_A`` / ``lora_B`` by module path; scalings from the config and its patterns."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise UnsupportedAdapterError(f"{key!r}: DoRA adapters (magnitude vectors) are not supported")
+        if "lora_embedding_" in key:
+            raise UnsupportedAdapterError(f"{key!r}: LoRA on embeddings is not supported yet (linear layers only)")
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if match is None:
+            raise UnsupportedAdapterError(f"{key!r} is not a LoRA factor of a linear layer (lora_A / lora_B weight)")
+        path, which = match.groups()
+        if value.dim() != 2:
+            raise UnsupportedAdapterError(f"{key!r} has shape {list(value.shape)}: convolutional LoRA is not "
+                                          "supported (linear layers only)")
+        factors.setdefault(path, {})[which] = value
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    layers = []
+    for path, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"module {path!r} has lora_{''.join(pair)} but not both lora_A and lora_B")
+        rank = pair["A"].shape[0]
+        declared = int(_pattern_value(rank_pattern, path, r))
+        if declared != rank:
+            raise ValueError(f"module {path!r}: lora_A has rank {rank} but the config says r = {declared}")
+        a = float(_pattern_value(alpha_pattern, path, alpha))
+        scaling = a / math.sqrt(rank) if config.get("use_rslora") else a / rank
+        layers.append(LoraLayer(path, pair["A"], pair["B"], scaling, bool(config.get("fan_in_fan_out", False))))
+    if not layers:
+        raise ValueError("the adapter file holds no LoRA factors")
+    return layers
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """``N`` LoRA sets of one base model, stacked per layer: ``A[path]: [N, r, in]``, ``B[path]: [N, out, r]``."""
+
+    paths: tuple[str, ...]
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    scaling: dict[str, torch.Tensor]
+
+    @classmethod
+    def stack(cls, sets: Sequence[LoraSet]) -> "LoraBatch":
+        if not sets:
+            raise ValueError("LoraBatch.stack needs at least one LoraSet")
+        paths = tuple(sets[0].paths)
+        for i, s in enumerate(sets[1:], 1):
+            if tuple(s.paths) != paths or s.layer_shapes != sets[0].layer_shapes:
+                raise ValueError(f"LoRA set {i} adapts other modules or shapes than set 0; a batch shares one base "
+                                 "model and one set of adapted modules")
+            ranks = {layer.rank for layer in s.layers} | {layer.rank for layer in sets[0].layers}
+            if len(ranks) > 1:
+                raise ValueError(f"LoRA set {i} has ranks {sorted(ranks)} differing from set 0: stack sets of one rank "
+                                 "(models run on any rank, batch by batch)")
+        by = [{layer.path: layer for layer in s.layers} for s in sets]
+        return cls(paths, {p: torch.stack([b[p].A for b in by]) for p in paths},
+                   {p: torch.stack([b[p].B for b in by]) for p in paths},
+                   {p: torch.tensor([b[p].scaling for b in by]) for p in paths})
+
+    def __len__(self) -> int:
+        return next(iter(self.A.values())).shape[0]
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.A.values())).shape[1]
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """Module path -> ``[N, out, in]`` scaled ``B A`` (the ``[out, in]`` layout)."""
+        return {p: self.scaling[p].to(self.B[p].dtype).view(-1, 1, 1) * (self.B[p] @ self.A[p]) for p in self.paths}
