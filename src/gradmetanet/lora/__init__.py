@@ -1,5 +1,7 @@
 """Learning on LoRAs: adapter weights as data (PEFT files in and out), with a GL(r) space per layer."""
 
-from .sets import LoraBatch, LoraLayer, LoraSet, UnsupportedAdapterError
+from .models import DenseMLP, GLNet, RawMLP, SpectrumMLP
+from .sets import LoraBatch, LoraLayer, LoraSet, UnsupportedAdapterError, lora_spec
 
-__all__ = ["LoraBatch", "LoraLayer", "LoraSet", "UnsupportedAdapterError"]
+__all__ = ["DenseMLP", "GLNet", "LoraBatch", "LoraLayer", "LoraSet", "RawMLP", "SpectrumMLP", "UnsupportedAdapterError",
+           "lora_spec"]

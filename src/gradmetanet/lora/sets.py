@@ -30,7 +30,7 @@ from ..atomic import atomic_replace, atomic_write_text
 from ..core.groups import GL, Trivial
 from ..core.spec import Axis, NetworkSpec, Parameter, Space, SpecElement
 
-__all__ = ["LoraLayer", "LoraSet", "LoraBatch", "UnsupportedAdapterError"]
+__all__ = ["LoraLayer", "LoraSet", "LoraBatch", "UnsupportedAdapterError", "lora_spec"]
 
 _PREFIX = "base_model.model."
 _WEIGHTS = "adapter_model.safetensors"
@@ -118,15 +118,7 @@ class LoraSet:
     def spec(self) -> NetworkSpec:
         """A ``GL(r_l)`` space per layer and its input and output spaces (``Trivial``); parameters
         ``{path}.lora_A: (row rank, col in)`` and ``{path}.lora_B: (row out, col rank)``."""
-        spaces, params = [], []
-        for layer in self.layers:
-            p = layer.path
-            out, inp = layer.shape
-            spaces += [Space(f"{p}:in", inp, Trivial()), Space(f"{p}:rank", layer.rank, GL()),
-                       Space(f"{p}:out", out, Trivial())]
-            params += [Parameter(f"{p}.lora_A", (Axis("row", f"{p}:rank"), Axis("col", f"{p}:in"))),
-                       Parameter(f"{p}.lora_B", (Axis("row", f"{p}:out"), Axis("col", f"{p}:rank")))]
-        return NetworkSpec(tuple(spaces), (), tuple(params))
+        return lora_spec(self.layer_shapes, {layer.path: layer.rank for layer in self.layers})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{path}.lora_A`` / ``{path}.lora_B`` -> the factors (the parameter names of :meth:`spec`)."""
@@ -187,6 +179,16 @@ class LoraSet:
         with atomic_replace(directory / _WEIGHTS) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
         atomic_write_text(directory / _CONFIG, json.dumps(config, indent=2))
+
+
+def lora_spec(layer_shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int]) -> NetworkSpec:
+    """The spec of adapters on ``layer_shapes`` (path -> ``(out, in)``) with ``ranks`` (path -> r)."""
+    spaces, params = [], []
+    for p, (out, inp) in layer_shapes.items():
+        spaces += [Space(f"{p}:in", inp, Trivial()), Space(f"{p}:rank", ranks[p], GL()), Space(f"{p}:out", out, Trivial())]
+        params += [Parameter(f"{p}.lora_A", (Axis("row", f"{p}:rank"), Axis("col", f"{p}:in"))),
+                   Parameter(f"{p}.lora_B", (Axis("row", f"{p}:out"), Axis("col", f"{p}:rank")))]
+    return NetworkSpec(tuple(spaces), (), tuple(params))
 
 
 def _exact(path: str) -> str:
@@ -261,6 +263,21 @@ class LoraBatch:
     @property
     def rank(self) -> int:
         return next(iter(self.A.values())).shape[1]
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {p: (self.B[p].shape[1], self.A[p].shape[2]) for p in self.paths}
+
+    def spec(self) -> NetworkSpec:
+        """As :meth:`LoraSet.spec` (the batch axis leads every tensor)."""
+        return lora_spec(self.layer_shapes, {p: self.rank for p in self.paths})
+
+    def transform(self, element: SpecElement) -> "LoraBatch":
+        """Every set moved by the same element of :meth:`spec` (``A <- M A``, ``B <- B M^-1`` per layer)."""
+        tensors = {f"{p}.lora_A": self.A[p] for p in self.paths} | {f"{p}.lora_B": self.B[p] for p in self.paths}
+        moved = self.spec().transform_parameters(tensors, element, leading=1)
+        return LoraBatch(self.paths, {p: moved[f"{p}.lora_A"] for p in self.paths},
+                         {p: moved[f"{p}.lora_B"] for p in self.paths}, self.scaling)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """Module path -> ``[N, out, in]`` scaled ``B A`` (the ``[out, in]`` layout)."""
