@@ -1,0 +1,226 @@
+"""A zoo of LoRA fine-tunes of one digits classifier, made here, with labels to learn from the adapters.
+
+The base network is an MLP ``64 -> 32 -> 32 -> 10`` (ReLU) trained on the digits of a few classes
+(``base_classes``). Each fine-tune adapts all three linear layers with rank-``r`` LoRA factors
+(PEFT's initialisation: ``A`` uniform in ``±1/sqrt(in)``, ``B`` zero; scaling 1) and trains them
+with Adam on its own data: a random subset of the ten classes, a random number of training
+examples drawn from them, a random learning rate and a random number of steps. Labels:
+
+- ``membership [M, 10]``: which classes were in the fine-tuning data (the analogue of the paper's
+  data-membership task);
+- ``accuracy [M]``: the fine-tuned network's accuracy on the whole digits test split;
+- ``data_size [M]``: the number of fine-tuning examples.
+
+Fine-tunes are trained many at once (``vmap`` over a chunk, a masked functional Adam so that each
+stops at its own step count) and the zoo is cached on disk per configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_replace
+from ..basenets import make_mlp
+from ..lora.sets import LoraBatch
+from .digits import load_digits_split
+
+__all__ = ["LoraZooConfig", "LoraZoo", "generate_lora_zoo", "load_or_generate_lora_zoo"]
+
+SITES = ("0", "2", "4")
+
+
+@dataclass(frozen=True)
+class LoraZooConfig:
+    """What defines a zoo; any change gives another cache file."""
+
+    n_loras: int = 2000
+    rank: int = 4
+    base_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    base_steps: int = 600
+    classes_per_finetune: tuple[int, int] = (2, 6)      # inclusive range
+    data_sizes: tuple[int, int] = (32, 512)
+    learning_rates: tuple[float, float] = (1e-3, 3e-2)  # log-uniform
+    steps: tuple[int, int] = (30, 300)
+    batch_size: int = 32
+    split_seed: int = 0
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoraZoo:
+    """The fine-tunes' factors per site (``A[site]: [M, r, in]``, ``B[site]: [M, out, r]``), labels and base."""
+
+    config: LoraZooConfig
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    membership: torch.Tensor
+    accuracy: torch.Tensor
+    data_size: torch.Tensor
+    base: dict[str, torch.Tensor]
+    base_accuracy: float
+
+    def __len__(self) -> int:
+        return self.membership.shape[0]
+
+    def batch(self, index: torch.Tensor | slice) -> LoraBatch:
+        """The fine-tunes ``index`` as a :class:`LoraBatch` (scaling 1: PEFT's ``alpha = r``)."""
+        A = {p: self.A[p][index] for p in SITES}
+        n = next(iter(A.values())).shape[0]
+        return LoraBatch(SITES, A, {p: self.B[p][index] for p in SITES}, {p: torch.ones(n) for p in SITES})
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {p: (self.B[p].shape[1], self.A[p].shape[2]) for p in SITES}
+
+
+def _train_base(config: LoraZooConfig, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.nn.Module:
+    model = make_mlp([64, 32, 32, 10], "relu")
+    with torch.no_grad():
+        for p in model.parameters():
+            bound = 1 / math.sqrt(p.shape[-1])
+            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+    keep = torch.isin(y, torch.tensor(config.base_classes))
+    xb, yb = x[keep], y[keep]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(config.base_steps):
+        idx = torch.randint(len(xb), (config.batch_size,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(xb[idx]), yb[idx]).backward()
+        opt.step()
+    return model
+
+
+def _draw_tasks(config: LoraZooConfig, m: int, y: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per fine-tune: class mask, its training indices (padded), data size, learning rate, steps."""
+    lo, hi = config.classes_per_finetune
+    masks, indices, sizes = [], [], []
+    for _ in range(m):
+        k = int(torch.randint(lo, hi + 1, (), generator=gen))
+        classes = torch.randperm(10, generator=gen)[:k]
+        pool = torch.nonzero(torch.isin(y, classes)).squeeze(1)
+        n = min(int(torch.randint(config.data_sizes[0], config.data_sizes[1] + 1, (), generator=gen)), len(pool))
+        indices.append(pool[torch.randperm(len(pool), generator=gen)[:n]])
+        masks.append(torch.zeros(10).index_fill_(0, classes, 1.0))
+        sizes.append(n)
+    width = max(sizes)
+    padded = torch.stack([torch.cat([i, i.new_zeros(width - len(i))]) for i in indices])
+    log_lr = torch.empty(m).uniform_(math.log(config.learning_rates[0]), math.log(config.learning_rates[1]),
+                                     generator=gen)
+    steps = torch.randint(config.steps[0], config.steps[1] + 1, (m,), generator=gen)
+    return {"membership": torch.stack(masks), "indices": padded, "size": torch.tensor(sizes), "lr": log_lr.exp(),
+            "steps": steps}
+
+
+def _finetune(base: torch.nn.Module, tasks: dict[str, torch.Tensor], config: LoraZooConfig, x: torch.Tensor,
+              y: torch.Tensor, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train the LoRA factors of a chunk of fine-tunes together (masked Adam: each stops at its own step)."""
+    m, r = tasks["size"].shape[0], config.rank
+    weights = {k: v.detach() for k, v in base.named_parameters()}
+    params = {}
+    for site in SITES:
+        out, inp = weights[f"{site}.weight"].shape
+        params[f"{site}.A"] = (torch.rand(m, r, inp, generator=gen) * 2 - 1) / math.sqrt(inp)
+        params[f"{site}.B"] = torch.zeros(m, out, r)
+
+    def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        merged = dict(weights)
+        for site in SITES:
+            merged[f"{site}.weight"] = weights[f"{site}.weight"] + p[f"{site}.B"] @ p[f"{site}.A"]
+        return F.cross_entropy(functional_call(base, merged, (xb,)), yb)
+
+    gradient = vmap(grad(loss))
+    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    for step in range(int(tasks["steps"].max())):
+        active = (step < tasks["steps"]).float()
+        pos = (torch.rand(m, config.batch_size, generator=gen) * tasks["size"][:, None]).long()
+        idx = tasks["indices"].gather(1, pos)
+        grads = gradient(params, x[idx], y[idx])
+        t = step + 1
+        for k, g in grads.items():
+            m1, m2 = moments[k]
+            m1.mul_(0.9).add_(0.1 * g)
+            m2.mul_(0.999).add_(0.001 * g.square())
+            update = (m1 / (1 - 0.9 ** t)) / ((m2 / (1 - 0.999 ** t)).sqrt() + 1e-8)
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            params[k] = params[k] - (tasks["lr"] * active).view(shape) * update
+    return ({s: params[f"{s}.A"] for s in SITES}, {s: params[f"{s}.B"] for s in SITES})
+
+
+def _accuracy(base: torch.nn.Module, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], x: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+    weights = {k: v.detach() for k, v in base.named_parameters()}
+
+    def one(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        merged = dict(weights)
+        for site in SITES:
+            merged[f"{site}.weight"] = weights[f"{site}.weight"] + b[site] @ a[site]
+        return (functional_call(base, merged, (x,)).argmax(1) == y).float().mean()
+
+    with torch.no_grad():
+        return vmap(one)(A, B)
+
+
+def generate_lora_zoo(config: LoraZooConfig, chunk: int = 250, progress: bool = True) -> LoraZoo:
+    """Train the base network, then ``n_loras`` fine-tunes, ``chunk`` at a time."""
+    gen = torch.Generator().manual_seed(config.seed)
+    x, y, x_test, y_test = load_digits_split(seed=config.split_seed)
+    base = _train_base(config, x, y, gen)
+    with torch.no_grad():
+        base_accuracy = (base(x_test).argmax(1) == y_test).float().mean().item()
+    As, Bs, labels = {s: [] for s in SITES}, {s: [] for s in SITES}, {"membership": [], "accuracy": [], "size": []}
+    for start in tqdm(range(0, config.n_loras, chunk), desc="LoRA zoo", unit="chunk", disable=not progress):
+        m = min(chunk, config.n_loras - start)
+        tasks = _draw_tasks(config, m, y, gen)
+        A, B = _finetune(base, tasks, config, x, y, gen)
+        labels["accuracy"].append(_accuracy(base, A, B, x_test, y_test))
+        labels["membership"].append(tasks["membership"])
+        labels["size"].append(tasks["size"])
+        for s in SITES:
+            As[s].append(A[s].detach())
+            Bs[s].append(B[s].detach())
+    return LoraZoo(config, {s: torch.cat(v) for s, v in As.items()}, {s: torch.cat(v) for s, v in Bs.items()},
+                   torch.cat(labels["membership"]), torch.cat(labels["accuracy"]),
+                   torch.cat(labels["size"]).float(), {k: v.detach() for k, v in base.state_dict().items()},
+                   base_accuracy)
+
+
+def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLike | None,
+                              progress: bool = True) -> LoraZoo:
+    """The zoo of ``config`` from ``cache_dir`` when a file for exactly this config is there, else generated
+    (and written atomically)."""
+    if cache_dir is None:
+        return generate_lora_zoo(config, progress=progress)
+    path = Path(cache_dir) / f"lora_zoo_{config.key()}.safetensors"
+    if path.exists():
+        try:
+            t = load_file(path)
+            return LoraZoo(config, {s: t[f"A/{s}"] for s in SITES}, {s: t[f"B/{s}"] for s in SITES},
+                           t["membership"], t["accuracy"], t["data_size"],
+                           {k[len("base/"):]: v for k, v in t.items() if k.startswith("base/")},
+                           float(t["base_accuracy"]))
+        except (SafetensorError, KeyError, OSError) as err:
+            print(f"cached LoRA zoo {path} is unreadable ({err}); regenerating it")
+    zoo = generate_lora_zoo(config, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"A/{s}": zoo.A[s].contiguous() for s in SITES} | {f"B/{s}": zoo.B[s].contiguous() for s in SITES}
+    tensors |= {f"base/{k}": v.contiguous() for k, v in zoo.base.items()}
+    tensors |= {"membership": zoo.membership, "accuracy": zoo.accuracy, "data_size": zoo.data_size,
+                "base_accuracy": torch.tensor(zoo.base_accuracy)}
+    with atomic_replace(path) as tmp:
+        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
+    return zoo
