@@ -35,25 +35,32 @@ class FitResult:
     train_history: list[float] = field(default_factory=list)
 
 
+#: ``loss(prediction, target, reduction=...)``, as ``F.mse_loss`` or ``F.binary_cross_entropy_with_logits``
+Loss = Callable[..., torch.Tensor]
+
+
 @torch.no_grad()
 def evaluate_mse(model: nn.Module, predict: Predictor, indices: torch.Tensor, targets: torch.Tensor,
-                 batch_size: int = 128) -> float:
-    """Mean over ``indices`` and entries of ``(predict - targets[indices])^2``."""
+                 batch_size: int = 128, loss: Loss = F.mse_loss) -> float:
+    """Mean over ``indices`` and entries of ``loss`` (default ``(predict - targets[indices])^2``)."""
     model.eval()
     total = 0.0
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        total += F.mse_loss(predict(model, idx), targets[idx], reduction="sum").item()
+        total += loss(predict(model, idx), targets[idx], reduction="sum").item()
     model.train()
     return total / (len(indices) * targets.shape[1])
 
 
 def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, train_idx: torch.Tensor,
                    val_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int, batch_size: int, lr: float,
-                   seed: int, on_epoch: Callable[[int, float], None] | None = None) -> FitResult:
-    """Adam on the MSE to ``targets`` (``[M, P]``, normalised); test error at the best-validation epoch.
+                   seed: int, on_epoch: Callable[[int, float], None] | None = None, loss: Loss = F.mse_loss,
+                   train_predict: Predictor | None = None) -> FitResult:
+    """Adam on ``loss`` (default the MSE) to ``targets`` (``[M, P]``, normalised); test error at the
+    best-validation epoch. ``train_predict`` (default ``predict``) makes the training batches' predictions,
+    e.g. on inputs moved by a random group element (augmentation).
 
-    Error values are MSEs in target units; the caller rescales them to its metric.
+    Error values are mean losses in target units; the caller rescales them to its metric.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -64,12 +71,12 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
         running, count = 0.0, 0
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.mse_loss(predict(model, idx), targets[idx])
+            value = loss((train_predict or predict)(model, idx), targets[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
-            running, count = running + loss.item() * len(idx), count + len(idx)
-        val = evaluate_mse(model, predict, val_idx, targets)
+            running, count = running + value.item() * len(idx), count + len(idx)
+        val = evaluate_mse(model, predict, val_idx, targets, loss=loss)
         result.val_history.append(val)
         result.train_history.append(running / count)
         if val < best_val:
@@ -78,7 +85,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
             on_epoch(epoch, val)
     model.load_state_dict(best_state)
     result.best_epoch, result.best_val = best_epoch, best_val
-    result.test = evaluate_mse(model, predict, test_idx, targets)
+    result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
     return result
 
 

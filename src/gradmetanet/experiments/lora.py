@@ -1,0 +1,260 @@
+"""Learning on LoRAs: predict properties of a fine-tune from its adapter alone (LoL, Putterman et al.).
+
+The zoo (:mod:`gradmetanet.data.lora_zoo`) holds rank-4 LoRA fine-tunes of a digits classifier.
+Every model reads only the adapters and predicts three targets:
+
+- ``membership``: which of the ten classes were in the fine-tuning data (ten logits, binary
+  cross-entropy; metric: the accuracy over the ten bits);
+- ``accuracy``: the fine-tuned network's test accuracy (MSE on the standardised target; metrics
+  R² and Kendall's tau);
+- ``data_size``: the log number of fine-tuning examples (same metrics).
+
+Models: GL-net, an MLP on raw factors, the same trained with random GL(r) elements per layer as
+augmentation, an MLP on the dense ``dW``, an MLP on singular values. Splits 70/15/15; every model
+keeps its best-validation epoch. A second, smaller zoo of rank-8 fine-tunes of the same base
+tests the models that accept another rank, without retraining. The speed-up is the time to
+predict a fine-tune's accuracy with GL-net against evaluating the merged network on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_text
+from ..data.digits import load_digits_split
+from ..data.lora_zoo import SITES, LoraZoo, LoraZooConfig, load_or_generate_lora_zoo
+from ..lora.models import DenseMLP, GLNet, RawMLP, SpectrumMLP
+from ..training import fit_regression
+from . import apply_preset
+
+__all__ = ["LoraConfig", "PRESETS", "run", "config_from_preset", "MODELS", "TARGETS"]
+
+MODELS = ("glnet", "raw_mlp", "raw_mlp_gl_aug", "dense_mlp", "spectrum_mlp")
+LABELS = {"glnet": "GL-net", "raw_mlp": "MLP (raw factors)", "raw_mlp_gl_aug": "MLP (raw, GL augmentation)",
+          "dense_mlp": "MLP (dense dW)", "spectrum_mlp": "MLP (singular values)"}
+TARGETS = ("membership", "accuracy", "data_size")
+#: models whose input size does not depend on the rank (they run on the unseen-rank zoo)
+RANK_FREE = ("glnet", "dense_mlp")
+
+
+@dataclass
+class LoraConfig:
+    n_loras: int = 2000
+    rank: int = 4
+    unseen_rank: int = 8
+    n_unseen: int = 200
+    steps: tuple[int, int] = (30, 300)
+    models: tuple[str, ...] = MODELS
+    targets: tuple[str, ...] = TARGETS
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    hidden: int = 64
+    seed: int = 0
+    cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in MODELS] + [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown models or targets {unknown}; models: {list(MODELS)}, targets: {list(TARGETS)}")
+
+    def zoo(self, rank: int | None = None, n: int | None = None) -> LoraZooConfig:
+        return LoraZooConfig(n_loras=n or self.n_loras, rank=rank or self.rank, steps=self.steps, seed=self.seed)
+
+
+PRESETS = {
+    "paper": LoraConfig(n_loras=5000, epochs=100),
+    "cpu": LoraConfig(),
+    "quick": LoraConfig(n_loras=600, n_unseen=100, epochs=25),
+    "tiny": LoraConfig(n_loras=40, n_unseen=8, steps=(5, 15), epochs=2, hidden=8, cache_dir=None),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> LoraConfig:
+    return apply_preset(PRESETS, preset, overrides)
+
+
+def build_model(name: str, zoo: LoraZoo, out_features: int, config: LoraConfig) -> nn.Module:
+    shapes, h = zoo.layer_shapes, config.hidden
+    if name == "glnet":
+        return GLNet(shapes, out_features, hidden=16, layers=2, head_hidden=h)
+    if name in ("raw_mlp", "raw_mlp_gl_aug"):
+        return RawMLP(shapes, out_features, rank=config.rank, hidden=h)
+    if name == "dense_mlp":
+        return DenseMLP(shapes, out_features, hidden=h)
+    if name == "spectrum_mlp":
+        return SpectrumMLP(shapes, out_features, rank=config.rank, hidden=h)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def targets_of(zoo: LoraZoo, target: str) -> torch.Tensor:
+    """``[M, K]``: the class bits, the test accuracy, or the log data size of every fine-tune."""
+    if target == "membership":
+        return zoo.membership
+    return (zoo.accuracy if target == "accuracy" else zoo.data_size.log()).unsqueeze(1)
+
+
+def _metrics(target: str, prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    if target == "membership":
+        return {"bit_accuracy": ((prediction > 0).float() == truth).float().mean().item()}
+    from scipy.stats import kendalltau
+
+    p, t = prediction[:, 0], truth[:, 0]
+    r2 = 1 - (p - t).square().sum() / (t - t.mean()).square().sum()
+    return {"r2": r2.item(), "kendall_tau": float(kendalltau(p.numpy(), t.numpy()).statistic)}
+
+
+def _train(name: str, target: str, zoo: LoraZoo, split: dict[str, torch.Tensor], config: LoraConfig,
+           ) -> tuple[nn.Module, dict, float, float]:
+    y = targets_of(zoo, target)
+    mean = y[split["train"]].mean(0) if target != "membership" else torch.zeros(y.shape[1])
+    std = y[split["train"]].std(0) if target != "membership" else torch.ones(y.shape[1])
+    y_norm = (y - mean) / std
+    torch.manual_seed(config.seed)
+    model = build_model(name, zoo, y.shape[1], config)
+    loss = F.binary_cross_entropy_with_logits if target == "membership" else F.mse_loss
+    gen = torch.Generator().manual_seed(config.seed)
+
+    def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return m(zoo.batch(idx))
+
+    def augmented(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:       # a fresh GL(r) element per layer
+        batch = zoo.batch(idx)
+        return m(batch.transform(batch.spec().sample(gen)))
+
+    start = time.perf_counter()
+    fit = fit_regression(model, predict, y_norm, split["train"], split["val"], split["test"], config.epochs,
+                         config.batch_size, config.lr, config.seed, loss=loss,
+                         train_predict=augmented if name == "raw_mlp_gl_aug" else None)
+    model.eval()
+    with torch.no_grad():
+        pred = predict(model, split["test"]) * std + mean
+    row = {"best_epoch": fit.best_epoch, "seconds": time.perf_counter() - start,
+           "parameters": sum(p.numel() for p in model.parameters()),
+           **_metrics(target, pred, y[split["test"]])}
+    return model, row, mean, std
+
+
+def _speedup(model: nn.Module, zoo: LoraZoo, n: int = 256) -> dict[str, float]:
+    """Seconds per fine-tune: GL-net's prediction against evaluating the merged network on the test split."""
+    from ..basenets import make_mlp
+
+    _, _, x_test, y_test = load_digits_split(seed=zoo.config.split_seed)
+    n = min(n, len(zoo))
+    batch = zoo.batch(slice(0, n))
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(batch)
+        predict = (time.perf_counter() - start) / n
+        net = make_mlp([64, 32, 32, 10], "relu")
+        dws = batch.delta_weights()
+        start = time.perf_counter()
+        for i in range(n):
+            state = dict(zoo.base)
+            for site in SITES:
+                state[f"{site}.weight"] = zoo.base[f"{site}.weight"] + dws[site][i]
+            net.load_state_dict(state)
+            (net(x_test).argmax(1) == y_test).float().mean()
+        evaluate = (time.perf_counter() - start) / n
+    return {"predict_seconds": predict, "evaluate_seconds": evaluate, "speedup": evaluate / predict,
+            "test_examples": len(y_test)}
+
+
+def run(config: LoraConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """Every model on every target; the unseen-rank zoo; the speed-up; ``results.json``, ``table.md``, a PNG."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    zoo = load_or_generate_lora_zoo(config.zoo(), config.cache_dir, progress)
+    unseen = load_or_generate_lora_zoo(config.zoo(config.unseen_rank, config.n_unseen), config.cache_dir, progress)
+    order = torch.randperm(len(zoo), generator=torch.Generator().manual_seed(config.seed))
+    n_train, n_val = int(0.7 * len(zoo)), int(0.15 * len(zoo))
+    split = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    results = {"experiment": "lora", "config": asdict(config), "zoo": {
+        "loras": len(zoo), "rank": config.rank, "base_accuracy": zoo.base_accuracy,
+        "mean_finetuned_accuracy": zoo.accuracy.mean().item()}, "targets": {}, "unseen_rank": {}}
+    scatter = {}
+    bar = tqdm(total=len(config.models) * len(config.targets), desc="LoRA models", disable=not progress)
+    for target in config.targets:
+        rows = {}
+        for name in config.models:
+            model, rows[name], mean, std = _train(name, target, zoo, split, config)
+            if target == "accuracy":
+                with torch.no_grad():
+                    scatter[name] = ((model(zoo.batch(split["test"])) * std + mean)[:, 0].tolist(),
+                                     zoo.accuracy[split["test"]].tolist())
+                if name in RANK_FREE:
+                    with torch.no_grad():
+                        pred = model(unseen.batch(slice(None))) * std + mean
+                    results["unseen_rank"][name] = _metrics(target, pred, unseen.accuracy.unsqueeze(1))
+                if name == "glnet":
+                    results["speed"] = _speedup(model, zoo)
+            bar.update()
+        results["targets"][target] = rows
+    bar.close()
+    report(results, scatter, out)
+    return results
+
+
+def report(results: dict, scatter: dict, out: Path) -> str:
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    z = results["zoo"]
+    lines = [f"{z['loras']} rank-{z['rank']} LoRA fine-tunes of a digits MLP (base accuracy {z['base_accuracy']:.3f}, "
+             f"fine-tuned mean {z['mean_finetuned_accuracy']:.3f}); 70/15/15 split, best-validation epoch.", "",
+             "| model | params | membership: bit accuracy | accuracy: R² | accuracy: tau | data size: R² | "
+             "data size: tau |", "|---|---:|---:|---:|---:|---:|---:|"]
+    t = results["targets"]
+
+    def cell(target: str, name: str, key: str) -> str:
+        return f"{t[target][name][key]:.3f}" if target in t and name in t[target] else "-"
+
+    for name in results["config"]["models"]:
+        params = next(t[target][name]["parameters"] for target in t if name in t[target])
+        lines.append(f"| {LABELS[name]} | {params:,} | {cell('membership', name, 'bit_accuracy')} | "
+                     f"{cell('accuracy', name, 'r2')} | {cell('accuracy', name, 'kendall_tau')} | "
+                     f"{cell('data_size', name, 'r2')} | {cell('data_size', name, 'kendall_tau')} |")
+    if results["unseen_rank"]:
+        rank = results["config"]["unseen_rank"]
+        lines += ["", f"Accuracy predicted on rank-{rank} fine-tunes of the same base, without retraining (the "
+                  "other models cannot read another rank):", "", "| model | R² | tau |", "|---|---:|---:|"]
+        for name, m in results["unseen_rank"].items():
+            lines.append(f"| {LABELS[name]} | {m['r2']:.3f} | {m['kendall_tau']:.3f} |")
+    if "speed" in results:
+        s = results["speed"]
+        lines += ["", f"Predicting a fine-tune's accuracy with GL-net takes {1e6 * s['predict_seconds']:.1f} µs; "
+                  f"evaluating the merged network on the {s['test_examples']} test images takes "
+                  f"{1e6 * s['evaluate_seconds']:.1f} µs: {s['speedup']:.0f}× faster."]
+    table = "\n".join(lines)
+    atomic_write_text(out / "table.md", table + "\n")
+    if scatter:
+        _plot(scatter, out / "accuracy.png")
+    return table
+
+
+def _plot(scatter: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 5.0), dpi=130)
+    for name, (pred, true) in scatter.items():
+        ax.scatter(true, pred, s=6, alpha=0.6, label=LABELS[name])
+    lo, hi = ax.get_xlim()
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+    ax.set_xlabel("true test accuracy of the fine-tune")
+    ax.set_ylabel("predicted from the adapter alone")
+    ax.set_title("LoRA fine-tunes: accuracy from weights")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
