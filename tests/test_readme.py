@@ -68,3 +68,10 @@ def test_learned_optimizer_example_trains_with_a_scheduler():
         loss = torch.nn.functional.cross_entropy(model(x_test), y_test).item()
     assert loss < 0.5, loss                                         # ln 10 = 2.3 at the start
     assert scope["opt"].param_groups[0]["lr"] < 1e-3               # the schedule reached its end
+
+
+def test_lora_example_is_invariant_and_round_trips(capsys):
+    scope: dict = {}
+    exec(compile(example("lora"), "README:lora", "exec"), scope)
+    assert "(32, 64)" in capsys.readouterr().out
+    assert scope["adapter"].paths == ["0", "2", "4"]

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace
 from ..basenets import make_mlp
-from ..lora.sets import LoraBatch
+from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from .digits import load_digits_split
 
 __all__ = ["LoraZooConfig", "LoraZoo", "generate_lora_zoo", "load_or_generate_lora_zoo"]
@@ -82,6 +82,10 @@ class LoraZoo:
         A = {p: self.A[p][index] for p in SITES}
         n = next(iter(A.values())).shape[0]
         return LoraBatch(SITES, A, {p: self.B[p][index] for p in SITES}, {p: torch.ones(n) for p in SITES})
+
+    def lora_set(self, i: int) -> LoraSet:
+        """Fine-tune ``i`` as a :class:`LoraSet` (what ``to_peft`` writes)."""
+        return LoraSet(tuple(LoraLayer(p, self.A[p][i], self.B[p][i], 1.0) for p in SITES))
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
