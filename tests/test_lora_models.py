@@ -84,3 +84,20 @@ def test_gate_matches_the_formed_product():
     z = u @ v.transpose(1, 2)
     torch.testing.assert_close(gu, u * (z.sum(2, keepdim=True) > 0))
     torch.testing.assert_close(gv, v * (z.sum(1).unsqueeze(-1) > 0))
+
+
+def test_aligned_mlp_removes_rotations_but_not_all_of_gl():
+    """Procrustes alignment to a template makes the MLP invariant to O(r) per layer (here: permutations and
+    signs of the rank components), not to GL(r)."""
+    from gradmetanet.core import Monomial
+    from gradmetanet.lora import AlignMLP
+
+    torch.manual_seed(0)
+    batch = random_batch()
+    model = AlignMLP(SHAPES, 2, rank=3, template=random_batch(n=1, seed=5), hidden=16).double()
+    perm = {f"{p}:rank": Monomial(torch.tensor([2, 0, 1]), torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+            for p in SHAPES}
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch.transform(perm)), model(batch), atol=1e-8, rtol=0)
+        with pytest.raises(AssertionError, match="not equivariant"):
+            check_symmetry(batch.spec(), model, batch, move, lambda y, g, sp: y)

@@ -10,7 +10,8 @@ Every model reads only the adapters and predicts three targets:
 - ``data_size``: the log number of fine-tuning examples (same metrics).
 
 Models: GL-net, an MLP on raw factors, the same trained with random GL(r) elements per layer as
-augmentation, an MLP on the dense ``dW``, an MLP on singular values. Splits 70/15/15; every model
+augmentation, an MLP on factors aligned to a template by orthogonal Procrustes, an MLP on the dense
+``dW``, an MLP on singular values. Splits 70/15/15; every model
 keeps its best-validation epoch. A second, smaller zoo of rank-8 fine-tunes of the same base
 tests the models that accept another rank, without retraining. The speed-up is the time to
 predict a fine-tune's accuracy with GL-net against evaluating the merged network on the test split.
@@ -32,15 +33,16 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text
 from ..data.digits import load_digits_split
 from ..data.lora_zoo import SITES, LoraZoo, LoraZooConfig, load_or_generate_lora_zoo
-from ..lora.models import DenseMLP, GLNet, RawMLP, SpectrumMLP
+from ..lora.models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
 from ..training import fit_regression
 from . import apply_preset
 
 __all__ = ["LoraConfig", "PRESETS", "run", "config_from_preset", "MODELS", "TARGETS"]
 
-MODELS = ("glnet", "raw_mlp", "raw_mlp_gl_aug", "dense_mlp", "spectrum_mlp")
+MODELS = ("glnet", "raw_mlp", "raw_mlp_gl_aug", "align_mlp", "dense_mlp", "spectrum_mlp")
 LABELS = {"glnet": "GL-net", "raw_mlp": "MLP (raw factors)", "raw_mlp_gl_aug": "MLP (raw, GL augmentation)",
-          "dense_mlp": "MLP (dense dW)", "spectrum_mlp": "MLP (singular values)"}
+          "align_mlp": "MLP (O(r)-aligned factors)", "dense_mlp": "MLP (dense dW)",
+          "spectrum_mlp": "MLP (singular values)"}
 TARGETS = ("membership", "accuracy", "data_size")
 #: models whose input size does not depend on the rank (they run on the unseen-rank zoo)
 RANK_FREE = ("glnet", "dense_mlp")
@@ -83,12 +85,17 @@ def config_from_preset(preset: str, **overrides) -> LoraConfig:
     return apply_preset(PRESETS, preset, overrides)
 
 
-def build_model(name: str, zoo: LoraZoo, out_features: int, config: LoraConfig) -> nn.Module:
+def build_model(name: str, zoo: LoraZoo, out_features: int, config: LoraConfig,
+                template: int = 0) -> nn.Module:
+    """Model ``name`` for the zoo's layers (``template``: the training fine-tune the aligned MLP rotates to)."""
     shapes, h = zoo.layer_shapes, config.hidden
     if name == "glnet":
         return GLNet(shapes, out_features, hidden=16, layers=2, head_hidden=h)
     if name in ("raw_mlp", "raw_mlp_gl_aug"):
         return RawMLP(shapes, out_features, rank=config.rank, hidden=h)
+    if name == "align_mlp":
+        return AlignMLP(shapes, out_features, rank=config.rank, template=zoo.batch(slice(template, template + 1)),
+                        hidden=h)
     if name == "dense_mlp":
         return DenseMLP(shapes, out_features, hidden=h)
     if name == "spectrum_mlp":
@@ -120,7 +127,7 @@ def _train(name: str, target: str, zoo: LoraZoo, split: dict[str, torch.Tensor],
     std = y[split["train"]].std(0) if target != "membership" else torch.ones(y.shape[1])
     y_norm = (y - mean) / std
     torch.manual_seed(config.seed)
-    model = build_model(name, zoo, y.shape[1], config)
+    model = build_model(name, zoo, y.shape[1], config, template=int(split["train"][0]))
     loss = F.binary_cross_entropy_with_logits if target == "membership" else F.mse_loss
     gen = torch.Generator().manual_seed(config.seed)
 

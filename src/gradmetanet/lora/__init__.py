@@ -1,7 +1,7 @@
 """Learning on LoRAs: adapter weights as data (PEFT files in and out), with a GL(r) space per layer."""
 
-from .models import DenseMLP, GLNet, RawMLP, SpectrumMLP
+from .models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
 from .sets import LoraBatch, LoraLayer, LoraSet, UnsupportedAdapterError, lora_spec
 
-__all__ = ["DenseMLP", "GLNet", "LoraBatch", "LoraLayer", "LoraSet", "RawMLP", "SpectrumMLP", "UnsupportedAdapterError",
+__all__ = ["AlignMLP", "DenseMLP", "GLNet", "LoraBatch", "LoraLayer", "LoraSet", "RawMLP", "SpectrumMLP", "UnsupportedAdapterError",
            "lora_spec"]

@@ -14,6 +14,8 @@ batch. Per layer the input is ``U = s B`` (``[N, out, r]``, the scaling folded i
   layer is larger than ``sketch`` entries).
 - :class:`SpectrumMLP`: an MLP on the singular values of every ``dW``, from the ``r x r`` matrix
   ``R_U R_V^T`` of thin QR factorisations (invariant, lossy, fixed rank).
+- :class:`AlignMLP`: an MLP on factors aligned to a template fine-tune by orthogonal Procrustes per
+  layer (removes the ``O(r)`` part of the symmetry only; fixed rank).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from .sets import LoraBatch
 
-__all__ = ["GLNet", "RawMLP", "DenseMLP", "SpectrumMLP", "factors"]
+__all__ = ["GLNet", "RawMLP", "DenseMLP", "SpectrumMLP", "AlignMLP", "factors"]
 
 
 def factors(batch: LoraBatch, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +179,29 @@ class SpectrumMLP(nn.Module):
             r_u, r_v = torch.linalg.qr(u, mode="r")[1], torch.linalg.qr(v, mode="r")[1]
             values.append(torch.linalg.svdvals(r_u @ r_v.transpose(1, 2)))
         return self.mlp(torch.cat(values, 1))
+
+
+class AlignMLP(RawMLP):
+    """:class:`RawMLP` on factors rotated to a template: per layer ``S = [U; V]`` is replaced by ``S R`` with the
+    orthogonal ``R`` closest to mapping ``S`` onto the template's ``S_t`` (``R = P Q^T`` from the SVD of
+    ``S^T S_t``). ``(U R, V R)`` has the same ``dW``; the alignment removes ``O(r)``, not all of ``GL(r)``."""
+
+    def __init__(self, layer_shapes: Mapping[str, tuple[int, int]], out_features: int, rank: int,
+                 template: LoraBatch, hidden: int = 64, dropout: float = 0.0) -> None:
+        super().__init__(layer_shapes, out_features, rank, hidden, dropout)
+        for i, path in enumerate(self.layer_shapes):
+            u, v = factors(template, path)
+            self.register_buffer(f"template_{i}", torch.cat([u[0], v[0]]).float())
+
+    def forward(self, batch: LoraBatch) -> torch.Tensor:
+        _check_layers(self.layer_shapes, batch)
+        if batch.rank != self.rank:
+            raise ValueError(f"AlignMLP was built for rank {self.rank}; the batch has rank {batch.rank}")
+        parts = []
+        for i, path in enumerate(self.layer_shapes):
+            u, v = factors(batch, path)
+            s = torch.cat([u, v], 1)                                                  # [N, out + in, r]
+            p, _, q = torch.linalg.svd(s.transpose(1, 2) @ getattr(self, f"template_{i}").to(s.dtype))
+            rotated = s @ (p @ q)
+            parts.append(rotated.flatten(1))
+        return self.mlp(torch.cat(parts, 1))
