@@ -226,7 +226,6 @@ class _Tracer(TorchFunctionMode):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else traced[0]
         if not x.dim() or not outs:
             return self.fix_all(traced, outs)
-        last = x.dim() - 1
         if name in _HOMOGENEOUS:
             return self.keep_node(x, outs, _SCALE)
         if name in _ODD:

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..plots import figure
 from ..batch import GradientBatch
 from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
@@ -255,31 +256,18 @@ def render_table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = results["config"]["train_sizes"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
-    for key, per_size in results["models"].items():
-        mean = [per_size[str(n)]["mean"] for n in sizes]
-        std = [per_size[str(n)]["std"] for n in sizes]
-        if key == "standard":
-            ax.axhline(mean[0], color="black", linestyle="--", linewidth=1.2, label=LABELS[key])
-            continue
-        line, = ax.plot(sizes, mean, marker="o", markersize=3, label=LABELS[key])
-        ax.fill_between(sizes, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                        color=line.get_color(), alpha=0.2)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("number of training networks")
-    ax.set_ylabel("test error (MSE / target variance)")
-    ax.set_title("Fisher diagonal estimation from decomposed gradients")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, "number of training networks", "test error (MSE / target variance)",
+                "Fisher diagonal estimation from decomposed gradients", xlog=True, ylog=True) as ax:
+        for key, per_size in results["models"].items():
+            mean = [per_size[str(n)]["mean"] for n in sizes]
+            std = [per_size[str(n)]["std"] for n in sizes]
+            if key == "standard":
+                ax.axhline(mean[0], color="black", linestyle="--", linewidth=1.2, label=LABELS[key])
+                continue
+            line, = ax.plot(sizes, mean, marker="o", markersize=3, label=LABELS[key])
+            ax.fill_between(sizes, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
 
 
 def config_from_preset(preset: str, **overrides) -> CurvatureConfig:

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..plots import figure
 from ..lopt.distributed import is_main_process
 from ..lopt.rule_files import PRETRAINED_DIR, load_rule, save_rule
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
@@ -328,76 +329,39 @@ def label_of(name: str) -> str:
 
 def _plot_grid(tasks: dict, path: Path) -> None:
     """Adam's best test loss against its learning rate, per task (the selected value marked)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=130)
-    for label, r in tasks.items():
-        lrs, losses = zip(*sorted((float(k), v) for k, v in r["adam_grid"].items()))
-        line, = ax.plot(lrs, losses, marker=".", label=label)
-        ax.plot(r["adam_lr"], losses[lrs.index(r["adam_lr"])], "*", ms=12, color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("Adam learning rate")
-    ax.set_ylabel("best test loss within the horizon (tuning seed)")
-    ax.set_title("Adam's learning-rate grid (star: selected)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, "Adam learning rate", "best test loss within the horizon (tuning seed)",
+                "Adam's learning-rate grid (star: selected)", size=(6.4, 4.0), xlog=True, ylog=True) as ax:
+        for label, r in tasks.items():
+            lrs, losses = zip(*sorted((float(k), v) for k, v in r["adam_grid"].items()))
+            line, = ax.plot(lrs, losses, marker=".", label=label)
+            ax.plot(r["adam_lr"], losses[lrs.index(r["adam_lr"])], "*", ms=12, color=line.get_color())
 
 
 def _plot_meta(meta: dict, path: Path) -> None:
     """Meta-validation loss against meta-step per rule (the rule kept is starred); without meta-validation,
     the PES meta-loss averaged over 10 steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=130)
-    for name, m in meta.items():
-        if m["validation"]:
-            steps, losses = zip(*m["validation"])
-            line, = ax.plot(steps, losses, marker=".", label=f"{LABELS[name]} (meta-validation)")
-            if m["selected_step"] in steps:
-                ax.plot(m["selected_step"], losses[steps.index(m["selected_step"])], "*", ms=12,
-                        color=line.get_color())
-        elif m["loss"]:
-            loss = torch.tensor(m["loss"])
-            window = min(10, len(loss))
-            smooth = loss.unfold(0, window, 1).mean(1)
-            ax.plot(range(window, len(loss) + 1), smooth, label=f"{LABELS[name]} (PES meta-loss)")
-    ax.set_xlabel("meta-step (PES)")
-    ax.set_ylabel("meta-loss")
-    ax.set_title("Meta-training (star: the rule kept)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, "meta-step (PES)", "meta-loss", "Meta-training (star: the rule kept)", size=(6.4, 4.0)) as ax:
+        for name, m in meta.items():
+            if m["validation"]:
+                steps, losses = zip(*m["validation"])
+                line, = ax.plot(steps, losses, marker=".", label=f"{LABELS[name]} (meta-validation)")
+                if m["selected_step"] in steps:
+                    ax.plot(m["selected_step"], losses[steps.index(m["selected_step"])], "*", ms=12,
+                            color=line.get_color())
+            elif m["loss"]:
+                loss = torch.tensor(m["loss"])
+                window = min(10, len(loss))
+                smooth = loss.unfold(0, window, 1).mean(1)
+                ax.plot(range(window, len(loss) + 1), smooth, label=f"{LABELS[name]} (PES meta-loss)")
 
 
 def _plot(race_result: dict, label: str, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
-    for name, r in race_result["optimizers"].items():
-        steps = r["curves"]["steps"]
-        losses = torch.tensor(r["curves"]["test_loss"])
-        mean = losses.mean(0)
-        std = losses.std(0) if len(losses) > 1 else torch.zeros_like(mean)
-        line, = ax.plot(steps, mean, label=label_of(name))
-        ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test loss (cross-entropy)")
-    ax.set_yscale("log")
-    ax.set_title(f"Learned optimizers vs tuned Adam: {label}")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, "training step", "test loss (cross-entropy)", f"Learned optimizers vs tuned Adam: {label}",
+                ylog=True) as ax:
+        for name, r in race_result["optimizers"].items():
+            steps = r["curves"]["steps"]
+            losses = torch.tensor(r["curves"]["test_loss"])
+            mean = losses.mean(0)
+            std = losses.std(0) if len(losses) > 1 else torch.zeros_like(mean)
+            line, = ax.plot(steps, mean, label=label_of(name))
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)

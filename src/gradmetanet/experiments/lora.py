@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
+from ..plots import figure
 from ..data.digits import load_digits_split
 from ..data.lora_zoo import SITES, LoraZoo, LoraZooConfig, load_or_generate_lora_zoo
 from ..lora.models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
@@ -248,20 +249,9 @@ def report(results: dict, scatter: dict, out: Path) -> str:
 
 
 def _plot(scatter: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 5.0), dpi=130)
-    for name, (pred, true) in scatter.items():
-        ax.scatter(true, pred, s=6, alpha=0.6, label=LABELS[name])
-    lo, hi = ax.get_xlim()
-    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
-    ax.set_xlabel("true test accuracy of the fine-tune")
-    ax.set_ylabel("predicted from the adapter alone")
-    ax.set_title("LoRA fine-tunes: accuracy from weights")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, "true test accuracy of the fine-tune", "predicted from the adapter alone",
+                "LoRA fine-tunes: accuracy from weights", size=(5.2, 5.0)) as ax:
+        for name, (pred, true) in scatter.items():
+            ax.scatter(true, pred, s=6, alpha=0.6, label=LABELS[name])
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
