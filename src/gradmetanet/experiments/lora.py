@@ -90,8 +90,8 @@ def build_model(name: str, zoo: LoraZoo, out_features: int, config: LoraConfig,
                 template: int = 0) -> nn.Module:
     """Model ``name`` for the zoo's layers (``template``: the training fine-tune the aligned MLP rotates to)."""
     shapes, h = zoo.layer_shapes, config.hidden
-    if name == "glnet":      # d = 32: vec(U V^T) then has about as many entries as the dense dW of these layers
-        return GLNet(shapes, out_features, hidden=32, layers=2, head_hidden=h)
+    if name == "glnet":      # d = 32: vec(U V^T) has about as many entries as these layers' dense dW; one
+        return GLNet(shapes, out_features, hidden=32, layers=1, head_hidden=h)   # layer, as the released scripts
     if name in ("raw_mlp", "raw_mlp_gl_aug"):
         return RawMLP(shapes, out_features, rank=config.rank, hidden=h)
     if name == "align_mlp":
