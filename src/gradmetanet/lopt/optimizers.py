@@ -401,24 +401,26 @@ class NetworkOptimizer(LearnedOptimizer):
         self.model = model
         self.names = {id(p): n for n, p in model.named_parameters()}
         super().__init__(model.parameters(), rule, lr=lr)
-        self.spec = NetworkSpec.from_module(model) if rule.needs_spec else None
         self.capture = None
-        if rule.needs_decomposed:
-            frozen = [s.name for s in self.spec.sites if not all(
-                model.get_parameter(n).requires_grad for n in (s.weight, s.bias) if n is not None)]
-            if frozen:
-                raise ValueError(f"layers {frozen} are frozen: a GradMetaNet rule reads the decomposed gradient of "
-                                 "every layer, and a frozen layer has none; unfreeze them or use a rule without "
-                                 "a GradMetaNet (DS, UNF)")
-            previous = _ATTACHED.get(model)
-            if previous is not None and previous.capture is not None and previous.capture.active:
-                warnings.warn("this model already had a learned optimizer capturing its gradients; that one is "
-                              "detached now and can no longer step", stacklevel=2)
-                previous.close()
-            self.capture = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True,
-                                           after_backward_hint=_ACCUMULATION_HINT)
-            self.capture.__enter__()
-            _ATTACHED[model] = self
+        if not rule.needs_decomposed:
+            self.spec = NetworkSpec.from_module(model) if rule.needs_spec else None
+            return
+        capture = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True,
+                                  after_backward_hint=_ACCUMULATION_HINT)
+        self.spec = capture.spec                # traced once, by the capture (which also refuses coupled batches)
+        frozen = [s.name for s in self.spec.sites if not all(
+            model.get_parameter(n).requires_grad for n in (s.weight, s.bias) if n is not None)]
+        if frozen:
+            raise ValueError(f"layers {frozen} are frozen: a GradMetaNet rule reads the decomposed gradient of "
+                             "every layer, and a frozen layer has none; unfreeze them or use a rule without "
+                             "a GradMetaNet (DS, UNF)")
+        previous = _ATTACHED.get(model)
+        if previous is not None and previous.capture is not None and previous.capture.active:
+            warnings.warn("this model already had a learned optimizer capturing its gradients; that one is "
+                          "detached now and can no longer step", stacklevel=2)
+            previous.close()
+        self.capture = capture.__enter__()
+        _ATTACHED[model] = self
 
     def _names(self) -> list[str]:
         return [self.names[id(p)] for group in self.param_groups for p in group["params"]]
