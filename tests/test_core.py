@@ -185,8 +185,8 @@ def test_specs_are_true_for_every_group_element(name):
         spec = NetworkSpec.chain([4, 7, 7, 3], ["0", "2", "4"], activation=name)
         breakers = ("fixed", "negative_scale") if name == "relu" else ("fixed",)
     model = model.double()
-    if name != "gl":
-        assert NetworkSpec.from_module(model) == spec.__class__.from_json(spec.to_json()) or name == "residual"
+    if name in ("relu", "tanh", "sine"):          # the traced spec of the chain is the hand-written one
+        assert NetworkSpec.from_module(model) == spec
     x = torch.randn(9, spec.spaces[0].size, dtype=torch.float64)
     params = {k: v.detach() for k, v in model.state_dict().items()}
     check_symmetry(spec, model_function(model, x), params, move_params, lambda y, g, sp: y, trials=3,

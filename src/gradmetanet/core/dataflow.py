@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from .groups import GL, Group, Perm, ScalePerm, SignPerm, Trivial
 from .spec import NetworkSpec, Space, UnsupportedModuleError
 
-__all__ = ["Trace", "trace", "trace_spec"]
+__all__ = ["Trace", "trace"]
 
 _ALL = frozenset({"gl", "scale", "sign", "perm"})
 _MONOMIAL = frozenset({"scale", "sign", "perm"})
@@ -347,11 +347,6 @@ class Trace:
 
     spec: NetworkSpec
     couplings: tuple[str, ...] = ()
-
-
-def trace_spec(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> NetworkSpec:
-    """The spec of ``model`` (see :func:`trace`)."""
-    return trace(model, example_inputs).spec
 
 
 def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> Trace:

@@ -194,9 +194,9 @@ class NetworkSpec:
     def from_module(cls, model: torch.nn.Module, example_inputs: tuple | torch.Tensor | None = None
                     ) -> "NetworkSpec":
         """Describe ``model`` by following its data flow in one dry run (see :mod:`gradmetanet.core.dataflow`)."""
-        from .dataflow import trace_spec
+        from .dataflow import trace
 
-        return trace_spec(model, example_inputs)
+        return trace(model, example_inputs).spec
 
     @classmethod
     def independent(cls, named_sites: Iterable[tuple[str, int, int, bool]]) -> "NetworkSpec":
@@ -261,9 +261,6 @@ class NetworkSpec:
     def sample(self, generator: torch.Generator | None = None) -> SpecElement:
         """A random element of every space's group (float64 factors; spaces absent act by the identity)."""
         return {s.name: s.group.sample(s.size, generator) for s in self.spaces if s.permutable}
-
-    def identity(self) -> SpecElement:
-        return {}
 
     def transform_parameters(self, params: Mapping[str, torch.Tensor], element: Mapping[str, Element],
                              leading: int = 0) -> dict[str, torch.Tensor]:
