@@ -9,8 +9,10 @@ import torch
 
 from gradmetanet import GradientCapture
 from gradmetanet.cli import main as cli_main
-from gradmetanet.data.siren_zoo import SirenZooConfig, generate_siren_zoo, load_or_generate_siren_zoo, siren_module
+from gradmetanet.data.siren_zoo import (SirenZooConfig, generate_siren_zoo, load_or_generate_siren_zoo, siren_module,
+                                        siren_spec)
 from gradmetanet.experiments import curvature
+from gradmetanet.experiments import curvature_reference as reference
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +29,16 @@ def test_files_and_json_schema(tiny_run):
         assert (run_dir / name).stat().st_size > 0
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["metric"] == curvature.METRIC
-    assert set(saved["models"]) == {"standard", *curvature.MODEL_KEYS}
+    assert set(saved["models"]) == {"standard", *curvature.MODEL_KEYS, *curvature.REFERENCE_KEYS}
     for per_size in saved["models"].values():
         assert set(per_size) == {str(n) for n in config.train_sizes}
         for cell in per_size.values():
             assert isinstance(cell["mean"], float) and isinstance(cell["std"], float) and cell["mean"] > 0
+            assert list(cell["per_layer"]) == list(siren_spec(config.zoo().widths).param_shapes())
+            assert sum(cell["per_layer"].values()) == pytest.approx(1.0)
     table = (run_dir / "table.md").read_text()
-    assert "GradMetaNet++" in table and "Standard estimator" in table
+    assert "GradMetaNet++" in table and "Standard estimator" in table and "Reference: quadrature" in table
+    assert "Where the error lies" in table
     assert (run_dir / "curvature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -124,3 +129,36 @@ def test_fisher_trace_targets_and_tiny_run(tmp_path):
     assert all(r["normalised_mae"] > 0 for r in results["models"].values())
     assert "normalised MAE" in (tmp_path / "table.md").read_text()
 
+
+
+def test_reference_estimators():
+    """Quadrature weights sum to one, follow the points, and integrate a smooth function far better than
+    the sample mean; the product of means is exact where ``a`` is constant and differs elsewhere;
+    per-layer shares sum to one and point at the layer that holds the error."""
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(200, 64, generator=gen, dtype=torch.float64) * 2 - 1
+    weights = reference.quadrature_weights(points)
+    torch.testing.assert_close(weights.sum(1), torch.ones(200, dtype=torch.float64))
+    perm = torch.randperm(64, generator=gen)
+    torch.testing.assert_close(reference.quadrature_weights(points[:, perm]), weights[:, perm])
+    fraction = (points < 0).double().mean(1)
+    exact = fraction * (1 / 3) + (1 - fraction) * (1 / 3)          # E x^2 within each half of [-1, 1]
+    quadrature_error = ((weights * points.square()).sum(1) - exact).abs().mean()
+    sample_error = (points.square().mean(1) - exact).abs().mean()
+    assert quadrature_error < 0.1 * sample_error
+
+    spec = siren_spec((1, 4, 3, 1))
+    features = torch.randn(5, 16, spec.n_neurons, 2, generator=gen, dtype=torch.float64)
+    standard = reference.squared_point_gradients(spec, features).mean(1)
+    pom = reference.product_of_means(spec, features)
+    assert not torch.allclose(pom, standard)
+    constant = features.clone()
+    constant[..., 0] = features[:, :1, :, 0]                        # every point has the same activations
+    torch.testing.assert_close(reference.product_of_means(spec, constant),
+                               reference.squared_point_gradients(spec, constant).mean(1))
+
+    target = standard.clone()
+    wrong = standard.clone()
+    wrong[:, :4] += 1.0                                             # "0.weight" holds every error
+    shares = reference.per_layer_shares(spec, wrong, target)
+    assert shares["0.weight"] == pytest.approx(1.0) and sum(shares.values()) == pytest.approx(1.0)

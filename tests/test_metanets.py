@@ -52,14 +52,18 @@ def example_order_error(model, batch: GradientBatch) -> float:
         return distance(model(permute_examples(batch)), model(batch))
 
 
+#: name -> builder of the model for specs with ``fixed`` fixed (Trivial) neurons
 EQUIVARIANT_MODELS = {
-    "gradmetanet": lambda: GradMetaNet(hidden=16, out_features=3),
-    "gradmetanet_sum": lambda: GradMetaNet(hidden=16, out_features=2, reduction="sum"),
-    "gradmetanet_invariant": lambda: GradMetaNet(hidden=16, head="invariant", out_features=4),
-    "gradmetanet_neuron": lambda: GradMetaNet(hidden=16, head="neuron", out_features=2),
-    "gradmetanet_param": lambda: GradMetaNet(hidden=16, head="parameter_product"),
-    "gradmetanet++": lambda: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, out_features=2, head_rank=3),
-    "gradmetanet++_invariant": lambda: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, head="invariant"),
+    "gradmetanet": lambda fixed: GradMetaNet(hidden=16, out_features=3),
+    "gradmetanet_sum": lambda fixed: GradMetaNet(hidden=16, out_features=2, reduction="sum"),
+    "gradmetanet_invariant": lambda fixed: GradMetaNet(hidden=16, head="invariant", out_features=4),
+    "gradmetanet_neuron": lambda fixed: GradMetaNet(hidden=16, head="neuron", out_features=2),
+    "gradmetanet_param": lambda fixed: GradMetaNet(hidden=16, head="parameter_product"),
+    "gradmetanet_fixed_path": lambda fixed: GradMetaNet(hidden=16, out_features=2, fixed_neurons=fixed),
+    "gradmetanet_set_head": lambda fixed: GradMetaNet(hidden=16, out_features=2, head="set_product", head_rank=5,
+                                                      fixed_neurons=fixed, bias_product=True),
+    "gradmetanet++": lambda fixed: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, out_features=2, head_rank=3),
+    "gradmetanet++_invariant": lambda fixed: GradMetaNetPlusPlus(hidden=16, heads=4, blocks=2, head="invariant"),
 }
 
 
@@ -69,7 +73,7 @@ def test_equivariance_and_invariance(name, sizes):
     """Hidden permutations commute with the model, the example order does not matter; permuting a fixed
     space or exchanging two equal-size spaces changes the output (float64 noise is ~1e-15)."""
     torch.manual_seed(0)
-    model = EQUIVARIANT_MODELS[name]().double()
+    model = EQUIVARIANT_MODELS[name](sizes[0] + sizes[-1]).double()
     batch = random_batch(sizes, params=name.endswith("param"))
     breakers = ("fixed", "swap") if len(set(sizes[1:-1])) < len(sizes[1:-1]) else ("fixed",)
     with torch.no_grad():
@@ -111,7 +115,7 @@ def test_asymmetric_baselines_fail_the_symmetry_they_lack():
     assert _perm_error(concat, batch) > 1e-4 and example_order_error(concat, batch) > 1e-4
 
 
-@pytest.mark.parametrize("model_name", ["gradmetanet", "gradmetanet++"])
+@pytest.mark.parametrize("model_name", ["gradmetanet", "gradmetanet_set_head", "gradmetanet++"])
 def test_end_to_end_base_network_permutation(model_name):
     """Permute a base MLP's hidden neurons, capture again: the metanetwork output permutes alike."""
     torch.manual_seed(0)
@@ -129,7 +133,7 @@ def test_end_to_end_base_network_permutation(model_name):
     permuted = make_mlp(sizes, "tanh").double()
     permuted.load_state_dict(gs.spec.transform_parameters(base.state_dict(), perms))
     gs_perm = capture(permuted)
-    metanet = EQUIVARIANT_MODELS[model_name]().double()
+    metanet = EQUIVARIANT_MODELS[model_name](sizes[0] + sizes[-1]).double()
     with torch.no_grad():
         out, out_perm = metanet(gs), metanet(gs_perm)
     assert out["0.weight"].shape == (13, 4, out["0.weight"].shape[-1])          # single set: no batch axis
@@ -162,6 +166,10 @@ def test_input_validation():
         GradMetaNet(head="parameter_product")(GradientBatch(spec, torch.zeros(1, 4, 10, 2)))
     with pytest.raises(ValueError, match="divisible"):
         GradMetaNetPlusPlus(hidden=10, heads=4)
+    with pytest.raises(ValueError, match=r"built for specs with 4 fixed neurons; this spec has 5 \(build it with fixed_neurons=5"):
+        GradMetaNet(fixed_neurons=4)(GradientBatch(spec, torch.zeros(1, 4, 10, 2)))
+    with pytest.raises(ValueError, match="set_layers >= 1"):
+        GradMetaNet(set_layers=0, head="set_product")
     with pytest.raises(ValueError, match="built for another base network"):
         NeuronAsymmetric(spec)(GradientBatch(NetworkSpec.chain([3, 6, 2]), torch.zeros(1, 4, 11, 2)))
 

@@ -55,15 +55,20 @@ def evaluate_mse(model: nn.Module, predict: Predictor, indices: torch.Tensor, ta
 def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, train_idx: torch.Tensor,
                    val_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int, batch_size: int, lr: float,
                    seed: int, on_epoch: Callable[[int, float], None] | None = None, loss: Loss = F.mse_loss,
-                   train_predict: Predictor | None = None) -> FitResult:
+                   train_predict: Predictor | None = None, schedule: str = "constant") -> FitResult:
     """Adam on ``loss`` (default the MSE) to ``targets`` (``[M, P]``, normalised); test error at the
     best-validation epoch. ``train_predict`` (default ``predict``) makes the training batches' predictions,
-    e.g. on inputs moved by a random group element (augmentation).
+    e.g. on inputs moved by a random group element (augmentation). ``schedule``: ``"constant"``
+    learning rate or ``"cosine"`` decay to zero over all steps.
 
     Error values are mean losses in target units; the caller rescales them to its metric.
     """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(train_idx) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     best_val, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
     result = FitResult(best_epoch=-1, best_val=float("inf"), test=float("nan"))
     for epoch in range(epochs):
@@ -75,6 +80,8 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             running, count = running + value.item() * len(idx), count + len(idx)
         val = evaluate_mse(model, predict, val_idx, targets, loss=loss)
         result.val_history.append(val)

@@ -9,6 +9,7 @@ at the epoch of best validation error.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -28,16 +29,27 @@ from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zo
 from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
 from ..core.spec import NetworkSpec
 from ..nn.baselines import weight_space_inputs
-from ..nn.normalise import NeuronNormaliser, WeightSpaceNormaliser
+from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from ..training import fit_regression
 from . import apply_preset, mean_std
+from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
 
 __all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "run", "report", "build_model"]
 
-MODEL_KEYS = ("gradmetanet", "gradmetanet++", "mlp_concat", "neuron_asym", "batch_asym", "ws_concat", "ws_average")
-LABELS = {"standard": "Standard estimator", "gradmetanet": "GradMetaNet", "gradmetanet++": "GradMetaNet++",
+MODEL_KEYS = ("gradmetanet", "gradmetanet_set", "gradmetanet++", "mlp_concat", "neuron_asym", "batch_asym",
+              "ws_concat", "ws_average")
+#: closed-form rows that explain the table (:mod:`.curvature_reference`); not baselines of the paper
+REFERENCE_KEYS = ("product_of_means", "quadrature", "target_noise")
+LABELS = {"standard": "Standard estimator", "gradmetanet": "GradMetaNet",
+          "gradmetanet_set": "GradMetaNet, same-example head", "gradmetanet++": "GradMetaNet++",
           "mlp_concat": "MLP + Concat", "neuron_asym": "Neuron-Asymmetric", "batch_asym": "Batch-Asymmetric",
-          "ws_concat": "Weight-space + Concat", "ws_average": "Weight-space + Average"}
+          "ws_concat": "Weight-space + Concat", "ws_average": "Weight-space + Average",
+          "product_of_means": "Reference: product of means", "quadrature": "Reference: quadrature",
+          "target_noise": "Reference: target noise (floor)"}
+#: models that read scale-free inputs: each network's ``g`` divided by its per-space scale
+#: (:class:`~gradmetanet.nn.GradientScale`), with ``a^2, g^2`` channels beside ``a, g``
+#: (:func:`input_channels`); their outputs are multiplied back by the scale
+SCALE_FREE_INPUTS = ("gradmetanet", "gradmetanet_set", "gradmetanet++")
 METRIC = "test MSE of diag(F) / variance of the test targets (best-validation epoch)"
 
 
@@ -54,6 +66,7 @@ class CurvatureConfig:
     epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-3
+    schedule: str = "cosine"
     seeds: int = 5
     models: tuple[str, ...] = MODEL_KEYS
     zoo_seed: int = 0
@@ -79,6 +92,8 @@ class CurvatureConfig:
 
 PRESETS: dict[str, CurvatureConfig] = {
     "paper": CurvatureConfig(),
+    "cpu": CurvatureConfig(train_sizes=(500, 2000), n_val=250, epochs=40, seeds=1,
+                           models=("gradmetanet", "gradmetanet_set")),
     "quick": CurvatureConfig(train_sizes=(30, 300), n_val=200, n_test=300, set_size=32, epochs=15, seeds=1),
     "tiny": CurvatureConfig(train_sizes=(8,), n_val=8, n_test=8, set_size=8, target_points=32, epochs=2, seeds=1),
 }
@@ -87,10 +102,15 @@ PRESETS: dict[str, CurvatureConfig] = {
 # ---------------------------------------------------------------------------------------------- models
 def build_model(key: str, spec: NetworkSpec, set_size: int) -> nn.Module:
     """The model ``key`` at the size used here (about 15K parameters where the input allows)."""
+    channels = 4 if key in SCALE_FREE_INPUTS else 2
+    fixed = sum(space.size for space in spec.spaces if not space.permutable)
     if key == "gradmetanet":
-        return GradMetaNet(hidden=32, set_layers=2, neuron_layers=2, head_hidden=32)
+        return GradMetaNet(channels, hidden=32, set_layers=2, neuron_layers=2, head_hidden=32, fixed_neurons=fixed)
+    if key == "gradmetanet_set":
+        return GradMetaNet(channels, hidden=32, set_layers=2, neuron_layers=1, head_hidden=32, fixed_neurons=fixed,
+                           head="set_product", head_rank=32, head_layers=1, bias_product=True)
     if key == "gradmetanet++":
-        return GradMetaNetPlusPlus(hidden=24, heads=4, blocks=2, ffn_mult=1, head_hidden=24, pe_dim=8)
+        return GradMetaNetPlusPlus(channels, hidden=24, heads=4, blocks=2, ffn_mult=1, head_hidden=24, pe_dim=8)
     if key == "mlp_concat":
         return MLPConcat(spec, set_size, hidden=16, layers=3)
     if key == "neuron_asym":
@@ -109,12 +129,22 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def input_channels(features: torch.Tensor, squared: bool) -> torch.Tensor:
+    """``[..., 2] -> [..., 4]`` with ``a^2, g^2`` appended when ``squared`` (the Fisher is built of them;
+    a normaliser then scales each channel per space, which a model could not do on ``a, g`` alone)."""
+    return torch.cat([features, features.square()], -1) if squared else features
+
+
 @dataclass
 class _Prepared:
     """Normalised inputs and targets for one train/val/test split of the zoo."""
 
     spec: NetworkSpec
     features: torch.Tensor            # [M, b, N, 2] normalised per space and channel
+    scale_free: torch.Tensor          # [M, b, N, 4] g / its scale, with squares, normalised per space and channel
+    output_scale: torch.Tensor        # [M, P] each parameter's gradient scale squared
+    scaled_mean: float                # mean and std of target / output_scale on the training networks
+    scaled_std: float
     raw: torch.Tensor                 # [M, b, N, 2] as generated, for dense per-example gradients
     targets: torch.Tensor             # [M, P] normalised by one scalar mean and std
     target_mean: float
@@ -123,16 +153,24 @@ class _Prepared:
 
 
 def _prepare(zoo: SirenZoo, train_idx: torch.Tensor) -> _Prepared:
-    """Inputs per space and channel (:class:`NeuronNormaliser`), weight-space inputs per parameter tensor,
-    targets by one scalar mean and std; all statistics from the training networks."""
+    """Inputs per space and channel (:class:`NeuronNormaliser`; for :data:`SCALE_FREE_INPUTS` after dividing
+    out each network's gradient scale), weight-space inputs per parameter tensor, targets by one scalar
+    mean and std; all statistics from the training networks. Every model is trained on the same loss."""
     spec = zoo.spec
     features = NeuronNormaliser(spec).fit(zoo.features[train_idx])(zoo.features)
+    gradient_scale = GradientScale(spec)
+    unscaled, scales = gradient_scale(zoo.features)
+    unscaled = input_channels(unscaled, squared=True)
+    scale_free = NeuronNormaliser(spec, 4).fit(unscaled[train_idx])(unscaled)
+    output_scale = gradient_scale.output_scale(scales)
+    scaled_targets = zoo.target[train_idx] / output_scale[train_idx]
     t_train = zoo.target[train_idx]
     t_mean, t_std = t_train.mean().item(), t_train.std().item()
     sample = zoo.features[train_idx[:256]]
     ws = {mode: WeightSpaceNormaliser(spec).fit(weight_space_inputs(GradientBatch(spec, sample), mode))
           for mode in ("concat", "average")}
-    return _Prepared(spec, features, zoo.features, (zoo.target - t_mean) / t_std, t_mean, t_std, ws)
+    return _Prepared(spec, features, scale_free, output_scale, scaled_targets.mean().item(), scaled_targets.std().item(),
+                     zoo.features, (zoo.target - t_mean) / t_std, t_mean, t_std, ws)
 
 
 def _predictor(key: str, data: _Prepared, device: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
@@ -149,9 +187,22 @@ def _predictor(key: str, data: _Prepared, device: str) -> Callable[[nn.Module, t
             return flat(model(normalise(weight_space_inputs(GradientBatch(data.spec, data.raw[idx].to(device)), mode))))
         return predict
 
+    if key in SCALE_FREE_INPUTS:
+        def predict(model, idx):
+            scaled = flat(model(GradientBatch(data.spec, data.scale_free[idx].to(device))))
+            fisher = (scaled * data.scaled_std + data.scaled_mean) * data.output_scale[idx]
+            return (fisher - data.target_mean) / data.target_std     # the same units as every other model's
+        return predict
+
     def predict(model, idx):
         return flat(model(GradientBatch(data.spec, data.features[idx].to(device))))
     return predict
+
+
+@torch.no_grad()
+def _predict_all(model: nn.Module, predict, index: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    return torch.cat([predict(model, index[i:i + batch_size]) for i in range(0, len(index), batch_size)])
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -162,8 +213,11 @@ def _cell_key(model: str, size: int, seed: int) -> str:
 def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Train every model at every training size and seed; write results into ``out_dir``.
 
-    Finished cells are recorded in ``out_dir/cells.json`` (atomically) and skipped when the
-    same config is run again into the same directory, so a killed run resumes where it stopped.
+    Finished cells are recorded in ``out_dir/cells.json`` (atomically, under a file lock) and skipped
+    when the same config is run again into the same directory, so a killed run resumes at the cell
+    where it stopped. Processes that run other ``models`` of the same config may share the
+    directory (one thread each on a small machine); the report covers every model whose cells are
+    all there.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,13 +229,7 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
     test_var = zoo.target[test_idx].var().item()
 
     cells_path = out / "cells.json"
-    cells: dict[str, dict] = {}
-    if cells_path.exists():
-        saved = json.loads(cells_path.read_text())
-        if saved.get("config_key") == config.key():
-            cells = saved["cells"]
-        else:
-            print(f"{cells_path} belongs to another configuration; starting afresh")
+    cells = _read_cells(cells_path, config.key(), announce=True)
     todo = [(seed, size, m) for seed in range(config.seeds) for size in config.train_sizes for m in config.models
             if _cell_key(m, size, seed) not in cells]
     bar = tqdm(total=len(todo), desc="curvature", unit="fit", disable=not progress)
@@ -195,35 +243,87 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
         model = build_model(key, zoo.spec, config.set_size).to(config.device)
         bar.set_postfix_str(f"{key} n={size} seed={seed}")
         start = time.perf_counter()
-        fit = fit_regression(model, _predictor(key, data, config.device), data.targets, train_idx, val_idx, test_idx,
-                             config.epochs, config.batch_size, config.lr, seed)
+        predict = _predictor(key, data, config.device)
         scale = data.target_std ** 2 / test_var            # normalised-target MSE -> metric
-        cells[_cell_key(key, size, seed)] = {
-            "test": fit.test * scale, "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
-            "seconds": time.perf_counter() - start, "parameters": count_parameters(model)}
-        atomic_write_text(cells_path, json.dumps({"config_key": config.key(), "cells": cells}, indent=1))
+
+        def show(epoch: int, val: float) -> None:
+            bar.set_postfix_str(f"{key} n={size} seed={seed} epoch {epoch + 1}/{config.epochs} val {val * scale:.4f}")
+        fit = fit_regression(model, predict, data.targets, train_idx, val_idx, test_idx, config.epochs,
+                             config.batch_size, config.lr, seed, on_epoch=show, schedule=config.schedule)
+        prediction = _predict_all(model, predict, test_idx) * data.target_std + data.target_mean
+        cell = {"test": fit.test * scale, "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
+                "epochs": config.epochs, "seconds": time.perf_counter() - start,
+                "parameters": count_parameters(model),
+                "per_layer": per_layer_shares(zoo.spec, prediction, zoo.target[test_idx])}
+        cells = _record_cell(cells_path, config.key(), _cell_key(key, size, seed), cell)
         bar.update()
     bar.close()
-    standard = ((zoo.standard[test_idx] - zoo.target[test_idx]).square().mean() / test_var).item()
-    results = _summarise(config, cells, standard)
+    cells = _read_cells(cells_path, config.key())
+    results = _summarise(config, cells, _references(zoo, test_idx, test_var))
     report(results, out)
     return results
 
 
-def _summarise(config: CurvatureConfig, cells: dict[str, dict], standard: float) -> dict:
-    models: dict[str, dict] = {"standard": {str(n): {"mean": standard, "std": 0.0, "runs": [standard]}
-                                            for n in config.train_sizes}}
-    params, improvement = {}, {}
-    for key in config.models:
-        models[key], improvement[key] = {}, {}
-        for n in config.train_sizes:
-            runs = [cells[_cell_key(key, n, s)]["test"] for s in range(config.seeds)]
-            mean, std = mean_std(runs)
-            models[key][str(n)] = {"mean": mean, "std": std, "runs": runs}
-            improvement[key][str(n)] = 1.0 - mean / standard
+def _read_cells(path: Path, config_key: str, announce: bool = False) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("config_key") == config_key:
+        return saved["cells"]
+    if announce:
+        print(f"{path} belongs to another configuration; starting afresh")
+    return {}
+
+
+def _record_cell(path: Path, config_key: str, key: str, cell: dict) -> dict[str, dict]:
+    """Add one finished cell to ``path`` under a file lock, keeping cells other processes wrote meanwhile
+    (so runs of different ``models`` can share one directory); returns every recorded cell."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cells = _read_cells(path, config_key) | {key: cell}
+        atomic_write_text(path, json.dumps({"config_key": config_key, "cells": cells}, indent=1))
+    return cells
+
+
+def _references(zoo: SirenZoo, test_idx: torch.Tensor, test_var: float) -> dict[str, dict]:
+    """Error and per-layer error shares of the standard estimator and the reference rows on the test networks."""
+    target = zoo.target[test_idx]
+    features = zoo.features[test_idx]
+    estimates = {"standard": zoo.standard[test_idx],
+                 "product_of_means": product_of_means(zoo.spec, features),
+                 "quadrature": quadrature(zoo.spec, features, zoo.points[test_idx])}
+    rows = {key: {"error": ((est - target).square().mean() / test_var).item(),
+                  "per_layer": per_layer_shares(zoo.spec, est, target)} for key, est in estimates.items()}
+    noise = target_noise(zoo, test_idx)
+    rows["target_noise"] = {"error": noise.double().mean().item() / test_var,
+                            "per_layer": per_layer_shares(zoo.spec, noise.sqrt(), torch.zeros_like(noise))}
+    return rows
+
+
+def _summarise(config: CurvatureConfig, cells: dict[str, dict], references: dict[str, dict]) -> dict:
+    sizes = [str(n) for n in config.train_sizes]
+    models: dict[str, dict] = {key: {n: {"mean": row["error"], "std": 0.0, "runs": [row["error"]],
+                                         "per_layer": row["per_layer"]} for n in sizes}
+                               for key, row in references.items()}
+    standard = references["standard"]["error"]
+    improvement = {key: {n: 1.0 - row["error"] / standard for n in sizes}
+                   for key, row in references.items() if key != "standard"}
+    params, best_epochs = {}, {}
+    finished = [key for key in MODEL_KEYS if all(_cell_key(key, n, s) in cells
+                                                 for n in config.train_sizes for s in range(config.seeds))]
+    for key in finished:
+        models[key], improvement[key], best_epochs[key] = {}, {}, {}
+        for n in sizes:
+            runs = [cells[_cell_key(key, int(n), s)] for s in range(config.seeds)]
+            mean, std = mean_std(run["test"] for run in runs)
+            per_layer = {name: sum(run["per_layer"][name] for run in runs) / len(runs) for name in runs[0]["per_layer"]}
+            models[key][n] = {"mean": mean, "std": std, "runs": [run["test"] for run in runs], "per_layer": per_layer}
+            improvement[key][n] = 1.0 - mean / standard
+            best_epochs[key][n] = [run["best_epoch"] for run in runs]
         params[key] = cells[_cell_key(key, config.train_sizes[0], 0)]["parameters"]
     return {"experiment": "curvature", "metric": METRIC, "config": {**asdict(config), "cache_dir": None},
             "models": models, "relative_improvement_over_standard": improvement, "parameters": params,
+            "best_epochs": best_epochs, "reference_models": list(REFERENCE_KEYS),
             "torch": torch.__version__, "device": config.device}
 
 
@@ -239,20 +339,39 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
 
 
 def render_table(results: dict) -> str:
+    """The error table (learned models, then the reference rows) and the per-layer error shares."""
     sizes = [str(n) for n in results["config"]["train_sizes"]]
     largest = sizes[-1]
     lines = [f"Metric: {results['metric']}; mean ± std over {results['config']['seeds']} seed(s); "
              f"set size {results['config']['set_size']}.", "",
              "| model | params | " + " | ".join(f"n={n}" for n in sizes) + f" | vs standard at n={largest} |",
              "|---|---:|" + "---:|" * len(sizes) + "---:|"]
-    for key, per_size in results["models"].items():
-        cells = " | ".join(f"{per_size[n]['mean']:.4f} ± {per_size[n]['std']:.4f}" for n in sizes)
-        if key == "standard":
-            lines.append(f"| {LABELS[key]} | - | {cells} | - |")
+    keys = [k for k in results["models"] if k not in REFERENCE_KEYS] + [
+        k for k in REFERENCE_KEYS if k in results["models"]]
+    for key in keys:
+        per_size = results["models"][key]
+        if key == "standard" or key in REFERENCE_KEYS:
+            value = per_size[largest]["mean"]
+            gain = "-" if key == "standard" else f"{100 * results['relative_improvement_over_standard'][key][largest]:+.1f}%"
+            lines.append(f"| {LABELS[key]} | - | " + " | ".join(f"{value:.4f}" for _ in sizes) + f" | {gain} |")
             continue
+        cells = " | ".join(f"{per_size[n]['mean']:.4f} ± {per_size[n]['std']:.4f}" for n in sizes)
         gain = results["relative_improvement_over_standard"][key][largest]
         lines.append(f"| {LABELS[key]} | {results['parameters'][key]:,} | {cells} | {100 * gain:+.1f}% |")
+    names = list(results["models"]["standard"][largest]["per_layer"])
+    lines += ["", f"Where the error lies: each parameter tensor's share of the squared test error at n={largest} "
+              "(a row sums to 100%), beside the model's error.", "",
+              "| model | error | " + " | ".join(f"`{n}`" for n in names) + " |",
+              "|---|---:|" + "---:|" * len(names)]
+    for key in keys:
+        cell = results["models"][key][largest]
+        lines.append(f"| {LABELS[key]} | {cell['mean']:.4f} | "
+                     + " | ".join(f"{100 * cell['per_layer'][n]:.1f}%" for n in names) + " |")
     return "\n".join(lines)
+
+
+_LINE_STYLES = {"standard": ("black", "--"), "product_of_means": ("grey", ":"), "quadrature": ("grey", "-."),
+                "target_noise": ("silver", ":")}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -262,8 +381,9 @@ def plot(results: dict, path: Path) -> None:
         for key, per_size in results["models"].items():
             mean = [per_size[str(n)]["mean"] for n in sizes]
             std = [per_size[str(n)]["std"] for n in sizes]
-            if key == "standard":
-                ax.axhline(mean[0], color="black", linestyle="--", linewidth=1.2, label=LABELS[key])
+            if key in _LINE_STYLES:
+                color, style = _LINE_STYLES[key]
+                ax.axhline(mean[0], color=color, linestyle=style, linewidth=1.2, label=LABELS[key])
                 continue
             line, = ax.plot(sizes, mean, marker="o", markersize=3, label=LABELS[key])
             ax.fill_between(sizes, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],

@@ -15,7 +15,7 @@ from .layers import MLP, NeuronLayer, Reduction, SetNeuronLayer, SetPool, make_a
 
 __all__ = ["GradMetaNet", "GradMetaNetPlusPlus", "as_gradient_batch", "HeadKind"]
 
-HeadKind = Literal["product", "parameter_product", "invariant", "neuron"]
+HeadKind = Literal["product", "parameter_product", "set_product", "invariant", "neuron"]
 GradientInput = GradientBatch | GradientSet | Sequence[GradientSet]
 
 
@@ -58,13 +58,22 @@ class GradMetaNet(nn.Module):
         set_layers: number of set -> set layers before pooling (``k1``).
         neuron_layers: number of neuron -> neuron layers after pooling (``k2``).
         out_features: features per output entry (per parameter, per neuron, or of the invariant vector).
-        head: ``"product"`` (weight space), ``"parameter_product"`` (weight space, reading the
-            base weights too, spec 3.3), ``"invariant"`` (a vector, spec 3.2) or ``"neuron"``
-            (per-neuron outputs ``{space: [B, n, out]}``).
+        head: ``"product"`` (weight space from the pooled neuron features, the paper's head),
+            ``"parameter_product"`` (the same, reading the base weights too, spec 3.3),
+            ``"set_product"`` (weight space by products of the two neurons' features formed per
+            example and then averaged over the set, spec 3.4: it can express same-example
+            products such as ``mean_i g_i[m]^2 a_i[n]^2``, which a pooled head cannot),
+            ``"invariant"`` (a vector, spec 3.2) or ``"neuron"`` (per-neuron outputs ``{space: [B, n, out]}``).
         head_hidden: width of the head MLPs (default ``hidden``).
         pe_dim: size of the sinusoidal neuron codes.
         reduction: ``"mean"`` (default: outputs keep their scale when ``b`` or ``N`` change, which
             width transfer needs) or ``"sum"`` (as the paper writes the layers).
+        fixed_neurons: if > 0, the number of fixed (``Trivial``) neurons of the specs this model
+            reads; every set layer then also sees, per example, the features of those neurons
+            (:class:`SetNeuronLayer`'s ``fixed_features``). Ties the model to that count.
+        head_rank: rank of the ``"set_product"`` head (default ``head_hidden``).
+        bias_product: the ``"set_product"`` head's biases read a same-example product too
+            (:class:`SetProductHead`).
 
     ``forward`` takes a :class:`GradientBatch` ``[B, b, N, f]`` (or one / a list of GradientSets)
     and returns ``{param: [B, *param.shape, out]}`` (no ``B`` axis for a single GradientSet),
@@ -74,13 +83,18 @@ class GradMetaNet(nn.Module):
     def __init__(self, in_features: int = 2, hidden: int = 64, set_layers: int = 2, neuron_layers: int = 2,
                  out_features: int = 1, head: HeadKind = "product", head_hidden: int | None = None,
                  head_layers: int = 2, pe_dim: int = 16, activation: str = "gelu",
-                 reduction: Reduction = "mean") -> None:
+                 reduction: Reduction = "mean", fixed_neurons: int = 0, head_rank: int | None = None,
+                 bias_product: bool = False) -> None:
         super().__init__()
-        if set_layers < 0 or neuron_layers < 0:
-            raise ValueError("set_layers and neuron_layers must be >= 0")
-        self.pe_dim, self.head_kind = pe_dim, head
+        if set_layers < 0 or neuron_layers < 0 or fixed_neurons < 0:
+            raise ValueError("set_layers, neuron_layers and fixed_neurons must be >= 0")
+        if head == "set_product" and set_layers == 0:
+            raise ValueError("the set_product head reads the last set layer; use set_layers >= 1")
+        self.pe_dim, self.head_kind, self.fixed_neurons = pe_dim, head, fixed_neurons
         widths = [in_features + pe_dim] + [hidden] * set_layers
-        self.set_layers = nn.ModuleList(SetNeuronLayer(a, b, reduction) for a, b in zip(widths[:-1], widths[1:]))
+        fixed_widths = [in_features] + [hidden] * set_layers
+        self.set_layers = nn.ModuleList(SetNeuronLayer(a, b, reduction, fixed_neurons * f)
+                                        for a, b, f in zip(widths[:-1], widths[1:], fixed_widths))
         self.pool = SetPool(widths[-1], hidden, reduction)
         self.neuron_layers = nn.ModuleList(NeuronLayer(hidden, hidden, reduction) for _ in range(neuron_layers))
         self.act = make_activation(activation)
@@ -88,26 +102,50 @@ class GradMetaNet(nn.Module):
         if head in ("product", "parameter_product"):
             self.head = ProductHead(hidden, out_features, head_hidden, head_layers, activation,
                                     parameter_aware=head == "parameter_product")
+        elif head == "set_product":
+            self.lift = nn.Linear(hidden, hidden)
+            self.head = SetProductHead(hidden, out_features, head_hidden, head_layers, activation, reduction,
+                                       head_rank, bias_product)
         elif head == "invariant":
             self.head = InvariantHead(hidden, out_features, head_hidden, head_layers, activation, reduction)
         elif head == "neuron":
             self.head = MLP([hidden] + [head_hidden] * (head_layers - 1) + [out_features], activation)
         else:
-            raise ValueError(f"unknown head {head!r}; choose product, parameter_product, invariant or neuron")
+            raise ValueError(f"unknown head {head!r}; choose product, parameter_product, set_product, "
+                             "invariant or neuron")
 
-    def neuron_embeddings(self, batch: GradientBatch) -> torch.Tensor:
-        """``[B, N, hidden]``: the pooled, processed neuron features that every head reads."""
+    def _fixed_index(self, batch: GradientBatch) -> torch.Tensor | None:
+        if not self.fixed_neurons:
+            return None
+        spec = batch.spec
+        index = [i for space, sl in zip(spec.spaces, spec.space_slices().values()) if not space.permutable
+                 for i in range(sl.start, sl.stop)]
+        if len(index) != self.fixed_neurons:
+            raise ValueError(f"this GradMetaNet was built for specs with {self.fixed_neurons} fixed neurons; "
+                             f"this spec has {len(index)} (build it with fixed_neurons={len(index)})")
+        return torch.tensor(index, device=batch.features.device)
+
+    def _trunk(self, batch: GradientBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last set layer's output ``[B, b, N, hidden]`` and the pooled, processed neuron features ``[B, N, hidden]``."""
         x = batch.features
         codes = neuron_codes(batch.spec, self.pe_dim, x.dtype, x.device)      # [N, pe_dim]
+        fixed = self._fixed_index(batch)
         for i, layer in enumerate(self.set_layers):
-            x = self.act(layer(x, codes if i == 0 else None))
+            x = self.act(layer(x, codes if i == 0 else None, None if fixed is None else x[:, :, fixed].flatten(2)))
         h = self.pool(x if len(self.set_layers) else _with_codes(batch, self.pe_dim))
         for layer in self.neuron_layers:
             h = self.act(layer(h))
-        return h
+        return x, h
+
+    def neuron_embeddings(self, batch: GradientBatch) -> torch.Tensor:
+        """``[B, N, hidden]``: the pooled, processed neuron features that the pooled heads read."""
+        return self._trunk(batch)[1]
 
     def forward(self, inputs: GradientInput):
         batch, single = as_gradient_batch(inputs)
+        if self.head_kind == "set_product":
+            x, h = self._trunk(batch)
+            return _unbatch(self.head(x + self.lift(h).unsqueeze(1), batch.spec), single)
         h = self.neuron_embeddings(batch)
         if self.head_kind == "invariant":
             out = self.head(h)

@@ -100,17 +100,22 @@ class SetProductHead(nn.Module):
     empirical Fisher diagonal) as special cases, and the reduction over examples is ``rank``
     batched matrix products, ``O(b P rank)`` work in BLAS and no ``[b, P, hidden]`` intermediate.
     An additive pair MLP inside the sum would cost ``O(b P hidden^2)`` elementwise work and memory.
+    With ``bias_product=True`` the bias reads ``red_i chi(x_i[m]) * omega(x_i[m])``, a same-example
+    product of two maps of its neuron, as the weights do (``mean_i g_i[m]^2`` weighted by a
+    function of the example).
     """
 
     def __init__(self, in_features: int, out_features: int, hidden: int = 32, layers: int = 2,
-                 activation: str = "gelu", reduction: Reduction = "mean", rank: int | None = None) -> None:
+                 activation: str = "gelu", reduction: Reduction = "mean", rank: int | None = None,
+                 bias_product: bool = False) -> None:
         super().__init__()
-        if layers < 2:
-            raise ValueError("a product head needs at least 2 layers")
+        if layers < 1:
+            raise ValueError("a set product head needs at least 1 output layer")
         rank = rank or hidden
         self.phi = MLP([in_features, hidden, rank], activation)
         self.psi = MLP([in_features, hidden, rank], activation)
         self.chi = MLP([in_features, hidden, rank], activation)
+        self.omega = MLP([in_features, hidden, rank], activation) if bias_product else None
         self.weight_out = MLP([rank] + [hidden] * (layers - 1) + [out_features], activation)
         self.bias_out = MLP([rank] + [hidden] * (layers - 1) + [out_features], activation)
         self.reduction = reduction
@@ -119,6 +124,8 @@ class SetProductHead(nn.Module):
         slices = spec.space_slices()
         scale = 1.0 / x.shape[1] if self.reduction == "mean" else 1.0
         phi, psi, chi = self.phi(x), self.psi(x), self.chi(x)            # [B, b, N, rank]
+        if self.omega is not None:
+            chi = chi * self.omega(x)
         out: dict[str, torch.Tensor] = {}
         for site in spec.sites:
             left = phi[:, :, slices[site.out_space]].permute(0, 3, 2, 1)   # [B, rank, d_out, b]

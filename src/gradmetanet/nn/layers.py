@@ -40,9 +40,15 @@ class SetNeuronLayer(nn.Module):
     ``y = M1 x + M2 red_b x + M3 red_N x + M4 red_{b,N} x + c`` (Hartford et al.'s exchangeable
     layer on the example x neuron matrix). Invariant in form to both axes' permutations, so it
     commutes with them. Cost ``O(b N f_in f_out)``.
+
+    With ``fixed_features > 0`` the layer adds ``M5 z_i`` to every neuron of example ``i``, where
+    ``z_i [fixed_features]`` holds that example's features at the spec's fixed neurons (inputs,
+    outputs). Fixed neurons are never permuted, so the term is equivariant; it gives every neuron
+    a *same-example* view of the input, which a mean over neurons only blurs.
     """
 
-    def __init__(self, in_features: int, out_features: int, reduction: Reduction = "mean") -> None:
+    def __init__(self, in_features: int, out_features: int, reduction: Reduction = "mean",
+                 fixed_features: int = 0) -> None:
         super().__init__()
         _check_reduction(reduction)
         self.reduction = reduction
@@ -50,10 +56,21 @@ class SetNeuronLayer(nn.Module):
         self.over_set = nn.Linear(in_features, out_features, bias=False)
         self.over_neurons = nn.Linear(in_features, out_features, bias=False)
         self.over_both = nn.Linear(in_features, out_features, bias=False)
+        self.from_fixed = nn.Linear(fixed_features, out_features, bias=False) if fixed_features else None
 
-    def forward(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, codes: torch.Tensor | None = None,
+                fixed: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, b, N, f]``; optional ``codes [N, c]``: per-neuron constants that act as if appended to every
-        example's features (``f + c == in_features``), without materialising the ``[B, b, N, c]`` copy."""
+        example's features (``f + c == in_features``), without materialising the ``[B, b, N, c]`` copy;
+        ``fixed [B, b, fixed_features]`` when the layer was built with ``fixed_features``."""
+        if (fixed is None) != (self.from_fixed is None):
+            raise ValueError("pass `fixed` exactly when the layer was built with fixed_features > 0")
+        y = self._exchangeable(x, codes)
+        if fixed is not None:
+            y.add_(self.from_fixed(fixed).unsqueeze(2))
+        return y
+
+    def _exchangeable(self, x: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
         r = self.reduction
         if codes is not None:
             return self._forward_with_codes(x, codes)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.spec import NetworkSpec
 
-__all__ = ["NeuronNormaliser", "WeightSpaceNormaliser"]
+__all__ = ["NeuronNormaliser", "WeightSpaceNormaliser", "GradientScale"]
 
 
 class NeuronNormaliser(nn.Module):
@@ -82,3 +82,53 @@ class WeightSpaceNormaliser(nn.Module):
             t = tensors[name]
             out[name] = (t - self.mean[i].to(t.dtype)) / self.std[i].to(t.dtype)
         return out
+
+
+class GradientScale(nn.Module):
+    """Per-network, per-space scale of the output gradients, for targets that are homogeneous in ``g``.
+
+    Gradient sizes vary over orders of magnitude between networks, and a Fisher diagonal scales
+    with them (``F[W[m, n]] = mean_i g_i[m]^2 a_i[n]^2`` is of degree 2 in ``g``). A model that reads
+    ``g`` as it is must learn that product over every scale; dividing each network's ``g`` by its
+    root-mean-square over the set and the neurons of a space, and multiplying the model's output by
+    the square of that scale (:meth:`output_scale`), leaves it a problem of one scale. A mean over
+    a whole space is unchanged by permuting or sign-flipping its neurons, so the normalised input
+    moves with those groups exactly (not with per-neuron positive scalings: ``ScalePerm`` spaces).
+
+    Shapes: ``features [M, b, N, f]`` with ``g`` in channel ``channel``; scales ``[M, N]``.
+    """
+
+    def __init__(self, spec: NetworkSpec, channel: int = 1, eps: float = 1e-30) -> None:
+        super().__init__()
+        self.spec, self.channel, self.eps = spec, channel, eps
+
+    def scales(self, features: torch.Tensor) -> torch.Tensor:
+        """``[M, N]``: the mean of ``g^2`` over the set and the neuron's space (1 where a space has no gradient)."""
+        g2 = features[..., self.channel].square()
+        out = torch.ones(features.shape[0], self.spec.n_neurons, dtype=features.dtype, device=features.device)
+        for sl in self.spec.space_slices().values():
+            mean = g2[:, :, sl].mean((1, 2))
+            out[:, sl] = torch.where(mean > self.eps, mean, torch.ones_like(mean)).unsqueeze(1)
+        return out
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features`` with ``g`` divided by its scale's root, and the scales ``[M, N]``."""
+        scales = self.scales(features)
+        out = features.clone()
+        out[..., self.channel] = features[..., self.channel] / scales.sqrt().unsqueeze(1)
+        return out, scales
+
+    def output_scale(self, scales: torch.Tensor) -> torch.Tensor:
+        """``[M, P]`` in the spec's parameter order: each parameter's scale of degree 2 in ``g`` (its out-space's)."""
+        slices = self.spec.space_slices()
+        site_of = {name: site for site in self.spec.sites for name in (site.weight, site.bias) if name}
+        parts = []
+        for name, shape in self.spec.param_shapes().items():
+            if name not in site_of:
+                raise ValueError(f"parameter {name!r} belongs to no site, so it has no output-gradient scale; "
+                                 "GradientScale handles specs whose parameters are all site weights and biases")
+            site = site_of[name]
+            out_scale = scales[:, slices[site.out_space]]                    # [M, d_out]
+            parts.append(out_scale.reshape(-1, *([out_scale.shape[1]] + [1] * (len(shape) - 1))).expand(-1, *shape)
+                         .flatten(1))
+        return torch.cat(parts, 1)
