@@ -162,3 +162,15 @@ def test_reference_estimators():
     wrong[:, :4] += 1.0                                             # "0.weight" holds every error
     shares = reference.per_layer_shares(spec, wrong, target)
     assert shares["0.weight"] == pytest.approx(1.0) and sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_table_says_when_no_learned_model_beats_the_standard(tiny_run):
+    config, out, results = tiny_run
+    largest = str(config.train_sizes[-1])
+    losing = json.loads(json.dumps(results))
+    for key in curvature.MODEL_KEYS:
+        losing["relative_improvement_over_standard"][key][largest] = -0.5
+    assert "No learned model beats the standard estimator" in curvature.render_table(losing)
+    winning = json.loads(json.dumps(losing))
+    winning["relative_improvement_over_standard"]["gradmetanet_set"][largest] = 0.2
+    assert "No learned model beats" not in curvature.render_table(winning)

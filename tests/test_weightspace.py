@@ -150,3 +150,37 @@ def test_gradient_batch_rebuilds_per_example_gradients_of_token_sequences():
         torch.testing.assert_close(batch.per_example_grads()[name][1], value)
     with pytest.raises(ValueError, match="empty"):
         GradientBatch(batch.spec, batch.features[:, :0])
+
+
+def test_gradient_scale_is_equivariant_homogeneous_and_per_space():
+    """Dividing out each network's per-space gradient scale commutes with permutations and sign flips,
+    removes any rescaling of g, scales the output back with degree 2, and keeps the spaces apart."""
+    from gradmetanet.data.siren_zoo import siren_spec
+    from gradmetanet.nn import GradientScale
+
+    spec = siren_spec((1, 6, 5, 1))                                # SignPerm hidden spaces
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 7, spec.n_neurons, 2, generator=gen, dtype=torch.float64)
+    feats[..., 1] *= torch.logspace(-3, 3, 4, dtype=torch.float64)[:, None, None]
+    scale = GradientScale(spec)
+
+    def move(x, element, sp):
+        return sp.transform_neurons(x, element, dim=-2)
+
+    def move_out(out, element, sp):                                 # scales are squares: signs leave them alone
+        normalised, scales = out
+        permuted = sp.transform_neurons(scales.unsqueeze(-1), sp.permutation_part(element), dim=-2).squeeze(-1)
+        return move(normalised, element, sp), permuted
+
+    check_symmetry(spec, scale, feats, move, move_out)
+    normalised, scales = scale(feats)
+    boosted = feats.clone()
+    boosted[..., 1] *= 10.0
+    again, boosted_scales = scale(boosted)
+    torch.testing.assert_close(again, normalised)
+    torch.testing.assert_close(scale.output_scale(boosted_scales), 100 * scale.output_scale(scales))
+    assert scale.output_scale(scales).shape == (4, spec.n_params)
+    one_space = feats.clone()
+    one_space[:, :, spec.space_slices()[spec.spaces[1].name], 1] *= 10.0
+    moved_scales = scale.scales(one_space) / scales
+    assert sorted(set(moved_scales[0].round(decimals=6).tolist())) == [1.0, 100.0]

@@ -358,6 +358,10 @@ def render_table(results: dict) -> str:
         cells = " | ".join(f"{per_size[n]['mean']:.4f} ± {per_size[n]['std']:.4f}" for n in sizes)
         gain = results["relative_improvement_over_standard"][key][largest]
         lines.append(f"| {LABELS[key]} | {results['parameters'][key]:,} | {cells} | {100 * gain:+.1f}% |")
+    learned = [k for k in keys if k != "standard" and k not in REFERENCE_KEYS]
+    if learned and all(results["relative_improvement_over_standard"][k][largest] <= 0 for k in learned):
+        lines += ["", f"No learned model beats the standard estimator at n={largest} in this run. Small presets check "
+                  "the pipeline; docs/curvature.md reports the `cpu` and `paper` presets."]
     names = list(results["models"]["standard"][largest]["per_layer"])
     lines += ["", f"Where the error lies: each parameter tensor's share of the squared test error at n={largest} "
               "(a row sums to 100%), beside the model's error.", "",
