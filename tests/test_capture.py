@@ -93,6 +93,12 @@ def test_per_example_grads_match_torch_func(case):
     # the empirical Fisher diagonal equals the brute-force mean of squares
     for name, value in gs.empirical_fisher_diag().items():
         torch.testing.assert_close(value, ref[name].square().mean(0), atol=1e-10, rtol=0)
+    # per-example norms from the factors (ghost norms for T > 1) equal the dense ones
+    per_parameter = gs.norms(per_parameter=True)
+    for name in ref:
+        torch.testing.assert_close(per_parameter[name], ref[name].flatten(1).norm(dim=1), atol=1e-10, rtol=1e-10)
+    total = torch.cat([ref[name].flatten(1) for name in ref], 1).norm(dim=1)
+    torch.testing.assert_close(gs.norms(), total, atol=1e-10, rtol=1e-10)
 
 
 def test_chunked_fisher_matches_brute_force(monkeypatch):

@@ -210,6 +210,29 @@ class GradientSet:
                 fisher[site.bias] = g.sum(1).square().mean(0)
         return fisher
 
+    def norms(self, per_parameter: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Per-example gradient norms ``[b]`` from the factors, without forming per-example gradients.
+
+        For a weight, ``||sum_t g_t a_t^T||_F^2 = <G G^T, A A^T>`` with ``G [T, d_out]``, ``A [T, d_in]``
+        (Opacus' "ghost norm"): ``O(T^2 (d_in + d_out))`` per example instead of ``O(T d_in d_out)``;
+        with one token it is ``||g||^2 ||a||^2``. A bias adds ``||sum_t g_t||^2``. Each example's
+        gradient is that of its own loss, as in :meth:`per_example_grads`. With
+        ``per_parameter=True``, returns parameter name -> ``[b]`` norms instead of the total.
+        """
+        self.verify_finite()
+        squared: dict[str, torch.Tensor] = {}
+        for site in self.spec.sites:
+            a, g = self.activations[site.name], self.output_grads[site.name]
+            if a.shape[1] == 1:
+                squared[site.weight] = g[:, 0].square().sum(-1) * a[:, 0].square().sum(-1)
+            else:
+                squared[site.weight] = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
+            if site.bias is not None:
+                squared[site.bias] = g.sum(1).square().sum(-1)
+        if per_parameter:
+            return {name: value.clamp_min(0).sqrt() for name, value in squared.items()}
+        return torch.stack(list(squared.values())).sum(0).clamp_min(0).sqrt()
+
     def neuron_features(self) -> dict[str, torch.Tensor]:
         """Per-neuron-space features ``[b * T, n, 2]``: channel 0 activation, channel 1 gradient.
 
