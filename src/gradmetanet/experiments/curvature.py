@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,11 +30,12 @@ from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, N
 from ..core.spec import NetworkSpec
 from ..nn.baselines import weight_space_inputs
 from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
-from ..training import fit_regression
+from ..training import Predictor, fit_regression
 from . import apply_preset, mean_std
 from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
 
-__all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "run", "report", "build_model"]
+__all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "INPUT_MODES", "run", "report", "build_model", "Prepared",
+           "prepare", "gradient_predictor", "input_channels"]
 
 MODEL_KEYS = ("gradmetanet", "gradmetanet_set", "gradmetanet++", "mlp_concat", "neuron_asym", "batch_asym",
               "ws_concat", "ws_average")
@@ -46,10 +47,12 @@ LABELS = {"standard": "Standard estimator", "gradmetanet": "GradMetaNet",
           "ws_concat": "Weight-space + Concat", "ws_average": "Weight-space + Average",
           "product_of_means": "Reference: product of means", "quadrature": "Reference: quadrature",
           "target_noise": "Reference: target noise (floor)"}
-#: models that read scale-free inputs: each network's ``g`` divided by its per-space scale
-#: (:class:`~gradmetanet.nn.GradientScale`), with ``a^2, g^2`` channels beside ``a, g``
-#: (:func:`input_channels`); their outputs are multiplied back by the scale
-SCALE_FREE_INPUTS = ("gradmetanet", "gradmetanet_set", "gradmetanet++")
+InputMode = Literal["raw", "squares", "scale_free"]
+#: what each gradient-set model reads (:meth:`Prepared.inputs`; default ``"raw"``): the GradMetaNets read
+#: each network's ``g`` divided by its per-space scale, with ``a^2, g^2`` channels beside ``a, g``, and
+#: their outputs are multiplied back by the scale (:func:`gradient_predictor`)
+INPUT_MODES: dict[str, InputMode] = {"gradmetanet": "scale_free", "gradmetanet_set": "scale_free",
+                                     "gradmetanet++": "scale_free"}
 METRIC = "test MSE of diag(F) / variance of the test targets (best-validation epoch)"
 
 
@@ -102,7 +105,7 @@ PRESETS: dict[str, CurvatureConfig] = {
 # ---------------------------------------------------------------------------------------------- models
 def build_model(key: str, spec: NetworkSpec, set_size: int) -> nn.Module:
     """The model ``key`` at the size used here (about 15K parameters where the input allows)."""
-    channels = 4 if key in SCALE_FREE_INPUTS else 2
+    channels = 2 if INPUT_MODES.get(key, "raw") == "raw" else 4
     fixed = sum(space.size for space in spec.spaces if not space.permutable)
     if key == "gradmetanet":
         return GradMetaNet(channels, hidden=32, set_layers=2, neuron_layers=2, head_hidden=32, fixed_neurons=fixed)
@@ -136,67 +139,83 @@ def input_channels(features: torch.Tensor, squared: bool) -> torch.Tensor:
 
 
 @dataclass
-class _Prepared:
-    """Normalised inputs and targets for one train/val/test split of the zoo."""
+class Prepared:
+    """Normalised inputs and targets for one train/val/test split of the zoo (statistics from the training
+    networks). Every model is trained on the same targets, so on the same loss."""
 
     spec: NetworkSpec
-    features: torch.Tensor            # [M, b, N, 2] normalised per space and channel
-    scale_free: torch.Tensor          # [M, b, N, 4] g / its scale, with squares, normalised per space and channel
-    output_scale: torch.Tensor        # [M, P] each parameter's gradient scale squared
-    scaled_mean: float                # mean and std of target / output_scale on the training networks
-    scaled_std: float
-    raw: torch.Tensor                 # [M, b, N, 2] as generated, for dense per-example gradients
+    raw: torch.Tensor                 # [M, b, N, 2] as generated
+    train_idx: torch.Tensor
     targets: torch.Tensor             # [M, P] normalised by one scalar mean and std
     target_mean: float
     target_std: float
+    output_scale: torch.Tensor        # [M, P] each parameter's gradient scale squared (GradientScale)
     ws_normalisers: dict[str, WeightSpaceNormaliser]
+    _inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def inputs(self, mode: InputMode) -> torch.Tensor:
+        """``[M, b, N, 2 or 4]`` neuron features normalised per space and channel: ``"raw"`` ``(a, g)``,
+        ``"squares"`` ``(a, g, a^2, g^2)``, ``"scale_free"`` the same after dividing each network's ``g``
+        by its per-space scale (:class:`~gradmetanet.nn.GradientScale`)."""
+        if mode not in self._inputs:
+            if mode == "scale_free":
+                x = input_channels(GradientScale(self.spec)(self.raw)[0], squared=True)
+            elif mode in ("raw", "squares"):
+                x = input_channels(self.raw, squared=mode == "squares")
+            else:
+                raise ValueError(f"unknown input mode {mode!r}; choose raw, squares or scale_free")
+            self._inputs[mode] = NeuronNormaliser(self.spec, x.shape[-1]).fit(x[self.train_idx])(x)
+        return self._inputs[mode]
 
 
-def _prepare(zoo: SirenZoo, train_idx: torch.Tensor) -> _Prepared:
-    """Inputs per space and channel (:class:`NeuronNormaliser`; for :data:`SCALE_FREE_INPUTS` after dividing
-    out each network's gradient scale), weight-space inputs per parameter tensor, targets by one scalar
-    mean and std; all statistics from the training networks. Every model is trained on the same loss."""
+def prepare(zoo: SirenZoo, train_idx: torch.Tensor) -> Prepared:
+    """:class:`Prepared` data of ``zoo`` with statistics from the networks ``train_idx``."""
     spec = zoo.spec
-    features = NeuronNormaliser(spec).fit(zoo.features[train_idx])(zoo.features)
-    gradient_scale = GradientScale(spec)
-    unscaled, scales = gradient_scale(zoo.features)
-    unscaled = input_channels(unscaled, squared=True)
-    scale_free = NeuronNormaliser(spec, 4).fit(unscaled[train_idx])(unscaled)
-    output_scale = gradient_scale.output_scale(scales)
-    scaled_targets = zoo.target[train_idx] / output_scale[train_idx]
     t_train = zoo.target[train_idx]
     t_mean, t_std = t_train.mean().item(), t_train.std().item()
+    scale = GradientScale(spec)
+    output_scale = scale.output_scale(scale.scales(zoo.features))
     sample = zoo.features[train_idx[:256]]
     ws = {mode: WeightSpaceNormaliser(spec).fit(weight_space_inputs(GradientBatch(spec, sample), mode))
           for mode in ("concat", "average")}
-    return _Prepared(spec, features, scale_free, output_scale, scaled_targets.mean().item(), scaled_targets.std().item(),
-                     zoo.features, (zoo.target - t_mean) / t_std, t_mean, t_std, ws)
+    return Prepared(spec, zoo.features, train_idx, (zoo.target - t_mean) / t_std, t_mean, t_std, output_scale, ws)
 
 
-def _predictor(key: str, data: _Prepared, device: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    names = list(data.spec.param_shapes())
+def _flatten(spec: NetworkSpec, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([out[n].flatten(1) for n in spec.param_shapes()], 1).cpu()
 
-    def flat(out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([out[n].flatten(1) for n in names], 1).cpu()
 
+def gradient_predictor(data: Prepared, mode: InputMode, device: str = "cpu") -> Predictor:
+    """``predict(model, idx) -> [len(idx), P]`` normalised targets from a model on gradient sets.
+
+    With ``"scale_free"`` inputs the model's outputs are standardised ``F / output_scale`` (statistics of
+    the training networks) and are multiplied back by each network's scale: its output is in the
+    units of a problem of one scale, while its error is measured, as every model's, on the targets.
+    """
+    features = data.inputs(mode)
+    if mode != "scale_free":
+        return lambda model, idx: _flatten(data.spec, model(GradientBatch(data.spec, features[idx].to(device))))
+    fisher_train = data.targets[data.train_idx] * data.target_std + data.target_mean
+    scaled = fisher_train / data.output_scale[data.train_idx]
+    mean, std = scaled.mean().item(), scaled.std().item()
+
+    def predict(model, idx):
+        out = _flatten(data.spec, model(GradientBatch(data.spec, features[idx].to(device))))
+        fisher = (out * std + mean) * data.output_scale[idx]
+        return (fisher - data.target_mean) / data.target_std
+    return predict
+
+
+def _predictor(key: str, data: Prepared, device: str) -> Predictor:
     if key.startswith("ws_"):
         mode = key.split("_")[1]
         normalise = data.ws_normalisers[mode].to(device)
 
         def predict(model, idx):
-            return flat(model(normalise(weight_space_inputs(GradientBatch(data.spec, data.raw[idx].to(device)), mode))))
+            out = model(normalise(weight_space_inputs(GradientBatch(data.spec, data.raw[idx].to(device)), mode)))
+            return _flatten(data.spec, out)
         return predict
-
-    if key in SCALE_FREE_INPUTS:
-        def predict(model, idx):
-            scaled = flat(model(GradientBatch(data.spec, data.scale_free[idx].to(device))))
-            fisher = (scaled * data.scaled_std + data.scaled_mean) * data.output_scale[idx]
-            return (fisher - data.target_mean) / data.target_std     # the same units as every other model's
-        return predict
-
-    def predict(model, idx):
-        return flat(model(GradientBatch(data.spec, data.features[idx].to(device))))
-    return predict
+    return gradient_predictor(data, INPUT_MODES.get(key, "raw"), device)
 
 
 @torch.no_grad()
@@ -233,11 +252,11 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
     todo = [(seed, size, m) for seed in range(config.seeds) for size in config.train_sizes for m in config.models
             if _cell_key(m, size, seed) not in cells]
     bar = tqdm(total=len(todo), desc="curvature", unit="fit", disable=not progress)
-    prepared: dict[tuple[int, int], _Prepared] = {}
+    prepared: dict[tuple[int, int], Prepared] = {}
     for seed, size, key in todo:
         train_idx = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:size]]
         if (seed, size) not in prepared:
-            prepared = {(seed, size): _prepare(zoo, train_idx)}
+            prepared = {(seed, size): prepare(zoo, train_idx)}
         data = prepared[(seed, size)]
         torch.manual_seed(seed)
         model = build_model(key, zoo.spec, config.set_size).to(config.device)
