@@ -36,6 +36,7 @@ def test_files_and_json_schema(tiny_run):
             assert isinstance(cell["mean"], float) and isinstance(cell["std"], float) and cell["mean"] > 0
             assert list(cell["per_layer"]) == list(siren_spec(config.zoo().widths).param_shapes())
             assert sum(cell["per_layer"].values()) == pytest.approx(1.0)
+    assert sum(saved["target_variance_share"].values()) == pytest.approx(1.0)
     table = (run_dir / "table.md").read_text()
     assert "GradMetaNet++" in table and "Standard estimator" in table and "Reference: quadrature" in table
     assert "Where the error lies" in table

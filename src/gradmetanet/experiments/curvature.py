@@ -279,6 +279,8 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
     bar.close()
     cells = _read_cells(cells_path, config.key())
     results = _summarise(config, cells, _references(zoo, test_idx, test_var))
+    target = zoo.target[test_idx]
+    results["target_variance_share"] = per_layer_shares(zoo.spec, torch.full_like(target, target.mean().item()), target)
     report(results, out)
     return results
 
@@ -386,6 +388,9 @@ def render_table(results: dict) -> str:
               "(a row sums to 100%), beside the model's error.", "",
               "| model | error | " + " | ".join(f"`{n}`" for n in names) + " |",
               "|---|---:|" + "---:|" * len(names)]
+    if "target_variance_share" in results:
+        lines.append("| *share of the target variance* | - | "
+                     + " | ".join(f"{100 * results['target_variance_share'][n]:.1f}%" for n in names) + " |")
     for key in keys:
         cell = results["models"][key][largest]
         lines.append(f"| {LABELS[key]} | {cell['mean']:.4f} | "
