@@ -11,8 +11,9 @@ __all__ = ["figure"]
 
 @contextmanager
 def figure(path: str | Path, xlabel: str, ylabel: str, title: str, size: tuple[float, float] = (6.4, 4.2),
-           xlog: bool = False, ylog: bool = False) -> Iterator[object]:
-    """Yield matplotlib axes to draw on; on exit label them, add a legend and a grid, save ``path`` (130 dpi)."""
+           xlog: bool = False, ylog: bool = False, legend_outside: bool = False) -> Iterator[object]:
+    """Yield matplotlib axes to draw on; on exit label them, add a legend (beside the axes with
+    ``legend_outside``) and a grid, save ``path`` (130 dpi)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -27,7 +28,10 @@ def figure(path: str | Path, xlabel: str, ylabel: str, title: str, size: tuple[f
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(fontsize=7)
+        if legend_outside:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        else:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both" if xlog or ylog else "major")
         fig.tight_layout()
         fig.savefig(path)

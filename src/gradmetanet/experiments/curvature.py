@@ -407,7 +407,8 @@ _LINE_STYLES = {"standard": ("black", "--"), "product_of_means": ("grey", ":"), 
 def plot(results: dict, path: Path) -> None:
     sizes = results["config"]["train_sizes"]
     with figure(path, "number of training networks", "test error (MSE / target variance)",
-                "Fisher diagonal estimation from decomposed gradients", xlog=True, ylog=True) as ax:
+                "Fisher diagonal estimation from decomposed gradients", size=(8.6, 4.2), xlog=True, ylog=True,
+                legend_outside=True) as ax:
         for key, per_size in results["models"].items():
             mean = [per_size[str(n)]["mean"] for n in sizes]
             std = [per_size[str(n)]["std"] for n in sizes]
