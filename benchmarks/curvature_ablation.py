@@ -9,7 +9,8 @@ Every variant is a GradMetaNet of about the experiment's size, trained with Adam
 on the same loss; the error is the experiment's metric at the best-validation epoch. Variants add
 one change at a time: the squared channels ``a^2, g^2``, the per-example path from the fixed
 neurons into every set layer, per-network gradient scaling (:class:`~gradmetanet.nn.GradientScale`),
-a cosine schedule, and the same-example (set product) head. Prints a Markdown table and writes JSON;
+a cosine schedule, the same-example (set product) head, and a loss in which every network weighs
+the same (the others weigh networks by their size, as the metric does). Prints a Markdown table and writes JSON;
 finished variants are kept in the JSON and skipped when it is run again.
 """
 
@@ -25,7 +26,9 @@ import torch
 from gradmetanet.data.siren_zoo import load_or_generate_siren_zoo
 from gradmetanet.experiments import curvature
 from gradmetanet.nn import GradMetaNet
-from gradmetanet.training import fit_regression
+from gradmetanet import GradientBatch
+from gradmetanet.training import evaluate_mse, fit_regression
+from gradmetanet.weightspace import flatten_weights
 
 from common import machine, write_json
 
@@ -43,7 +46,25 @@ VARIANTS = {
     "scale_free+fixed": ("scale_free", POOLED, True, "constant"),
     "scale_free+fixed+cosine": ("scale_free", POOLED, True, "cosine"),
     "scale_free+fixed+set_head": ("scale_free", SET_HEAD, True, "constant"),
+    "scale_free+fixed+set_head+equal_weights": ("scale_free", SET_HEAD, True, "constant"),
 }
+#: variants trained on the standardised scale-free targets ``F / output_scale`` (every network weighs the
+#: same in the loss) instead of the common loss (networks weigh by their size, as in the metric)
+EQUAL_WEIGHTS = ("scale_free+fixed+set_head+equal_weights",)
+
+
+def fit_equal_weights(model, data: curvature.Prepared, train_idx, val_idx, test_idx, epochs: int, schedule: str):
+    """Fit on standardised ``F / output_scale`` (model selection on it too); test error in the common units."""
+    features = data.inputs("scale_free")
+    scaled = (data.targets * data.target_std + data.target_mean) / data.output_scale
+    targets = (scaled - scaled[train_idx].mean()) / scaled[train_idx].std()
+
+    def predict(m, idx):
+        return flatten_weights(m(GradientBatch(data.spec, features[idx])), data.spec)
+    fit = fit_regression(model, predict, targets, train_idx, val_idx, test_idx, epochs, 32, 1e-3, 0,
+                         schedule=schedule)
+    fit.test = evaluate_mse(model, curvature.gradient_predictor(data, "scale_free"), test_idx, data.targets)
+    return fit
 
 
 def main() -> None:
@@ -71,8 +92,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = GradMetaNet(2 if mode == "raw" else 4, fixed_neurons=fixed if fixed_path else 0, **kwargs)
         start = time.perf_counter()
-        fit = fit_regression(model, curvature.gradient_predictor(data, mode), data.targets, train_idx, val_idx,
-                             test_idx, args.epochs, 32, 1e-3, 0, schedule=schedule)
+        if name in EQUAL_WEIGHTS:
+            fit = fit_equal_weights(model, data, train_idx, val_idx, test_idx, args.epochs, schedule)
+        else:
+            fit = fit_regression(model, curvature.gradient_predictor(data, mode), data.targets, train_idx, val_idx,
+                                 test_idx, args.epochs, 32, 1e-3, 0, schedule=schedule)
         rows[name] = {"test": fit.test * scale, "best_epoch": fit.best_epoch, "seconds": time.perf_counter() - start,
                       "parameters": sum(p.numel() for p in model.parameters())}
         print(f"{name}: {rows[name]['test']:.4f} ({rows[name]['seconds']:.0f} s)", flush=True)
