@@ -2,6 +2,7 @@
 
 from .digits import load_digits_split
 from .siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo, siren_module, siren_spec
+from .text import CharTokenizer, next_token_batch, pydoc_topics_text, read_line_corpus
 
-__all__ = ["SirenZoo", "SirenZooConfig", "load_digits_split", "load_or_generate_siren_zoo", "siren_module",
-           "siren_spec"]
+__all__ = ["CharTokenizer", "SirenZoo", "SirenZooConfig", "load_digits_split", "load_or_generate_siren_zoo",
+           "next_token_batch", "pydoc_topics_text", "read_line_corpus", "siren_module", "siren_spec"]
