@@ -82,7 +82,7 @@ def main() -> None:
     test_var = zoo.target[test_idx].var().item()
     data = curvature.prepare(zoo, train_idx)
     scale = data.target_std ** 2 / test_var
-    fixed = sum(space.size for space in zoo.spec.spaces if not space.permutable)
+    fixed = len(zoo.spec.fixed_neurons())
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else {}
     for name in args.variants.split(","):

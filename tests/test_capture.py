@@ -117,6 +117,7 @@ def test_spec_of_an_mlp():
     spec = NetworkSpec.from_module(model)
     assert [s.size for s in spec.spaces] == [5, 7, 9, 3]
     assert [s.permutable for s in spec.spaces] == [False, True, True, False]
+    assert spec.fixed_neurons() == [0, 1, 2, 3, 4, 21, 22, 23]
     assert [(s.weight, s.bias) for s in spec.sites] == [("0.weight", "0.bias"), ("2.weight", "2.bias"),
                                                         ("4.weight", "4.bias")]
     assert dict(spec.param_shapes()) == {n: p.shape for n, p in model.named_parameters()}

@@ -257,6 +257,11 @@ class NetworkSpec:
             offset += s.size
         return slices
 
+    def fixed_neurons(self) -> list[int]:
+        """Positions on the concatenated neuron axis of the neurons no symmetry moves (``Trivial`` spaces)."""
+        return [i for space, sl in zip(self.spaces, self.space_slices().values()) if not space.permutable
+                for i in range(sl.start, sl.stop)]
+
     # ------------------------------------------------------------------ symmetry
     def sample(self, generator: torch.Generator | None = None) -> SpecElement:
         """A random element of every space's group (float64 factors; spaces absent act by the identity)."""

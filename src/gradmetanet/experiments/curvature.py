@@ -31,6 +31,7 @@ from ..core.spec import NetworkSpec
 from ..nn.baselines import weight_space_inputs
 from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from ..training import Predictor, fit_regression
+from ..weightspace.features import flatten_weights
 from . import apply_preset, mean_std
 from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
 
@@ -97,7 +98,7 @@ PRESETS: dict[str, CurvatureConfig] = {
     "paper": CurvatureConfig(),
     "cpu": CurvatureConfig(train_sizes=(500, 2000), n_val=250, epochs=40, seeds=1,
                            models=("gradmetanet", "gradmetanet_set")),
-    # make demo: about 8 minutes on one CPU thread; GradMetaNet++ (attention over the set) would take 20 more
+    # make demo: about 6 minutes on one CPU thread; GradMetaNet++ (attention over the set) would take 17 more
     "quick": CurvatureConfig(train_sizes=(100, 1000), n_val=200, n_test=300, set_size=32, epochs=25, seeds=1,
                              models=tuple(k for k in MODEL_KEYS if k != "gradmetanet++")),
     "tiny": CurvatureConfig(train_sizes=(8,), n_val=8, n_test=8, set_size=8, target_points=32, epochs=2, seeds=1),
@@ -108,7 +109,7 @@ PRESETS: dict[str, CurvatureConfig] = {
 def build_model(key: str, spec: NetworkSpec, set_size: int) -> nn.Module:
     """The model ``key`` at the size used here (about 15K parameters where the input allows)."""
     channels = 2 if INPUT_MODES.get(key, "raw") == "raw" else 4
-    fixed = sum(space.size for space in spec.spaces if not space.permutable)
+    fixed = len(spec.fixed_neurons())
     if key == "gradmetanet":
         return GradMetaNet(channels, hidden=32, set_layers=2, neuron_layers=2, head_hidden=32, fixed_neurons=fixed)
     if key == "gradmetanet_set":
@@ -184,7 +185,7 @@ def prepare(zoo: SirenZoo, train_idx: torch.Tensor) -> Prepared:
 
 
 def _flatten(spec: NetworkSpec, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([out[n].flatten(1) for n in spec.param_shapes()], 1).cpu()
+    return flatten_weights(out, spec).cpu()
 
 
 def gradient_predictor(data: Prepared, mode: InputMode, device: str = "cpu") -> Predictor:

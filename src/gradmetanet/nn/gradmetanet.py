@@ -117,9 +117,7 @@ class GradMetaNet(nn.Module):
     def _fixed_index(self, batch: GradientBatch) -> torch.Tensor | None:
         if not self.fixed_neurons:
             return None
-        spec = batch.spec
-        index = [i for space, sl in zip(spec.spaces, spec.space_slices().values()) if not space.permutable
-                 for i in range(sl.start, sl.stop)]
+        index = batch.spec.fixed_neurons()
         if len(index) != self.fixed_neurons:
             raise ValueError(f"this GradMetaNet was built for specs with {self.fixed_neurons} fixed neurons; "
                              f"this spec has {len(index)} (build it with fixed_neurons={len(index)})")
