@@ -42,12 +42,17 @@ def test_transformer_layer_linears_use_the_batch_axis_of_their_module(batch_firs
         torch.testing.assert_close(gs.per_example_grads()[name], ref[name], atol=1e-10, rtol=0)
 
 
-def test_attention_modules_are_refused_with_the_reason():
+def test_attention_variants_capture_cannot_do_exactly_are_refused_with_the_reason():
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
-    with pytest.raises(UnsupportedModuleError, match="MultiheadAttention"):
-        GradientCapture(layer)
-    with pytest.raises(CaptureError, match="applies its weight functionally"):
+    with pytest.raises(CaptureError, match="belongs to 'self_attn', which applies its weights functionally"):
         GradientCapture(layer, layers=["self_attn.out_proj"])
+    for bad, why in ((nn.MultiheadAttention(8, 2, add_bias_kv=True), "add_bias_kv"),
+                     (nn.MultiheadAttention(8, 2, kdim=4, vdim=4), "kdim or vdim"),
+                     (nn.Embedding(5, 8, max_norm=1.0), "max_norm"),
+                     (nn.Embedding(5, 8, scale_grad_by_freq=True), "couples the examples"),
+                     (nn.LayerNorm((3, 8)), "over 2 axes")):
+        with pytest.raises(UnsupportedModuleError, match=why):
+            GradientCapture(nn.Sequential(bad, nn.Linear(8, 2)) if isinstance(bad, nn.Embedding) else bad)
 
 
 def test_batch_norm_in_training_mode_is_refused_and_eval_mode_is_exact():

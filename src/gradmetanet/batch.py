@@ -108,6 +108,10 @@ class GradientBatch:
         """
         if self.features.shape[-1] != 2:
             raise ValueError("per_example_grads needs raw 2-channel features (activation, gradient)")
+        other = [s.name for s in self.spec.sites if s.kind != "linear" or s.rows is not None]
+        if other:
+            raise ValueError(f"sites {other} are not whole linear layers, whose gradients are the outer products of "
+                             "their neuron features; use GradientSet.per_example_grads()")
         pooled = [n for n, (r, w) in incidence_counts(self.spec).items() if r > 1 or w > 1]
         if pooled:
             raise ValueError(f"spaces {pooled} pool the incidences of several sites, so the features no longer hold "

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_replace
 from .core.incidence import neuron_tensor
+from .core.kinds import site_kind
 from .core.spec import NetworkSpec, SpecElement
 from .errors import CaptureError
 
@@ -63,15 +64,16 @@ class GradientSet:
                 if site.name not in store:
                     raise ValueError(f"GradientSet: {kind} has no entry for site {site.name!r}")
             a, g = self.activations[site.name], self.output_grads[site.name]
-            d_in, d_out = self.spec.space(site.in_space).size, self.spec.space(site.out_space).size
+            kind = site_kind(site.kind)
+            d_in, d_out = kind.a_width(self.spec.space(site.in_space).size), self.spec.space(site.out_space).size
             if a.dim() != 3 or a.shape[-1] != d_in:
                 raise ValueError(f"site {site.name!r}: activations must be [b, T, {d_in}], got {list(a.shape)}")
             if g.dim() != 3 or g.shape[-1] != d_out or g.shape[:2] != a.shape[:2]:
                 raise ValueError(f"site {site.name!r}: output_grads must be [b, T, {d_out}] matching activations "
                                  f"{list(a.shape)}, got {list(g.shape)}")
-            if a.dtype != g.dtype:
-                raise ValueError(f"site {site.name!r}: activations are {a.dtype} but output_grads {g.dtype}; cast "
-                                 "both to one dtype (GradientCapture promotes them under autocast)")
+            problem = kind.check_factors(a, g)
+            if problem:
+                raise ValueError(f"site {site.name!r}: {problem}")
             sizes.add(a.shape[0])
         if 0 in sizes:
             raise ValueError("GradientSet: an empty batch (0 examples) has no per-example gradients")
@@ -94,7 +96,7 @@ class GradientSet:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.activations.values())).dtype
+        return next(iter(self.output_grads.values())).dtype
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +109,7 @@ class GradientSet:
 
     def dense_nbytes(self) -> int:
         """Bytes that dense per-example gradients ``[b, P]`` of the same dtype would take."""
-        return self.batch_size * self.spec.n_params * next(iter(self.activations.values())).element_size()
+        return self.batch_size * self.spec.n_params * next(iter(self.output_grads.values())).element_size()
 
     def verify_finite(self) -> None:
         """Raise :class:`~gradmetanet.CaptureError` if a factor holds NaN or infinity. A capture leaves the check
@@ -119,13 +121,13 @@ class GradientSet:
         if not self._unchecked:
             return
         self._unchecked = False
-        tensors = [*self.activations.values(), *self.output_grads.values()]
+        tensors = [t for t in (*self.activations.values(), *self.output_grads.values()) if t.is_floating_point()]
         if bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
             return
         named = [(f"activations at layer {k!r}", t) for k, t in self.activations.items()]
         named += [(f"gradients at layer {k!r}", t) for k, t in self.output_grads.items()]
         for what, t in named:
-            if not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise CaptureError(f"non-finite {what} (NaN or inf) captured; check the loss and the inputs "
                                    "(or pass check_finite=False)")
 
@@ -136,8 +138,13 @@ class GradientSet:
                            {k: fn(v) for k, v in self.outputs.items()}, self.loss_reduction)
 
     def to(self, *args, **kwargs) -> "GradientSet":
-        """Move or cast every tensor, with the arguments of :meth:`torch.Tensor.to`."""
-        return self._map(lambda t: t.to(*args, **kwargs))
+        """Move or cast every tensor, with the arguments of :meth:`torch.Tensor.to` (token ids keep their dtype)."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            moved = t.to(*args, **kwargs)
+            return moved.to(t.dtype) if moved.dtype != t.dtype else moved
+        return self._map(move)
 
     def select(self, index: torch.Tensor | slice) -> "GradientSet":
         """The sub-set of examples ``index`` (a slice, index tensor or boolean mask)."""
@@ -151,7 +158,7 @@ class GradientSet:
         for site in self.spec.sites:
             g_in, g_out = element.get(site.in_space), element.get(site.out_space)
             a, g = self.activations[site.name], self.output_grads[site.name]
-            acts[site.name] = a if g_in is None else g_in.act(a, -1)
+            acts[site.name] = site_kind(site.kind).transform_activation(a, g_in)
             grads[site.name] = g if g_out is None else g_out.act_inverse_transpose(g, -1)
             if site.name in self.outputs:
                 out = self.outputs[site.name]
@@ -159,76 +166,74 @@ class GradientSet:
         return GradientSet(self.spec, acts, grads, outs, self.loss_reduction)
 
     # ------------------------------------------------------------------ derived views
+    def _per_site(self, view: str) -> dict[tuple[str, tuple[int, int] | None], torch.Tensor]:
+        """``{(param, rows): tensor}`` from each site's kind (:mod:`gradmetanet.core.kinds`) method ``view``."""
+        out = {}
+        for site in self.spec.sites:
+            kind = site_kind(site.kind)
+            d_in = self.spec.space(site.in_space).size
+            for name, value in getattr(kind, view)(site, self.activations[site.name], self.output_grads[site.name],
+                                                   d_in).items():
+                key = (name, site.rows)
+                out[key] = out[key] + value if key in out else value      # a parameter shared by two sites
+        return out
+
     def per_example_grads(self) -> dict[str, torch.Tensor]:
         """Dense per-example gradients ``[b, *param.shape]`` keyed by parameter name.
 
         This materialises ``b x P`` numbers: meant for checks and dense baselines.
         """
         self.verify_finite()
-        grads: dict[str, torch.Tensor] = {}
-        for site in self.spec.sites:
-            a, g = self.activations[site.name], self.output_grads[site.name]
-            grads[site.weight] = torch.einsum("bto,bti->boi", g, a)
-            if site.bias is not None:
-                grads[site.bias] = g.sum(1)
-        return grads
+        return self.spec.assemble(self._per_site("per_example"), dim=1)
 
     def mean_grad(self) -> dict[str, torch.Tensor]:
         """The batch gradient, equal to ``param.grad`` after the captured backward."""
         self.verify_finite()
         scale = 1.0 / self.batch_size if self.loss_reduction == "mean" else 1.0
-        grads: dict[str, torch.Tensor] = {}
-        for site in self.spec.sites:
-            a, g = self.activations[site.name], self.output_grads[site.name]
-            grads[site.weight] = torch.einsum("bto,bti->oi", g, a) * scale
-            if site.bias is not None:
-                grads[site.bias] = g.sum((0, 1)) * scale
-        return grads
+        return {k: v * scale for k, v in self.spec.assemble(self._per_site("summed")).items()}
 
     def empirical_fisher_diag(self) -> dict[str, torch.Tensor]:
         """``mean_i (grad_i)^2`` per parameter, shape ``param.shape``, keyed by parameter name.
 
-        With one token per example this is ``(g^2)^T (a^2) / b`` and never forms per-example
-        gradients; with ``T > 1`` the square of a sum of ``T`` outer products is formed in chunks
-        of examples of bounded size.
+        For a linear site with one token per example this is ``(g^2)^T (a^2) / b`` and never forms
+        per-example gradients; otherwise per-example gradients are formed in chunks of examples of
+        bounded size.
         """
         self.verify_finite()
-        fisher: dict[str, torch.Tensor] = {}
         b = self.batch_size
-        for site in self.spec.sites:
-            a, g = self.activations[site.name], self.output_grads[site.name]
-            if a.shape[1] == 1:
-                fisher[site.weight] = torch.einsum("bo,bi->oi", g[:, 0].square(), a[:, 0].square()) / b
-            else:
-                chunk = max(1, _CHUNK_ELEMENTS // (g.shape[-1] * a.shape[-1]))
-                total = torch.zeros(g.shape[-1], a.shape[-1], dtype=a.dtype, device=a.device)
-                for start in range(0, b, chunk):
-                    sl = slice(start, start + chunk)
-                    total += torch.einsum("bto,bti->boi", g[sl], a[sl]).square().sum(0)
-                fisher[site.weight] = total / b
-            if site.bias is not None:
-                fisher[site.bias] = g.sum(1).square().mean(0)
-        return fisher
+        linear_single = all(s.kind == "linear" and self.activations[s.name].shape[1] == 1 for s in self.spec.sites)
+        if linear_single:
+            parts = {}
+            for site in self.spec.sites:
+                a, g = self.activations[site.name][:, 0], self.output_grads[site.name][:, 0]
+                parts[(site.weight, site.rows)] = torch.einsum("bo,bi->oi", g.square(), a.square()) / b
+                if site.bias is not None:
+                    parts[(site.bias, site.rows)] = g.square().mean(0)
+            return self.spec.assemble(parts)
+        widest = max(shape.numel() for shape in self.spec.param_shapes().values())
+        chunk = max(1, _CHUNK_ELEMENTS // widest)
+        total: dict[str, torch.Tensor] = {}
+        for start in range(0, b, chunk):
+            for name, grads in self.select(slice(start, start + chunk)).per_example_grads().items():
+                square = grads.square().sum(0)
+                total[name] = total[name] + square if name in total else square
+        return {name: value / b for name, value in total.items()}
 
     def norms(self, per_parameter: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Per-example gradient norms ``[b]`` from the factors, without forming per-example gradients.
 
         For a weight, ``||sum_t g_t a_t^T||_F^2 = <G G^T, A A^T>`` with ``G [T, d_out]``, ``A [T, d_in]``
         (Opacus' "ghost norm"): ``O(T^2 (d_in + d_out))`` per example instead of ``O(T d_in d_out)``;
-        with one token it is ``||g||^2 ||a||^2``. A bias adds ``||sum_t g_t||^2``. Each example's
-        gradient is that of its own loss, as in :meth:`per_example_grads`. With
-        ``per_parameter=True``, returns parameter name -> ``[b]`` norms instead of the total.
+        with one token it is ``||g||^2 ||a||^2``. A bias adds ``||sum_t g_t||^2``; an embedding
+        ``sum_{t,t'} [id_t = id_t'] <g_t, g_t'>``; a weight tied between two sites is formed densely. Each example's gradient is that of its own loss, as
+        in :meth:`per_example_grads`. With ``per_parameter=True``, returns parameter name -> ``[b]``
+        norms instead of the total.
         """
         self.verify_finite()
-        squared: dict[str, torch.Tensor] = {}
-        for site in self.spec.sites:
-            a, g = self.activations[site.name], self.output_grads[site.name]
-            if a.shape[1] == 1:
-                squared[site.weight] = g[:, 0].square().sum(-1) * a[:, 0].square().sum(-1)
-            else:
-                squared[site.weight] = (g @ g.transpose(1, 2) * (a @ a.transpose(1, 2))).sum((1, 2))
-            if site.bias is not None:
-                squared[site.bias] = g.sum(1).square().sum(-1)
+        if _shared_parameters(self.spec):          # tied weights: the norm of a sum, formed densely
+            squared = {k: v.square().flatten(1).sum(1) for k, v in self.per_example_grads().items()}
+        else:
+            squared = _sum_parts(self._per_site("squared_norms"))
         if per_parameter:
             return {name: value.clamp_min(0).sqrt() for name, value in squared.items()}
         return torch.stack(list(squared.values())).sum(0).clamp_min(0).sqrt()
@@ -298,3 +303,17 @@ class GradientSet:
             kind, _, site = key.partition("/")
             groups[kind][site] = value
         return cls(spec, groups["a"], groups["g"], groups["out"], meta["loss_reduction"])
+
+
+def _shared_parameters(spec: NetworkSpec) -> bool:
+    """Whether two sites write the same part of one parameter (tied weights): their norms do not add."""
+    keys = [p for site in spec.sites for p in ((site.weight, site.rows), (site.bias, site.rows)) if p[0] is not None]
+    return len(set(keys)) < len(keys)
+
+
+def _sum_parts(parts: dict[tuple[str, tuple[int, int] | None], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Squared norms of row blocks add up to the squared norm of the whole parameter."""
+    out: dict[str, torch.Tensor] = {}
+    for (name, _), value in parts.items():
+        out[name] = out[name] + value if name in out else value
+    return out

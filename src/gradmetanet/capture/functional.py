@@ -9,6 +9,8 @@ of tensors, many networks (a zoo, the inner runs of PES) vectorise with ``torch.
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from typing import Callable, Mapping
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from ..core.spec import NetworkSpec
-from .registry import extractor_for
+from .hooks import modules_of_sites
 
 __all__ = ["functional_factors", "Factors"]
 
@@ -35,35 +37,26 @@ def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str,
     ``output_grads[site]: [b, T, d_out]`` (per-example: rescaled by ``b`` for a mean-reduced
     loss, as the hooks do) and ``outputs[site]`` for sites whose out-space no site reads.
     """
-    modules = dict(model.named_modules())
-    sites = [(s, modules[s.name]) for s in spec.sites]
+    targets = modules_of_sites(model, spec)
     keep_output = {s.name for s in spec.sites if not spec.readers(s.out_space)}
     b = inputs[0].shape[0]
 
     def run(p: Mapping[str, torch.Tensor], probes: dict[str, torch.Tensor]):
         record: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def make_hook(site_name: str):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-                extractor = extractor_for(module)
-                a = extractor.activation(module, args, output)
-                shifted = output + probes[site_name].view_as(output)
-                record[site_name] = (a, shifted)
-                return shifted
-            return hook
+        def shift(site_name: str, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            shifted = output + probes[site_name].view_as(output)
+            record[site_name] = (a, shifted)
+            return shifted
 
-        handles = [m.register_forward_hook(make_hook(s.name)) for s, m in sites]
-        try:
+        with _instrumented(targets, spec, shift):
             out = functional_call(model, dict(p), inputs)
-        finally:
-            for h in handles:
-                h.remove()
         loss = loss_fn(out)
         acts = {k: a.detach().reshape(b, -1, a.shape[-1]) for k, (a, _) in record.items()}
         outs = {k: y.detach().reshape(b, -1, y.shape[-1]) for k, (_, y) in record.items() if k in keep_output}
         return loss, (loss.detach(), acts, outs)
 
-    probes = {k: inputs[0].new_zeros(shape) for k, shape in _probe_shapes(model, spec, params, inputs).items()}
+    probes = {k: next(iter(params.values())).new_zeros(shape) for k, shape in _probe_shapes(model, spec, params, inputs).items()}
     (g_params, g_probes), (loss, acts, outs) = grad(run, argnums=(0, 1), has_aux=True)(dict(params), probes)
     scale = b if loss_reduction == "mean" else 1
     grads = {k: (g * scale).reshape(b, -1, g.shape[-1]) for k, g in g_probes.items()}
@@ -72,6 +65,32 @@ def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str,
 
 #: (model id, spec, input shapes) -> output shape per site; shapes only, no tensors
 _SHAPES: dict[tuple, dict[str, torch.Size]] = {}
+
+
+@contextmanager
+def _instrumented(targets: list, spec: NetworkSpec, report: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Within the block every site of ``spec`` calls ``report(site, a, y)`` and continues with its result."""
+    wanted = {s.name for s in spec.sites}
+    handles = []
+    for path, module, extractor in targets:
+        if extractor.composite:
+            def tap(role, a, y, path=path):
+                site = f"{path}:{role}"
+                return report(site, a, y) if site in wanted else y
+            module.forward = functools.partial(extractor.forward, module, tap)
+            handles.append(module)
+        else:
+            def hook(module, args, output, path=path, extractor=extractor):
+                return report(path, extractor.activation(module, args, output), output)
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            if isinstance(h, nn.Module):
+                del h.forward
+            else:
+                h.remove()
 
 
 def _probe_shapes(model: nn.Module, spec: NetworkSpec, params: Mapping[str, torch.Tensor],
@@ -84,20 +103,13 @@ def _probe_shapes(model: nn.Module, spec: NetworkSpec, params: Mapping[str, torc
     if key in _SHAPES:
         return _SHAPES[key]
     shapes: dict[str, torch.Size] = {}
-    modules = dict(model.named_modules())
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            shapes[name] = output.shape
-        return hook
+    def remember(site_name: str, a: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        shapes[site_name] = output.shape
+        return output
 
-    handles = [modules[s.name].register_forward_hook(make_hook(s.name)) for s in spec.sites]
-    try:
-        with torch.no_grad():
-            functional_call(model, {k: v.detach() for k, v in params.items()}, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with _instrumented(modules_of_sites(model, spec), spec, remember), torch.no_grad():
+        functional_call(model, {k: v.detach() for k, v in params.items()}, inputs)
     if len(_SHAPES) > 256:
         _SHAPES.clear()
     _SHAPES[key] = shapes

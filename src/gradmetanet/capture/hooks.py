@@ -17,18 +17,19 @@ child has) a ``batch_first`` attribute has it ``False`` (PyTorch's transformer l
 
 from __future__ import annotations
 
+import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..core.dataflow import Trace, trace
-from ..core.spec import NetworkSpec, UnsupportedModuleError
+from ..core.spec import NetworkSpec, Space, UnsupportedModuleError
 from ..errors import CaptureError
 from ..gradients import GradientSet, LossReduction
-from .registry import Extractor, extractor_for
+from .registry import Extractor, Tap, capturable_modules, extractor_for
 
 __all__ = ["GradientCapture", "CaptureError"]
 
@@ -46,10 +47,13 @@ class _Call:
 
 @dataclass(frozen=True)
 class _Target:
+    """A captured module and the sites it records (one, named by its path; or a composite's several)."""
+
     path: str
     module: nn.Module
     extractor: Extractor
     batch_dim: int
+    sites: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -184,24 +188,24 @@ class GradientCapture:
               batch_dim: int | None) -> _Plan:
         if layers is not None:
             named = cls._resolve_layers(model, layers)
-            spec = NetworkSpec.independent(
-                (p, *extractor_for(m).widths(m), getattr(m, "bias", None) is not None) for p, m in named)
+            spec = independent_spec(named)
         else:
             spec = _traced(model).spec if spec is None else spec
-            named = cls._resolve_layers(model, [s.name for s in spec.sites])
-            _check_widths(spec, named)
-        targets = tuple(_Target(p, m, extractor_for(m), _batch_dim_of(model, p) if batch_dim is None else batch_dim)
-                        for p, m in named)
+            named = modules_of_sites(model, spec)
+        wanted = {s.name for s in spec.sites}
+        targets = tuple(_Target(p, m, e, _batch_dim_of(model, p) if batch_dim is None else batch_dim,
+                                tuple(s.name for s in e.layout(p, m).sites if s.name in wanted))
+                        for p, m, e in named)
         keep_output = frozenset(s.name for s in spec.sites if not spec.readers(s.out_space))
         batch_norms = tuple((p, m) for p, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
         return _Plan(spec, targets, keep_output, batch_norms)
 
     @staticmethod
-    def _resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> list[tuple[str, nn.Module]]:
+    def _resolve_layers(model: nn.Module, layers: Iterable[str | nn.Module]) -> list[tuple[str, nn.Module, Extractor]]:
         path_of = {id(m): p for p, m in model.named_modules()}
         modules = dict(model.named_modules())
-        capturable = [p for p, m in modules.items() if extractor_for(m) is not None]
-        named: list[tuple[str, nn.Module]] = []
+        capturable = [p for p, _, _ in capturable_modules(model)]
+        named: list[tuple[str, nn.Module, Extractor]] = []
         for layer in layers:
             if isinstance(layer, str):
                 if layer not in modules:
@@ -212,14 +216,17 @@ class GradientCapture:
                     raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
                 path, module = path_of[id(layer)], layer
             extractor = extractor_for(module)
-            if extractor is None:
-                raise TypeError(f"layer {path!r} is a {type(module).__name__}, which has no registered extractor; "
-                                f"capturable layers: {capturable}")
+            if extractor is None or path not in capturable:
+                owner = [p for p in capturable if path.startswith(f"{p}.")]
+                why = (f"it belongs to {owner[0]!r}, which applies its weights functionally; capture {owner[0]!r}"
+                       if owner else f"it is a {type(module).__name__}, which has no registered extractor (or no "
+                       "parameters)")
+                raise CaptureError(f"layer {path!r} cannot be captured: {why}; capturable layers: {capturable}")
             try:
                 extractor.check_module(path, module)
             except UnsupportedModuleError as err:
                 raise CaptureError(str(err)) from err
-            named.append((path, module))
+            named.append((path, module, extractor))
         if not named:
             raise ValueError("layers=[] selects nothing to capture")
         return named
@@ -229,7 +236,9 @@ class GradientCapture:
         if self._active:
             raise CaptureError("this GradientCapture is already active; it cannot be entered twice")
         self.reset()
-        self._handles = [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self._targets]
+        self._handles = [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self._targets
+                         if not t.extractor.composite]
+        self._handles += [_replace_forward(t, self._make_tap(t)) for t in self._targets if t.extractor.composite]
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm(p)) for p, m in self._batch_norms]
         self._active = True
@@ -238,7 +247,7 @@ class GradientCapture:
     def reset(self) -> None:
         """Forget what was recorded, keeping the hooks: the next forward and backward start a fresh capture
         (what a training loop that captures every step needs, without re-registering hooks)."""
-        self._calls = {t.path: [] for t in self._targets}
+        self._calls = {site: [] for t in self._targets for site in t.sites}
         self._backward_seen = False
         self._result = None
         self._generation += 1
@@ -276,34 +285,49 @@ class GradientCapture:
         return hook
 
     def _make_forward_hook(self, target: _Target):
-        path, bd = target.path, target.batch_dim
-
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not torch.is_grad_enabled():
-                if self.ignore_no_grad:
-                    return
-                raise CaptureError(f"layer {path!r} ran under torch.no_grad() (or inference_mode) inside "
-                                   "GradientCapture: there will be no backward pass to capture")
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                raise CaptureError(f"the output of layer {path!r} does not require grad (frozen parameters "
-                                   "and an input without grad?), so its gradient cannot be captured")
-            if self._backward_seen:
-                raise CaptureError(f"layer {path!r} ran forward after a backward pass inside the same "
-                                   f"GradientCapture; {self.after_backward_hint}")
-            x = target.extractor.activation(module, inputs, output)
-            y = target.extractor.output(module, inputs, output)
-            if x.dim() < 2 + bd:
-                raise CaptureError(f"layer {path!r} got an input of shape {list(x.shape)} with its batch axis at "
-                                   f"dim {bd}; capture needs a batched input, [b, d] or [b, ..., d] (or [T, b, d] "
-                                   "under batch_first=False)")
-            a = _to_batch_major(x.detach(), bd)
-            out = _to_batch_major(y.detach(), bd) if path in self._keep_output else None
-            calls = self._calls[path]
-            calls.append(_Call(a, x._version, out, self._generation))
-            index, generation, shape = len(calls) - 1, self._generation, y.shape
-            _hook_target(y).register_hook(
-                lambda grad: self._on_grad(path, index, generation, grad.reshape(shape), bd))
+            if self._should_record(target.path, output):
+                self._record(target.sites[0], target.extractor.activation(module, inputs, output),
+                             target.extractor.output(module, inputs, output), target.batch_dim)
         return hook
+
+    def _make_tap(self, target: _Target) -> Tap:
+        wanted = set(target.sites)
+
+        def tap(role: str, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            site = f"{target.path}:{role}"
+            if site in wanted and self._should_record(site, y):
+                self._record(site, a, y, 0)                 # composite forwards hand over batch-major factors
+            return y
+        return tap
+
+    def _should_record(self, path: str, output: torch.Tensor) -> bool:
+        """Whether a forward call of a site is recorded; raises on a call that cannot be captured."""
+        if not torch.is_grad_enabled():
+            if self.ignore_no_grad:
+                return False
+            raise CaptureError(f"layer {path!r} ran under torch.no_grad() (or inference_mode) inside "
+                               "GradientCapture: there will be no backward pass to capture")
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            raise CaptureError(f"the output of layer {path!r} does not require grad (frozen parameters "
+                               "and an input without grad?), so its gradient cannot be captured")
+        if self._backward_seen:
+            raise CaptureError(f"layer {path!r} ran forward after a backward pass inside the same "
+                               f"GradientCapture; {self.after_backward_hint}")
+        return True
+
+    def _record(self, site: str, x: torch.Tensor, y: torch.Tensor, bd: int) -> None:
+        """Keep the activation ``x`` of one call of ``site`` and hook the gradient of its output ``y``."""
+        if x.dim() < 2 + bd:
+            raise CaptureError(f"layer {site!r} got an input of shape {list(x.shape)} with its batch axis at "
+                               f"dim {bd}; capture needs a batched input, [b, d] or [b, ..., d] (or [T, b, d] "
+                               "under batch_first=False)")
+        a = _to_batch_major(x.detach(), bd)
+        out = _to_batch_major(y.detach(), bd) if site in self._keep_output else None
+        calls = self._calls[site]
+        calls.append(_Call(a, x._version, out, self._generation))
+        index, generation, shape = len(calls) - 1, self._generation, y.shape
+        _hook_target(y).register_hook(lambda grad: self._on_grad(site, index, generation, grad.reshape(shape), bd))
 
     def _on_grad(self, path: str, index: int, generation: int, grad: torch.Tensor, batch_dim: int) -> None:
         if not self._active:
@@ -339,20 +363,22 @@ class GradientCapture:
         if missing:
             raise CaptureError(f"layers {missing} did not run in the forward pass; capture a subset with layers=[...]")
         spec = self.spec
-        sizes = {t.path: {c.a.shape[0] for c in self._calls[t.path]} for t in self._targets}
+        sizes = {site: {c.a.shape[0] for c in calls} for site, calls in self._calls.items()}
         if len(set().union(*sizes.values())) > 1:
             dims = {t.path: t.batch_dim for t in self._targets}
             raise CaptureError(f"the captured layers see different batch sizes {sizes} along their batch axes "
                                f"{dims}: the batch axis is ambiguous; pass batch_dim= or set batch_first on the "
                                "enclosing module")
         acts, grads, outs = {}, {}, {}
+        dtype = next(c.g.dtype for calls in self._calls.values() for c in calls if c.g is not None)
         for site in spec.sites:
             calls = self._calls[site.name]
             a = _cat_tokens([c.a for c in calls])
             d_out = spec.space(site.out_space).size
             # a layer off the loss's path receives no gradient: its gradient is exactly zero
-            g = _cat_tokens([c.g if c.g is not None else c.a.new_zeros(*c.a.shape[:2], d_out) for c in calls])
-            if a.dtype != g.dtype:                             # autocast: bf16 outputs of float32 inputs
+            g = _cat_tokens([c.g if c.g is not None else c.a.new_zeros(*c.a.shape[:2], d_out, dtype=dtype)
+                             for c in calls])
+            if a.is_floating_point() and a.dtype != g.dtype:   # autocast: bf16 outputs of float32 inputs
                 dtype = torch.promote_types(a.dtype, g.dtype)
                 a, g = a.to(dtype), g.to(dtype)
             if self.loss_reduction == "mean":
@@ -363,12 +389,63 @@ class GradientCapture:
         return GradientSet(spec, acts, grads, outs, self.loss_reduction, _unchecked=self.check_finite)
 
 
-def _check_widths(spec: NetworkSpec, named: list[tuple[str, nn.Module]]) -> None:
-    for (path, module), site in zip(named, spec.sites):
+def modules_of_sites(model: nn.Module, spec: NetworkSpec) -> list[tuple[str, nn.Module, Extractor]]:
+    """The capturable modules that form ``spec``'s sites (checked against their layouts' widths)."""
+    found = {}
+    for path, module, extractor in capturable_modules(model):
+        layout = extractor.layout(path, module)
+        for site in layout.sites:
+            found[site.name] = (path, module, extractor, site, layout)
+    named: dict[str, tuple[str, nn.Module, Extractor]] = {}
+    for site in spec.sites:
+        if site.name not in found:
+            raise ValueError(f"spec site {site.name!r} is not a site of the model; its sites: {list(found)}")
+        path, module, extractor, own, layout = found[site.name]
+        extractor.check_module(path, module)
         want = (spec.space(site.in_space).size, spec.space(site.out_space).size)
-        got = extractor_for(module).widths(module)
+        got = (layout.sizes[own.in_space], layout.sizes[own.out_space])
         if got != want:
-            raise ValueError(f"spec site {path!r} has widths {want} but the module has {got}")
+            raise ValueError(f"spec site {site.name!r} has widths {want} but the module has {got}")
+        named.setdefault(path, (path, module, extractor))
+    return list(named.values())
+
+
+def independent_spec(named: list[tuple[str, nn.Module, Extractor]]) -> NetworkSpec:
+    """The sites of ``named`` modules, each reference with its own ``Trivial`` space (``{path}:in``, ``{path}:out``,
+    ``{path}:{internal}``): used when only a part of a model is captured, whose symmetry is unknown."""
+    spaces: dict[str, Space] = {}
+    sites = []
+    short = {"input:0": "in", "output": "out"}
+    for path, module, extractor in named:
+        layout = extractor.layout(path, module)
+
+        def name(ref: str) -> str:
+            full = f"{path}:{short.get(ref, ref)}"
+            spaces.setdefault(full, Space(full, layout.sizes[ref]))
+            return full
+        sites += [replace(site, in_space=name(site.in_space), out_space=name(site.out_space)) for site in layout.sites]
+    return NetworkSpec(tuple(spaces.values()), tuple(sites))
+
+
+def _replace_forward(target: _Target, tap: Tap) -> "_ForwardPatch":
+    """Run a composite module's forward through its extractor (reporting each site to ``tap``) until removed."""
+    module = target.module
+    if "forward" in vars(module):
+        raise CaptureError(f"module {target.path!r} is already captured by another active GradientCapture (or has an "
+                           "instance-level forward); remove the other capture first")
+    module.forward = functools.partial(target.extractor.forward, module, tap)
+    return _ForwardPatch(module)
+
+
+class _ForwardPatch:
+    """A handle like ``RemovableHandle`` that restores a module's own forward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        if "forward" in vars(self.module):
+            del self.module.forward
 
 
 def _cat_tokens(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The capture registry: which module types are sites, and how their factors are read.
 
-An :class:`Extractor` tells, for one module type, the widths and parameters of the site it
-forms, the tensor whose last axis is the activation ``a`` it reads, and the tensor whose
+An :class:`Extractor` tells, for one module type, the sites it forms (their kinds, widths and
+parameters, as a :class:`Layout`), the tensor each site reads (``a``) and the tensor whose
 gradient is the output gradient ``g`` it writes. Hooks (:class:`~gradmetanet.GradientCapture`),
 the functional extractor (:func:`~gradmetanet.capture.functional_factors`) and the data-flow
 spec builder all consult this registry, so a new network kind arrives as one extractor::
@@ -9,30 +9,70 @@ spec builder all consult this registry, so a new network kind arrives as one ext
     class MyLinearExtractor(Extractor):
         kind = "linear"
         def widths(self, module): return module.d_in, module.d_out
-        ...
+        def activation(self, module, inputs, output): return inputs[0]
     register_extractor(MyLinear, MyLinearExtractor())
+
+A module that forms several sites inside one forward (``nn.MultiheadAttention``: Q, K, V and the
+output projection) is *composite*: during a capture its ``forward`` is replaced by the
+extractor's :meth:`Extractor.forward`, an equivalent computation (same outputs, same parameters,
+same random numbers) that hands every site's input and output to a ``tap``.
 
 Lookup is by exact type first, then along the module's class hierarchy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..core.spec import Site, UnsupportedModuleError
+from ..core.groups import Blocks, Group, Perm, Trivial
+from ..core.spec import Site, Space, UnsupportedModuleError
 
-__all__ = ["Extractor", "LinearExtractor", "register_extractor", "extractor_for", "registered_types"]
+__all__ = ["Extractor", "LinearExtractor", "LayerNormExtractor", "EmbeddingExtractor",
+           "MultiheadAttentionExtractor", "Layout", "Tap", "register_extractor", "extractor_for",
+           "registered_types", "capturable_modules"]
+
+#: ``tap(role, a [b, T, d_in], y [b, T, d_out]) -> y'``: what a composite forward reports each site to; the
+#: site is ``{module path}:{role}``.
+Tap = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The sites one module forms, with spaces named by *local references*:
+
+    ``"input:i"`` is the feature axis of the module's ``i``-th input tensor (:meth:`Extractor.inputs`),
+    ``"output"`` that of its (first) output; any other name is a space internal to the module,
+    declared in ``spaces`` with its group (the per-head spaces of attention). ``output`` names the
+    reference the output's feature axis lives on (a LayerNorm writes back onto its input's space);
+    ``limits`` caps the group of a reference (``"perm"``: a LayerNorm normalises across its space).
+    """
+
+    sites: tuple[Site, ...]
+    sizes: dict[str, int]
+    spaces: tuple[Space, ...] = ()
+    output: str = "output"
+    limits: dict[str, str] = field(default_factory=dict)
 
 
 class Extractor:
     """How one module type is captured (see the module docstring). Subclass and register it."""
 
     kind: str = "linear"
+    #: whether captures replace the module's forward by :meth:`forward` (several sites per call)
+    composite: bool = False
 
     def widths(self, module: nn.Module) -> tuple[int, int]:
         """``(d_in, d_out)``: the sizes of the spaces the site reads and writes."""
         raise NotImplementedError
+
+    def has_site(self, module: nn.Module) -> bool:
+        """Whether this module has parameters to capture (a LayerNorm without affine parameters has none)."""
+        return True
 
     def site(self, path: str, module: nn.Module, in_space: str, out_space: str) -> Site:
         """The :class:`Site` of the module at ``path`` (its parameter names as in ``named_parameters``)."""
@@ -40,8 +80,23 @@ class Extractor:
         has_bias = getattr(module, "bias", None) is not None
         return Site(path, in_space, out_space, f"{prefix}weight", f"{prefix}bias" if has_bias else None, self.kind)
 
+    def layout(self, path: str, module: nn.Module) -> Layout:
+        """The module's sites in local references (default: one site from ``input:0`` to ``output``)."""
+        d_in, d_out = self.widths(module)
+        return Layout((self.site(path, module, "input:0", "output"),), {"input:0": d_in, "output": d_out})
+
+    def inputs(self, args: tuple, kwargs: dict) -> list:
+        """The input tensors whose feature axes ``input:i`` refer to (default: the first argument)."""
+        return [args[0] if args else next(iter(kwargs.values()), None)]
+
+    def example_input(self, module: nn.Module) -> tuple:
+        """A small batched input the module accepts (used to trace a model that starts with it)."""
+        d_in, _ = self.widths(module)
+        param = next(module.parameters())
+        return (torch.randn(2, d_in, dtype=param.dtype, device=param.device),)
+
     def check_module(self, path: str, module: nn.Module) -> None:
-        """Raise :class:`UnsupportedModuleError` when this module cannot be captured by hooks."""
+        """Raise :class:`UnsupportedModuleError` when this module cannot be captured exactly."""
 
     def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """``[..., d_in]``: what the site reads (batch and token axes lead, in the module's layout)."""
@@ -50,6 +105,10 @@ class Extractor:
     def output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """``[..., d_out]``: the tensor whose gradient is ``g`` (same leading axes as :meth:`activation`)."""
         return output
+
+    def forward(self, module: nn.Module, tap: Tap, *args, **kwargs):
+        """Composite extractors: the module's forward, reporting every site to ``tap`` (batch-major factors)."""
+        raise NotImplementedError
 
 
 class LinearExtractor(Extractor):
@@ -60,18 +119,180 @@ class LinearExtractor(Extractor):
     def widths(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
-    def check_module(self, path: str, module: nn.Module) -> None:
-        if type(module).__name__ == "NonDynamicallyQuantizableLinear":
-            raise UnsupportedModuleError(
-                f"layer {path!r} is the out_proj of an nn.MultiheadAttention, which applies its weight "
-                "functionally (F.multi_head_attention_forward) without calling the layer, so hooks on it never "
-                "fire; attention is not capturable yet. Capture the surrounding nn.Linear layers with layers=[...].")
-
     def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return inputs[0]
 
 
-_REGISTRY: dict[type, Extractor] = {nn.Linear: LinearExtractor()}
+class LayerNormExtractor(Extractor):
+    """``nn.LayerNorm`` over the last axis: ``a`` is the normalised input ``x_hat``, ``g`` the output gradient.
+
+    The gain is a diagonal (``diag`` axis) and the module writes back onto the space it reads, whose
+    group it limits to permutations (normalising across the neurons breaks per-neuron scales).
+    """
+
+    kind = "layernorm"
+
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        d = module.normalized_shape[-1]
+        return d, d
+
+    def has_site(self, module: nn.Module) -> bool:
+        return module.weight is not None
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        if len(module.normalized_shape) != 1:
+            raise UnsupportedModuleError(
+                f"LayerNorm {path!r} normalises over {len(module.normalized_shape)} axes "
+                f"{tuple(module.normalized_shape)}; capture supports a LayerNorm over the last (feature) axis only")
+
+    def layout(self, path: str, module: nn.Module) -> Layout:
+        d = module.normalized_shape[0]
+        site = self.site(path, module, "input:0", "input:0")
+        return Layout((site,), {"input:0": d}, output="input:0", limits={"input:0": "perm"})
+
+    def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        var, mean = torch.var_mean(x, -1, correction=0, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+class EmbeddingExtractor(Extractor):
+    """``nn.Embedding``: ``a`` is the token id (int64, ``-1`` for ``padding_idx``, which gets no gradient),
+    ``g`` the gradient of the looked-up vector. The vocabulary is a fixed space of its own."""
+
+    kind = "embedding"
+
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        return module.num_embeddings, module.embedding_dim
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        if module.max_norm is not None:
+            raise UnsupportedModuleError(f"Embedding {path!r} has max_norm, which rescales its rows in place during "
+                                         "the forward; per-example gradients of it are not supported")
+        if module.scale_grad_by_freq:
+            raise UnsupportedModuleError(f"Embedding {path!r} has scale_grad_by_freq, which scales the gradient by "
+                                         "token counts of the whole batch (it couples the examples)")
+
+    def layout(self, path: str, module: nn.Module) -> Layout:
+        site = self.site(path, module, "vocab", "output")
+        return Layout((site,), {"vocab": module.num_embeddings, "output": module.embedding_dim},
+                      spaces=(Space("vocab", module.num_embeddings, Trivial()),))
+
+    def example_input(self, module: nn.Module) -> tuple:
+        return (torch.randint(0, module.num_embeddings, (2, 3), device=module.weight.device),)
+
+    def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        ids = inputs[0]
+        if module.padding_idx is not None:
+            ids = ids.masked_fill(ids == module.padding_idx, -1)
+        return ids.unsqueeze(-1)
+
+
+class MultiheadAttentionExtractor(Extractor):
+    """``nn.MultiheadAttention`` as four sites ``{path}:q``, ``:k``, ``:v`` (row blocks of ``in_proj_weight``)
+    and ``:o`` (``out_proj``).
+
+    Spaces: per module one Q/K space and one V/O space, each ``Blocks(heads, Perm)`` (the paper's
+    per-head permutations; Q and K share theirs). Captures replace the forward by :meth:`forward`,
+    which computes what ``F.multi_head_attention_forward`` does (masks, ``is_causal``, dropout,
+    ``need_weights``, both ``batch_first``) with the projections exposed.
+    """
+
+    kind = "linear"
+    composite = True
+
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        return module.embed_dim, module.embed_dim
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        if module.bias_k is not None or module.add_zero_attn:
+            raise UnsupportedModuleError(f"MultiheadAttention {path!r} uses add_bias_kv or add_zero_attn, which "
+                                         "capture does not support; build it without them")
+        if not module._qkv_same_embed_dim:
+            raise UnsupportedModuleError(f"MultiheadAttention {path!r} has kdim or vdim different from embed_dim "
+                                         "(separate q/k/v_proj_weight), which capture does not support yet")
+
+    def layout(self, path: str, module: nn.Module) -> Layout:
+        prefix = f"{path}." if path else ""
+        E, h = module.embed_dim, module.num_heads
+        bias = f"{prefix}in_proj_bias" if module.in_proj_bias is not None else None
+        sites = [Site(f"{path}:{role}", f"input:{i}", space, f"{prefix}in_proj_weight", bias, "linear",
+                      (i * E, (i + 1) * E)) for i, (role, space) in enumerate(zip("qkv", ("qk", "qk", "vo")))]
+        out_bias = f"{prefix}out_proj.bias" if module.out_proj.bias is not None else None
+        sites.append(Site(f"{path}:o", "vo", "output", f"{prefix}out_proj.weight", out_bias, "linear"))
+        group: Group = Blocks(h, Perm())
+        return Layout(tuple(sites), {"input:0": E, "input:1": E, "input:2": E, "qk": E, "vo": E, "output": E},
+                      spaces=(Space("qk", E, group), Space("vo", E, group)))
+
+    def inputs(self, args: tuple, kwargs: dict) -> list:
+        names = ("query", "key", "value")
+        return [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names)]
+
+    def example_input(self, module: nn.Module) -> tuple:
+        x = torch.randn(2, 3, module.embed_dim, dtype=module.out_proj.weight.dtype, device=module.out_proj.weight.device)
+        return (x, x, x)
+
+    def forward(self, module: nn.MultiheadAttention, tap: Tap, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False):
+        if query.dim() != 3:
+            raise UnsupportedModuleError("capture needs batched attention inputs [b, T, E] (or [T, b, E]); "
+                                         f"got query of shape {list(query.shape)}")
+        if module.batch_first:
+            q_in, k_in, v_in = query, key, value
+        else:
+            q_in, k_in, v_in = (x.transpose(0, 1) for x in (query, key, value))
+        b, T, E = q_in.shape
+        S, h = k_in.shape[1], module.num_heads
+        dk = E // h
+        weights = module.in_proj_weight.chunk(3)
+        biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
+        q, k, v = (tap(r, x, F.linear(x, w, bb)) for r, x, w, bb in zip("qkv", (q_in, k_in, v_in), weights, biases))
+
+        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                             target_type=q.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention requires)")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None
+        else:
+            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                          target_type=q.dtype, check_other=False)
+            if key_padding_mask is not None:
+                is_causal = False
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(0) if attn_mask.dim() == 2 else attn_mask.view(b, h, T, S)
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(b, 1, 1, S)
+            attn_mask = padding if attn_mask is None else attn_mask + padding
+        dropout_p = module.dropout if module.training else 0.0
+        qh, kh, vh = (t.reshape(b, -1, h, dk).transpose(1, 2) for t in (q, k, v))      # [b, h, T|S, dk]
+        averaged = None
+        if need_weights:
+            scores = (qh * (1.0 / dk) ** 0.5) @ kh.transpose(-2, -1)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            probs = scores.softmax(-1)
+            if dropout_p > 0.0:
+                probs = F.dropout(probs, p=dropout_p)
+            heads = probs @ vh
+            averaged = probs.mean(1) if average_attn_weights else probs
+        else:
+            mask = None if attn_mask is None else attn_mask.expand(b, h, T, S)
+            heads = F.scaled_dot_product_attention(qh, kh, vh, mask, dropout_p, is_causal)
+        joined = heads.transpose(1, 2).reshape(b, T, E)
+        out = tap("o", joined, F.linear(joined, module.out_proj.weight, module.out_proj.bias))
+        if not module.batch_first:
+            out = out.transpose(0, 1)
+        return out, averaged
+
+
+_REGISTRY: dict[type, Extractor] = {nn.Linear: LinearExtractor(), nn.LayerNorm: LayerNormExtractor(),
+                                    nn.Embedding: EmbeddingExtractor(),
+                                    nn.MultiheadAttention: MultiheadAttentionExtractor()}
 
 
 def register_extractor(module_type: type, extractor: Extractor) -> None:
@@ -93,3 +314,19 @@ def extractor_for(module: nn.Module) -> Extractor | None:
 
 def registered_types() -> list[type]:
     return list(_REGISTRY)
+
+
+def capturable_modules(model: nn.Module) -> list[tuple[str, nn.Module, Extractor]]:
+    """``(path, module, extractor)`` of every module that forms sites, in registration order; the
+    submodules of a composite module (the ``out_proj`` of attention) belong to it and are skipped."""
+    found, inside = [], []
+    for path, module in model.named_modules():
+        if any(path.startswith(f"{p}.") for p in inside):
+            continue
+        extractor = extractor_for(module)
+        if extractor is None or not extractor.has_site(module):
+            continue
+        found.append((path, module, extractor))
+        if extractor.composite:
+            inside.append(path)
+    return found

@@ -16,7 +16,7 @@ both scales and signs; we declare ``ScalePerm``, a subgroup, which is allowed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .groups import GL, Group, Perm, ScalePerm, SignPerm, Trivial
+from .groups import GL, Blocks, Group, Perm, ScalePerm, SignPerm, Trivial
 from .spec import NetworkSpec, Space, UnsupportedModuleError
 
 __all__ = ["Trace", "trace"]
@@ -71,6 +71,7 @@ class _Graph:
         self.parent: list[int] = []
         self.allowed: list[frozenset[str]] = []
         self.size: list[int] = []
+        self.blocks: dict[int, Group] = {}     # node -> its Blocks group (a module's per-head space)
 
     def new(self, size: int, allowed: frozenset[str] = _ALL) -> int:
         self.parent.append(len(self.parent))
@@ -99,7 +100,11 @@ class _Graph:
         self.allowed[r] = self.allowed[r] & allowed
 
     def group(self, i: int) -> Group:
-        allowed = self.allowed[self.find(i)]
+        root = self.find(i)
+        allowed = self.allowed[root]
+        blocks = [g for n, g in self.blocks.items() if self.find(n) == root]
+        if blocks:
+            return blocks[0] if "perm" in allowed and len(set(map(repr, blocks))) == 1 else Trivial()
         if "gl" in allowed:
             return GL()
         if "scale" in allowed:
@@ -118,16 +123,15 @@ def _norm_dim(dim: Any, ndim: int) -> int | None:
 class _Tracer(TorchFunctionMode):
     """Records which node every traced tensor's last axis lives on (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
-                 describe: Callable[[nn.Module], tuple[int, int]]) -> None:
+    def __init__(self, site_modules: dict[int, tuple[str, nn.Module, Any]]) -> None:
         super().__init__()
         self.graph = _Graph()
         self.node: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []           # keeps traced tensors alive so their ids stay unique
-        self.site_modules, self.describe = site_modules, describe
-        self.site_params = {id(p): path for path, m in site_modules.values() for p in m.parameters(recurse=False)}
+        self.site_modules = site_modules
+        self.site_params = {id(p): path for path, m, _ in site_modules.values() for p in m.parameters()}
         self.inside = 0
-        self.site_nodes: dict[str, tuple[int, int]] = {}
+        self.layouts: dict[str, tuple[Any, dict[str, int]]] = {}
         self.site_order: list[str] = []
         self.couplings: list[str] = []
         self.batch_size: int | None = None
@@ -144,26 +148,44 @@ class _Tracer(TorchFunctionMode):
         self.mark(t, self.graph.new(t.shape[-1] if t.dim() else 1, _NONE))
 
     # ------------------------------------------------------------------ modules
-    def enter(self, module: nn.Module, args: tuple) -> None:
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.inside += 1
 
-    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.inside -= 1
-        path, _ = self.site_modules[id(module)]
-        x = args[0] if args else None
-        in_node = self.node_of(x)
-        if not isinstance(output, torch.Tensor):
-            raise UnsupportedModuleError(f"captured module {path!r} returned a {type(output).__name__}, not a tensor")
-        d_in, d_out = self.describe(module)
-        if path not in self.site_nodes:
-            self.site_nodes[path] = (self.graph.new(d_in), self.graph.new(d_out))
+    def module_nodes(self, path: str, module: nn.Module, extractor: Any) -> tuple[Any, dict[str, int]]:
+        """The module's :class:`~gradmetanet.capture.registry.Layout` and a node per local reference (made once,
+        so a module called twice ties its uses)."""
+        if path not in self.layouts:
+            layout = extractor.layout(path, module)
+            nodes = {ref: self.graph.new(size) for ref, size in layout.sizes.items()}
+            for space in layout.spaces:
+                self.graph.restrict(nodes[space.name], _allowed_by(space.group))
+                if isinstance(space.group, Blocks):
+                    self.graph.blocks[nodes[space.name]] = space.group
+            for ref, limit in layout.limits.items():
+                self.graph.restrict(nodes[ref], {"perm": _PERM, "sign": _SIGN, "none": _NONE}[limit])
+            self.layouts[path] = (layout, nodes)
             self.site_order.append(path)
-        site_in, site_out = self.site_nodes[path]
-        if in_node is None:             # input not computed from the model inputs: a constant, fixed
-            self.graph.restrict(site_in, _NONE)
-        else:
-            self.graph.union(in_node, site_in)
-        self.mark(output, site_out)
+        return self.layouts[path]
+
+    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.inside -= 1
+        path, _, extractor = self.site_modules[id(module)]
+        layout, nodes = self.module_nodes(path, module, extractor)
+        for i, x in enumerate(extractor.inputs(args, kwargs)):
+            ref = f"input:{i}"
+            if ref not in nodes:
+                continue
+            node = self.node_of(x)
+            if node is None:            # input not computed from the model inputs (token ids, a constant): fixed
+                self.graph.restrict(nodes[ref], _NONE)
+            else:
+                self.graph.union(node, nodes[ref])
+        outs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
+        if not outs:
+            raise UnsupportedModuleError(f"captured module {path!r} returned a {type(output).__name__}, not a tensor")
+        self.mark(outs[0], nodes[layout.output])
+        for extra in outs[1:]:          # attention weights and other side outputs
+            self.fresh_fixed(extra)
 
     # ------------------------------------------------------------------ operations
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -333,12 +355,20 @@ def _last_axis_stays_last(name: str, args: tuple, kwargs: dict, ndim: int) -> bo
     return all(_norm_dim(d, ndim) != last for d in dims)
 
 
-def _candidate_inputs(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
-                      describe: Callable[[nn.Module], tuple[int, int]]) -> list[tuple[torch.Tensor, ...]]:
-    """Guesses at an input: ``[2, d_in]`` for the ``d_in`` of each captured module, in registration order."""
-    param = next(model.parameters())
-    widths = dict.fromkeys(describe(m)[0] for _, m in site_modules.values())
-    return [(torch.randn(2, d, dtype=param.dtype, device=param.device),) for d in widths]
+def _allowed_by(group: Group) -> frozenset[str]:
+    """The symmetries a declared group keeps, in the tracer's terms."""
+    return {"trivial": _NONE, "perm": _PERM, "sign_perm": _SIGN, "scale_perm": _SCALE, "gl": _ALL,
+            "blocks": _PERM}[group.name]
+
+
+def _candidate_inputs(site_modules: dict[int, tuple[str, nn.Module, Any]]) -> list[tuple]:
+    """Guesses at an input: what each captured module accepts (:meth:`Extractor.example_input`), in registration
+    order, distinct shapes only."""
+    guesses: dict[tuple, tuple] = {}
+    for _, module, extractor in site_modules.values():
+        guess = extractor.example_input(module)
+        guesses.setdefault(tuple((tuple(t.shape), t.dtype) for t in guess), guess)
+    return list(guesses.values())
 
 
 @dataclass(frozen=True)
@@ -349,49 +379,55 @@ class Trace:
     couplings: tuple[str, ...] = ()
 
 
-def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> Trace:
-    """Follow ``model``'s data flow in one forward on ``example_inputs`` (default: ``[2, d_in]`` of its first layer).
+def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
+    """``id(module) -> (path, module, extractor)`` of every module that forms sites; raises
+    :class:`UnsupportedModuleError` for a module with parameters that no extractor covers."""
+    from ..capture.registry import capturable_modules
 
-    Besides the spec, it records operations that mix the examples of a ``[b, d]`` tensor (a softmax
-    or a mean over the batch, batch statistics): per-example gradients are not defined there.
-    Raises :class:`UnsupportedModuleError` naming any parameterised module that no extractor
-    covers, a captured module's parameter used functionally outside it, and a model without
-    captured modules. Modules that do not run in the dry run are not part of the spec.
-    """
-    from ..capture.registry import extractor_for
-
-    site_modules: dict[int, tuple[str, nn.Module]] = {}
+    found = {id(m): (p, m, e) for p, m, e in capturable_modules(model)}
+    covered = {id(p) for _, m, _ in found.values() for p in m.parameters()}
     for path, module in model.named_modules():
-        extractor = extractor_for(module)
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        if extractor is not None:
-            extractor.check_module(path, module)
-            site_modules[id(module)] = (path, module)
-        elif own:
+        if id(module) in found:
+            found[id(module)][2].check_module(path, module)
+            continue
+        own = [n for n, p in module.named_parameters(recurse=False) if id(p) not in covered]
+        if own:
             raise UnsupportedModuleError(
                 f"module {path or '<root>'!r} ({type(module).__name__}) has parameters {own} that gradmetanet "
                 "cannot describe; supported parameterised modules: "
                 f"{', '.join(t.__name__ for t in _registered_types())}. Capture a subset with "
                 "GradientCapture(model, layers=[...]) to ignore it, or register an extractor for it.")
-    if not site_modules:
+    if not found:
         raise UnsupportedModuleError(f"{type(model).__name__} contains no capturable layer (nn.Linear, or a "
                                      "module type with a registered extractor)")
+    return found
 
-    def describe(module: nn.Module) -> tuple[int, int]:
-        return extractor_for(module).widths(module)
 
+def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> Trace:
+    """Follow ``model``'s data flow in one forward on ``example_inputs`` (default: a guess from its first layer).
+
+    Besides the spec, it records operations that mix the examples of a ``[b, d]`` tensor (a softmax
+    or a mean over the batch, batch statistics): per-example gradients are not defined there.
+    Raises :class:`UnsupportedModuleError` naming any parameterised module that no extractor
+    covers, a captured module's parameter used functionally outside it, and a model without
+    captured modules. Modules that do not run in the dry run are not part of the spec. A parameter
+    shared by two modules (a tied embedding and unembedding) ties the spaces of its axes; where the
+    two uses label an axis differently (a row in one, a column in the other) its space keeps signed
+    permutations only.
+    """
+    site_modules = site_modules_of(model)
     if example_inputs is not None:
-        tracer, output = _trace(model, site_modules, describe, example_inputs)
+        tracer, output = _trace(model, site_modules, example_inputs)
     else:
         errors = []
-        for guess in _candidate_inputs(model, site_modules, describe):
+        for guess in _candidate_inputs(site_modules):
             try:
-                tracer, output = _trace(model, site_modules, describe, guess)
+                tracer, output = _trace(model, site_modules, guess)
                 break
             except UnsupportedModuleError:
                 raise
-            except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                errors.append(f"[2, {guess[0].shape[-1]}]: {err}")
+            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
+                errors.append(f"{[list(t.shape) for t in guess]}: {err}")
         else:
             raise UnsupportedModuleError(f"could not run {type(model).__name__} on a guessed input ({'; '.join(errors)});"
                                          " pass example_inputs= to NetworkSpec.from_module")
@@ -400,38 +436,75 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) 
         n = tracer.node_of(o)
         if n is not None:
             graph.restrict(n, _NONE)
+    canonical = _canonical_names(model)
+    modules = {path: module for path, module, _ in site_modules.values()}
+    node_sites = []                               # sites whose spaces are still node ids
+    for path in tracer.site_order:
+        module, (layout, nodes) = modules[path], tracer.layouts[path]
+        for site in layout.sites:
+            node_sites.append(replace(site, in_space=str(nodes[site.in_space]), out_space=str(nodes[site.out_space]),
+                                      weight=canonical(module, path, site.weight),
+                                      bias=None if site.bias is None else canonical(module, path, site.bias)))
+    _tie_shared_parameters(graph, node_sites)
     names: dict[int, str] = {}
-    spaces: list[Space] = []
-    for path in tracer.site_order:
-        for node in tracer.site_nodes[path]:
-            root = graph.find(node)
-            if root not in names:
-                names[root] = f"s{len(names)}"
-    for root in sorted(names, key=lambda r: int(names[r][1:])):
-        spaces.append(Space(names[root], graph.size[root], graph.group(root)))
-    sites = []
-    by_path = {path: module for path, module in site_modules.values()}
-    for path in tracer.site_order:
-        site_in, site_out = tracer.site_nodes[path]
-        sites.append(extractor_for(by_path[path]).site(path, by_path[path], names[graph.find(site_in)],
-                                                        names[graph.find(site_out)]))
-    return Trace(NetworkSpec(tuple(spaces), tuple(sites)), tuple(dict.fromkeys(tracer.couplings)))
+    for site in node_sites:
+        for node in (int(site.in_space), int(site.out_space)):
+            names.setdefault(graph.find(node), f"s{len(names)}")
+    spaces = [Space(name, graph.size[root], graph.group(root)) for root, name in names.items()]
+    sites = tuple(replace(site, in_space=names[graph.find(int(site.in_space))],
+                          out_space=names[graph.find(int(site.out_space))]) for site in node_sites)
+    return Trace(NetworkSpec(tuple(spaces), sites), tuple(dict.fromkeys(tracer.couplings)))
 
 
-def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module]],
-           describe: Callable[[nn.Module], tuple[int, int]], example_inputs: tuple | torch.Tensor) -> tuple[_Tracer, Any]:
+def _canonical_names(model: nn.Module) -> Callable[[nn.Module, str, str], str]:
+    """``canonical(module, path, name)``: the name ``model.named_parameters()`` gives the tensor a site calls
+    ``name`` (a tied unembedding's ``unembed.weight`` is ``embed.weight``)."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        first.setdefault(id(p), name)
+
+    def canonical(module: nn.Module, path: str, name: str) -> str:
+        local = name[len(path) + 1:] if path and name.startswith(f"{path}.") else name
+        try:
+            tensor = module.get_parameter(local)
+        except AttributeError:
+            return name
+        return first.get(id(tensor), name)
+    return canonical
+
+
+def _tie_shared_parameters(graph: _Graph, sites: list) -> None:
+    """Union the spaces of a parameter declared by several sites, axis by axis (spaces are node ids here)."""
+    declared: dict[tuple, Any] = {}
+    for site in sites:
+        for p in site.parameters():
+            key = (p.name, p.rows)
+            if key not in declared:
+                declared[key] = p
+                continue
+            for x, y in zip(declared[key].axes, p.axes):
+                if x.space is None or y.space is None:
+                    continue
+                graph.union(int(x.space), int(y.space))
+                if x.role != y.role:
+                    graph.restrict(int(x.space), _SIGN)
+
+
+def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module, Any]],
+           example_inputs: tuple | torch.Tensor) -> tuple[_Tracer, Any]:
     """One dry run of ``model`` under the tracer (no gradients, the user's RNG untouched)."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    tracer = _Tracer(model, site_modules, describe)
+    tracer = _Tracer(site_modules)
     handles = []
-    for _, module in site_modules.values():
-        handles.append(module.register_forward_pre_hook(tracer.enter))
-        handles.append(module.register_forward_hook(tracer.leave))
+    for _, module, _ in site_modules.values():
+        handles.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
+        handles.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
     try:
         for t in tree_flatten(inputs)[0]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                tracer.fresh_fixed(t)
+            if isinstance(t, torch.Tensor):
                 tracer.batch_size = tracer.batch_size or (t.shape[0] if t.dim() else None)
+                if t.is_floating_point():
+                    tracer.fresh_fixed(t)
         with torch.random.fork_rng(devices=[]), torch.no_grad(), tracer:
             output = model(*inputs)
     finally:

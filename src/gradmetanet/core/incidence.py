@@ -16,6 +16,7 @@ from typing import Mapping
 
 import torch
 
+from .kinds import site_kind
 from .spec import NetworkSpec
 
 __all__ = ["neuron_tensor", "incidence_counts"]
@@ -35,12 +36,13 @@ def neuron_tensor(spec: NetworkSpec, activations: Mapping[str, torch.Tensor], ou
     Works under ``vmap`` (no in-place writes into captured tensors).
     """
     counts = incidence_counts(spec)
+    dtype = next(iter(output_grads.values())).dtype
     act_parts, grad_parts = [], []
     for space in spec.spaces:
         readers, writers = spec.readers(space.name), spec.writers(space.name)
         n_read, n_write = counts[space.name]
         if n_read:
-            act = _mean([activations[s.name] for s in readers], space.name, "activations")
+            act = _mean([_dense(s, activations[s.name], space.size) for s in readers], space.name, "activations")
         else:
             recorded = [outputs[s.name] for s in writers if s.name in outputs]
             if not recorded:
@@ -51,8 +53,15 @@ def neuron_tensor(spec: NetworkSpec, activations: Mapping[str, torch.Tensor], ou
             raise ValueError(f"space {space.name!r}: activation {list(act.shape)} and gradient "
                              f"{list(grad.shape)} disagree on examples or tokens")
         act_parts.append(act)
-        grad_parts.append(torch.zeros_like(act) if grad is None else grad.to(act.dtype))
+        grad_parts.append(torch.zeros_like(act, dtype=dtype) if grad is None else grad)
+    act_parts = [a.to(dtype) for a in act_parts]
+    grad_parts = [g.to(dtype) for g in grad_parts]
     return torch.stack([torch.cat(act_parts, -1), torch.cat(grad_parts, -1)], -1).flatten(-4, -3)
+
+
+def _dense(site, a: torch.Tensor, size: int) -> torch.Tensor:
+    """The per-neuron activation of ``site`` on its in-space (token ids of an embedding become one-hot)."""
+    return a if a.is_floating_point() else site_kind(site.kind).dense_activation(a, size)
 
 
 def _mean(tensors: list[torch.Tensor], space: str, what: str) -> torch.Tensor:

@@ -23,8 +23,9 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from .groups import (GL, Element, Group, Identity, Monomial, Perm, ScalePerm, SignPerm, Trivial,
+from .groups import (GL, Blocks, Element, Group, Identity, Monomial, Perm, ScalePerm, SignPerm, Trivial,
                      group_from_json)
+from .kinds import site_kind
 
 __all__ = ["Space", "Axis", "Parameter", "Site", "NetworkSpec", "SpecElement", "UnsupportedModuleError",
            "group_of_activation", "ChannelRole"]
@@ -74,10 +75,15 @@ class Axis:
 
 @dataclass(frozen=True)
 class Parameter:
-    """A tensor of the network (``name`` as in ``model.named_parameters()``) and its axis labels."""
+    """A tensor of the network (``name`` as in ``model.named_parameters()``) and its axis labels.
+
+    ``rows = (start, stop)`` makes it a block of rows (axis 0) of the named tensor: the packed
+    ``in_proj_weight`` of an ``nn.MultiheadAttention`` is three such parts, one per Q, K, V site.
+    """
 
     name: str
     axes: tuple[Axis, ...]
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,17 +100,28 @@ class Site:
     weight: str
     bias: str | None
     kind: str = "linear"
+    rows: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        site_kind(self.kind)                      # an unknown kind fails here, naming the known ones
+        if self.rows is not None:
+            object.__setattr__(self, "rows", (int(self.rows[0]), int(self.rows[1])))
 
     @property
     def has_bias(self) -> bool:
         return self.bias is not None
 
     def parameters(self) -> tuple[Parameter, ...]:
-        """The parameters this site declares (a linear site: weight ``(row out, col in)``, bias ``(row out)``)."""
-        params = [Parameter(self.weight, (Axis("row", self.out_space), Axis("col", self.in_space)))]
-        if self.bias is not None:
-            params.append(Parameter(self.bias, (Axis("row", self.out_space),)))
-        return tuple(params)
+        """The parameters this site declares (:mod:`gradmetanet.core.kinds`; a linear site: weight
+        ``(row out, col in)``, bias ``(row out)``)."""
+        return site_kind(self.kind).parameters(self)
+
+
+def _orthogonal(group: Group) -> bool:
+    """Whether every element of ``group`` acts by a signed permutation (so ``rho = rho^-T``)."""
+    if isinstance(group, Blocks):
+        return _orthogonal(group.inner)
+    return isinstance(group, (Trivial, Perm, SignPerm))
 
 
 _ACTIVATION_GROUPS: dict[str, type[Group]] = {
@@ -137,6 +154,7 @@ class NetworkSpec:
     sites: tuple[Site, ...]
     parameters: tuple[Parameter, ...] = ()
     _space_index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _parts: dict[str, list[Parameter]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index = {s.name: i for i, s in enumerate(self.spaces)}
@@ -144,21 +162,38 @@ class NetworkSpec:
             raise ValueError("NetworkSpec: space names must be unique")
         if len({s.name for s in self.sites}) != len(self.sites):
             raise ValueError("NetworkSpec: site names must be unique")
-        params: dict[str, Parameter] = {}
+        params: dict[tuple[str, tuple[int, int] | None], Parameter] = {}
         for p in [q for site in self.sites for q in site.parameters()] + list(self.parameters):
-            if p.name in params and params[p.name] != p:
-                raise ValueError(f"NetworkSpec: parameter {p.name!r} is declared with two different axis labelings")
-            params[p.name] = p
-        for p in params.values():
             for axis in p.axes:
                 if axis.space is not None and axis.space not in index:
                     raise ValueError(f"NetworkSpec: parameter {p.name!r} refers to unknown space {axis.space!r}")
+            key = (p.name, p.rows)
+            if key in params and params[key] != p and not self._same_action(params[key], p, index):
+                raise ValueError(f"NetworkSpec: parameter {p.name!r} is declared with two different axis labelings "
+                                 f"({params[key].axes} and {p.axes}) that the spaces' groups do not make equal")
+            params.setdefault(key, p)
         for site in self.sites:
             for space in (site.in_space, site.out_space):
                 if space not in index:
                     raise ValueError(f"NetworkSpec: site {site.name!r} refers to unknown space {space!r}")
         object.__setattr__(self, "parameters", tuple(params.values()))
         object.__setattr__(self, "_space_index", index)
+        object.__setattr__(self, "_parts", self._group_parts())
+
+    def _same_action(self, p: Parameter, q: Parameter, index: dict[str, int]) -> bool:
+        """Whether two labelings of one tensor move it alike: they differ only by ``row`` vs ``col`` on
+        spaces whose group acts by signed permutations (``rho = rho^-T``), as a tied embedding and
+        unembedding do on the residual stream."""
+        if len(p.axes) != len(q.axes):
+            return False
+        for x, y in zip(p.axes, q.axes):
+            if x == y:
+                continue
+            if x.space != y.space or {x.role, y.role} != {"row", "col"}:
+                return False
+            if not _orthogonal(self.spaces[index[x.space]].group):
+                return False
+        return True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -198,20 +233,6 @@ class NetworkSpec:
 
         return trace(model, example_inputs).spec
 
-    @classmethod
-    def independent(cls, named_sites: Iterable[tuple[str, int, int, bool]]) -> "NetworkSpec":
-        """Sites ``(path, d_in, d_out, has_bias)`` with their own ``Trivial`` spaces: no symmetry is assumed.
-
-        Used when only a subset of a model's layers is captured, whose symmetry is unknown.
-        """
-        spaces: list[Space] = []
-        sites: list[Site] = []
-        for path, d_in, d_out, has_bias in named_sites:
-            spaces += [Space(f"{path}:in", d_in), Space(f"{path}:out", d_out)]
-            sites.append(Site(path, f"{path}:in", f"{path}:out", f"{path}.weight",
-                              f"{path}.bias" if has_bias else None))
-        return cls(tuple(spaces), tuple(sites))
-
     # ------------------------------------------------------------------ queries
     def space(self, name: str) -> Space:
         if name not in self._space_index:
@@ -233,15 +254,49 @@ class NetworkSpec:
         raise KeyError(f"no site named {name!r}; sites: {[s.name for s in self.sites]}")
 
     def parameter(self, name: str) -> Parameter:
+        """The parameter ``name`` (the first part of a parameter cut into row blocks)."""
         for p in self.parameters:
             if p.name == name:
                 return p
         raise KeyError(f"no parameter named {name!r}; parameters: {[p.name for p in self.parameters]}")
 
+    def part_shape(self, p: Parameter) -> torch.Size:
+        """The shape of the part ``p`` (its own rows only)."""
+        return torch.Size([self.space(a.space).size if a.space else a.size for a in p.axes])
+
+    def parts(self) -> dict[str, list[Parameter]]:
+        """Parameter name -> its parts in row order (one part for a parameter not cut into row blocks)."""
+        return self._parts
+
+    def _group_parts(self) -> dict[str, list[Parameter]]:
+        out: dict[str, list[Parameter]] = {}
+        for p in self.parameters:
+            out.setdefault(p.name, []).append(p)
+        for name, ps in out.items():
+            if len(ps) > 1 or ps[0].rows is not None:
+                ps.sort(key=lambda q: q.rows[0] if q.rows else -1)
+                stops = [0] + [q.rows[1] if q.rows else None for q in ps]
+                for q, start in zip(ps, stops[:-1]):
+                    if q.rows is None or q.rows[0] != start or q.rows[1] - q.rows[0] != self.part_shape(q)[0]:
+                        raise ValueError(f"NetworkSpec: the row blocks of parameter {name!r} "
+                                         f"({[q.rows for q in ps]}) do not tile it from row 0")
+        return out
+
     def param_shapes(self) -> dict[str, torch.Size]:
-        """Parameter name -> shape, in declaration order (site by site, weight before bias)."""
-        return {p.name: torch.Size([self.space(a.space).size if a.space else a.size for a in p.axes])
-                for p in self.parameters}
+        """Parameter name -> shape of the whole tensor, in declaration order (site by site, weight before bias)."""
+        shapes = {}
+        for name, ps in self.parts().items():
+            shape = self.part_shape(ps[0])
+            if ps[0].rows is not None:
+                shape = torch.Size([ps[-1].rows[1], *shape[1:]])
+            shapes[name] = shape
+        return shapes
+
+    def assemble(self, per_part: Mapping[tuple[str, tuple[int, int] | None], torch.Tensor],
+                 dim: int = 0) -> dict[str, torch.Tensor]:
+        """Join per-part tensors ``{(name, rows): [..., part rows, ...]}`` into whole parameters along ``dim``."""
+        return {name: torch.cat([per_part[(p.name, p.rows)] for p in ps], dim) if len(ps) > 1
+                else per_part[(name, ps[0].rows)] for name, ps in self.parts().items()}
 
     def readers(self, space: str) -> list[Site]:
         return [s for s in self.sites if s.in_space == space]
@@ -276,22 +331,27 @@ class NetworkSpec:
         diagonals: the permutation part of ``g``. Names that are not parameters of the spec pass through.
         """
         out = dict(params)
-        for p in self.parameters:
-            if p.name not in out:
+        for name, ps in self.parts().items():
+            if name not in out:
                 continue
-            t = out[p.name]
-            for i, axis in enumerate(p.axes):
-                g = element.get(axis.space) if axis.space is not None else None
-                if g is None:
-                    continue
-                dim = leading + i
-                if axis.role == "row":
-                    t = g.act(t, dim)
-                elif axis.role == "col":
-                    t = g.act_inverse_transpose(t, dim)
-                else:
-                    t = g.permute_only(t, dim)
-            out[p.name] = t
+            whole = out[name]
+            pieces = [whole] if ps[0].rows is None else \
+                [whole.narrow(leading, p.rows[0], p.rows[1] - p.rows[0]) for p in ps]
+            moved = []
+            for p, t in zip(ps, pieces):
+                for i, axis in enumerate(p.axes):
+                    g = element.get(axis.space) if axis.space is not None else None
+                    if g is None:
+                        continue
+                    dim = leading + i
+                    if axis.role == "row":
+                        t = g.act(t, dim)
+                    elif axis.role == "col":
+                        t = g.act_inverse_transpose(t, dim)
+                    else:
+                        t = g.permute_only(t, dim)
+                moved.append(t)
+            out[name] = moved[0] if len(moved) == 1 else torch.cat(moved, leading)
         return out
 
     def transform_neurons(self, x: torch.Tensor, element: Mapping[str, Element], dim: int = -2,
@@ -337,7 +397,8 @@ class NetworkSpec:
         return json.dumps({
             "version": 2,
             "spaces": [[s.name, s.size, s.group.to_json()] for s in self.spaces],
-            "sites": [[s.name, s.kind, s.in_space, s.out_space, s.weight, s.bias] for s in self.sites],
+            "sites": [[s.name, s.kind, s.in_space, s.out_space, s.weight, s.bias, *([list(s.rows)] if s.rows else [])]
+                      for s in self.sites],
             "parameters": [[p.name, [axis(a) for a in p.axes]] for p in self.parameters if p.name not in own],
         })
 
@@ -353,6 +414,7 @@ class NetworkSpec:
             return Axis(role, size=int(value)) if role == "fixed" else Axis(role, value)
 
         spaces = tuple(Space(n, int(d), group_from_json(g)) for n, d, g in data["spaces"])
-        sites = tuple(Site(name, i, o, w, b, kind) for name, kind, i, o, w, b in data["sites"])
+        sites = tuple(Site(name, i, o, w, b, kind, tuple(rows[0]) if rows else None)
+                      for name, kind, i, o, w, b, *rows in data["sites"])
         params = tuple(Parameter(n, tuple(axis(*a) for a in axes)) for n, axes in data.get("parameters", []))
         return cls(spaces, sites, params)
