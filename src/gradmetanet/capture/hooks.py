@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core.dataflow import Trace, trace
+from ..core.dataflow import InputGuessError, Trace, trace
 from ..core.spec import NetworkSpec, Space, UnsupportedModuleError
 from ..errors import CaptureError
 from ..gradients import GradientSet, LossReduction
@@ -77,9 +77,10 @@ def _structure(model: nn.Module) -> tuple:
                  for path, m in model.named_modules())
 
 
-def _traced(model: nn.Module) -> Trace:
-    """:func:`~gradmetanet.core.dataflow.trace` of ``model``; refuses a forward that mixes the examples."""
-    found = trace(model)
+def _traced(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Trace:
+    """:func:`~gradmetanet.core.dataflow.trace` of ``model`` (on ``args`` if given); refuses a forward that mixes
+    the examples."""
+    found = trace(model, args, kwargs)
     if found.couplings:
         raise CaptureError(f"the forward of {type(model).__name__} mixes the examples of a batch "
                            f"({', '.join(found.couplings)}): one example's output depends on the others, so "
@@ -159,12 +160,17 @@ class GradientCapture:
         self.check_finite = check_finite
         self.ignore_no_grad = ignore_no_grad
         self.after_backward_hint = after_backward_hint or "use one capture per forward/backward step (or reset())"
+        self._batch_dim = batch_dim
+        plan: _Plan | None = None
         if spec is None and layers is None:
-            plan = self._cached_plan(model, batch_dim)
+            try:
+                plan = self._cached_plan(model, batch_dim)
+            except InputGuessError:             # traced on the first forward, with the real inputs
+                pass
         else:
             plan = self._plan(model, spec, layers, batch_dim)
-        self.spec = plan.spec
-        self._targets, self._keep_output, self._batch_norms = plan.targets, plan.keep_output, plan.batch_norms
+        self._set_plan(plan)
+        self._tracing = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, list[_Call]] = {}
         self._active = False
@@ -172,25 +178,41 @@ class GradientCapture:
         self._generation = 0
         self._result: GradientSet | None = None
 
+    def _set_plan(self, plan: _Plan | None) -> None:
+        self._spec = None if plan is None else plan.spec
+        self._targets = () if plan is None else plan.targets
+        self._keep_output = frozenset() if plan is None else plan.keep_output
+        self._batch_norms = () if plan is None else plan.batch_norms
+
+    @property
+    def spec(self) -> NetworkSpec:
+        """The captured network's spec (traced from the data flow, or the one passed in)."""
+        if self._spec is None:
+            raise CaptureError(f"{type(self.model).__name__} did not run on a guessed input, so its spec is traced "
+                               "on the first forward inside the capture; read the spec after it (or build it with "
+                               "NetworkSpec.from_module(model, example_inputs) and pass spec=)")
+        return self._spec
+
     @classmethod
-    def _cached_plan(cls, model: nn.Module, batch_dim: int | None) -> _Plan:
+    def _cached_plan(cls, model: nn.Module, batch_dim: int | None, args: tuple | None = None,
+                     kwargs: dict | None = None) -> _Plan:
         structure = _structure(model)
         entry = _PLANS.get(model)
         if entry is None or entry[0] != structure:
             entry = (structure, {})
             _PLANS[model] = entry
         if batch_dim not in entry[1]:
-            entry[1][batch_dim] = cls._plan(model, None, None, batch_dim)
+            entry[1][batch_dim] = cls._plan(model, None, None, batch_dim, args, kwargs)
         return entry[1][batch_dim]
 
     @classmethod
     def _plan(cls, model: nn.Module, spec: NetworkSpec | None, layers: Iterable[str | nn.Module] | None,
-              batch_dim: int | None) -> _Plan:
+              batch_dim: int | None, args: tuple | None = None, kwargs: dict | None = None) -> _Plan:
         if layers is not None:
             named = cls._resolve_layers(model, layers)
             spec = independent_spec(named)
         else:
-            spec = _traced(model).spec if spec is None else spec
+            spec = _traced(model, args, kwargs).spec if spec is None else spec
             named = modules_of_sites(model, spec)
         wanted = {s.name for s in spec.sites}
         targets = tuple(_Target(p, m, e, _batch_dim_of(model, p) if batch_dim is None else batch_dim,
@@ -236,13 +258,31 @@ class GradientCapture:
         if self._active:
             raise CaptureError("this GradientCapture is already active; it cannot be entered twice")
         self.reset()
-        self._handles = [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self._targets
-                         if not t.extractor.composite]
-        self._handles += [_replace_forward(t, self._make_tap(t)) for t in self._targets if t.extractor.composite]
+        self._handles = []
+        if self._spec is None:
+            self._handles.append(self.model.register_forward_pre_hook(self._plan_on_first_forward, with_kwargs=True))
+        self._attach_targets()
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm(p)) for p, m in self._batch_norms]
         self._active = True
         return self
+
+    def _attach_targets(self) -> None:
+        self._handles += [t.module.register_forward_hook(self._make_forward_hook(t)) for t in self._targets
+                          if not t.extractor.composite]
+        self._handles += [_replace_forward(t, self._make_tap(t)) for t in self._targets if t.extractor.composite]
+
+    def _plan_on_first_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Trace the model on its first real inputs (when none could be guessed), then attach the hooks."""
+        if self._spec is not None or self._tracing:
+            return
+        self._tracing = True
+        try:
+            self._set_plan(self._cached_plan(self.model, self._batch_dim, args, kwargs))
+        finally:
+            self._tracing = False
+        self.reset()
+        self._attach_targets()
 
     def reset(self) -> None:
         """Forget what was recorded, keeping the hooks: the next forward and backward start a fresh capture
@@ -364,7 +404,14 @@ class GradientCapture:
             raise CaptureError(f"layers {missing} did not run in the forward pass; capture a subset with layers=[...]")
         spec = self.spec
         sizes = {site: {c.a.shape[0] for c in calls} for site, calls in self._calls.items()}
-        if len(set().union(*sizes.values())) > 1:
+        every = set().union(*sizes.values())
+        if len(every) > 1 and 1 in every:
+            shared = [site for site, s in sizes.items() if s == {1}]
+            raise CaptureError(f"layers {shared} ran on inputs without a batch axis (size 1) while the others saw "
+                               f"{max(every)} examples: an input shared by the batch (position ids of shape [T], "
+                               "broadcast later) gives one summed gradient, not one per example. Give it the batch "
+                               "axis (e.g. positions.expand(batch, -1)).")
+        if len(every) > 1:
             dims = {t.path: t.batch_dim for t in self._targets}
             raise CaptureError(f"the captured layers see different batch sizes {sizes} along their batch axes "
                                f"{dims}: the batch axis is ambiguous; pass batch_dim= or set batch_first on the "

@@ -90,7 +90,8 @@ class Extractor:
         return [args[0] if args else next(iter(kwargs.values()), None)]
 
     def example_input(self, module: nn.Module) -> tuple:
-        """A small batched input the module accepts (used to trace a model that starts with it)."""
+        """A small batched input the module accepts (used to trace a model that starts with it). Values do not
+        matter; they are drawn by the tracer with the global random state saved and restored."""
         d_in, _ = self.widths(module)
         param = next(module.parameters())
         return (torch.randn(2, d_in, dtype=param.dtype, device=param.device),)
@@ -238,16 +239,21 @@ class MultiheadAttentionExtractor(Extractor):
         if query.dim() != 3:
             raise UnsupportedModuleError("capture needs batched attention inputs [b, T, E] (or [T, b, E]); "
                                          f"got query of shape {list(query.shape)}")
+        # work sequence-first, as F.multi_head_attention_forward does: the same memory layouts give dropout
+        # the same masks, so a captured step equals an uncaptured one under the same seed
         if module.batch_first:
-            q_in, k_in, v_in = query, key, value
-        else:
-            q_in, k_in, v_in = (x.transpose(0, 1) for x in (query, key, value))
-        b, T, E = q_in.shape
-        S, h = k_in.shape[1], module.num_heads
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        T, b, E = query.shape
+        S, h = key.shape[0], module.num_heads
         dk = E // h
-        weights = module.in_proj_weight.chunk(3)
+
+        def site(role: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            """``[T, b, out]``: the projection of ``x [T, b, in]``, reported to ``tap`` batch-major."""
+            return tap(role, x.transpose(0, 1), F.linear(x, weight, bias).transpose(0, 1)).transpose(0, 1)
+
         biases = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
-        q, k, v = (tap(r, x, F.linear(x, w, bb)) for r, x, w, bb in zip("qkv", (q_in, k_in, v_in), weights, biases))
+        q, k, v = (site(r, x, w, bb) for r, x, w, bb in
+                   zip("qkv", (query, key, value), module.in_proj_weight.chunk(3), biases))
 
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                              other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
@@ -261,33 +267,32 @@ class MultiheadAttentionExtractor(Extractor):
                                           target_type=q.dtype, check_other=False)
             if key_padding_mask is not None:
                 is_causal = False
-        if attn_mask is not None:
-            attn_mask = attn_mask.unsqueeze(0) if attn_mask.dim() == 2 else attn_mask.view(b, h, T, S)
-            if attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)                                   # [1 or b h, T, S]
         if key_padding_mask is not None:
-            padding = key_padding_mask.view(b, 1, 1, S)
+            padding = key_padding_mask.view(b, 1, 1, S).expand(-1, h, -1, -1).reshape(b * h, 1, S)
             attn_mask = padding if attn_mask is None else attn_mask + padding
         dropout_p = module.dropout if module.training else 0.0
-        qh, kh, vh = (t.reshape(b, -1, h, dk).transpose(1, 2) for t in (q, k, v))      # [b, h, T|S, dk]
-        averaged = None
+        q, k, v = (t.reshape(t.shape[0], b * h, dk).transpose(0, 1) for t in (q, k, v))   # [b h, T|S, dk]
+        weights = None
         if need_weights:
-            scores = (qh * (1.0 / dk) ** 0.5) @ kh.transpose(-2, -1)
-            if attn_mask is not None:
-                scores = scores + attn_mask
+            scores = q * (1.0 / dk) ** 0.5
+            scores = torch.bmm(scores, k.transpose(-2, -1)) if attn_mask is None else \
+                torch.baddbmm(attn_mask, scores, k.transpose(-2, -1))
             probs = scores.softmax(-1)
             if dropout_p > 0.0:
                 probs = F.dropout(probs, p=dropout_p)
-            heads = probs @ vh
-            averaged = probs.mean(1) if average_attn_weights else probs
+            joined = torch.bmm(probs, v).transpose(0, 1).reshape(T * b, E)
+            weights = probs.view(b, h, T, S)
+            weights = weights.mean(1) if average_attn_weights else weights
         else:
-            mask = None if attn_mask is None else attn_mask.expand(b, h, T, S)
-            heads = F.scaled_dot_product_attention(qh, kh, vh, mask, dropout_p, is_causal)
-        joined = heads.transpose(1, 2).reshape(b, T, E)
-        out = tap("o", joined, F.linear(joined, module.out_proj.weight, module.out_proj.bias))
-        if not module.batch_first:
-            out = out.transpose(0, 1)
-        return out, averaged
+            if attn_mask is not None:
+                attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(b, h, -1, S)
+            heads = F.scaled_dot_product_attention(q.view(b, h, T, dk), k.view(b, h, S, dk), v.view(b, h, S, dk),
+                                                   attn_mask, dropout_p, is_causal)
+            joined = heads.permute(2, 0, 1, 3).reshape(T * b, E)
+        out = site("o", joined.view(T, b, E), module.out_proj.weight, module.out_proj.bias)
+        return (out.transpose(0, 1) if module.batch_first else out), weights
 
 
 _REGISTRY: dict[type, Extractor] = {nn.Linear: LinearExtractor(), nn.LayerNorm: LayerNormExtractor(),

@@ -27,7 +27,11 @@ from torch.utils._pytree import tree_flatten
 from .groups import GL, Blocks, Group, Perm, ScalePerm, SignPerm, Trivial
 from .spec import NetworkSpec, Space, UnsupportedModuleError
 
-__all__ = ["Trace", "trace"]
+__all__ = ["Trace", "trace", "InputGuessError"]
+
+
+class InputGuessError(UnsupportedModuleError):
+    """The model did not run on any guessed input: trace it with its real inputs (``example_inputs=``)."""
 
 _ALL = frozenset({"gl", "scale", "sign", "perm"})
 _MONOMIAL = frozenset({"scale", "sign", "perm"})
@@ -365,9 +369,10 @@ def _candidate_inputs(site_modules: dict[int, tuple[str, nn.Module, Any]]) -> li
     """Guesses at an input: what each captured module accepts (:meth:`Extractor.example_input`), in registration
     order, distinct shapes only."""
     guesses: dict[tuple, tuple] = {}
-    for _, module, extractor in site_modules.values():
-        guess = extractor.example_input(module)
-        guesses.setdefault(tuple((tuple(t.shape), t.dtype) for t in guess), guess)
+    with torch.random.fork_rng(devices=[]):                 # tracing never moves the user's random stream
+        for _, module, extractor in site_modules.values():
+            guess = extractor.example_input(module)
+            guesses.setdefault(tuple((tuple(t.shape), t.dtype) for t in guess), guess)
     return list(guesses.values())
 
 
@@ -403,7 +408,8 @@ def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
     return found
 
 
-def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) -> Trace:
+def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
+          example_kwargs: dict | None = None) -> Trace:
     """Follow ``model``'s data flow in one forward on ``example_inputs`` (default: a guess from its first layer).
 
     Besides the spec, it records operations that mix the examples of a ``[b, d]`` tensor (a softmax
@@ -417,19 +423,19 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None) 
     """
     site_modules = site_modules_of(model)
     if example_inputs is not None:
-        tracer, output = _trace(model, site_modules, example_inputs)
+        tracer, output = _trace(model, site_modules, example_inputs, example_kwargs or {})
     else:
         errors = []
         for guess in _candidate_inputs(site_modules):
             try:
-                tracer, output = _trace(model, site_modules, guess)
+                tracer, output = _trace(model, site_modules, guess, {})
                 break
             except UnsupportedModuleError:
                 raise
             except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
                 errors.append(f"{[list(t.shape) for t in guess]}: {err}")
         else:
-            raise UnsupportedModuleError(f"could not run {type(model).__name__} on a guessed input ({'; '.join(errors)});"
+            raise InputGuessError(f"could not run {type(model).__name__} on a guessed input ({'; '.join(errors)});"
                                          " pass example_inputs= to NetworkSpec.from_module")
     graph = tracer.graph
     for o in tree_flatten(output)[0]:
@@ -491,7 +497,7 @@ def _tie_shared_parameters(graph: _Graph, sites: list) -> None:
 
 
 def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module, Any]],
-           example_inputs: tuple | torch.Tensor) -> tuple[_Tracer, Any]:
+           example_inputs: tuple | torch.Tensor, example_kwargs: dict) -> tuple[_Tracer, Any]:
     """One dry run of ``model`` under the tracer (no gradients, the user's RNG untouched)."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     tracer = _Tracer(site_modules)
@@ -500,13 +506,13 @@ def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module, Any]]
         handles.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
         handles.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
     try:
-        for t in tree_flatten(inputs)[0]:
+        for t in tree_flatten((inputs, example_kwargs))[0]:
             if isinstance(t, torch.Tensor):
                 tracer.batch_size = tracer.batch_size or (t.shape[0] if t.dim() else None)
                 if t.is_floating_point():
                     tracer.fresh_fixed(t)
         with torch.random.fork_rng(devices=[]), torch.no_grad(), tracer:
-            output = model(*inputs)
+            output = model(*inputs, **example_kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -138,24 +138,35 @@ class EmbeddingKind(SiteKind):
             return f"an embedding site's activations are token ids (int64), got {a.dtype}"
         return None
 
+    @staticmethod
+    def _valid(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids ``[b, T]`` with padding (``-1``) sent to row 0, and ``g`` zeroed there (padding gets no gradient)."""
+        ids = a[..., 0]
+        valid = ids >= 0
+        return ids.clamp_min(0), g * valid.unsqueeze(-1).to(g.dtype)
+
     def per_example(self, site, a, g, d_in):
+        ids, g = self._valid(a, g)
         b, T, d = g.shape
-        rows = (a[..., 0] + d_in * torch.arange(b, device=a.device)[:, None]).reshape(-1)
+        rows = (ids + d_in * torch.arange(b, device=a.device)[:, None]).reshape(-1)
         grad = g.new_zeros(b * d_in, d).index_add_(0, rows, g.reshape(-1, d))
         return {site.weight: grad.view(b, d_in, d)}
 
     def summed(self, site, a, g, d_in):
+        ids, g = self._valid(a, g)
         d = g.shape[-1]
-        return {site.weight: g.new_zeros(d_in, d).index_add_(0, a.reshape(-1), g.reshape(-1, d))}
+        return {site.weight: g.new_zeros(d_in, d).index_add_(0, ids.reshape(-1), g.reshape(-1, d))}
 
     def squared_norms(self, site, a, g, d_in):
         """``sum_{t, t'} [id_t = id_t'] <g_t, g_t'>`` (as Opacus' embedding norm), never a ``[V, d]`` per example."""
-        ids = a[..., 0]
+        ids, g = self._valid(a, g)
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
         return {site.weight: (same * (g @ g.transpose(1, 2))).sum((1, 2))}
 
     def dense_activation(self, a, d_in):
-        return torch.nn.functional.one_hot(a[..., 0], d_in).to(torch.get_default_dtype())
+        ids = a[..., 0]
+        hot = torch.nn.functional.one_hot(ids.clamp_min(0), d_in) * (ids >= 0).unsqueeze(-1)
+        return hot.to(torch.get_default_dtype())
 
     def transform_activation(self, a, element):
         if element is not None:

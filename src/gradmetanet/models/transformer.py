@@ -3,8 +3,8 @@
 Token and position embeddings, ``blocks`` blocks of causal multi-head attention and a feed-forward
 network, each with a residual connection and a LayerNorm before (``norm="pre"``) or after
 (``norm="post"``) it, a final LayerNorm (pre-LN only) and an unembedding, optionally tied to the token
-embedding. Attention is written with separate ``q``, ``k``, ``v``, ``o`` linear layers, so every weight
-matrix is an ``nn.Linear``. Shapes: ``ids [B, T]`` -> logits ``[B, T, vocab]``.
+embedding. Attention is ``nn.MultiheadAttention`` (default) or separate ``q``, ``k``, ``v``, ``o`` linear
+layers. Shapes: ``ids [B, T]`` -> logits ``[B, T, vocab]``.
 """
 
 from __future__ import annotations
@@ -40,22 +40,30 @@ class _Attention(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, d: int, heads: int, ffn_mult: int, norm: str, dropout: float) -> None:
+    def __init__(self, d: int, heads: int, ffn_mult: int, norm: str, dropout: float, attention: str) -> None:
         super().__init__()
         self.norm = norm
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = _Attention(d, heads)
+        self.attn = (nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True) if attention == "torch"
+                     else _Attention(d, heads))
         self.ffn_in, self.ffn_out = nn.Linear(d, ffn_mult * d), nn.Linear(ffn_mult * d, d)
         self.drop = nn.Dropout(dropout)
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn_out(F.gelu(self.ffn_in(x)))
 
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.attn, _Attention):
+            return self.attn(x)
+        T = x.shape[1]
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        return self.attn(x, x, x, attn_mask=future, need_weights=False, is_causal=True)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm == "pre":
-            x = x + self.drop(self.attn(self.ln1(x)))
+            x = x + self.drop(self._attend(self.ln1(x)))
             return x + self.drop(self._ffn(self.ln2(x)))
-        x = self.ln1(x + self.drop(self.attn(x)))
+        x = self.ln1(x + self.drop(self._attend(x)))
         return self.ln2(x + self.drop(self._ffn(x)))
 
 
@@ -68,20 +76,25 @@ class CausalTransformer(nn.Module):
         max_len: longest sequence (number of learned positions).
         norm: ``"pre"`` (LayerNorm inside each residual branch, plus a final one) or ``"post"``.
         tie: the unembedding reuses the token embedding's matrix (one parameter, ``embed.weight``).
+        attention: ``"torch"`` (``nn.MultiheadAttention``: capture and the traced spec know its per-head
+            Q/K and V/O spaces) or ``"linear"`` (separate ``q, k, v, o`` ``nn.Linear`` layers, a GPT-style
+            model written by hand: captured exactly, its attention spaces fixed, as the tracer cannot see heads).
     """
 
     def __init__(self, vocab: int, d: int = 32, heads: int = 4, blocks: int = 2, max_len: int = 8,
                  ffn_mult: int = 4, norm: Literal["pre", "post"] = "pre", tie: bool = False,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, attention: Literal["torch", "linear"] = "torch") -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"heads ({heads}) must divide the width d ({d})")
         if norm not in ("pre", "post"):
             raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        if attention not in ("torch", "linear"):
+            raise ValueError(f"attention must be 'torch' or 'linear', got {attention!r}")
         self.max_len, self.norm = max_len, norm
         self.embed = nn.Embedding(vocab, d)
         self.position = nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList(_Block(d, heads, ffn_mult, norm, dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(_Block(d, heads, ffn_mult, norm, dropout, attention) for _ in range(blocks))
         self.final_norm = nn.LayerNorm(d) if norm == "pre" else None
         self.unembed = nn.Linear(d, vocab, bias=False)
         if tie:
@@ -91,7 +104,9 @@ class CausalTransformer(nn.Module):
         """``ids [B, T]`` (``T <= max_len``) -> logits ``[B, T, vocab]``; position ``t`` sees tokens ``<= t``."""
         if ids.dim() != 2 or ids.shape[1] > self.max_len:
             raise ValueError(f"ids must be [B, T] with T <= max_len ({self.max_len}), got {list(ids.shape)}")
-        x = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        # positions per example ([B, T], not [T] broadcast): per-example gradients of the position table need it
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.embed(ids) + self.position(positions)
         for block in self.blocks:
             x = block(x)
         if self.final_norm is not None:
