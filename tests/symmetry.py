@@ -51,8 +51,10 @@ def distance(a: Any, b: Any) -> float:
 
 
 def untied(spec: NetworkSpec, space: str) -> NetworkSpec:
-    """``spec`` with the first site reading ``space`` given a copy of it: moving the copy unties them."""
-    reader = spec.readers(space)[0]
+    """``spec`` with the first site reading ``space`` through a parameter column given a copy of it: moving the
+    copy unties them (a LayerNorm reads its space without a column, so it is passed over)."""
+    reader = next(s for s in spec.readers(space)
+                  if any(a.space == space and a.role == "col" for p in s.parameters() for a in p.axes))
     copy = f"{space}~untied"
     spaces = spec.spaces + (replace(spec.space(space), name=copy),)
     sites = tuple(replace(s, in_space=copy) if s is reader else s for s in spec.sites)

@@ -222,3 +222,60 @@ def test_capture_moves_with_the_group_element():
     for site in gs.spec.sites:
         torch.testing.assert_close(again.activations[site.name], expected.activations[site.name], atol=1e-10, rtol=0)
         torch.testing.assert_close(again.output_grads[site.name], expected.output_grads[site.name], atol=1e-10, rtol=0)
+
+
+def _lm_gradient_fn(model: CausalTransformer, ids: torch.Tensor, targets: torch.Tensor, metanet: nn.Module):
+    """base parameters -> the metanetwork's per-parameter output on the gradient set captured under them."""
+    def fn(params: dict[str, torch.Tensor]):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
+        gs = captured(model, (ids,), lambda out: lm_losses(out, targets))
+        return metanet(gs)
+    return fn
+
+
+@pytest.mark.parametrize("kind", ["gradmetanet", "set_product", "gradmetanet++"])
+def test_metanetworks_on_transformer_gradients_are_equivariant_end_to_end(kind):
+    """Permute a base transformer function-preservingly (residual stream, per-head Q/K and V/O, FFN hidden),
+    capture again: the per-parameter outputs (LayerNorm, embeddings, packed in_proj included) move alike;
+    permuting the vocabulary or the positions, or untying the residual stream, changes them."""
+    from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
+    from symmetry import check_symmetry
+
+    torch.manual_seed(0)
+    model = CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4, ffn_mult=2).double()
+    ids, targets = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
+    metanet = {"gradmetanet": lambda: GradMetaNet(hidden=16, set_layers=1, neuron_layers=1),
+               "set_product": lambda: GradMetaNet(hidden=16, set_layers=1, neuron_layers=1, head="set_product"),
+               "gradmetanet++": lambda: GradMetaNetPlusPlus(hidden=16, blocks=1, heads=2)}[kind]().double()
+    spec = NetworkSpec.from_module(model)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    fn = _lm_gradient_fn(model, ids, targets, metanet)
+    out = fn(params)
+    assert set(out) == set(params)
+    assert all(out[k].shape == (*v.shape, 1) for k, v in params.items())
+
+    def move(x, g, s):
+        return s.transform_parameters(x, g)
+
+    check_symmetry(spec, fn, params, move, move, group="perm", trials=1, sensitivity=("fixed", "untie"))
+
+
+def test_hooks_equal_the_functional_extractor_on_a_transformer():
+    """One registry, two capture paths: the functional extractor (for vmap) gives the hooks' factors."""
+    from gradmetanet.capture import functional_factors
+
+    torch.manual_seed(0)
+    model = CausalTransformer(vocab=6, d=8, heads=2, blocks=1, max_len=4, tie=True).double()
+    ids, targets = torch.randint(0, 6, (3, 4)), torch.randint(0, 6, (3, 4))
+    gs = captured(model, (ids,), lambda out: lm_losses(out, targets))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss, grads, acts, out_grads, outs = functional_factors(
+        model, gs.spec, params, (ids,), lambda out: lm_losses(out, targets).sum(), loss_reduction="sum")
+    for site in gs.spec.sites:
+        torch.testing.assert_close(acts[site.name], gs.activations[site.name], atol=1e-12, rtol=0)
+        torch.testing.assert_close(out_grads[site.name], gs.output_grads[site.name], atol=1e-12, rtol=0)
+    for name, value in gs.mean_grad().items():
+        torch.testing.assert_close(grads[name], value, atol=1e-10, rtol=0)           # a summed loss
+    assert "forward" not in vars(model.blocks[0].attn)

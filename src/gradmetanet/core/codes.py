@@ -6,6 +6,7 @@ import math
 import torch
 
 from .constants import ConstantCache
+from .groups import Blocks
 from .spec import NetworkSpec
 
 _CODES = ConstantCache()
@@ -19,11 +20,16 @@ def neuron_ids(spec: NetworkSpec) -> torch.Tensor:
     A neuron of a fixed space (inputs, outputs) gets an id of its own; all neurons of a
     permutable space share one id, the space's. Ids are consecutive and disjoint across spaces
     (the paper's ``e_in(j)``, ``e_layer(l)``, ``e_out(j)``), so a hidden-neuron permutation leaves
-    the codes unchanged while an input or output permutation does not.
+    the codes unchanged while an input or output permutation does not. The neurons of each head of a
+    ``Blocks`` space (attention) share an id of their own: the paper's head-index code.
     """
     ids, next_id = [], 0
     for space in spec.spaces:
-        if space.permutable:
+        if isinstance(space.group, Blocks):           # heads keep their identity: one id per head
+            heads = space.group.heads
+            ids.append(torch.arange(next_id, next_id + heads).repeat_interleave(space.size // heads))
+            next_id += heads
+        elif space.permutable:
             ids.append(torch.full((space.size,), next_id))
             next_id += 1
         else:

@@ -5,17 +5,59 @@ output of a small MLP on the pair of neuron features ``[h_in[n], h_out[m]]``, an
 ``b_l[m]`` an MLP of ``h_out[m]``. The first linear layer of the pair MLP is split into an
 input-neuron part and an output-neuron part, computed per neuron and broadcast-added, so the
 head costs ``O(N f h + P h^2)`` rather than ``O(P f h)``.
+
+Parameters are read from their axis labels (:func:`per_parameter`): ``(row out, col in)`` is a
+pair map, ``(col in, row out)`` (an embedding table) the same map transposed, ``(row s)`` a bias
+map, and ``(diag s)`` (a LayerNorm gain, which joins each neuron to itself) the pair map on the
+diagonal, ``(h[m], h[m])``. Parameters cut into row blocks (attention's packed Q, K, V) are
+produced block by block and joined.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from ..core.spec import NetworkSpec
+from ..core.spec import NetworkSpec, Parameter
 from .layers import MLP, Reduction, make_activation
 
-__all__ = ["ProductHead", "SetProductHead", "InvariantHead"]
+__all__ = ["ProductHead", "SetProductHead", "InvariantHead", "per_parameter"]
+
+#: ``pair(in space, out space, part) -> [B, d_out, d_in, f]``; ``diagonal`` and ``bias``: ``(space, part) -> [B, d, f]``
+PairMap = Callable[[str, str, Parameter], torch.Tensor]
+NeuronMap = Callable[[str, Parameter], torch.Tensor]
+
+
+def per_parameter(spec: NetworkSpec, pair: PairMap, diagonal: NeuronMap, bias: NeuronMap) -> dict[str, torch.Tensor]:
+    """``{param: [B, *param.shape, f]}`` from the three maps, dispatched on each part's axis labels."""
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in spec.parts().items():
+        pieces = []
+        for p in parts:
+            roles = tuple(a.role for a in p.axes)
+            if roles == ("row", "col"):
+                pieces.append(pair(p.axes[1].space, p.axes[0].space, p))
+            elif roles == ("col", "row"):
+                pieces.append(pair(p.axes[0].space, p.axes[1].space, p).transpose(1, 2))
+            elif roles == ("row",):
+                pieces.append(bias(p.axes[0].space, p))
+            elif roles == ("diag",):
+                pieces.append(diagonal(p.axes[0].space, p))
+            else:
+                raise ValueError(f"parameter {name!r} has axes {roles}; product heads handle (row, col), (col, row), "
+                                 "(row,) and (diag,)")
+        out[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+    return out
+
+
+def _value(params: dict[str, torch.Tensor] | None, p: Parameter) -> torch.Tensor | None:
+    """The base network's values of part ``p`` (``[B, *part shape]``), or ``None``."""
+    if params is None:
+        return None
+    t = params[p.name]
+    return t if p.rows is None else t[:, p.rows[0]:p.rows[1]]
 
 
 class _PairMLP(nn.Module):
@@ -34,9 +76,14 @@ class _PairMLP(nn.Module):
         self.act = make_activation(activation)
         self.rest = MLP([hidden] * (layers - 1) + [out_features], activation)
 
-    def forward(self, h_in: torch.Tensor, h_out: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
-        """``[..., d_out, d_in, out]`` from ``h_in [..., d_in, f]`` and ``h_out [..., d_out, f]``."""
-        z = self.from_in(h_in).unsqueeze(-3) + self.from_out(h_out).unsqueeze(-2)
+    def forward(self, h_in: torch.Tensor, h_out: torch.Tensor, value: torch.Tensor | None,
+                diagonal: bool = False) -> torch.Tensor:
+        """``[..., d_out, d_in, out]`` from ``h_in [..., d_in, f]`` and ``h_out [..., d_out, f]``; with ``diagonal``
+        the pairs ``(h[m], h[m])`` only, ``[..., d, out]`` (``h_in`` and ``h_out`` the same neurons)."""
+        if diagonal:
+            z = self.from_in(h_in) + self.from_out(h_out)
+        else:
+            z = self.from_in(h_in).unsqueeze(-3) + self.from_out(h_out).unsqueeze(-2)
         if self.from_value is not None:
             if value is None:
                 raise ValueError("this parameter-aware head needs the base network's parameters "
@@ -79,15 +126,12 @@ class ProductHead(nn.Module):
 
     def forward(self, h: torch.Tensor, spec: NetworkSpec,
                 params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        slices = spec.space_slices()
-        out: dict[str, torch.Tensor] = {}
-        for site in spec.sites:
-            h_in, h_out = h[:, slices[site.in_space]], h[:, slices[site.out_space]]
-            w = None if params is None else params[site.weight]
-            out[site.weight] = self.weight_mlp(h_in, h_out, w)
-            if site.bias is not None:
-                out[site.bias] = self.bias_mlp(h_out, None if params is None else params[site.bias])
-        return out
+        sl = spec.space_slices()
+        return per_parameter(
+            spec,
+            pair=lambda i, o, p: self.weight_mlp(h[:, sl[i]], h[:, sl[o]], _value(params, p)),
+            diagonal=lambda s, p: self.weight_mlp(h[:, sl[s]], h[:, sl[s]], _value(params, p), diagonal=True),
+            bias=lambda s, p: self.bias_mlp(h[:, sl[s]], _value(params, p)))
 
 
 class SetProductHead(nn.Module):
@@ -121,20 +165,21 @@ class SetProductHead(nn.Module):
         self.reduction = reduction
 
     def forward(self, x: torch.Tensor, spec: NetworkSpec) -> dict[str, torch.Tensor]:
-        slices = spec.space_slices()
+        sl = spec.space_slices()
         scale = 1.0 / x.shape[1] if self.reduction == "mean" else 1.0
         phi, psi, chi = self.phi(x), self.psi(x), self.chi(x)            # [B, b, N, rank]
         if self.omega is not None:
             chi = chi * self.omega(x)
-        out: dict[str, torch.Tensor] = {}
-        for site in spec.sites:
-            left = phi[:, :, slices[site.out_space]].permute(0, 3, 2, 1)   # [B, rank, d_out, b]
-            right = psi[:, :, slices[site.in_space]].permute(0, 3, 1, 2)   # [B, rank, b, d_in]
-            pooled = torch.matmul(left, right).permute(0, 2, 3, 1) * scale  # [B, d_out, d_in, rank]
-            out[site.weight] = self.weight_out(pooled)
-            if site.bias is not None:
-                out[site.bias] = self.bias_out(chi[:, :, slices[site.out_space]].sum(1) * scale)
-        return out
+
+        def pair(i: str, o: str, p: Parameter) -> torch.Tensor:
+            left = phi[:, :, sl[o]].permute(0, 3, 2, 1)                    # [B, rank, d_out, b]
+            right = psi[:, :, sl[i]].permute(0, 3, 1, 2)                   # [B, rank, b, d_in]
+            return self.weight_out(torch.matmul(left, right).permute(0, 2, 3, 1) * scale)   # [B, d_out, d_in, f]
+
+        return per_parameter(
+            spec, pair,
+            diagonal=lambda s, p: self.weight_out((phi[:, :, sl[s]] * psi[:, :, sl[s]]).sum(1) * scale),
+            bias=lambda s, p: self.bias_out(chi[:, :, sl[s]].sum(1) * scale))
 
 
 class InvariantHead(nn.Module):

@@ -121,6 +121,10 @@ class GradientScale(nn.Module):
     def output_scale(self, scales: torch.Tensor) -> torch.Tensor:
         """``[M, P]`` in the spec's parameter order: each parameter's scale of degree 2 in ``g`` (its out-space's)."""
         slices = self.spec.space_slices()
+        other = [s.name for s in self.spec.sites if s.kind != "linear" or s.rows is not None]
+        if other:
+            raise ValueError(f"GradientScale.output_scale handles whole linear sites; {other} are not (LayerNorm, "
+                             "embedding or attention sites have other gradient degrees per axis)")
         site_of = {name: site for site in self.spec.sites for name in (site.weight, site.bias) if name}
         parts = []
         for name, shape in self.spec.param_shapes().items():
