@@ -103,9 +103,12 @@ class GradientSet:
         return next(iter(self.activations.values())).device
 
     def nbytes(self) -> int:
-        """Bytes held by the factors (what is stored instead of dense per-example gradients)."""
+        """Bytes held by the factors (what is stored instead of dense per-example gradients); a tensor that
+        several sites read is counted once."""
         tensors = [*self.activations.values(), *self.output_grads.values(), *self.outputs.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        # sites that read one tensor (the Q, K and V of self-attention) share its storage: count it once
+        unique = {(t.data_ptr(), t.numel(), t.element_size()): t for t in tensors}
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def dense_nbytes(self) -> int:
         """Bytes that dense per-example gradients ``[b, P]`` of the same dtype would take."""

@@ -57,7 +57,7 @@ class _Block(nn.Module):
             return self.attn(x)
         T = x.shape[1]
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        return self.attn(x, x, x, attn_mask=future, need_weights=False, is_causal=True)[0]
+        return self.attn(x, x, x, attn_mask=future, need_weights=False)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm == "pre":
