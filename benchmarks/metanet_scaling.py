@@ -16,7 +16,6 @@ part of its cost.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -24,7 +23,7 @@ from gradmetanet import GradientBatch, NetworkSpec
 from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus, WeightSpaceNet
 from gradmetanet.timing import interleaved_median_times
 
-from common import machine, peak_extra_bytes, run_child, write_json
+from common import machine, peak_extra_bytes, run_child, slope, write_json
 
 HIDDEN = 64
 NETWORKS = 4
@@ -50,13 +49,6 @@ def make_step(model_name: str, width: int, b: int, device: str):
         out = model(batch)
         sum(v.sum() for v in out.values()).backward()
     return step
-
-
-def slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log y against log x."""
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
 def measure(models: list[str], width: int, b: int, device: str, repeats: int) -> dict[str, dict]:
