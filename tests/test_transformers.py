@@ -279,3 +279,25 @@ def test_hooks_equal_the_functional_extractor_on_a_transformer():
     for name, value in gs.mean_grad().items():
         torch.testing.assert_close(grads[name], value, atol=1e-10, rtol=0)           # a summed loss
     assert "forward" not in vars(model.blocks[0].attn)
+
+
+def test_weight_space_layer_on_transformer_weights_is_equivariant():
+    """The UNF rule's layer runs on every transformer parameter kind (tables, gains, packed Q/K/V) and moves
+    with the spec's permutations; permuting the vocabulary changes its output."""
+    from gradmetanet.weightspace import TRANSFORMER_SIGNATURES, WeightSpaceLayer
+    from symmetry import check_symmetry
+
+    torch.manual_seed(0)
+    model = CausalTransformer(vocab=5, d=8, heads=2, blocks=2, max_len=4, ffn_mult=2, tie=True).double()
+    spec = NetworkSpec.from_module(model)
+    layer = WeightSpaceLayer(3, 2, signatures=TRANSFORMER_SIGNATURES).double()
+    x = {k: torch.randn(2, *v.shape, 3, dtype=torch.float64) for k, v in model.named_parameters()}
+    out = layer(x, spec)
+    assert {k: v.shape[:-1] for k, v in out.items()} == {k: v.shape[:-1] for k, v in x.items()}
+
+    def move(t, g, s):
+        return s.transform_parameters(t, g, leading=1)
+
+    check_symmetry(spec, lambda t: layer(t, spec), x, move, move, group="perm", sensitivity=("fixed",))
+    with pytest.raises(ValueError, match=r"'embed.weight' has axes \('col', 'row'\); this layer handles"):
+        WeightSpaceLayer(3, 2)(x, spec)

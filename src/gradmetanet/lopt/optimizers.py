@@ -28,7 +28,7 @@ from ..capture import CaptureError, GradientCapture
 from ..nn.gradmetanet import GradMetaNet
 from ..nn.layers import MLP
 from ..core.spec import NetworkSpec
-from ..weightspace import WeightSpaceLayer
+from ..weightspace import LINEAR_SIGNATURES, Signature, WeightSpaceLayer
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
 from .layout import FlatLayout, Segments
 
@@ -172,11 +172,13 @@ def deepsets_rule(hidden: int = 32, layers: int = 3, **scalars: float) -> Update
     return UpdateRule(MLP([N_FEATURES] + [hidden] * layers + [1], "relu"), **scalars)
 
 
-def unf_rule(hidden: int = 32, **scalars: float) -> UpdateRule:
+def unf_rule(hidden: int = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES, **scalars: float
+             ) -> UpdateRule:
     """"UNF": a per-parameter MLP (2 hidden layers of 32, output 32) then one equivariant weight-space layer
-    (whose weights are shared by parameter kind, so the rule runs on MLPs of any depth)."""
-    return UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"), WeightSpaceLayer(hidden, 1),
-                      **scalars)
+    (whose weights are shared by parameter kind, so the rule runs on MLPs of any depth; ``signatures``
+    names the kinds, :data:`~gradmetanet.weightspace.TRANSFORMER_SIGNATURES` for transformers)."""
+    return UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"),
+                      WeightSpaceLayer(hidden, 1, signatures=signatures), **scalars)
 
 
 def _gradmetanet_branch(features: int, hidden: int) -> GradMetaNet:
@@ -201,10 +203,11 @@ def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 1
 
 
 def gradmetanet_unf_rule(hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 16,
-                         set_size: int | None = 32, **scalars: float) -> UpdateRule:
+                         set_size: int | None = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES,
+                         **scalars: float) -> UpdateRule:
     """"GradMetaNet + UNF": GradMetaNet features into the UNF rule's per-parameter MLP."""
     return UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
-                      WeightSpaceLayer(hidden, 1), _gradmetanet_branch(gmn_features, gmn_hidden),
+                      WeightSpaceLayer(hidden, 1, signatures=signatures), _gradmetanet_branch(gmn_features, gmn_hidden),
                       set_size=set_size, **scalars)
 
 
@@ -235,18 +238,19 @@ def warm_start(target: UpdateRule, source: UpdateRule) -> None:
 RULE_NAMES = ("sgdm", "ds", "unf", "gradmetanet_ds", "gradmetanet_unf")
 
 
-def make_rule(name: str) -> UpdateRule:
-    """A fresh rule by name (``RULE_NAMES``); every rule runs on MLPs of any depth and width."""
+def make_rule(name: str, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES) -> UpdateRule:
+    """A fresh rule by name (``RULE_NAMES``); every rule runs on MLPs of any depth and width (on transformers
+    with ``signatures=TRANSFORMER_SIGNATURES``)."""
     if name == "sgdm":
         return UpdateRule()
     if name == "ds":
         return deepsets_rule()
     if name == "unf":
-        return unf_rule()
+        return unf_rule(signatures=signatures)
     if name == "gradmetanet_ds":
         return gradmetanet_ds_rule()
     if name == "gradmetanet_unf":
-        return gradmetanet_unf_rule()
+        return gradmetanet_unf_rule(signatures=signatures)
     raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
 
 

@@ -22,14 +22,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.spec import NetworkSpec
+from ..core.spec import NetworkSpec, Parameter
 from ..core.codes import neuron_codes
 
-__all__ = ["WeightSpaceLayer", "LINEAR_SIGNATURES", "Signature"]
+__all__ = ["WeightSpaceLayer", "LINEAR_SIGNATURES", "TRANSFORMER_SIGNATURES", "Signature"]
 
 Signature = tuple[str, ...]
 #: What an MLP's parameters look like: weights (row, col) and biases (row).
 LINEAR_SIGNATURES: tuple[Signature, ...] = (("row", "col"), ("row",))
+#: A transformer adds embedding tables (col vocab, row residual) and LayerNorm gains (diag).
+TRANSFORMER_SIGNATURES: tuple[Signature, ...] = LINEAR_SIGNATURES + (("col", "row"), ("diag",))
 
 
 def _key(signature: Signature) -> str:
@@ -54,20 +56,22 @@ class WeightSpaceLayer(nn.Module):
                                           for s in self.signatures})
         self.pe_dim = pe_dim
 
-    def _signature(self, spec: NetworkSpec, name: str) -> Signature:
-        sig = tuple(a.role for a in spec.parameter(name).axes)
+    def _signature(self, p: Parameter) -> Signature:
+        sig = tuple(a.role for a in p.axes)
         if sig not in self.signatures:
-            raise ValueError(f"parameter {name!r} has axes {sig}; this layer handles {list(self.signatures)}")
+            raise ValueError(f"parameter {p.name!r} has axes {sig}; this layer handles {list(self.signatures)}")
         return sig
 
     def forward(self, x: dict[str, torch.Tensor], spec: NetworkSpec) -> dict[str, torch.Tensor]:
         some = next(iter(x.values()))
         B, C = some.shape[0], some.shape[-1]
+        # every part of a parameter cut into row blocks (attention's Q, K, V) is a parameter of its own here
         params = [p for p in spec.parameters if p.name in x]
+        part = {(p.name, p.rows): x[p.name] if p.rows is None else x[p.name][:, p.rows[0]:p.rows[1]] for p in params}
         sums: dict[tuple, dict[str, list[torch.Tensor]]] = {slot: {} for slot in self.slots}
         per_signature: dict[Signature, list[torch.Tensor]] = {s: [] for s in self.signatures}
         for p in params:
-            sig, t = self._signature(spec, p.name), x[p.name]
+            sig, t = self._signature(p), part[(p.name, p.rows)]
             n_axes = len(p.axes)
             per_signature[sig].append(t.mean(tuple(range(1, 1 + n_axes))))
             for i, axis in enumerate(p.axes):
@@ -87,16 +91,17 @@ class WeightSpaceLayer(nn.Module):
                        for s in self.signatures], -1)
         out = {}
         for p in params:
-            sig, key = self._signature(spec, p.name), _key(self._signature(spec, p.name))
+            key, t = _key(self._signature(p)), part[(p.name, p.rows)]
             n_axes = len(p.axes)
-            y = self.own[key](x[p.name]) + self.from_global[key](q).view(B, *([1] * n_axes), -1)
+            y = self.own[key](t) + self.from_global[key](q).view(B, *([1] * n_axes), -1)
             maps = iter(self.from_neurons[key])
             for i, axis in enumerate(p.axes):
                 if axis.role == "fixed":
                     continue
                 term = next(maps)(z[axis.space])                        # [B, n, C_out]
                 shape = [B] + [axis_size if j == i else 1 for j, axis_size in
-                               enumerate(x[p.name].shape[1:1 + n_axes])] + [term.shape[-1]]
+                               enumerate(t.shape[1:1 + n_axes])] + [term.shape[-1]]
                 y = y + term.view(shape)
-            out[p.name] = y
-        return out
+            out[(p.name, p.rows)] = y
+        return {name: torch.cat([out[(p.name, p.rows)] for p in ps], 1) if len(ps) > 1 else out[(name, ps[0].rows)]
+                for name, ps in spec.parts().items() if name in x}
