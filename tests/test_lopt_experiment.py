@@ -44,3 +44,23 @@ def test_warm_started_meta_training(tmp_path):
     bad = lopt.config_from_preset("tiny", optimizers=("gradmetanet_ds", "ds"), warm_start="ds")
     with pytest.raises(ValueError, match="meta-trained before"):
         lopt.meta_train(bad, tmp_path / "bad", progress=False)
+
+
+def test_language_model_race_runs_every_transformer_rule(tmp_path):
+    """The paper's LM task (CausalTransformer on the pydoc text): UNF and GradMetaNet + UNF meta-train on
+    transformer parameters (tables, gains, packed Q/K/V) and race Adam; the corpus version is recorded."""
+    import pytest
+
+    from gradmetanet.experiments import lopt
+    from gradmetanet.lopt.lm_task import LanguageModelTask
+
+    pytest.importorskip("pydoc_data")
+    config = lopt.config_from_preset("lm-tiny", optimizers=("unf", "gradmetanet_unf"), eval_seeds=1, horizon=10)
+    results = lopt.run(config, tmp_path, progress=False)
+    assert results["corpus"].startswith("CPython 3.")
+    (race,) = results["tasks"].values()
+    assert set(race["optimizers"]) == {"adam", "unf", "gradmetanet_unf"}
+    task = LanguageModelTask(seed=1)
+    assert task.spec.space(task.spec.site("blocks.0.attn:q").out_space).group.name == "blocks"
+    assert len(task.train_ids) > 4 * len(task.test_ids) > 0
+    assert int(task.x_test.max()) < task.vocab

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,7 +37,10 @@ from ..lopt.rule_files import PRETRAINED_DIR, load_rule, save_rule
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
 from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
 from ..lopt.optimizers import make_rule, warm_start
+from ..data.text import corpus_version, read_line_corpus
+from ..lopt.lm_task import LanguageModelTask
 from ..lopt.tasks import MLPClassificationTask, tabular_task
+from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
 from . import apply_preset, mean_std
 
 __all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "meta_train", "config_from_preset"]
@@ -49,8 +51,8 @@ LABELS = {"adam": "Adam (tuned)", "sgdm": "Learnable SGDM", "ds": "DS", "unf": "
 
 @dataclass
 class LoptConfig:
-    task: str = "digits"                  # digits | fashion_mnist | cifar10 | cifar100
-    data_root: str | None = None          # directory of the image files (not needed for digits)
+    task: str = "digits"                  # digits | lm (pydoc text, the paper's transformer) | fashion_mnist | cifar10 | cifar100
+    data_root: str | None = None          # directory of the image files, or of LM1B-style text files (task lm)
     hidden: int | None = None             # inner MLP width (default: the paper's for the task)
     horizon: int = 2000
     eval_every: int = 10
@@ -96,6 +98,18 @@ PRESETS = {
                        truncation=5, meta_train_horizon=10, transfer_hidden=8, transfer_tasks=("iris",),
                        meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=1,
                        pretrained=("digits-mlp",)),
+    # the paper's language-model task (2 blocks, d = 32, 4 heads, batch 8, sequences of 8) on the pydoc text
+    "lm-tiny": LoptConfig(task="lm", horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2,
+                          pairs=1, truncation=5, meta_train_horizon=10, transfer_hidden=None, transfer_tasks=(),
+                          meta_objective="validation", validation_fraction=0.1, loss_clip=8.0, evaluate_every=1),
+    "lm-quick": LoptConfig(task="lm", horizon=300, eval_every=10, eval_seeds=3, optimizers=("sgdm", "ds", "unf",
+                           "gradmetanet_unf"), meta_steps=60, pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3,
+                           meta_train_horizon=300, transfer_hidden=None, transfer_tasks=(), meta_objective="validation",
+                           validation_fraction=0.1, loss_clip=8.0),
+    "lm-cpu": LoptConfig(task="lm", horizon=1000, eval_every=20, eval_seeds=5, meta_steps=400, pairs=8, truncation=50,
+                         sigma=0.01, meta_lr=1e-3, meta_train_horizon=1000, transfer_hidden=64, transfer_tasks=(),
+                         meta_objective="validation", validation_fraction=0.1, loss_clip=8.0, evaluate_every=50),
+    "lm-paper": LoptConfig(task="lm", horizon=5000, eval_every=50, transfer_hidden=None, transfer_tasks=()),
     # the fair race of the shipped optimizer (no meta-training): unseen split and seeds, Adam on a wide log grid
     "fair": LoptConfig(horizon=1000, eval_seeds=5, optimizers=(), pretrained=("digits-mlp",),
                        transfer_tasks=("wine", "breast_cancer")),
@@ -107,8 +121,12 @@ def config_from_preset(preset: str, **overrides) -> LoptConfig:
     return apply_preset(PRESETS, preset, overrides)
 
 
-def make_task(config: LoptConfig, batch_size: int = 128, split_seed: int = 0) -> MLPClassificationTask:
+def make_task(config: LoptConfig, batch_size: int = 128, split_seed: int = 0) -> MLPClassificationTask | LanguageModelTask:
     """The meta-training task (``split_seed`` 0), or with another ``split_seed`` the race's unseen split."""
+    if config.task == "lm":
+        text = None if config.data_root is None else "\n".join(read_line_corpus(config.data_root))
+        return LanguageModelTask(text, hidden=config.hidden or 32, seed=split_seed,
+                                 validation_fraction=config.validation_fraction)
     if config.task == "digits":
         return DigitsMLPTask(hidden=config.hidden or 32, batch_size=batch_size, seed=split_seed,
                              validation_fraction=config.validation_fraction)
@@ -120,7 +138,7 @@ def make_task(config: LoptConfig, batch_size: int = 128, split_seed: int = 0) ->
     if config.task in ("cifar10", "cifar100"):
         return cifar_task(config.data_root, classes=int(config.task[5:]), hidden=config.hidden, batch_size=batch_size,
                           validation_fraction=config.validation_fraction)
-    raise ValueError(f"unknown task {config.task!r}; choose digits, fashion_mnist, cifar10 or cifar100")
+    raise ValueError(f"unknown task {config.task!r}; choose digits, lm, fashion_mnist, cifar10 or cifar100")
 
 
 @dataclass
@@ -138,7 +156,7 @@ class Curve:
         return None
 
 
-def train_curve(task: MLPClassificationTask, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+def train_curve(task: MLPClassificationTask | LanguageModelTask, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                 seed: int, horizon: int, eval_every: int) -> Curve:
     """Train a fresh model (init and batches from ``seed``) for ``horizon`` steps with an ordinary loop."""
     gen = torch.Generator().manual_seed(seed)
@@ -147,16 +165,15 @@ def train_curve(task: MLPClassificationTask, make_optimizer: Callable[[nn.Module
     opt = make_optimizer(model)
     curve = Curve()
     for step in range(1, horizon + 1):
-        x, y = (t[0] for t in task.sample_batch(1, gen))
+        batch = tuple(t[0] for t in task.sample_batch(1, gen))
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        task.batch_loss(model, batch).backward()
         opt.step()
         curve.seconds += time.perf_counter() - start
         if step % eval_every == 0:
-            with torch.no_grad():
-                curve.steps.append(step)
-                curve.test_loss.append(F.cross_entropy(model(task.x_test), task.y_test).item())
+            curve.steps.append(step)
+            curve.test_loss.append(task.test_loss(model))
     if hasattr(opt, "close"):
         opt.close()
     return curve
@@ -176,7 +193,7 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
     record: dict[str, dict] = {}
     for name in config.optimizers:
         torch.manual_seed(config.seed)
-        rule = make_rule(name)
+        rule = make_rule(name, TRANSFORMER_SIGNATURES if config.task == "lm" else LINEAR_SIGNATURES)
         if config.warm_start is not None and name.startswith("gradmetanet_"):
             if config.warm_start not in rules:
                 raise ValueError(f"warm_start={config.warm_start!r} must be one of the optimizers meta-trained "
@@ -215,6 +232,8 @@ def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -
     # MLP and other tasks
     results = {"experiment": "lopt", "config": asdict(config), "meta_training": meta_record,
                "torch": torch.__version__, "tasks": {}}
+    if config.task == "lm" and config.data_root is None:
+        results["corpus"] = corpus_version()
     task = make_task(config, split_seed=config.eval_split_seed)
     tasks = {f"{config.task} (hidden {task.hidden}, split {config.eval_split_seed})": task}
     if config.transfer_hidden is not None:
@@ -230,7 +249,7 @@ def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -
     return results
 
 
-def race(task: MLPClassificationTask, rules: dict[str, UpdateRule], config: LoptConfig, progress: bool) -> dict:
+def race(task: MLPClassificationTask | LanguageModelTask, rules: dict[str, UpdateRule], config: LoptConfig, progress: bool) -> dict:
     """Tune Adam's learning rate on ``task`` (the tuning seed), then race it against every rule on the
     evaluation seeds (1000, 1001, ...)."""
     grid = {}
@@ -294,8 +313,8 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
     meta = results["meta_training"]
     kept = ", ".join(f"{LABELS[name]} step {m['selected_step']} of {m['steps']}" for name, m in meta.items())
     shipped = ", ".join(f'"{n}"' for n in cfg.get("pretrained", ()))
-    lines = [f"Horizon {cfg['horizon']} steps, {cfg['eval_seeds']} evaluation seeds (1000 on) on digits split "
-             f"{cfg.get('eval_split_seed', 0)}, Adam tuned on seed {cfg.get('tuning_seed', 0)}; "
+    lines = [f"Horizon {cfg['horizon']} steps, {cfg['eval_seeds']} evaluation seeds (1000 on) on {cfg.get('task', 'digits')} "
+             f"split {cfg.get('eval_split_seed', 0)}, Adam tuned on seed {cfg.get('tuning_seed', 0)}; "
              + (f"learned optimizers meta-trained with PES on split 0 of the first task only (rule kept: {kept})"
                 if kept else "no rule meta-trained in this run")
              + (f"; shipped rules raced as they are: {shipped}." if shipped else ".")]

@@ -127,6 +127,16 @@ class MLPClassificationTask(Task):
         x, y = batch
         return F.cross_entropy(functional_call(self.model, params, (x,)), y)
 
+    def batch_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The training loss of an ordinary ``nn.Module`` on one batch (what a training loop backpropagates)."""
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def test_loss(self, model: torch.nn.Module) -> float:
+        """Cross-entropy on the whole test set."""
+        with torch.no_grad():
+            return F.cross_entropy(model(self.x_test), self.y_test).item()
+
     def grads_and_features(self, params: Params, batch: tuple[torch.Tensor, ...]
                            ) -> tuple[Params, torch.Tensor, torch.Tensor]:
         """Parameter gradients, neuron features ``[b, N, 2]`` (incidence features, as
