@@ -103,7 +103,7 @@ PRESETS = {
                           pairs=1, truncation=5, meta_train_horizon=10, transfer_hidden=None, transfer_tasks=(),
                           meta_objective="validation", validation_fraction=0.1, loss_clip=8.0, evaluate_every=1),
     "lm-quick": LoptConfig(task="lm", horizon=300, eval_every=10, eval_seeds=3, optimizers=("sgdm", "ds", "unf",
-                           "gradmetanet_unf"), meta_steps=60, pairs=4, truncation=25, sigma=0.01, meta_lr=3e-3,
+                           "gradmetanet_unf"), meta_steps=40, pairs=2, truncation=20, sigma=0.01, meta_lr=3e-3,
                            meta_train_horizon=300, transfer_hidden=None, transfer_tasks=(), meta_objective="validation",
                            validation_fraction=0.1, loss_clip=8.0),
     "lm-cpu": LoptConfig(task="lm", horizon=1000, eval_every=20, eval_seeds=5, meta_steps=400, pairs=8, truncation=50,
