@@ -75,3 +75,13 @@ def test_lora_example_is_invariant_and_round_trips(capsys):
     exec(compile(example("lora"), "README:lora", "exec"), scope)
     assert "(32, 64)" in capsys.readouterr().out
     assert scope["adapter"].paths == ["0", "2", "4"]
+
+
+def test_transformer_example_captures_every_parameter():
+    scope: dict = {}
+    exec(compile(example("transformer"), "README:transformer", "exec"), scope)
+    model, grads, norms, out = scope["model"], scope["grads"], scope["norms"], scope["out"]
+    assert grads["blocks.0.attn.in_proj_weight"].shape == (16, 96, 32)
+    assert set(out) == set(grads) == {n for n, _ in model.named_parameters()}
+    dense = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    torch.testing.assert_close(norms, dense, rtol=1e-4, atol=1e-6)
