@@ -23,6 +23,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ from ..basenets import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from .digits import load_digits_split
 
-__all__ = ["LoraZooConfig", "LoraZoo", "generate_lora_zoo", "load_or_generate_lora_zoo"]
+__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "finetune_loras", "generate_lora_zoo",
+           "load_or_generate_lora_zoo"]
 
 SITES = ("0", "2", "4")
 
@@ -62,34 +64,89 @@ class LoraZooConfig:
 
 
 @dataclass
-class LoraZoo:
-    """The fine-tunes' factors per site (``A[site]: [M, r, in]``, ``B[site]: [M, out, r]``), labels and base."""
+class AdapterZoo:
+    """LoRA fine-tunes of one base network: factors per site (``A[site]: [M, r, in]``, ``B[site]: [M, out, r]``,
+    scaling 1, PEFT's ``alpha = r``), the classes (or text sections) in each fine-tune's data, its data size."""
 
-    config: LoraZooConfig
+    config: object
+    sites: tuple[str, ...]
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     membership: torch.Tensor
-    accuracy: torch.Tensor
     data_size: torch.Tensor
     base: dict[str, torch.Tensor]
-    base_accuracy: float
+
+    #: the zoo's scalar quality label (a field of the subclass): ``"accuracy"`` or ``"loss"``
+    quality = "accuracy"
 
     def __len__(self) -> int:
         return self.membership.shape[0]
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ("membership", self.quality, "data_size")
+
+    def target(self, name: str) -> torch.Tensor:
+        """``[M, K]``: the membership bits, the quality label, or the log data size of every fine-tune."""
+        if name == "membership":
+            return self.membership
+        if name == "data_size":
+            return self.data_size.log().unsqueeze(1)
+        if name == self.quality:
+            return getattr(self, name).unsqueeze(1)
+        raise ValueError(f"this zoo has targets {list(self.targets)}, not {name!r}")
+
     def batch(self, index: torch.Tensor | slice) -> LoraBatch:
         """The fine-tunes ``index`` as a :class:`LoraBatch` (scaling 1: PEFT's ``alpha = r``)."""
-        A = {p: self.A[p][index] for p in SITES}
+        A = {p: self.A[p][index] for p in self.sites}
         n = next(iter(A.values())).shape[0]
-        return LoraBatch(SITES, A, {p: self.B[p][index] for p in SITES}, {p: torch.ones(n) for p in SITES})
+        return LoraBatch(self.sites, A, {p: self.B[p][index] for p in self.sites}, {p: torch.ones(n) for p in self.sites})
 
     def lora_set(self, i: int) -> LoraSet:
         """Fine-tune ``i`` as a :class:`LoraSet` (what ``to_peft`` writes)."""
-        return LoraSet(tuple(LoraLayer(p, self.A[p][i], self.B[p][i], 1.0) for p in SITES))
+        return LoraSet(tuple(LoraLayer(p, self.A[p][i], self.B[p][i], 1.0) for p in self.sites))
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
-        return {p: (self.B[p].shape[1], self.A[p].shape[2]) for p in SITES}
+        return {p: (self.B[p].shape[1], self.A[p].shape[2]) for p in self.sites}
+
+    def merged(self, dws: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        """The base ``state_dict`` with fine-tune ``i``'s ``dW`` (``dws[site]: [M, out, in]``) added."""
+        state = dict(self.base)
+        for site in self.sites:
+            state[f"{site}.weight"] = self.base[f"{site}.weight"] + dws[site][i]
+        return state
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the cache file holds (labels are added by the subclass)."""
+        tensors = {f"A/{s}": self.A[s].contiguous() for s in self.sites}
+        tensors |= {f"B/{s}": self.B[s].contiguous() for s in self.sites}
+        tensors |= {f"base/{k}": v.contiguous() for k, v in self.base.items()}
+        return tensors | {"membership": self.membership, "data_size": self.data_size}
+
+    @staticmethod
+    def fields_from(t: dict[str, torch.Tensor], sites: tuple[str, ...]) -> dict:
+        return {"sites": sites, "A": {s: t[f"A/{s}"] for s in sites}, "B": {s: t[f"B/{s}"] for s in sites},
+                "membership": t["membership"], "data_size": t["data_size"],
+                "base": {k[len("base/"):]: v for k, v in t.items() if k.startswith("base/")}}
+
+
+@dataclass
+class LoraZoo(AdapterZoo):
+    """The digits zoo: ``accuracy [M]`` of each fine-tuned network on the test split, and the base's."""
+
+    accuracy: torch.Tensor = None
+    base_accuracy: float = 0.0
+
+    def evaluate(self, state: dict[str, torch.Tensor], net: torch.nn.Module, data: tuple) -> float:
+        """The test accuracy of ``net`` under ``state`` (what a prediction from the adapter replaces)."""
+        net.load_state_dict(state)
+        x_test, y_test = data
+        return (net(x_test).argmax(1) == y_test).float().mean().item()
+
+    def evaluation_data(self) -> tuple[torch.nn.Module, tuple]:
+        _, _, x_test, y_test = load_digits_split(seed=self.config.split_seed)
+        return make_mlp([64, 32, 32, 10], "relu"), (x_test, y_test)
 
 
 def _train_base(config: LoraZooConfig, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.nn.Module:
@@ -130,30 +187,35 @@ def _draw_tasks(config: LoraZooConfig, m: int, y: torch.Tensor, gen: torch.Gener
             "steps": steps}
 
 
-def _finetune(base: torch.nn.Module, tasks: dict[str, torch.Tensor], config: LoraZooConfig, x: torch.Tensor,
-              y: torch.Tensor, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Train the LoRA factors of a chunk of fine-tunes together (masked Adam: each stops at its own step)."""
-    m, r = tasks["size"].shape[0], config.rank
+def finetune_loras(base: torch.nn.Module, sites: tuple[str, ...], rank: int, tasks: dict[str, torch.Tensor],
+                   sample: Callable[[torch.Generator], tuple[torch.Tensor, ...]],
+                   loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gen: torch.Generator
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train the LoRA factors of ``M`` fine-tunes together (``vmap``; masked Adam: each stops at its own step).
+
+    ``tasks`` holds per fine-tune ``lr [M]`` and ``steps [M]``; ``sample(gen)`` draws one batch per fine-tune
+    (inputs ``[M, ...]`` then targets ``[M, ...]``); ``loss_of(outputs, targets)`` is the training loss.
+    Initialisation as PEFT's: ``A`` uniform in ``±1/sqrt(in)``, ``B`` zero.
+    """
+    m = tasks["lr"].shape[0]
     weights = {k: v.detach() for k, v in base.named_parameters()}
     params = {}
-    for site in SITES:
+    for site in sites:
         out, inp = weights[f"{site}.weight"].shape
-        params[f"{site}.A"] = (torch.rand(m, r, inp, generator=gen) * 2 - 1) / math.sqrt(inp)
-        params[f"{site}.B"] = torch.zeros(m, out, r)
+        params[f"{site}.A"] = (torch.rand(m, rank, inp, generator=gen) * 2 - 1) / math.sqrt(inp)
+        params[f"{site}.B"] = torch.zeros(m, out, rank)
 
-    def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    def loss(p: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         merged = dict(weights)
-        for site in SITES:
+        for site in sites:
             merged[f"{site}.weight"] = weights[f"{site}.weight"] + p[f"{site}.B"] @ p[f"{site}.A"]
-        return F.cross_entropy(functional_call(base, merged, (xb,)), yb)
+        return loss_of(functional_call(base, merged, (inputs,)), targets)
 
     gradient = vmap(grad(loss))
     moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
     for step in range(int(tasks["steps"].max())):
         active = (step < tasks["steps"]).float()
-        pos = (torch.rand(m, config.batch_size, generator=gen) * tasks["size"][:, None]).long()
-        idx = tasks["indices"].gather(1, pos)
-        grads = gradient(params, x[idx], y[idx])
+        grads = gradient(params, *sample(gen))
         t = step + 1
         for k, g in grads.items():
             m1, m2 = moments[k]
@@ -162,7 +224,7 @@ def _finetune(base: torch.nn.Module, tasks: dict[str, torch.Tensor], config: Lor
             update = (m1 / (1 - 0.9 ** t)) / ((m2 / (1 - 0.999 ** t)).sqrt() + 1e-8)
             shape = (-1,) + (1,) * (g.dim() - 1)
             params[k] = params[k] - (tasks["lr"] * active).view(shape) * update
-    return ({s: params[f"{s}.A"] for s in SITES}, {s: params[f"{s}.B"] for s in SITES})
+    return ({s: params[f"{s}.A"] for s in sites}, {s: params[f"{s}.B"] for s in sites})
 
 
 def _accuracy(base: torch.nn.Module, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], x: torch.Tensor,
@@ -190,17 +252,23 @@ def generate_lora_zoo(config: LoraZooConfig, chunk: int = 250, progress: bool = 
     for start in tqdm(range(0, config.n_loras, chunk), desc="LoRA zoo", unit="chunk", disable=not progress):
         m = min(chunk, config.n_loras - start)
         tasks = _draw_tasks(config, m, y, gen)
-        A, B = _finetune(base, tasks, config, x, y, gen)
+
+        def sample(g: torch.Generator, tasks=tasks) -> tuple[torch.Tensor, torch.Tensor]:
+            pos = (torch.rand(len(tasks["size"]), config.batch_size, generator=g) * tasks["size"][:, None]).long()
+            idx = tasks["indices"].gather(1, pos)
+            return x[idx], y[idx]
+
+        A, B = finetune_loras(base, SITES, config.rank, tasks, sample, F.cross_entropy, gen)
         labels["accuracy"].append(_accuracy(base, A, B, x_test, y_test))
         labels["membership"].append(tasks["membership"])
         labels["size"].append(tasks["size"])
         for s in SITES:
             As[s].append(A[s].detach())
             Bs[s].append(B[s].detach())
-    return LoraZoo(config, {s: torch.cat(v) for s, v in As.items()}, {s: torch.cat(v) for s, v in Bs.items()},
-                   torch.cat(labels["membership"]), torch.cat(labels["accuracy"]),
-                   torch.cat(labels["size"]).float(), {k: v.detach() for k, v in base.state_dict().items()},
-                   base_accuracy)
+    return LoraZoo(config, SITES, {s: torch.cat(v) for s, v in As.items()}, {s: torch.cat(v) for s, v in Bs.items()},
+                   torch.cat(labels["membership"]), torch.cat(labels["size"]).float(),
+                   {k: v.detach() for k, v in base.state_dict().items()},
+                   accuracy=torch.cat(labels["accuracy"]), base_accuracy=base_accuracy)
 
 
 def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLike | None,
@@ -213,18 +281,13 @@ def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLik
     if path.exists():
         try:
             t = load_file(path)
-            return LoraZoo(config, {s: t[f"A/{s}"] for s in SITES}, {s: t[f"B/{s}"] for s in SITES},
-                           t["membership"], t["accuracy"], t["data_size"],
-                           {k[len("base/"):]: v for k, v in t.items() if k.startswith("base/")},
-                           float(t["base_accuracy"]))
+            return LoraZoo(config, **AdapterZoo.fields_from(t, SITES), accuracy=t["accuracy"],
+                           base_accuracy=float(t["base_accuracy"]))
         except (SafetensorError, KeyError, OSError) as err:
             print(f"cached LoRA zoo {path} is unreadable ({err}); regenerating it")
     zoo = generate_lora_zoo(config, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"A/{s}": zoo.A[s].contiguous() for s in SITES} | {f"B/{s}": zoo.B[s].contiguous() for s in SITES}
-    tensors |= {f"base/{k}": v.contiguous() for k, v in zoo.base.items()}
-    tensors |= {"membership": zoo.membership, "accuracy": zoo.accuracy, "data_size": zoo.data_size,
-                "base_accuracy": torch.tensor(zoo.base_accuracy)}
+    tensors = zoo.tensors() | {"accuracy": zoo.accuracy, "base_accuracy": torch.tensor(zoo.base_accuracy)}
     with atomic_replace(path) as tmp:
         save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
     return zoo

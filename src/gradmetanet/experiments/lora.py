@@ -1,12 +1,14 @@
 """Learning on LoRAs: predict properties of a fine-tune from its adapter alone (LoL, Putterman et al.).
 
-The zoo (:mod:`gradmetanet.data.lora_zoo`) holds rank-4 LoRA fine-tunes of a digits classifier.
-Every model reads only the adapters and predicts three targets:
+Two zoos: rank-4 LoRA fine-tunes of a digits classifier (:mod:`gradmetanet.data.lora_zoo`, ``zoo="digits"``)
+and of a small character-level language model on the sections of the built-in corpus
+(:mod:`gradmetanet.data.lora_lm_zoo`, ``zoo="lm"``). Every model reads only the adapters and
+predicts three targets:
 
-- ``membership``: which of the ten classes were in the fine-tuning data (ten logits, binary
-  cross-entropy; metric: the accuracy over the ten bits);
-- ``accuracy``: the fine-tuned network's test accuracy (MSE on the standardised target; metrics
-  R² and Kendall's tau);
+- ``membership``: which classes (sections) were in the fine-tuning data (one logit each, binary
+  cross-entropy; metric: the accuracy over the bits);
+- the quality: ``accuracy``, the fine-tuned classifier's test accuracy, or ``loss``, the fine-tuned
+  language model's held-out loss (MSE on the standardised target; metrics R² and Kendall's tau);
 - ``data_size``: the log number of fine-tuning examples (same metrics).
 
 Models: GL-net, an MLP on raw factors, the same trained with random GL(r) elements per layer as
@@ -32,8 +34,9 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..plots import figure
-from ..data.digits import load_digits_split
-from ..data.lora_zoo import SITES, LoraZoo, LoraZooConfig, load_or_generate_lora_zoo
+from ..data.lora_lm_zoo import LmLoraZooConfig, load_or_generate_lm_lora_zoo
+from ..data.lora_zoo import AdapterZoo, LoraZooConfig, load_or_generate_lora_zoo
+from ..data.text import corpus_version
 from ..lora.models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
 from ..training import fit_regression
 from . import apply_preset
@@ -44,24 +47,27 @@ MODELS = ("glnet", "raw_mlp", "raw_mlp_gl_aug", "align_mlp", "dense_mlp", "spect
 LABELS = {"glnet": "GL-net", "raw_mlp": "MLP (raw factors)", "raw_mlp_gl_aug": "MLP (raw, GL augmentation)",
           "align_mlp": "MLP (O(r)-aligned factors)", "dense_mlp": "MLP (dense dW)",
           "spectrum_mlp": "MLP (singular values)"}
-TARGETS = ("membership", "accuracy", "data_size")
+TARGETS = ("membership", "accuracy", "loss", "data_size")
+ZOOS = ("digits", "lm")
 #: models whose input size does not depend on the rank (they run on the unseen-rank zoo)
 RANK_FREE = ("glnet", "dense_mlp")
 
 
 @dataclass
 class LoraConfig:
+    zoo_kind: str = "digits"              # digits | lm
     n_loras: int = 2000
     rank: int = 4
     unseen_rank: int = 8
     n_unseen: int = 200
     steps: tuple[int, int] = (30, 300)
     models: tuple[str, ...] = MODELS
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = ()         # default: the zoo's (membership, accuracy or loss, data_size)
     epochs: int = 40
     batch_size: int = 32
     lr: float = 1e-3
     hidden: int = 64
+    base_steps: int | None = None         # the base network's training steps (default: the zoo's)
     seed: int = 0
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
 
@@ -69,9 +75,18 @@ class LoraConfig:
         unknown = [m for m in self.models if m not in MODELS] + [t for t in self.targets if t not in TARGETS]
         if unknown:
             raise ValueError(f"unknown models or targets {unknown}; models: {list(MODELS)}, targets: {list(TARGETS)}")
+        if self.zoo_kind not in ZOOS:
+            raise ValueError(f"unknown zoo {self.zoo_kind!r}; choose from {list(ZOOS)}")
 
-    def zoo(self, rank: int | None = None, n: int | None = None) -> LoraZooConfig:
-        return LoraZooConfig(n_loras=n or self.n_loras, rank=rank or self.rank, steps=self.steps, seed=self.seed)
+    def zoo(self, rank: int | None = None, n: int | None = None) -> LoraZooConfig | LmLoraZooConfig:
+        kind = LmLoraZooConfig if self.zoo_kind == "lm" else LoraZooConfig
+        extra = {"base_steps": self.base_steps} if self.base_steps else {}
+        return kind(n_loras=n or self.n_loras, rank=rank or self.rank, steps=self.steps, seed=self.seed, **extra)
+
+    def load_zoo(self, rank: int | None = None, n: int | None = None, progress: bool = True) -> AdapterZoo:
+        """The zoo of this configuration (cached in ``cache_dir``)."""
+        load = load_or_generate_lm_lora_zoo if self.zoo_kind == "lm" else load_or_generate_lora_zoo
+        return load(self.zoo(rank, n), self.cache_dir, progress)
 
 
 PRESETS = {
@@ -79,6 +94,10 @@ PRESETS = {
     "cpu": LoraConfig(),
     "quick": LoraConfig(n_loras=600, n_unseen=100, epochs=25),
     "tiny": LoraConfig(n_loras=40, n_unseen=8, steps=(5, 15), epochs=2, hidden=8, cache_dir=None),
+    "lm-tiny": LoraConfig(zoo_kind="lm", n_loras=40, n_unseen=8, steps=(5, 15), epochs=2, hidden=8, base_steps=50,
+                          cache_dir=None),
+    "lm-quick": LoraConfig(zoo_kind="lm", n_loras=600, n_unseen=100, epochs=25),
+    "lm-cpu": LoraConfig(zoo_kind="lm", n_loras=2000),
 }
 
 
@@ -86,7 +105,7 @@ def config_from_preset(preset: str, **overrides) -> LoraConfig:
     return apply_preset(PRESETS, preset, overrides)
 
 
-def build_model(name: str, zoo: LoraZoo, out_features: int, config: LoraConfig,
+def build_model(name: str, zoo: AdapterZoo, out_features: int, config: LoraConfig,
                 template: int = 0) -> nn.Module:
     """Model ``name`` for the zoo's layers (``template``: the training fine-tune the aligned MLP rotates to)."""
     shapes, h = zoo.layer_shapes, config.hidden
@@ -104,13 +123,6 @@ def build_model(name: str, zoo: LoraZoo, out_features: int, config: LoraConfig,
     raise ValueError(f"unknown model {name!r}")
 
 
-def targets_of(zoo: LoraZoo, target: str) -> torch.Tensor:
-    """``[M, K]``: the class bits, the test accuracy, or the log data size of every fine-tune."""
-    if target == "membership":
-        return zoo.membership
-    return (zoo.accuracy if target == "accuracy" else zoo.data_size.log()).unsqueeze(1)
-
-
 def _metrics(target: str, prediction: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     if target == "membership":
         return {"bit_accuracy": ((prediction > 0).float() == truth).float().mean().item()}
@@ -121,9 +133,9 @@ def _metrics(target: str, prediction: torch.Tensor, truth: torch.Tensor) -> dict
     return {"r2": r2.item(), "kendall_tau": float(kendalltau(p.numpy(), t.numpy()).statistic)}
 
 
-def _train(name: str, target: str, zoo: LoraZoo, split: dict[str, torch.Tensor], config: LoraConfig,
+def _train(name: str, target: str, zoo: AdapterZoo, split: dict[str, torch.Tensor], config: LoraConfig,
            ) -> tuple[nn.Module, dict, float, float]:
-    y = targets_of(zoo, target)
+    y = zoo.target(target)
     mean = y[split["train"]].mean(0) if target != "membership" else torch.zeros(y.shape[1])
     std = y[split["train"]].std(0) if target != "membership" else torch.ones(y.shape[1])
     y_norm = (y - mean) / std
@@ -152,58 +164,56 @@ def _train(name: str, target: str, zoo: LoraZoo, split: dict[str, torch.Tensor],
     return model, row, mean, std
 
 
-def _speedup(model: nn.Module, zoo: LoraZoo, n: int = 256) -> dict[str, float]:
-    """Seconds per fine-tune: GL-net's prediction against evaluating the merged network on the test split."""
-    from ..basenets import make_mlp
-
-    _, _, x_test, y_test = load_digits_split(seed=zoo.config.split_seed)
+def _speedup(model: nn.Module, zoo: AdapterZoo, n: int = 256) -> dict[str, float]:
+    """Seconds per fine-tune: GL-net's prediction of the quality against evaluating the merged network."""
     n = min(n, len(zoo))
     batch = zoo.batch(slice(0, n))
+    net, data = zoo.evaluation_data()
     model.eval()
     with torch.no_grad():
         start = time.perf_counter()
         model(batch)
         predict = (time.perf_counter() - start) / n
-        net = make_mlp([64, 32, 32, 10], "relu")
         dws = batch.delta_weights()
         start = time.perf_counter()
         for i in range(n):
-            state = dict(zoo.base)
-            for site in SITES:
-                state[f"{site}.weight"] = zoo.base[f"{site}.weight"] + dws[site][i]
-            net.load_state_dict(state)
-            (net(x_test).argmax(1) == y_test).float().mean()
+            zoo.evaluate(zoo.merged(dws, i), net, data)
         evaluate = (time.perf_counter() - start) / n
     return {"predict_seconds": predict, "evaluate_seconds": evaluate, "speedup": evaluate / predict,
-            "test_examples": len(y_test)}
+            "test_examples": len(data[1])}
 
 
 def run(config: LoraConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Every model on every target; the unseen-rank zoo; the speed-up; ``results.json``, ``table.md``, a PNG."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    zoo = load_or_generate_lora_zoo(config.zoo(), config.cache_dir, progress)
-    unseen = load_or_generate_lora_zoo(config.zoo(config.unseen_rank, config.n_unseen), config.cache_dir, progress)
+    zoo = config.load_zoo(progress=progress)
+    unseen = config.load_zoo(config.unseen_rank, config.n_unseen, progress)
+    quality = zoo.quality
     order = torch.randperm(len(zoo), generator=torch.Generator().manual_seed(config.seed))
     n_train, n_val = int(0.7 * len(zoo)), int(0.15 * len(zoo))
     split = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    targets = config.targets or zoo.targets
     results = {"experiment": "lora", "config": asdict(config), "zoo": {
-        "loras": len(zoo), "rank": config.rank, "base_accuracy": zoo.base_accuracy,
-        "mean_finetuned_accuracy": zoo.accuracy.mean().item()}, "targets": {}, "unseen_rank": {}}
+        "kind": config.zoo_kind, "loras": len(zoo), "rank": config.rank, "quality": quality,
+        f"base_{quality}": getattr(zoo, f"base_{quality}"),
+        f"mean_finetuned_{quality}": getattr(zoo, quality).mean().item()}, "targets": {}, "unseen_rank": {}}
+    if config.zoo_kind == "lm":
+        results["corpus"] = corpus_version()
     scatter = {}
-    bar = tqdm(total=len(config.models) * len(config.targets), desc="LoRA models", disable=not progress)
-    for target in config.targets:
+    bar = tqdm(total=len(config.models) * len(targets), desc="LoRA models", disable=not progress)
+    for target in targets:
         rows = {}
         for name in config.models:
             model, rows[name], mean, std = _train(name, target, zoo, split, config)
-            if target == "accuracy":
+            if target == quality:
                 with torch.no_grad():
                     scatter[name] = ((model(zoo.batch(split["test"])) * std + mean)[:, 0].tolist(),
-                                     zoo.accuracy[split["test"]].tolist())
+                                     zoo.target(quality)[split["test"], 0].tolist())
                 if name in RANK_FREE:
                     with torch.no_grad():
                         pred = model(unseen.batch(slice(None))) * std + mean
-                    results["unseen_rank"][name] = _metrics(target, pred, unseen.accuracy.unsqueeze(1))
+                    results["unseen_rank"][name] = _metrics(target, pred, unseen.target(quality))
                 if name == "glnet":
                     results["speed"] = _speedup(model, zoo)
             bar.update()
@@ -213,12 +223,20 @@ def run(config: LoraConfig, out_dir: str | os.PathLike, progress: bool = True) -
     return results
 
 
+#: per zoo: what its fine-tunes are, what the quality is, what the speed-up evaluates on
+_WORDS = {"digits": ("a digits MLP", "accuracy", "test images"),
+          "lm": ("a character-level transformer (pydoc text)", "held-out loss", "held-out windows")}
+
+
 def report(results: dict, scatter: dict, out: Path) -> str:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     z = results["zoo"]
-    lines = [f"{z['loras']} rank-{z['rank']} LoRA fine-tunes of a digits MLP (base accuracy {z['base_accuracy']:.3f}, "
-             f"fine-tuned mean {z['mean_finetuned_accuracy']:.3f}); 70/15/15 split, best-validation epoch.", "",
-             "| model | params | membership: bit accuracy | accuracy: R² | accuracy: tau | data size: R² | "
+    kind = z.get("kind", "digits")
+    q = z.get("quality", "accuracy")
+    base, words, evaluated = _WORDS[kind]
+    lines = [f"{z['loras']} rank-{z['rank']} LoRA fine-tunes of {base} (base {words} {z[f'base_{q}']:.3f}, "
+             f"fine-tuned mean {z[f'mean_finetuned_{q}']:.3f}); 70/15/15 split, best-validation epoch.", "",
+             f"| model | params | membership: bit accuracy | {words}: R² | {words}: tau | data size: R² | "
              "data size: tau |", "|---|---:|---:|---:|---:|---:|---:|"]
     t = results["targets"]
 
@@ -228,29 +246,29 @@ def report(results: dict, scatter: dict, out: Path) -> str:
     for name in results["config"]["models"]:
         params = next(t[target][name]["parameters"] for target in t if name in t[target])
         lines.append(f"| {LABELS[name]} | {params:,} | {cell('membership', name, 'bit_accuracy')} | "
-                     f"{cell('accuracy', name, 'r2')} | {cell('accuracy', name, 'kendall_tau')} | "
+                     f"{cell(q, name, 'r2')} | {cell(q, name, 'kendall_tau')} | "
                      f"{cell('data_size', name, 'r2')} | {cell('data_size', name, 'kendall_tau')} |")
     if results["unseen_rank"]:
         rank = results["config"]["unseen_rank"]
-        lines += ["", f"Accuracy predicted on rank-{rank} fine-tunes of the same base, without retraining (the "
-                  "other models cannot read another rank):", "", "| model | R² | tau |", "|---|---:|---:|"]
+        lines += ["", f"{words.capitalize()} predicted on rank-{rank} fine-tunes of the same base, without retraining "
+                  "(the other models cannot read another rank):", "", "| model | R² | tau |", "|---|---:|---:|"]
         for name, m in results["unseen_rank"].items():
             lines.append(f"| {LABELS[name]} | {m['r2']:.3f} | {m['kendall_tau']:.3f} |")
     if "speed" in results:
         s = results["speed"]
-        lines += ["", f"Predicting a fine-tune's accuracy with GL-net takes {1e6 * s['predict_seconds']:.1f} µs; "
-                  f"evaluating the merged network on the {s['test_examples']} test images takes "
+        lines += ["", f"Predicting a fine-tune's {words} with GL-net takes {1e6 * s['predict_seconds']:.1f} µs; "
+                  f"evaluating the merged network on the {s['test_examples']} {evaluated} takes "
                   f"{1e6 * s['evaluate_seconds']:.1f} µs: {s['speedup']:.0f}× faster."]
     table = "\n".join(lines)
     atomic_write_text(out / "table.md", table + "\n")
     if scatter:
-        _plot(scatter, out / "accuracy.png")
+        _plot(scatter, words, out / f"{q}.png")
     return table
 
 
-def _plot(scatter: dict, path: Path) -> None:
-    with figure(path, "true test accuracy of the fine-tune", "predicted from the adapter alone",
-                "LoRA fine-tunes: accuracy from weights", size=(5.2, 5.0)) as ax:
+def _plot(scatter: dict, words: str, path: Path) -> None:
+    with figure(path, f"true {words} of the fine-tune", "predicted from the adapter alone",
+                f"LoRA fine-tunes: {words} from weights", size=(5.2, 5.0)) as ax:
         for name, (pred, true) in scatter.items():
             ax.scatter(true, pred, s=6, alpha=0.6, label=LABELS[name])
         lo, hi = ax.get_xlim()
