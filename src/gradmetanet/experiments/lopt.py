@@ -106,9 +106,9 @@ PRESETS = {
                            "gradmetanet_unf"), meta_steps=40, pairs=2, truncation=20, sigma=0.01, meta_lr=3e-3,
                            meta_train_horizon=300, transfer_hidden=None, transfer_tasks=(), meta_objective="validation",
                            validation_fraction=0.1, loss_clip=8.0),
-    "lm-cpu": LoptConfig(task="lm", horizon=1000, eval_every=20, eval_seeds=5, meta_steps=400, pairs=8, truncation=50,
-                         sigma=0.01, meta_lr=1e-3, meta_train_horizon=1000, transfer_hidden=64, transfer_tasks=(),
-                         meta_objective="validation", validation_fraction=0.1, loss_clip=8.0, evaluate_every=50),
+    "lm-cpu": LoptConfig(task="lm", horizon=1000, eval_every=20, eval_seeds=5, meta_steps=150, pairs=4, truncation=25,
+                         sigma=0.01, meta_lr=3e-3, meta_train_horizon=1000, transfer_hidden=None, transfer_tasks=(),
+                         meta_objective="validation", validation_fraction=0.1, loss_clip=8.0, evaluate_every=25),
     "lm-paper": LoptConfig(task="lm", horizon=5000, eval_every=50, transfer_hidden=None, transfer_tasks=()),
     # the fair race of the shipped optimizer (no meta-training): unseen split and seeds, Adam on a wide log grid
     "fair": LoptConfig(horizon=1000, eval_seeds=5, optimizers=(), pretrained=("digits-mlp",),
