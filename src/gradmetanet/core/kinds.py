@@ -27,7 +27,7 @@ import torch
 
 if TYPE_CHECKING:                                                  # pragma: no cover
     from .groups import Element
-    from .spec import Axis, Parameter, Site
+    from .spec import Parameter, Site
 
 __all__ = ["SiteKind", "site_kind", "SITE_KINDS"]
 

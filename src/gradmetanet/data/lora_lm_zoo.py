@@ -25,18 +25,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_replace
 from ..models import CausalTransformer
-from .lora_zoo import AdapterZoo, finetune_loras
+from .lora_zoo import AdapterZoo, cached_zoo, finetune_loras
 from .text import CharTokenizer, corpus_version, pydoc_topics_text
 
 __all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo", "LM_SITES"]
@@ -212,19 +208,5 @@ def load_or_generate_lm_lora_zoo(config: LmLoraZooConfig, cache_dir: str | os.Pa
                                  progress: bool = True) -> LmLoraZoo:
     """The zoo of ``config`` from ``cache_dir`` when a file for exactly this config (and corpus) is there, else
     generated (and written atomically)."""
-    if cache_dir is None:
-        return generate_lm_lora_zoo(config, progress=progress)
-    path = Path(cache_dir) / f"lm_lora_zoo_{config.key()}.safetensors"
-    if path.exists():
-        try:
-            t = load_file(path)
-            return LmLoraZoo(config, **AdapterZoo.fields_from(t, LM_SITES), loss=t["loss"],
-                             base_loss=float(t["base_loss"]))
-        except (SafetensorError, KeyError, OSError) as err:
-            print(f"cached LM LoRA zoo {path} is unreadable ({err}); regenerating it")
-    zoo = generate_lm_lora_zoo(config, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = zoo.tensors() | {"loss": zoo.loss, "base_loss": torch.tensor(zoo.base_loss)}
-    with atomic_replace(path) as tmp:
-        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config)), "corpus": corpus_version()})
-    return zoo
+    return cached_zoo(LmLoraZoo, config, LM_SITES, "lm_lora_zoo",
+                      lambda: generate_lm_lora_zoo(config, progress=progress), cache_dir, {"corpus": corpus_version()})

@@ -37,7 +37,7 @@ from ..basenets import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from .digits import load_digits_split
 
-__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "finetune_loras", "generate_lora_zoo",
+__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_zoo", "finetune_loras", "generate_lora_zoo",
            "load_or_generate_lora_zoo"]
 
 SITES = ("0", "2", "4")
@@ -118,17 +118,41 @@ class AdapterZoo:
         return state
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """What the cache file holds (labels are added by the subclass)."""
+        """What the cache file holds: factors, base weights, labels (the quality and the base's)."""
         tensors = {f"A/{s}": self.A[s].contiguous() for s in self.sites}
         tensors |= {f"B/{s}": self.B[s].contiguous() for s in self.sites}
         tensors |= {f"base/{k}": v.contiguous() for k, v in self.base.items()}
-        return tensors | {"membership": self.membership, "data_size": self.data_size}
+        q = self.quality
+        return tensors | {"membership": self.membership, "data_size": self.data_size, q: getattr(self, q),
+                          f"base_{q}": torch.tensor(getattr(self, f"base_{q}"))}
 
-    @staticmethod
-    def fields_from(t: dict[str, torch.Tensor], sites: tuple[str, ...]) -> dict:
-        return {"sites": sites, "A": {s: t[f"A/{s}"] for s in sites}, "B": {s: t[f"B/{s}"] for s in sites},
-                "membership": t["membership"], "data_size": t["data_size"],
-                "base": {k[len("base/"):]: v for k, v in t.items() if k.startswith("base/")}}
+    @classmethod
+    def from_tensors(cls, config, t: dict[str, torch.Tensor], sites: tuple[str, ...]) -> "AdapterZoo":
+        """Inverse of :meth:`tensors`."""
+        q = cls.quality
+        return cls(config, sites, {s: t[f"A/{s}"] for s in sites}, {s: t[f"B/{s}"] for s in sites},
+                   t["membership"], t["data_size"], {k[len("base/"):]: v for k, v in t.items() if k.startswith("base/")},
+                   **{q: t[q], f"base_{q}": float(t[f"base_{q}"])})
+
+
+def cached_zoo(cls: type[AdapterZoo], config, sites: tuple[str, ...], name: str,
+               generate: Callable[[], AdapterZoo], cache_dir: str | os.PathLike | None,
+               metadata: dict[str, str] | None = None) -> AdapterZoo:
+    """The zoo of ``config`` from ``cache_dir/{name}_{config.key()}.safetensors`` when it is there, else
+    ``generate()`` (and written atomically; ``cache_dir=None`` keeps nothing)."""
+    if cache_dir is None:
+        return generate()
+    path = Path(cache_dir) / f"{name}_{config.key()}.safetensors"
+    if path.exists():
+        try:
+            return cls.from_tensors(config, load_file(path), sites)
+        except (SafetensorError, KeyError, OSError) as err:
+            print(f"cached zoo {path} is unreadable ({err}); regenerating it")
+    zoo = generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_replace(path) as tmp:
+        save_file(zoo.tensors(), tmp, metadata={"config": json.dumps(asdict(config)), **(metadata or {})})
+    return zoo
 
 
 @dataclass
@@ -275,19 +299,5 @@ def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLik
                               progress: bool = True) -> LoraZoo:
     """The zoo of ``config`` from ``cache_dir`` when a file for exactly this config is there, else generated
     (and written atomically)."""
-    if cache_dir is None:
-        return generate_lora_zoo(config, progress=progress)
-    path = Path(cache_dir) / f"lora_zoo_{config.key()}.safetensors"
-    if path.exists():
-        try:
-            t = load_file(path)
-            return LoraZoo(config, **AdapterZoo.fields_from(t, SITES), accuracy=t["accuracy"],
-                           base_accuracy=float(t["base_accuracy"]))
-        except (SafetensorError, KeyError, OSError) as err:
-            print(f"cached LoRA zoo {path} is unreadable ({err}); regenerating it")
-    zoo = generate_lora_zoo(config, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = zoo.tensors() | {"accuracy": zoo.accuracy, "base_accuracy": torch.tensor(zoo.base_accuracy)}
-    with atomic_replace(path) as tmp:
-        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
-    return zoo
+    return cached_zoo(LoraZoo, config, SITES, "lora_zoo", lambda: generate_lora_zoo(config, progress=progress),
+                      cache_dir)
