@@ -6,9 +6,16 @@ the site reads and registers a tensor hook on its output; during ``backward()`` 
 receives ``dL/dy``, the output gradient ``g``. Nothing of size ``b x P`` is ever formed; the
 rescale of ``g`` and the finiteness check run when the gradients are read, not in the step.
 
+A *composite* module (``nn.MultiheadAttention``: Q, K, V and the output projection inside one
+functional call) has its ``forward`` replaced, while the capture is active, by its extractor's
+equivalent forward, which reports every site to a tap that does the same recording.
+
 A tensor hook (rather than ``register_full_backward_hook``) is used because it tolerates
 in-place activations after the layer (``nn.ReLU(inplace=True)``): the hook sees the gradient
 with respect to the value the layer produced, which is what the weight gradient needs.
+
+When no guessed input runs the model (inputs with masks of a fixed batch size, several inputs),
+the spec is traced on the first forward inside the capture, with the real inputs.
 
 The batch axis of a site is 0, or 1 when the nearest enclosing module that has (or whose direct
 child has) a ``batch_first`` attribute has it ``False`` (PyTorch's transformer layers keep it in
