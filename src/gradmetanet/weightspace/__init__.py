@@ -1,6 +1,10 @@
-"""Weight-space features and the equivariant layers generated from a spec's axis labels."""
+"""Weight-space features, the equivariant layers generated from a spec's axis labels, the graph view,
+and the weight-space backbones (DWSNet, GMN, ScaleGMN)."""
 
 from .features import WeightSpaceFeatures, flatten_weights, unflatten_weights
+from .graph import NetworkGraph
 from .layers import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, WeightSpaceLayer
+from .backbones import DWSNet, GMN, ScaleGMN
 
-__all__ = ["LINEAR_SIGNATURES", "TRANSFORMER_SIGNATURES", "Signature", "WeightSpaceFeatures", "WeightSpaceLayer", "flatten_weights", "unflatten_weights"]
+__all__ = ["DWSNet", "GMN", "LINEAR_SIGNATURES", "NetworkGraph", "ScaleGMN", "Signature", "TRANSFORMER_SIGNATURES",
+           "WeightSpaceFeatures", "WeightSpaceLayer", "flatten_weights", "unflatten_weights"]

@@ -1,0 +1,248 @@
+"""Weight-space backbones: networks on weight-space features ``{param: [B, *param.shape, C]}``.
+
+All three are built from a spec, ``Model(spec, in_features, out_features, ...)``, and return the
+same keys with ``out_features`` channels (``readout="equivariant"``) or ``[B, out_features]``
+(``readout="invariant"``):
+
+- :class:`DWSNet`: DWS / NFN-style equivariant linear layers generated from the axis labels
+  (:class:`~gradmetanet.weightspace.WeightSpaceLayer`), permutation-equivariant.
+- :class:`GMN`: a graph metanetwork on the spec's graph (:class:`NetworkGraph`: neurons as
+  vertices with their biases, weights as edges): message passing along the edges (forward, or
+  forward and backward), permutation-equivariant; vertex codes single out fixed neurons.
+- :class:`ScaleGMN`: the same graph with the spec's sign (tanh, sine) and positive-scale (ReLU)
+  groups. A vertex feature moves as ``q_i h_i`` and an edge feature as ``q_i e_ij / q_j``. Messages
+  are products of equivariant features times *invariant* gates (symmetrisation ``phi(h) + phi(-h)``
+  for signs, canonicalisation ``h / |h|`` for positive scales); equivariant paths carry no additive
+  constants except on vertices no scaling moves. Backward messages (``bidirectional=True``) read
+  the *reciprocal* edge ``1 / e_ij``, which moves as ``q_j / q_i``, so they are equivariant to positive
+  scales too (the released bidirectional ScaleGMN reads ``e_ij`` there, which is right for signs only).
+  The reciprocal is guarded: ``sign(e) / max(|e|, eps)``, exact wherever ``|e| > eps``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..core.codes import neuron_codes
+from ..core.spec import NetworkSpec
+from ..nn.layers import MLP, make_activation
+from .graph import NetworkGraph
+from .layers import WeightSpaceLayer
+
+__all__ = ["DWSNet", "GMN", "ScaleGMN", "Readout"]
+
+Readout = Literal["equivariant", "invariant"]
+
+
+def _mean_pool(x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, C]``: the mean over every entry of every parameter (invariant to every permutation)."""
+    return torch.stack([t.flatten(1, -2).mean(1) for t in x.values()]).mean(0)
+
+
+class DWSNet(nn.Module):
+    """Stack of :class:`WeightSpaceLayer` with activations; equivariant output or an invariant readout."""
+
+    def __init__(self, spec: NetworkSpec, in_features: int, out_features: int, hidden: int = 32, layers: int = 3,
+                 readout: Readout = "equivariant", pe_dim: int = 8, activation: str = "gelu",
+                 signatures: tuple[tuple[str, ...], ...] | None = None) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError("DWSNet needs at least one layer")
+        self.spec, self.readout = spec, readout
+        last = out_features if readout == "equivariant" else hidden
+        widths = [in_features] + [hidden] * (layers - 1) + [last]
+        extra = {} if signatures is None else {"signatures": signatures}
+        self.layers = nn.ModuleList(WeightSpaceLayer(a, b, pe_dim, **extra) for a, b in zip(widths[:-1], widths[1:]))
+        self.act = make_activation(activation)
+        self.head = MLP([hidden, hidden, out_features], activation) if readout == "invariant" else None
+
+    def forward(self, x: dict[str, torch.Tensor], spec: NetworkSpec | None = None):
+        spec = spec or self.spec
+        for i, layer in enumerate(self.layers):
+            x = layer(x, spec)
+            if i < len(self.layers) - 1 or self.head is not None:
+                x = {k: self.act(v) for k, v in x.items()}
+        return x if self.head is None else self.head(_mean_pool(x))
+
+
+def _segment_mean(values: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n, H]``: the mean of ``values [B, E, H]`` over the edges with each ``index``."""
+    total = values.new_zeros(values.shape[0], n, values.shape[-1]).index_add(1, index, values)
+    return total / counts.clamp_min(1).to(values.dtype).view(1, -1, 1)
+
+
+class _GMNLayer(nn.Module):
+    def __init__(self, hidden: int, bidirectional: bool, activation: str) -> None:
+        super().__init__()
+        self.forward_message = MLP([3 * hidden, hidden, hidden], activation)
+        self.backward_message = MLP([3 * hidden, hidden, hidden], activation) if bidirectional else None
+        self.vertex = MLP([(3 if bidirectional else 2) * hidden, hidden, hidden], activation)
+        self.edge = MLP([3 * hidden, hidden, hidden], activation)
+
+    def forward(self, v: torch.Tensor, e: torch.Tensor, graph: NetworkGraph, counts: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        vs, vd = v[:, graph.src], v[:, graph.dst]
+        parts = [v, _segment_mean(self.forward_message(torch.cat([vs, vd, e], -1)), graph.dst, counts[0], v.shape[1])]
+        if self.backward_message is not None:
+            parts.append(_segment_mean(self.backward_message(torch.cat([vd, vs, e], -1)), graph.src, counts[1],
+                                       v.shape[1]))
+        v = v + self.vertex(torch.cat(parts, -1))
+        e = e + self.edge(torch.cat([v[:, graph.src], v[:, graph.dst], e], -1))
+        return v, e
+
+
+class GMN(nn.Module):
+    """Graph metanetwork on the spec's graph: vertices (biases + neuron codes), edges (weights), message passing."""
+
+    def __init__(self, spec: NetworkSpec, in_features: int, out_features: int, hidden: int = 64, layers: int = 3,
+                 bidirectional: bool = False, readout: Readout = "equivariant", pe_dim: int = 16,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        self.spec, self.graph, self.pe_dim, self.readout = spec, NetworkGraph.of(spec), pe_dim, readout
+        self.embed_vertex = nn.Linear(in_features + pe_dim, hidden)
+        self.embed_edge = nn.Linear(in_features, hidden)
+        self.layers = nn.ModuleList(_GMNLayer(hidden, bidirectional, activation) for _ in range(layers))
+        if readout == "equivariant":
+            self.out_vertex, self.out_edge = nn.Linear(hidden, out_features), nn.Linear(hidden, out_features)
+        else:
+            self.head = MLP([2 * hidden, hidden, out_features], activation)
+
+    def forward(self, x: dict[str, torch.Tensor]):
+        graph = self.graph.to(next(iter(x.values())).device)
+        v, e = graph.to_graph(x)
+        codes = neuron_codes(self.spec, self.pe_dim, v.dtype, v.device).expand(v.shape[0], -1, -1)
+        v, e = self.embed_vertex(torch.cat([v, codes], -1)), self.embed_edge(e)
+        counts = (torch.bincount(graph.dst, minlength=v.shape[1]), torch.bincount(graph.src, minlength=v.shape[1]))
+        for layer in self.layers:
+            v, e = layer(v, e, graph, counts)
+        if self.readout == "invariant":
+            return self.head(torch.cat([v.mean(1), e.mean(1)], -1))
+        return graph.from_graph(self.out_vertex(v), self.out_edge(e))
+
+
+# ---------------------------------------------------------------------------------------------- ScaleGMN
+#: how a vertex or edge feature may be scaled: not at all, by a sign, by a positive scale, by any nonzero number
+_NONE, _SIGN, _SCALE, _ANY = 0, 1, 2, 3
+
+
+def _vertex_kinds(spec: NetworkSpec) -> torch.Tensor:
+    """``[N]``: per neuron, whether its group scales it not at all, by signs, or by positive scales."""
+    kind = {"sign_perm": _SIGN, "scale_perm": _SCALE}
+    return torch.cat([torch.full((s.size,), kind.get(s.group.name, _NONE)) for s in spec.spaces])
+
+
+def _edge_kinds(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """An edge moves by ``q_target / q_source``: a sign, a positive scale, or (sign and scale) any number."""
+    signed = (source == _SIGN) | (target == _SIGN)
+    scaled = (source == _SCALE) | (target == _SCALE)
+    return torch.where(signed & scaled, _ANY, torch.where(scaled, _SCALE, torch.where(signed, _SIGN, _NONE)))
+
+
+class _Invariant(nn.Module):
+    """``[..., C] -> [..., H]``, invariant to the scaling of each entry's kind.
+
+    Positive scales: ``phi(h / |h|)`` (canonicalisation, ``|h|`` over the channels, guarded by ``eps``);
+    signs: ``phi(h) + phi(-h)`` (symmetrisation); any nonzero number: both; none: ``phi(h)``.
+    """
+
+    def __init__(self, in_features: int, hidden: int, activation: str, eps: float) -> None:
+        super().__init__()
+        self.phi = MLP([in_features, hidden, hidden], activation)
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        kinds = kinds.view(*([1] * (h.dim() - 2)), -1, 1)
+        scaled = (kinds == _SCALE) | (kinds == _ANY)
+        x = torch.where(scaled, h / h.norm(dim=-1, keepdim=True).clamp_min(self.eps), h)
+        plain = self.phi(x)
+        return torch.where((kinds == _SIGN) | (kinds == _ANY), plain + self.phi(-x), plain)
+
+
+def _reciprocal(e: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / e`` entry by entry, guarded: ``sign(e) / max(|e|, eps)`` (an exact reciprocal wherever ``|e| > eps``)."""
+    return torch.where(e < 0, -1.0, 1.0).to(e.dtype) / e.abs().clamp_min(eps)
+
+
+class _ScaleGMNLayer(nn.Module):
+    def __init__(self, hidden: int, bidirectional: bool, activation: str, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        inv = 3 * hidden                                       # invariants of the two vertices and the edge
+        self.gate_forward = MLP([inv, hidden, hidden], activation)
+        self.mix_edge, self.mix_source = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.bidirectional = bidirectional
+        if bidirectional:
+            self.gate_backward = MLP([inv, hidden, hidden], activation)
+            self.mix_reciprocal = nn.Linear(hidden, hidden, bias=False)
+            self.mix_target = nn.Linear(hidden, hidden, bias=False)
+        parts = 3 if bidirectional else 2
+        self.vertex_gate = MLP([(parts + 1) * hidden, hidden, parts * hidden], activation)
+        self.vertex_mix = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(parts))
+        self.edge_gate = MLP([inv, hidden, hidden], activation)
+        self.edge_mix = nn.Linear(hidden, hidden, bias=False)
+        self.invariant_vertex = _Invariant(hidden, hidden, activation, eps)
+        self.invariant_edge = _Invariant(hidden, hidden, activation, eps)
+
+    def forward(self, v: torch.Tensor, e: torch.Tensor, graph: NetworkGraph, kinds: torch.Tensor,
+                edge_kinds: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_v = self.invariant_vertex(v, kinds)                               # [B, N, H]
+        inv_e = self.invariant_edge(e, edge_kinds)                            # [B, E, H]
+        context = torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1)
+        # to the destination i from the source j: e_ij h_j moves as q_i
+        forward = self.mix_edge(e) * self.mix_source(v[:, graph.src]) * self.gate_forward(context)
+        parts = [v, _segment_mean(forward, graph.dst, counts[0], v.shape[1])]
+        if self.bidirectional:
+            # to the source j from the destination i: h_i / e_ij moves as q_j
+            backward = self.mix_reciprocal(_reciprocal(e, self.eps)) * self.mix_target(v[:, graph.dst]) \
+                * self.gate_backward(context)
+            parts.append(_segment_mean(backward, graph.src, counts[1], v.shape[1]))
+        gates = self.vertex_gate(torch.cat([inv_v] + [self.invariant_vertex(p, kinds) for p in parts], -1))
+        v = sum(mix(p) * g for mix, p, g in zip(self.vertex_mix, parts, gates.chunk(len(parts), -1)))
+        inv_v = self.invariant_vertex(v, kinds)
+        e = e + self.edge_mix(e) * self.edge_gate(torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1))
+        return v, e
+
+
+class ScaleGMN(nn.Module):
+    """Scale- and sign-equivariant graph metanetwork (see the module docstring); ``eps`` guards norms and
+    reciprocals. Permutations come with the graph; neuron codes enter only invariant paths and the additive
+    embedding of vertices that no scaling moves (inputs, outputs, spaces with permutations only)."""
+
+    def __init__(self, spec: NetworkSpec, in_features: int, out_features: int, hidden: int = 32, layers: int = 3,
+                 bidirectional: bool = False, readout: Readout = "equivariant", pe_dim: int = 16,
+                 activation: str = "gelu", eps: float = 1e-6) -> None:
+        super().__init__()
+        self.spec, self.graph, self.pe_dim, self.readout = spec, NetworkGraph.of(spec), pe_dim, readout
+        kinds = _vertex_kinds(spec)
+        self.register_buffer("kinds", kinds, persistent=False)
+        self.register_buffer("edge_kinds", _edge_kinds(kinds[self.graph.src], kinds[self.graph.dst]), persistent=False)
+        self.embed_vertex = nn.Linear(in_features, hidden, bias=False)
+        self.embed_edge = nn.Linear(in_features, hidden, bias=False)
+        self.vertex_code = nn.Linear(pe_dim, hidden)
+        self.layers = nn.ModuleList(_ScaleGMNLayer(hidden, bidirectional, activation, eps) for _ in range(layers))
+        if readout == "equivariant":
+            self.out_vertex = nn.Linear(hidden, out_features, bias=False)
+            self.out_edge = nn.Linear(hidden, out_features, bias=False)
+        else:
+            self.invariant_vertex = _Invariant(hidden, hidden, activation, eps)
+            self.invariant_edge = _Invariant(hidden, hidden, activation, eps)
+            self.head = MLP([2 * hidden, hidden, out_features], activation)
+
+    def forward(self, x: dict[str, torch.Tensor]):
+        graph = self.graph.to(next(iter(x.values())).device)
+        v, e = graph.to_graph(x)
+        codes = neuron_codes(self.spec, self.pe_dim, v.dtype, v.device)
+        unscaled = (self.kinds == _NONE).to(v.dtype).view(1, -1, 1)
+        v = self.embed_vertex(v) + unscaled * self.vertex_code(codes)
+        e = self.embed_edge(e)
+        counts = (torch.bincount(graph.dst, minlength=v.shape[1]), torch.bincount(graph.src, minlength=v.shape[1]))
+        for layer in self.layers:
+            v, e = layer(v, e, graph, self.kinds, self.edge_kinds, counts)
+        if self.readout == "invariant":
+            pooled = torch.cat([self.invariant_vertex(v, self.kinds).mean(1),
+                                self.invariant_edge(e, self.edge_kinds).mean(1)], -1)
+            return self.head(pooled)
+        return graph.from_graph(self.out_vertex(v), self.out_edge(e))

@@ -1,0 +1,135 @@
+"""Weight-space backbones (DWSNet, GMN, ScaleGMN) through the symmetry harness, end to end on real networks:
+transform a network function-preservingly (permutations, sign flips of tanh and sine neurons, positive scales
+in [0.1, 10] of ReLU neurons), and the outputs move alike; break a symmetry the spec does not declare, and
+they change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from gradmetanet import NetworkSpec
+from gradmetanet.basenets import make_mlp
+from gradmetanet.core import Monomial
+from gradmetanet.data.siren_zoo import siren_template
+from gradmetanet.weightspace import DWSNet, GMN, NetworkGraph, ScaleGMN
+from symmetry import check_symmetry
+
+
+def network(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "siren":
+        return siren_template((2, 8, 8, 1), omega_0=30.0).double()
+    return make_mlp([3, 6, 5, 2], kind).double()
+
+
+def zoo_features(model: torch.nn.Module, n: int = 3) -> dict[str, torch.Tensor]:
+    """``{param: [n, *shape, 1]}``: the model's parameters, perturbed per network (a small zoo)."""
+    gen = torch.Generator().manual_seed(1)
+    return {k: (v.detach() + 0.3 * torch.randn(n, *v.shape, generator=gen, dtype=torch.float64)).unsqueeze(-1)
+            for k, v in model.named_parameters()}
+
+
+def move(x, g, spec):
+    return spec.transform_parameters(x, g, leading=1)
+
+
+MODELS = {
+    "dws": lambda spec: DWSNet(spec, 1, 2, hidden=8, layers=2),
+    "gmn": lambda spec: GMN(spec, 1, 2, hidden=8, layers=2),
+    "gmn_bidirectional": lambda spec: GMN(spec, 1, 2, hidden=8, layers=2, bidirectional=True),
+    "scalegmn": lambda spec: ScaleGMN(spec, 1, 2, hidden=8, layers=2),
+    "scalegmn_bidirectional": lambda spec: ScaleGMN(spec, 1, 2, hidden=8, layers=2, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("kind", ["relu", "tanh", "siren"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_backbones_are_equivariant_to_the_symmetries_they_declare(name, kind):
+    model = network(kind)
+    spec = NetworkSpec.from_module(model, torch.randn(4, 2 if kind == "siren" else 3, dtype=torch.float64))
+    expected = {"relu": "scale_perm", "tanh": "sign_perm", "siren": "sign_perm"}[kind]
+    assert [s.group.name for s in spec.spaces[1:-1]] == [expected, expected]
+    torch.manual_seed(0)
+    metanet = MODELS[name](spec).double()
+    x = zoo_features(model)
+    scale_aware = name.startswith("scalegmn")
+    check_symmetry(spec, metanet, x, move, move, group="full" if scale_aware else "perm",
+                   sensitivity=("fixed", "negative_scale") if scale_aware and kind == "relu" else ("fixed",))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_scalegmn_at_extreme_positive_scales_and_a_scale_on_a_sign_space(bidirectional):
+    """Scales 0.1 and 10 on ReLU neurons (the backward messages read 1 / W, so they move right); a positive
+    scale on a tanh space is not a symmetry of tanh and changes the output."""
+    model = network("relu")
+    spec = NetworkSpec.from_module(model)
+    torch.manual_seed(0)
+    metanet = ScaleGMN(spec, 1, 1, hidden=8, layers=2, bidirectional=bidirectional).double()
+    x = zoo_features(model)
+    hidden = spec.spaces[1]
+    scales = torch.tensor([0.1, 10.0, 0.1, 10.0, 3.0, 0.3], dtype=torch.float64)[:hidden.size]
+    g = {hidden.name: Monomial(torch.randperm(hidden.size), scales)}
+    got, want = metanet(move(x, g, spec)), move(metanet(x), g, spec)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-9, rtol=1e-9)
+
+    tanh = network("tanh")
+    tspec = NetworkSpec.from_module(tanh)
+    metanet = ScaleGMN(tspec, 1, 1, hidden=8, layers=2, bidirectional=bidirectional).double()
+    x = zoo_features(tanh)
+    space = tspec.spaces[1]
+    g = {space.name: Monomial(torch.arange(space.size), torch.full((space.size,), 2.0, dtype=torch.float64))}
+    got, want = metanet(move(x, g, tspec)), move(metanet(x), g, tspec)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) > 1e-3
+
+
+def test_invariant_readouts_are_invariant():
+    model = network("relu")
+    spec = NetworkSpec.from_module(model)
+    x = zoo_features(model)
+    for name, metanet in (("dws", DWSNet(spec, 1, 3, hidden=8, readout="invariant")),
+                          ("gmn", GMN(spec, 1, 3, hidden=8, readout="invariant", bidirectional=True)),
+                          ("scalegmn", ScaleGMN(spec, 1, 3, hidden=8, readout="invariant", bidirectional=True))):
+        metanet = metanet.double()
+        assert metanet(x).shape == (3, 3)
+        check_symmetry(spec, metanet, x, move, lambda y, g, s: y, group="full" if name == "scalegmn" else "perm",
+                       sensitivity=("fixed",))
+
+
+def test_the_graph_view_round_trips_and_moves_with_the_network():
+    model = network("tanh")
+    spec = NetworkSpec.from_module(model)
+    graph = NetworkGraph.of(spec)
+    assert graph.n_edges == sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    x = zoo_features(model)
+    v, e = graph.to_graph(x)
+    back = graph.from_graph(v, e)
+    for k in x:
+        torch.testing.assert_close(back[k], x[k], atol=0, rtol=0)
+    # every edge joins the neurons its weight joins: W[m, n] is the weight of edge n -> m
+    first = spec.sites[0]
+    W = x[first.weight][0, ..., 0]
+    for edge in (0, 4, 10):
+        m, n = graph.dst[edge] - spec.space_slices()[first.out_space].start, graph.src[edge]
+        assert e[0, edge, 0] == W[m, n]
+
+
+def test_transformed_networks_compute_the_same_function():
+    """The transforms the backbones are tested with are symmetries of the real networks (so the tests above are
+    end to end): the moved SIREN and ReLU MLP compute what the originals compute."""
+    for kind in ("relu", "siren"):
+        model = network(kind)
+        x_in = torch.randn(16, 2 if kind == "siren" else 3, dtype=torch.float64)
+        spec = NetworkSpec.from_module(model, x_in)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        moved = spec.transform_parameters(params, spec.sample(torch.Generator().manual_seed(3)))
+        torch.testing.assert_close(functional_call(model, moved, (x_in,)), model(x_in), atol=1e-9, rtol=1e-9)
+
+
+def test_the_graph_view_refuses_what_it_cannot_describe():
+    from gradmetanet.models import CausalTransformer
+
+    with pytest.raises(ValueError, match="whole linear sites"):
+        NetworkGraph.of(NetworkSpec.from_module(CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4)))
