@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["read_idx", "load_fashion_mnist", "load_cifar", "downsample"]
+__all__ = ["read_idx", "load_idx_images", "load_fashion_mnist", "load_cifar", "downsample"]
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -54,14 +54,14 @@ def _find(root: Path, names: list[str]) -> Path:
         for candidate in (root / name, root / f"{name}.gz"):
             if candidate.exists():
                 return candidate
-    raise FileNotFoundError(f"none of {names} (or .gz) in {root}; FashionMNIST needs the four IDX files "
+    raise FileNotFoundError(f"none of {names} (or .gz) in {root}; MNIST / FashionMNIST need the four IDX files "
                             "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                             "t10k-labels-idx1-ubyte")
 
 
-def load_fashion_mnist(root: str | os.PathLike, split: str = "train", size: int = 8
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x [n, size*size], y [n])`` from the IDX files in ``root``; ``split`` is ``train`` or ``test``."""
+def load_idx_images(root: str | os.PathLike, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [n, h, w] uint8, labels [n])`` from MNIST-style IDX files in ``root`` (MNIST, FashionMNIST);
+    ``split`` is ``train`` or ``test``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
@@ -70,8 +70,14 @@ def load_fashion_mnist(root: str | os.PathLike, split: str = "train", size: int 
     labels = read_idx(_find(root, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return downsample(x, size), torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_fashion_mnist(root: str | os.PathLike, split: str = "train", size: int = 8
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [n, size*size], y [n])`` from the IDX files in ``root``; ``split`` is ``train`` or ``test``."""
+    images, labels = load_idx_images(root, split)
+    return downsample(images.float().unsqueeze(1) / 255.0, size), labels
 
 
 def _unpickle(path: Path) -> dict:

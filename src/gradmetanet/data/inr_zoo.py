@@ -1,0 +1,185 @@
+"""A zoo of implicit neural representations (INRs) of images, as the public INR benchmark has them.
+
+Every INR is a SIREN ``2 -> 32 -> 32 -> 1`` (sine with ``omega_0 = 30`` on both hidden layers, a
+linear last layer, **plus 0.5 on the output**; first layer initialised ``U(±1/d_in)``, later layers
+``U(±sqrt(6/d_in)/30)``, biases as PyTorch's default) fitted to one 28 x 28 grey image in ``[0, 1]``
+on the ``linspace(-1, 1)`` grid (``meshgrid(..., indexing="ij")``: row index first, the image's
+``[row, col]`` flattened row-major). All INRs of a chunk are fitted at once (``vmap``, a functional
+Adam), and the zoo is cached on disk with its splits and a manifest (``manifest.json``: the
+configuration, split sizes and the fit's PSNR).
+
+Images: by default the 1,797 scikit-learn digits (8 x 8, values 0..16) scaled to ``[0, 1]`` and
+upsampled to 28 x 28 by bilinear interpolation (``F.interpolate``, ``align_corners=False``), then
+quantised to 0..255 as the benchmark's MNIST images are, so that edits such as a grey dilation work
+on the same integer images; or MNIST / FashionMNIST IDX files from a directory the user names (the
+paper's data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_replace, atomic_write_text
+from .image_files import load_idx_images
+from .siren_zoo import siren_template
+
+__all__ = ["InrZooConfig", "InrZoo", "load_or_generate_inr_zoo", "grid_coordinates", "render", "digits_images",
+           "INR_WIDTHS", "OMEGA_0", "OUTPUT_OFFSET"]
+
+INR_WIDTHS = (2, 32, 32, 1)
+OMEGA_0 = 30.0
+OUTPUT_OFFSET = 0.5
+SIDE = 28
+
+
+@dataclass(frozen=True)
+class InrZooConfig:
+    """What defines a zoo; any change gives another cache file. ``data_dir``: MNIST-style IDX files (else digits)."""
+
+    n_images: int | None = None          # the first n images (all by default)
+    data_dir: str | None = None
+    split: str = "train"                 # which IDX split (train or test) with data_dir
+    steps: int = 300
+    lr: float = 1e-3
+    chunk: int = 256
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [1797, 28, 28] uint8, labels [1797])``: the digits upsampled bilinearly and quantised."""
+    data = load_digits()
+    small = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    big = F.interpolate(small, size=(SIDE, SIDE), mode="bilinear", align_corners=False).squeeze(1).clamp(0, 1)
+    return (big * 255).round().to(torch.uint8), torch.as_tensor(data.target, dtype=torch.long)
+
+
+def grid_coordinates(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[784, 2]``: the 28 x 28 ``linspace(-1, 1)`` grid, row-major (pixel ``[r, c]`` is row ``28 r + c``)."""
+    axis = torch.linspace(-1, 1, SIDE, dtype=dtype)
+    return torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+
+
+_TEMPLATE = siren_template(INR_WIDTHS, OMEGA_0)
+
+
+def render(params: dict[str, torch.Tensor], coords: torch.Tensor | None = None) -> torch.Tensor:
+    """``[..., n]``: one INR's values at ``coords [n, 2]`` (the full grid by default); vmap it over INRs."""
+    coords = grid_coordinates(next(iter(params.values())).dtype) if coords is None else coords
+    return functional_call(_TEMPLATE, params, (coords,))[..., 0] + OUTPUT_OFFSET
+
+
+def _init(m: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    params = {}
+    for i, (d_in, d_out) in enumerate(zip(INR_WIDTHS[:-1], INR_WIDTHS[1:])):
+        bound = 1.0 / d_in if i == 0 else math.sqrt(6.0 / d_in) / OMEGA_0
+        params[f"{2 * i}.weight"] = (torch.rand(m, d_out, d_in, generator=gen) * 2 - 1) * bound
+        params[f"{2 * i}.bias"] = (torch.rand(m, d_out, generator=gen) * 2 - 1) / math.sqrt(d_in)
+    return params
+
+
+def _fit(targets: torch.Tensor, config: InrZooConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fit one SIREN to each of ``targets [m, 784]`` (values in ``[0, 1]``) with Adam."""
+    params = _init(targets.shape[0], gen)
+
+    def loss(p: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        return (render(p) - target).square().mean()
+
+    gradient = vmap(grad(loss))
+    m1 = {k: torch.zeros_like(v) for k, v in params.items()}
+    m2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    for t in range(1, config.steps + 1):
+        grads = gradient(params, targets)
+        for k, g in grads.items():
+            m1[k].mul_(0.9).add_(0.1 * g)
+            m2[k].mul_(0.999).add_(0.001 * g.square())
+            params[k] = params[k] - config.lr * (m1[k] / (1 - 0.9 ** t)) / ((m2[k] / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    return params
+
+
+@dataclass
+class InrZoo:
+    """``params[name]: [M, *shape]`` of ``M`` SIRENs, their ``images [M, 28, 28]`` (uint8) and ``labels [M]``,
+    ``psnr [M]`` of the fit (dB), and ``splits`` (``train``, ``val``, ``test`` index tensors)."""
+
+    config: InrZooConfig
+    params: dict[str, torch.Tensor]
+    images: torch.Tensor
+    labels: torch.Tensor
+    psnr: torch.Tensor
+    splits: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def targets(self) -> torch.Tensor:
+        """``[M, 784]``: the images in ``[0, 1]``, flattened as the grid is."""
+        return self.images.reshape(len(self), -1).float() / 255.0
+
+
+def _splits(m: int, config: InrZooConfig) -> dict[str, torch.Tensor]:
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(config.seed))
+    n_val, n_test = int(round(config.val_fraction * m)), int(round(config.test_fraction * m))
+    return {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+
+
+def generate_inr_zoo(config: InrZooConfig, progress: bool = True) -> InrZoo:
+    images, labels = load_idx_images(config.data_dir, config.split) if config.data_dir else digits_images()
+    if config.n_images is not None:
+        images, labels = images[:config.n_images], labels[:config.n_images]
+    targets = images.reshape(len(images), -1).float() / 255.0
+    gen = torch.Generator().manual_seed(config.seed)
+    parts = []
+    for start in tqdm(range(0, len(images), config.chunk), desc="fit INRs", unit="chunk", disable=not progress):
+        parts.append(_fit(targets[start:start + config.chunk], config, gen))
+    params = {k: torch.cat([p[k] for p in parts]).detach() for k in parts[0]}
+    with torch.no_grad():
+        mse = vmap(lambda p, t: (render(p) - t).square().mean())(params, targets)
+    return InrZoo(config, params, images, labels, 10 * torch.log10(1.0 / mse.clamp_min(1e-12)),
+                  _splits(len(images), config))
+
+
+def load_or_generate_inr_zoo(config: InrZooConfig, cache_dir: str | os.PathLike | None,
+                             progress: bool = True) -> InrZoo:
+    """The zoo of ``config`` from ``cache_dir`` when it is there, else fitted (and written atomically with a
+    manifest); ``cache_dir=None`` keeps nothing."""
+    if cache_dir is None:
+        return generate_inr_zoo(config, progress)
+    folder = Path(cache_dir) / f"inr_zoo_{config.key()}"
+    path = folder / "zoo.safetensors"
+    if path.exists():
+        try:
+            t = load_file(path)
+            return InrZoo(config, {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")},
+                          t["images"], t["labels"], t["psnr"], {s: t[f"split/{s}"] for s in ("train", "val", "test")})
+        except (SafetensorError, KeyError, OSError) as err:
+            print(f"cached INR zoo {path} is unreadable ({err}); fitting it again")
+    zoo = generate_inr_zoo(config, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"params/{k}": v.contiguous() for k, v in zoo.params.items()}
+    tensors |= {"images": zoo.images, "labels": zoo.labels, "psnr": zoo.psnr}
+    tensors |= {f"split/{s}": v for s, v in zoo.splits.items()}
+    with atomic_replace(path) as tmp:
+        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
+    manifest = {"config": asdict(config), "inrs": len(zoo), "splits": {s: len(v) for s, v in zoo.splits.items()},
+                "psnr_db": {"mean": zoo.psnr.mean().item(), "min": zoo.psnr.min().item()},
+                "widths": INR_WIDTHS, "omega_0": OMEGA_0, "output_offset": OUTPUT_OFFSET}
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
+    return zoo
