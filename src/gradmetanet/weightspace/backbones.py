@@ -169,7 +169,6 @@ def _reciprocal(e: torch.Tensor, eps: float) -> torch.Tensor:
 class _ScaleGMNLayer(nn.Module):
     def __init__(self, hidden: int, bidirectional: bool, activation: str, eps: float) -> None:
         super().__init__()
-        self.eps = eps
         inv = 3 * hidden                                       # invariants of the two vertices and the edge
         self.gate_forward = MLP([inv, hidden, hidden], activation)
         self.mix_edge, self.mix_source = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
@@ -178,6 +177,8 @@ class _ScaleGMNLayer(nn.Module):
             self.gate_backward = MLP([inv, hidden, hidden], activation)
             self.mix_reciprocal = nn.Linear(hidden, hidden, bias=False)
             self.mix_target = nn.Linear(hidden, hidden, bias=False)
+            self.reciprocal_gate = MLP([inv, hidden, hidden], activation)
+            self.reciprocal_mix = nn.Linear(hidden, hidden, bias=False)
         parts = 3 if bidirectional else 2
         self.vertex_gate = MLP([(parts + 1) * hidden, hidden, parts * hidden], activation)
         self.vertex_mix = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(parts))
@@ -186,8 +187,11 @@ class _ScaleGMNLayer(nn.Module):
         self.invariant_vertex = _Invariant(hidden, hidden, activation, eps)
         self.invariant_edge = _Invariant(hidden, hidden, activation, eps)
 
-    def forward(self, v: torch.Tensor, e: torch.Tensor, graph: NetworkGraph, kinds: torch.Tensor,
-                edge_kinds: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, v: torch.Tensor, e: torch.Tensor, r: torch.Tensor | None, graph: NetworkGraph,
+                kinds: torch.Tensor, edge_kinds: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Vertices ``v [B, N, H]`` (move as ``q_i``), edges ``e [B, E, H]`` (``q_dst / q_src``) and, when
+        bidirectional, reciprocal edges ``r [B, E, H]`` (``q_src / q_dst``)."""
         inv_v = self.invariant_vertex(v, kinds)                               # [B, N, H]
         inv_e = self.invariant_edge(e, edge_kinds)                            # [B, E, H]
         context = torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1)
@@ -196,14 +200,16 @@ class _ScaleGMNLayer(nn.Module):
         parts = [v, _segment_mean(forward, graph.dst, counts[0], v.shape[1])]
         if self.bidirectional:
             # to the source j from the destination i: h_i / e_ij moves as q_j
-            backward = self.mix_reciprocal(_reciprocal(e, self.eps)) * self.mix_target(v[:, graph.dst]) \
-                * self.gate_backward(context)
+            backward = self.mix_reciprocal(r) * self.mix_target(v[:, graph.dst]) * self.gate_backward(context)
             parts.append(_segment_mean(backward, graph.src, counts[1], v.shape[1]))
         gates = self.vertex_gate(torch.cat([inv_v] + [self.invariant_vertex(p, kinds) for p in parts], -1))
         v = sum(mix(p) * g for mix, p, g in zip(self.vertex_mix, parts, gates.chunk(len(parts), -1)))
         inv_v = self.invariant_vertex(v, kinds)
-        e = e + self.edge_mix(e) * self.edge_gate(torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1))
-        return v, e
+        context = torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1)
+        e = e + self.edge_mix(e) * self.edge_gate(context)
+        if r is not None:
+            r = r + self.reciprocal_mix(r) * self.reciprocal_gate(context)
+        return v, e, r
 
 
 class ScaleGMN(nn.Module):
@@ -221,7 +227,9 @@ class ScaleGMN(nn.Module):
         self.register_buffer("edge_kinds", _edge_kinds(kinds[self.graph.src], kinds[self.graph.dst]), persistent=False)
         self.embed_vertex = nn.Linear(in_features, hidden, bias=False)
         self.embed_edge = nn.Linear(in_features, hidden, bias=False)
+        self.embed_reciprocal = nn.Linear(1, hidden, bias=False) if bidirectional else None
         self.vertex_code = nn.Linear(pe_dim, hidden)
+        self.eps = eps
         self.layers = nn.ModuleList(_ScaleGMNLayer(hidden, bidirectional, activation, eps) for _ in range(layers))
         if readout == "equivariant":
             self.out_vertex = nn.Linear(hidden, out_features, bias=False)
@@ -237,10 +245,11 @@ class ScaleGMN(nn.Module):
         codes = neuron_codes(self.spec, self.pe_dim, v.dtype, v.device)
         unscaled = (self.kinds == _NONE).to(v.dtype).view(1, -1, 1)
         v = self.embed_vertex(v) + unscaled * self.vertex_code(codes)
+        r = None if self.embed_reciprocal is None else self.embed_reciprocal(_reciprocal(e[..., :1], self.eps))
         e = self.embed_edge(e)
         counts = (torch.bincount(graph.dst, minlength=v.shape[1]), torch.bincount(graph.src, minlength=v.shape[1]))
         for layer in self.layers:
-            v, e = layer(v, e, graph, self.kinds, self.edge_kinds, counts)
+            v, e, r = layer(v, e, r, graph, self.kinds, self.edge_kinds, counts)
         if self.readout == "invariant":
             pooled = torch.cat([self.invariant_vertex(v, self.kinds).mean(1),
                                 self.invariant_edge(e, self.edge_kinds).mean(1)], -1)
