@@ -22,7 +22,7 @@ from torch import nn
 
 from ..batch import GradientBatch
 from ..core.spec import NetworkSpec
-from ..weightspace import WeightSpaceLayer, unflatten_weights
+from ..weightspace.features import unflatten_weights
 from .gradmetanet import GradientInput, GradMetaNet, _unbatch, as_gradient_batch
 from .layers import MLP, make_activation
 
@@ -111,12 +111,11 @@ class WeightSpaceNet(nn.Module):
                  out_features: int = 1, mode: Literal["concat", "average"] = "concat", pe_dim: int = 8,
                  activation: str = "gelu") -> None:
         super().__init__()
-        if layers < 1:
-            raise ValueError("WeightSpaceNet needs at least one layer")
+        from ..weightspace.backbones import DWSNet        # the backbones import nn.layers: import on use
+
         self.spec, self.mode = spec, mode
-        widths = [in_channels] + [hidden] * (layers - 1) + [out_features]
-        self.layers = nn.ModuleList(WeightSpaceLayer(a, b, pe_dim) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = make_activation(activation)
+        self.net = DWSNet(spec, in_channels, out_features, hidden=hidden, layers=layers, pe_dim=pe_dim,
+                          activation=activation)
 
     def forward(self, inputs: GradientInput | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         single, spec = False, self.spec
@@ -126,8 +125,4 @@ class WeightSpaceNet(nn.Module):
             batch, single = as_gradient_batch(inputs)
             spec = batch.spec
             x = weight_space_inputs(batch, self.mode)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, spec)
-            if i < len(self.layers) - 1:
-                x = {k: self.act(v) for k, v in x.items()}
-        return _unbatch(x, single)
+        return _unbatch(self.net(x, spec), single)
