@@ -67,6 +67,9 @@ class InrEditConfig:
     grad_points: int = 64
     probe_points: int = 16
     gmn_features: int = 8
+    gmnpp_hidden: int = 16                # GradMetaNet++ width and depth (the paper's: 64, 3 blocks, 8 heads;
+    gmnpp_blocks: int = 1                 # on CPU its attention over 64 x 67 sets dominates the run)
+    gmnpp_heads: int = 4
     seeds: int = 3
     examples: int = 6                     # test INRs in the PNG grid
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
@@ -79,11 +82,11 @@ class InrEditConfig:
 
 
 PRESETS = {
-    "paper": InrEditConfig(hidden=128, layers=6, epochs=150),
+    "paper": InrEditConfig(hidden=128, layers=6, epochs=150, gmnpp_hidden=64, gmnpp_blocks=3, gmnpp_heads=8),
     "cpu": InrEditConfig(epochs=20, seeds=3),
     "quick": InrEditConfig(n_images=600, epochs=8, seeds=1, layers=2),
     "tiny": InrEditConfig(n_images=24, fit_steps=30, epochs=1, seeds=1, hidden=8, layers=1, grad_points=8,
-                          probe_points=4, gmn_features=4, examples=2, cache_dir=None),
+                          probe_points=4, gmn_features=4, gmnpp_hidden=8, gmnpp_heads=2, examples=2, cache_dir=None),
 }
 
 
@@ -144,8 +147,8 @@ class InrEditor(nn.Module):
             self.gradient_net = GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1,
                                             out_features=config.gmn_features)
         elif variant == "gradmetanet++":
-            self.gradient_net = GradMetaNetPlusPlus(hidden=config.hidden, blocks=2, heads=4,
-                                                    out_features=config.gmn_features)
+            self.gradient_net = GradMetaNetPlusPlus(hidden=config.gmnpp_hidden, blocks=config.gmnpp_blocks,
+                                                    heads=config.gmnpp_heads, out_features=config.gmn_features)
         self.names = list(spec.param_shapes())
         self.scales = nn.Parameter(torch.full((len(self.names),), 0.01))
         self.register_buffer("rms", torch.stack([rms[n] for n in self.names]))
