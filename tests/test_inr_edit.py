@@ -53,7 +53,7 @@ def test_editors_render_the_same_edit_for_a_transformed_inr(data, backbone, vari
         assert (edit(d.spec.transform_parameters(params, flips, leading=1)) - edit(params)).abs().max() > 1e-6
 
 
-def test_inr_edit_tiny_run_writes_its_report(tmp_path):
+def test_inr_edit_tiny_run_writes_its_report(tmp_path, monkeypatch):
     config = inr_edit.config_from_preset("tiny", backbones=("gmn", "scalegmn"), variants=("ws", "gradmetanet"))
     results = inr_edit.run(config, tmp_path, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -62,6 +62,9 @@ def test_inr_edit_tiny_run_writes_its_report(tmp_path):
     assert {"mean", "std"} <= set(saved["models"]["gmn"]["ws"])
     assert (tmp_path / "edits.png").stat().st_size > 0 and "dilation" in (tmp_path / "table.md").read_text()
     assert results["unedited_mse"] > 0
+    # a rerun into the same directory resumes: every cell is read back, nothing is trained again
+    monkeypatch.setattr(inr_edit, "fit_regression", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))
+    assert inr_edit.run(config, tmp_path, progress=False)["models"] == results["models"]
 
 
 def test_an_editor_learns_the_dilation(tmp_path):

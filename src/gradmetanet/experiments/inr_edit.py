@@ -201,7 +201,9 @@ def _predict(model: InrEditor, data: _Data, idx: torch.Tensor) -> torch.Tensor:
 
 
 def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Every backbone with every variant over ``seeds`` seeds; ``results.json``, ``table.md``, ``edits.png``."""
+    """Every backbone with every variant over ``seeds`` seeds; ``results.json``, ``table.md``, ``edits.png`` (the
+    best model trained by this call). Finished cells are kept in ``cells.json``: a rerun of the same configuration
+    into the same directory resumes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare(config, progress)
@@ -212,27 +214,34 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
         "inrs": len(data.zoo), "psnr_db": data.zoo.psnr.mean().item(),
         "splits": {k: len(v) for k, v in splits.items()}}, "unedited_mse": unedited, "models": {}}
     best, best_mse = None, float("inf")
+    cells_path = out / "cells.json"           # finished (backbone, variant, seed) cells: a rerun resumes
+    saved = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    fingerprint = json.loads(json.dumps(asdict(config)))          # as read back from JSON (tuples are lists)
+    cells = saved.get("cells", {}) if saved.get("config") == fingerprint else {}
     bar = tqdm(total=len(config.backbones) * len(config.variants) * config.seeds, desc="INR editors",
                disable=not progress)
     for backbone in config.backbones:
         results["models"][backbone] = {}
         for variant in config.variants:
-            errors, seconds = [], []
             for seed in range(config.seeds):
-                torch.manual_seed(seed)
-                model = InrEditor(data.spec, backbone, variant, config, data.rms)
-                start = time.perf_counter()
-                fit = fit_regression(model, lambda m, idx: _predict(m, data, idx), data.targets, splits["train"],
-                                     splits["val"], splits["test"], config.epochs, config.batch_size, config.lr,
-                                     seed, schedule="cosine")
-                seconds.append(time.perf_counter() - start)
-                errors.append(fit.test)
-                if fit.test < best_mse:
-                    best, best_mse = model, fit.test
+                key = f"{backbone}/{variant}/{seed}"
+                if key not in cells:
+                    torch.manual_seed(seed)
+                    model = InrEditor(data.spec, backbone, variant, config, data.rms)
+                    start = time.perf_counter()
+                    fit = fit_regression(model, lambda m, idx: _predict(m, data, idx), data.targets,
+                                         splits["train"], splits["val"], splits["test"], config.epochs,
+                                         config.batch_size, config.lr, seed, schedule="cosine")
+                    cells[key] = {"test": fit.test, "seconds": time.perf_counter() - start,
+                                  "best_epoch": fit.best_epoch}
+                    atomic_write_text(cells_path, json.dumps({"config": fingerprint, "cells": cells}, indent=2))
+                    if fit.test < best_mse:
+                        best, best_mse = model, fit.test
                 bar.update()
-            mean, std = mean_std(errors)
-            results["models"][backbone][variant] = {"mean": mean, "std": std, "runs": errors,
-                                                    "seconds": sum(seconds) / len(seconds)}
+            runs = [cells[f"{backbone}/{variant}/{seed}"] for seed in range(config.seeds)]
+            mean, std = mean_std([r["test"] for r in runs])
+            results["models"][backbone][variant] = {"mean": mean, "std": std, "runs": [r["test"] for r in runs],
+                                                    "seconds": sum(r["seconds"] for r in runs) / len(runs)}
     bar.close()
     report(results, out)
     _plot_edits(best, data, config.examples, out / "edits.png")
