@@ -83,8 +83,8 @@ class InrEditConfig:
 
 PRESETS = {
     "paper": InrEditConfig(hidden=128, layers=6, epochs=150, gmnpp_hidden=64, gmnpp_blocks=3, gmnpp_heads=8),
-    "cpu": InrEditConfig(epochs=20, seeds=3),
-    "quick": InrEditConfig(n_images=600, epochs=8, seeds=1, layers=2),
+    "cpu": InrEditConfig(epochs=10, seeds=3, lr=2e-3),
+    "quick": InrEditConfig(n_images=600, epochs=8, seeds=1, layers=2, lr=3e-3),
     "tiny": InrEditConfig(n_images=24, fit_steps=30, epochs=1, seeds=1, hidden=8, layers=1, grad_points=8,
                           probe_points=4, gmn_features=4, gmnpp_hidden=8, gmnpp_heads=2, examples=2, cache_dir=None),
 }

@@ -161,6 +161,20 @@ class _Invariant(nn.Module):
         return torch.where((kinds == _SIGN) | (kinds == _ANY), plain + self.phi(-x), plain)
 
 
+def _gate(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A bounded invariant gate in ``(0, 2)``, 1 where the MLP gives 0: products of gates cannot blow up."""
+    return 2 * torch.sigmoid(mlp(x))
+
+
+def _stabilise(x: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """``x / (1 + |x| / sqrt(C))`` for the entries whose group is signs (or nothing): there the norm over the
+    channels is invariant, so the map stays equivariant; entries that positive scales move are left alone
+    (dividing by their norm would make them invariant)."""
+    signed = ((kinds == _NONE) | (kinds == _SIGN)).view(*([1] * (x.dim() - 2)), -1, 1)
+    damp = 1 + x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5
+    return torch.where(signed, x / damp, x)
+
+
 def _reciprocal(e: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 / e`` entry by entry, guarded: ``sign(e) / max(|e|, eps)`` (an exact reciprocal wherever ``|e| > eps``)."""
     return torch.where(e < 0, -1.0, 1.0).to(e.dtype) / e.abs().clamp_min(eps)
@@ -196,19 +210,20 @@ class _ScaleGMNLayer(nn.Module):
         inv_e = self.invariant_edge(e, edge_kinds)                            # [B, E, H]
         context = torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1)
         # to the destination i from the source j: e_ij h_j moves as q_i
-        forward = self.mix_edge(e) * self.mix_source(v[:, graph.src]) * self.gate_forward(context)
+        forward = self.mix_edge(e) * self.mix_source(v[:, graph.src]) * _gate(self.gate_forward, context)
         parts = [v, _segment_mean(forward, graph.dst, counts[0], v.shape[1])]
         if self.bidirectional:
             # to the source j from the destination i: h_i / e_ij moves as q_j
-            backward = self.mix_reciprocal(r) * self.mix_target(v[:, graph.dst]) * self.gate_backward(context)
+            backward = self.mix_reciprocal(r) * self.mix_target(v[:, graph.dst]) * _gate(self.gate_backward, context)
             parts.append(_segment_mean(backward, graph.src, counts[1], v.shape[1]))
-        gates = self.vertex_gate(torch.cat([inv_v] + [self.invariant_vertex(p, kinds) for p in parts], -1))
-        v = sum(mix(p) * g for mix, p, g in zip(self.vertex_mix, parts, gates.chunk(len(parts), -1)))
+        gates = _gate(self.vertex_gate, torch.cat([inv_v] + [self.invariant_vertex(p, kinds) for p in parts], -1))
+        v = _stabilise(sum(mix(p) * g for mix, p, g in zip(self.vertex_mix, parts, gates.chunk(len(parts), -1))),
+                       kinds)
         inv_v = self.invariant_vertex(v, kinds)
         context = torch.cat([inv_v[:, graph.src], inv_v[:, graph.dst], inv_e], -1)
-        e = e + self.edge_mix(e) * self.edge_gate(context)
+        e = _stabilise(e + self.edge_mix(e) * _gate(self.edge_gate, context), edge_kinds)
         if r is not None:
-            r = r + self.reciprocal_mix(r) * self.reciprocal_gate(context)
+            r = _stabilise(r + self.reciprocal_mix(r) * _gate(self.reciprocal_gate, context), edge_kinds)
         return v, e, r
 
 
