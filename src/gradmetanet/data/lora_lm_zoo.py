@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -32,7 +31,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..models import CausalTransformer
-from .lora_zoo import AdapterZoo, cached_zoo, finetune_loras
+from .lora_zoo import AdapterZoo, cached_zoo, draw_finetune_tasks, finetune_loras
 from .text import CharTokenizer, corpus_version, pydoc_topics_text
 
 __all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo", "LM_SITES"]
@@ -139,27 +138,6 @@ def _train_base(corpus: Corpus, config: LmLoraZooConfig, gen: torch.Generator) -
     return model
 
 
-def _draw_tasks(corpus: Corpus, config: LmLoraZooConfig, m: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per fine-tune: section mask, its window starts (padded), data size, learning rate, steps."""
-    lo, hi = config.sections_per_finetune
-    masks, pools, sizes = [], [], []
-    for _ in range(m):
-        k = int(torch.randint(lo, hi + 1, (), generator=gen))
-        chosen = torch.randperm(config.sections, generator=gen)[:k]
-        pool = torch.cat([corpus.offsets[s] + torch.arange(corpus.starts[s]) for s in chosen.tolist()])
-        n = min(int(torch.randint(config.data_sizes[0], config.data_sizes[1] + 1, (), generator=gen)), len(pool))
-        pools.append(pool[torch.randperm(len(pool), generator=gen)[:n]])
-        masks.append(torch.zeros(config.sections).index_fill_(0, chosen, 1.0))
-        sizes.append(n)
-    width = max(sizes)
-    padded = torch.stack([torch.cat([p, p.new_zeros(width - len(p))]) for p in pools])
-    log_lr = torch.empty(m).uniform_(math.log(config.learning_rates[0]), math.log(config.learning_rates[1]),
-                                     generator=gen)
-    steps = torch.randint(config.steps[0], config.steps[1] + 1, (m,), generator=gen)
-    return {"membership": torch.stack(masks), "indices": padded, "size": torch.tensor(sizes), "lr": log_lr.exp(),
-            "steps": steps}
-
-
 def _held_out_loss(base: torch.nn.Module, A: dict, B: dict, corpus: Corpus) -> torch.Tensor:
     weights = {k: v.detach() for k, v in base.named_parameters()}
     x, y = corpus.held_out
@@ -185,7 +163,10 @@ def generate_lm_lora_zoo(config: LmLoraZooConfig, chunk: int = 200, progress: bo
     labels: dict[str, list] = {"membership": [], "loss": [], "size": []}
     for start in tqdm(range(0, config.n_loras, chunk), desc="LM LoRA zoo", unit="chunk", disable=not progress):
         m = min(chunk, config.n_loras - start)
-        tasks = _draw_tasks(corpus, config, m, gen)
+        tasks = draw_finetune_tasks(
+            m, config.sections, config.sections_per_finetune,
+            lambda chosen: torch.cat([corpus.offsets[s] + torch.arange(corpus.starts[s]) for s in chosen.tolist()]),
+            config.data_sizes, config.learning_rates, config.steps, gen)
 
         def sample(g: torch.Generator, tasks=tasks) -> tuple[torch.Tensor, torch.Tensor]:
             pos = (torch.rand(len(tasks["size"]), config.batch_size, generator=g) * tasks["size"][:, None]).long()

@@ -37,7 +37,7 @@ from ..basenets import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from .digits import load_digits_split
 
-__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_zoo", "finetune_loras", "generate_lora_zoo",
+__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_zoo", "draw_finetune_tasks", "finetune_loras", "generate_lora_zoo",
            "load_or_generate_lora_zoo"]
 
 SITES = ("0", "2", "4")
@@ -190,25 +190,28 @@ def _train_base(config: LoraZooConfig, x: torch.Tensor, y: torch.Tensor, gen: to
     return model
 
 
-def _draw_tasks(config: LoraZooConfig, m: int, y: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per fine-tune: class mask, its training indices (padded), data size, learning rate, steps."""
-    lo, hi = config.classes_per_finetune
+def draw_finetune_tasks(m: int, groups: int, per_finetune: tuple[int, int], pool_of: Callable[[torch.Tensor], torch.Tensor],
+                        data_sizes: tuple[int, int], learning_rates: tuple[float, float], steps: tuple[int, int],
+                        gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per fine-tune: which of ``groups`` groups (classes, text sections) its data comes from (``per_finetune``
+    of them, an inclusive range), its training indices into ``pool_of(chosen groups)`` (a random subset of
+    ``data_sizes`` entries, padded), a log-uniform learning rate and a number of steps."""
+    lo, hi = per_finetune
     masks, indices, sizes = [], [], []
     for _ in range(m):
         k = int(torch.randint(lo, hi + 1, (), generator=gen))
-        classes = torch.randperm(10, generator=gen)[:k]
-        pool = torch.nonzero(torch.isin(y, classes)).squeeze(1)
-        n = min(int(torch.randint(config.data_sizes[0], config.data_sizes[1] + 1, (), generator=gen)), len(pool))
+        chosen = torch.randperm(groups, generator=gen)[:k]
+        pool = pool_of(chosen)
+        n = min(int(torch.randint(data_sizes[0], data_sizes[1] + 1, (), generator=gen)), len(pool))
         indices.append(pool[torch.randperm(len(pool), generator=gen)[:n]])
-        masks.append(torch.zeros(10).index_fill_(0, classes, 1.0))
+        masks.append(torch.zeros(groups).index_fill_(0, chosen, 1.0))
         sizes.append(n)
     width = max(sizes)
     padded = torch.stack([torch.cat([i, i.new_zeros(width - len(i))]) for i in indices])
-    log_lr = torch.empty(m).uniform_(math.log(config.learning_rates[0]), math.log(config.learning_rates[1]),
-                                     generator=gen)
-    steps = torch.randint(config.steps[0], config.steps[1] + 1, (m,), generator=gen)
+    log_lr = torch.empty(m).uniform_(math.log(learning_rates[0]), math.log(learning_rates[1]), generator=gen)
+    counts = torch.randint(steps[0], steps[1] + 1, (m,), generator=gen)
     return {"membership": torch.stack(masks), "indices": padded, "size": torch.tensor(sizes), "lr": log_lr.exp(),
-            "steps": steps}
+            "steps": counts}
 
 
 def finetune_loras(base: torch.nn.Module, sites: tuple[str, ...], rank: int, tasks: dict[str, torch.Tensor],
@@ -275,7 +278,9 @@ def generate_lora_zoo(config: LoraZooConfig, chunk: int = 250, progress: bool = 
     As, Bs, labels = {s: [] for s in SITES}, {s: [] for s in SITES}, {"membership": [], "accuracy": [], "size": []}
     for start in tqdm(range(0, config.n_loras, chunk), desc="LoRA zoo", unit="chunk", disable=not progress):
         m = min(chunk, config.n_loras - start)
-        tasks = _draw_tasks(config, m, y, gen)
+        tasks = draw_finetune_tasks(m, 10, config.classes_per_finetune,
+                                    lambda classes: torch.nonzero(torch.isin(y, classes)).squeeze(1),
+                                    config.data_sizes, config.learning_rates, config.steps, gen)
 
         def sample(g: torch.Generator, tasks=tasks) -> tuple[torch.Tensor, torch.Tensor]:
             pos = (torch.rand(len(tasks["size"]), config.batch_size, generator=g) * tasks["size"][:, None]).long()
