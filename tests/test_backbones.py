@@ -133,3 +133,21 @@ def test_the_graph_view_refuses_what_it_cannot_describe():
 
     with pytest.raises(ValueError, match="whole linear sites"):
         NetworkGraph.of(NetworkSpec.from_module(CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4)))
+
+
+def test_backward_messages_from_the_raw_weight_break_scale_equivariance(monkeypatch):
+    """The released bidirectional ScaleGMN starts backward messages from ``W`` instead of ``1/W``; made so here, the
+    symmetry harness catches it at positive scales (the test above can fail) but not at sign flips (q = ±1)."""
+    from gradmetanet.weightspace import backbones
+
+    monkeypatch.setattr(backbones, "_reciprocal", lambda e, eps: e)
+    for kind, breaks in (("relu", True), ("tanh", False)):
+        model = network(kind)
+        spec = NetworkSpec.from_module(model)
+        torch.manual_seed(0)
+        metanet = ScaleGMN(spec, 1, 1, hidden=8, layers=2, bidirectional=True).double()
+        x = zoo_features(model)
+        g = spec.sample(torch.Generator().manual_seed(5))
+        error = max((metanet(move(x, g, spec))[k] - move(metanet(x), g, spec)[k]).abs().max().item()
+                    for k in x)
+        assert (error > 1e-4) if breaks else (error < 1e-9), (kind, error)
