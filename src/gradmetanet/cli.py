@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "properties of LoRA fine-tunes predicted from their adapters (LoL); inr-edit: dilate images by "
                           "editing their INRs' weights in one pass (7.3)")
     run.add_argument("--preset", default="quick",
-                     help="quick (minutes on 2 CPU cores), paper (the paper's set-up); lopt also has digits "
-                          "(the shipped optimizer's)")
+                     help="tiny (seconds), quick (minutes on 2 CPU cores), cpu (the claim on this machine, resumable), "
+                          "paper (the paper's set-up); lopt also has digits and fair (the shipped optimizer's) and "
+                          "lm-tiny|lm-quick|lm-cpu|lm-paper (the language-model task); lora also has "
+                          "lm-tiny|lm-quick|lm-cpu (LoRAs of a language model)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     run.add_argument("--device", default=None, help="cpu or cuda (overrides the preset)")
