@@ -260,6 +260,12 @@ def test_metanetworks_on_transformer_gradients_are_equivariant_end_to_end(kind):
         return s.transform_parameters(x, g)
 
     check_symmetry(spec, fn, params, move, move, group="perm", trials=1, sensitivity=("fixed", "untie"))
+    # the harness's "fixed" breaker permutes the vocabulary; permuting the positions changes the output too
+    from gradmetanet.core import Monomial
+    positions = spec.site("position").in_space
+    g = {positions: Monomial(torch.arange(spec.space(positions).size).roll(1))}
+    moved_out, expected = fn(move(params, g, spec)), move(out, g, spec)
+    assert max((moved_out[k] - expected[k]).abs().max().item() for k in out) > 1e-6
 
 
 def test_hooks_equal_the_functional_extractor_on_a_transformer():
