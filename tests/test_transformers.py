@@ -307,3 +307,20 @@ def test_weight_space_layer_on_transformer_weights_is_equivariant():
     check_symmetry(spec, lambda t: layer(t, spec), x, move, move, group="perm", sensitivity=("fixed",))
     with pytest.raises(ValueError, match=r"'embed.weight' has axes \('col', 'row'\); this layer handles"):
         WeightSpaceLayer(3, 2)(x, spec)
+
+
+def test_a_transformer_gradient_set_saves_and_loads(tmp_path):
+    """Self-attention's Q, K and V read one tensor; safetensors keeps no aliases, so each is written on its own
+    (this used to raise); token ids keep their dtype through to(float64)."""
+    from gradmetanet import GradientSet
+
+    torch.manual_seed(0)
+    model = CausalTransformer(vocab=9, d=8, heads=2, blocks=1, max_len=5, tie=True).double()
+    ids = torch.randint(0, 9, (3, 5))
+    gs = captured(model, (ids,), lambda out: lm_losses(out, ids))
+    gs.save(tmp_path / "gs.safetensors")
+    back = GradientSet.load(tmp_path / "gs.safetensors")
+    assert back.spec == gs.spec and back.activations["embed"].dtype == torch.int64
+    for name, value in gs.per_example_grads().items():
+        assert torch.equal(back.per_example_grads()[name], value), name
+    assert gs.to(torch.float32).activations["embed"].dtype == torch.int64

@@ -263,15 +263,23 @@ class GradientSet:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the factors and the spec to a safetensors file (atomically)."""
+        """Write the factors and the spec to a safetensors file (atomically). Factors that several sites share
+        (the input of self-attention's Q, K and V) are written once per site: safetensors keeps no aliases."""
         self.verify_finite()
-        tensors = {f"a/{k}": v.contiguous() for k, v in self.activations.items()}
-        tensors |= {f"g/{k}": v.contiguous() for k, v in self.output_grads.items()}
-        tensors |= {f"out/{k}": v.contiguous() for k, v in self.outputs.items()}
+        tensors = {f"a/{k}": v for k, v in self.activations.items()}
+        tensors |= {f"g/{k}": v for k, v in self.output_grads.items()}
+        tensors |= {f"out/{k}": v for k, v in self.outputs.items()}
+        seen: set[int] = set()
+        own = {}
+        for key, value in tensors.items():
+            value = value.detach().cpu().contiguous()
+            pointer = value.untyped_storage().data_ptr()
+            own[key] = value.clone() if pointer in seen else value
+            seen.add(pointer)
         metadata = {"format": "gradmetanet.GradientSet", "version": _FORMAT_VERSION,
                     "spec": self.spec.to_json(), "loss_reduction": self.loss_reduction}
         with atomic_replace(path) as tmp:
-            save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+            save_file(own, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "GradientSet":
