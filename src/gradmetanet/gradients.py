@@ -65,7 +65,7 @@ class GradientSet:
                     raise ValueError(f"GradientSet: {kind} has no entry for site {site.name!r}")
             a, g = self.activations[site.name], self.output_grads[site.name]
             kind = site_kind(site.kind)
-            d_in, d_out = kind.a_width(self.spec.space(site.in_space).size), self.spec.space(site.out_space).size
+            d_in, d_out = kind.a_width(site, self.spec.space(site.in_space).size), self.spec.space(site.out_space).size
             if a.dim() != 3 or a.shape[-1] != d_in:
                 raise ValueError(f"site {site.name!r}: activations must be [b, T, {d_in}], got {list(a.shape)}")
             if g.dim() != 3 or g.shape[-1] != d_out or g.shape[:2] != a.shape[:2]:
@@ -161,7 +161,7 @@ class GradientSet:
         for site in self.spec.sites:
             g_in, g_out = element.get(site.in_space), element.get(site.out_space)
             a, g = self.activations[site.name], self.output_grads[site.name]
-            acts[site.name] = site_kind(site.kind).transform_activation(a, g_in)
+            acts[site.name] = site_kind(site.kind).transform_activation(site, a, g_in)
             grads[site.name] = g if g_out is None else g_out.act_inverse_transpose(g, -1)
             if site.name in self.outputs:
                 out = self.outputs[site.name]

@@ -53,18 +53,27 @@ def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str,
             out = functional_call(model, dict(p), inputs)
         loss = loss_fn(out)
         acts = {k: a.detach().reshape(b, -1, a.shape[-1]) for k, (a, _) in record.items()}
-        outs = {k: y.detach().reshape(b, -1, y.shape[-1]) for k, (_, y) in record.items() if k in keep_output}
+        outs = {k: _rows(last[k](y.detach()), b) for k, (_, y) in record.items() if k in keep_output}
         return loss, (loss.detach(), acts, outs)
+
+    last = {site: extractor.features_last for path, _, extractor in targets
+            for site in ([path] if not extractor.composite else [s.name for s in spec.sites
+                                                                  if s.name.startswith(f"{path}:")])}
 
     probes = {k: next(iter(params.values())).new_zeros(shape) for k, shape in _probe_shapes(model, spec, params, inputs).items()}
     (g_params, g_probes), (loss, acts, outs) = grad(run, argnums=(0, 1), has_aux=True)(dict(params), probes)
     scale = b if loss_reduction == "mean" else 1
-    grads = {k: (g * scale).reshape(b, -1, g.shape[-1]) for k, g in g_probes.items()}
+    grads = {k: _rows(last[k](g * scale), b) for k, g in g_probes.items()}
     return loss, g_params, acts, grads, outs
 
 
 #: (model id, spec, input shapes) -> output shape per site; shapes only, no tensors
 _SHAPES: dict[tuple, dict[str, torch.Size]] = {}
+
+
+def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
+    """``[b, T, d]`` from ``[b, ..., d]``."""
+    return t.reshape(b, -1, t.shape[-1])
 
 
 @contextmanager

@@ -335,7 +335,8 @@ class GradientCapture:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if self._should_record(target.path, output):
                 self._record(target.sites[0], target.extractor.activation(module, inputs, output),
-                             target.extractor.output(module, inputs, output), target.batch_dim)
+                             target.extractor.output(module, inputs, output), target.batch_dim,
+                             target.extractor.features_last)
         return hook
 
     def _make_tap(self, target: _Target) -> Tap:
@@ -363,18 +364,21 @@ class GradientCapture:
                                f"GradientCapture; {self.after_backward_hint}")
         return True
 
-    def _record(self, site: str, x: torch.Tensor, y: torch.Tensor, bd: int) -> None:
-        """Keep the activation ``x`` of one call of ``site`` and hook the gradient of its output ``y``."""
+    def _record(self, site: str, x: torch.Tensor, y: torch.Tensor, bd: int,
+                features_last=lambda t: t) -> None:
+        """Keep the activation ``x`` of one call of ``site`` and hook the gradient of its output ``y``
+        (``features_last`` moves a channels-first output or gradient's features to the last axis)."""
         if x.dim() < 2 + bd:
             raise CaptureError(f"layer {site!r} got an input of shape {list(x.shape)} with its batch axis at "
                                f"dim {bd}; capture needs a batched input, [b, d] or [b, ..., d] (or [T, b, d] "
                                "under batch_first=False)")
         a = _to_batch_major(x.detach(), bd)
-        out = _to_batch_major(y.detach(), bd) if site in self._keep_output else None
+        out = _to_batch_major(features_last(y.detach()), bd) if site in self._keep_output else None
         calls = self._calls[site]
         calls.append(_Call(a, x._version, out, self._generation))
         index, generation, shape = len(calls) - 1, self._generation, y.shape
-        _hook_target(y).register_hook(lambda grad: self._on_grad(site, index, generation, grad.reshape(shape), bd))
+        _hook_target(y).register_hook(
+            lambda grad: self._on_grad(site, index, generation, features_last(grad.reshape(shape)), bd))
 
     def _on_grad(self, path: str, index: int, generation: int, grad: torch.Tensor, batch_dim: int) -> None:
         if not self._active:

@@ -22,7 +22,7 @@ Lookup is by exact type first, then along the module's class hierarchy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from ..core.groups import Blocks, Group, Perm, Trivial
 from ..core.spec import Site, Space, UnsupportedModuleError
 
-__all__ = ["Extractor", "LinearExtractor", "LayerNormExtractor", "EmbeddingExtractor",
+__all__ = ["Extractor", "LinearExtractor", "LayerNormExtractor", "EmbeddingExtractor", "Conv2dExtractor",
            "MultiheadAttentionExtractor", "Layout", "Tap", "register_extractor", "extractor_for",
            "registered_types", "capturable_modules"]
 
@@ -65,6 +65,8 @@ class Extractor:
     kind: str = "linear"
     #: whether captures replace the module's forward by :meth:`forward` (several sites per call)
     composite: bool = False
+    #: whether the data-flow tracer can follow the module (its features on the last axis)
+    traceable: bool = True
 
     def widths(self, module: nn.Module) -> tuple[int, int]:
         """``(d_in, d_out)``: the sizes of the spaces the site reads and writes."""
@@ -106,6 +108,10 @@ class Extractor:
     def output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """``[..., d_out]``: the tensor whose gradient is ``g`` (same leading axes as :meth:`activation`)."""
         return output
+
+    def features_last(self, t: torch.Tensor) -> torch.Tensor:
+        """The output (or its gradient) with the site's features on the last axis (channels-first layouts move)."""
+        return t
 
     def forward(self, module: nn.Module, tap: Tap, *args, **kwargs):
         """Composite extractors: the module's forward, reporting every site to ``tap`` (batch-major factors)."""
@@ -187,6 +193,38 @@ class EmbeddingExtractor(Extractor):
         if module.padding_idx is not None:
             ids = ids.masked_fill(ids == module.padding_idx, -1)
         return ids.unsqueeze(-1)
+
+
+class Conv2dExtractor(Extractor):
+    """``nn.Conv2d`` (``groups=1``, zero padding given as numbers): ``a`` is the unfolded input patches at every
+    output position (``F.unfold``, ``[b, L, C_in kh kw]``), ``g`` the output gradient per position; per-example
+    weight gradients are ``sum_L g a^T``, as Opacus computes them. The tracer follows features on the last axis,
+    so a network with convolutions is captured with ``layers=[...]`` (each layer its own fixed spaces)."""
+
+    kind = "conv"
+    traceable = False
+
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_channels, module.out_channels
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        if module.groups != 1:
+            raise UnsupportedModuleError(f"Conv2d {path!r} has groups={module.groups}; capture supports groups=1")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise UnsupportedModuleError(f"Conv2d {path!r} pads with {module.padding_mode!r} / {module.padding!r}; "
+                                         "capture supports zero padding given as numbers")
+
+    def site(self, path: str, module: nn.Module, in_space: str, out_space: str) -> Site:
+        return replace(super().site(path, module, in_space, out_space), kernel=tuple(module.kernel_size))
+
+    def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        if x.dim() != 4:
+            raise UnsupportedModuleError(f"capture needs batched Conv2d inputs [b, C, H, W], got {list(x.shape)}")
+        return F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+
+    def features_last(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2).transpose(1, 2)
 
 
 class MultiheadAttentionExtractor(Extractor):
@@ -296,7 +334,7 @@ class MultiheadAttentionExtractor(Extractor):
 
 
 _REGISTRY: dict[type, Extractor] = {nn.Linear: LinearExtractor(), nn.LayerNorm: LayerNormExtractor(),
-                                    nn.Embedding: EmbeddingExtractor(),
+                                    nn.Embedding: EmbeddingExtractor(), nn.Conv2d: Conv2dExtractor(),
                                     nn.MultiheadAttention: MultiheadAttentionExtractor()}
 
 

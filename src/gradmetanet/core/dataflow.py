@@ -390,6 +390,12 @@ def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
     from ..capture.registry import capturable_modules
 
     found = {id(m): (p, m, e) for p, m, e in capturable_modules(model)}
+    untraceable = [f"{p!r} ({type(m).__name__})" for p, m, e in found.values() if not e.traceable]
+    if untraceable:
+        raise UnsupportedModuleError(
+            f"modules {', '.join(untraceable)} keep their features off the last axis, which the data-flow tracer "
+            "follows, so the network's spec cannot be traced yet; capture them with GradientCapture(model, "
+            "layers=[...]) (each layer gets its own fixed spaces) or pass a hand-written spec=")
     covered = {id(p) for _, m, _ in found.values() for p in m.parameters()}
     for path, module in model.named_modules():
         if id(module) in found:

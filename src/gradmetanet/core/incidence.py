@@ -54,14 +54,20 @@ def neuron_tensor(spec: NetworkSpec, activations: Mapping[str, torch.Tensor], ou
                              f"{list(grad.shape)} disagree on examples or tokens")
         act_parts.append(act)
         grad_parts.append(torch.zeros_like(act, dtype=dtype) if grad is None else grad)
+    tokens = {space.name: part.shape[-2] for space, part in zip(spec.spaces, act_parts)}
+    if len(set(tokens.values())) > 1:
+        raise ValueError(f"the spaces see different numbers of tokens {tokens} (convolutions at several "
+                         "resolutions, or a layer used a different number of times): per-neuron features need one "
+                         "token axis; read per-example gradients or norms instead")
     act_parts = [a.to(dtype) for a in act_parts]
     grad_parts = [g.to(dtype) for g in grad_parts]
     return torch.stack([torch.cat(act_parts, -1), torch.cat(grad_parts, -1)], -1).flatten(-4, -3)
 
 
 def _dense(site, a: torch.Tensor, size: int) -> torch.Tensor:
-    """The per-neuron activation of ``site`` on its in-space (token ids of an embedding become one-hot)."""
-    return a if a.is_floating_point() else site_kind(site.kind).dense_activation(a, size)
+    """The per-neuron activation of ``site`` on its in-space (token ids of an embedding become one-hot, a
+    convolution's patches are averaged over the kernel taps)."""
+    return site_kind(site.kind).dense_activation(site, a, size)
 
 
 def _mean(tensors: list[torch.Tensor], space: str, what: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ A site may own a block of rows of its tensors (``Site.rows``): the Q, K and V si
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,7 +47,7 @@ class SiteKind:
             params.append(Parameter(site.bias, (Axis("row", site.out_space),), site.rows))
         return tuple(params)
 
-    def a_width(self, d_in: int) -> int:
+    def a_width(self, site: "Site", d_in: int) -> int:
         """The last axis of ``a`` for a site reading ``d_in`` neurons."""
         return d_in
 
@@ -80,11 +81,11 @@ class SiteKind:
             out[site.bias] = g.sum(1).square().sum(-1)
         return out
 
-    def dense_activation(self, a: torch.Tensor, d_in: int) -> torch.Tensor:
+    def dense_activation(self, site: "Site", a: torch.Tensor, d_in: int) -> torch.Tensor:
         """``[..., d_in]``: the per-neuron activation a metanetwork reads on the in-space."""
         return a
 
-    def transform_activation(self, a: torch.Tensor, element: "Element | None") -> torch.Tensor:
+    def transform_activation(self, site: "Site", a: torch.Tensor, element: "Element | None") -> torch.Tensor:
         """``a`` moved by the in-space's group element."""
         return a if element is None else element.act(a, -1)
 
@@ -130,7 +131,7 @@ class EmbeddingKind(SiteKind):
 
         return (Parameter(site.weight, (Axis("col", site.in_space), Axis("row", site.out_space))),)
 
-    def a_width(self, d_in: int) -> int:
+    def a_width(self, site, d_in):
         return 1
 
     def check_factors(self, a, g):
@@ -163,18 +164,56 @@ class EmbeddingKind(SiteKind):
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
         return {site.weight: (same * (g @ g.transpose(1, 2))).sum((1, 2))}
 
-    def dense_activation(self, a, d_in):
+    def dense_activation(self, site, a, d_in):
         ids = a[..., 0]
         hot = torch.nn.functional.one_hot(ids.clamp_min(0), d_in) * (ids >= 0).unsqueeze(-1)
         return hot.to(torch.get_default_dtype())
 
-    def transform_activation(self, a, element):
+    def transform_activation(self, site, a, element):
         if element is not None:
             raise ValueError("an embedding's vocabulary space is fixed; a group element cannot move token ids")
         return a
 
 
-SITE_KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), LayerNormKind(), EmbeddingKind())}
+class ConvKind(SiteKind):
+    """A convolution as a linear map of input patches: ``a`` holds the unfolded patches ``[b, L, d_in k]`` (``k``
+    kernel taps, channel-major as ``F.unfold`` gives them) at the ``L`` output positions, ``g`` the output
+    gradient per position ``[b, L, d_out]``; weight ``(row out, col in, fixed kh, fixed kw)``, bias ``(row out)``."""
+
+    name = "conv"
+
+    def parameters(self, site):
+        from .spec import Axis, Parameter
+
+        params = [Parameter(site.weight, (Axis("row", site.out_space), Axis("col", site.in_space),
+                                          *(Axis("fixed", size=k) for k in site.kernel)))]
+        if site.bias is not None:
+            params.append(Parameter(site.bias, (Axis("row", site.out_space),)))
+        return tuple(params)
+
+    def a_width(self, site, d_in):
+        return d_in * math.prod(site.kernel)
+
+    def per_example(self, site, a, g, d_in):
+        out = super().per_example(site, a, g, d_in)
+        out[site.weight] = out[site.weight].view(g.shape[0], g.shape[-1], d_in, *site.kernel)
+        return out
+
+    def summed(self, site, a, g, d_in):
+        out = super().summed(site, a, g, d_in)
+        out[site.weight] = out[site.weight].view(g.shape[-1], d_in, *site.kernel)
+        return out
+
+    def dense_activation(self, site, a, d_in):
+        return a.view(*a.shape[:-1], d_in, -1).mean(-1)
+
+    def transform_activation(self, site, a, element):
+        if element is None:
+            return a
+        return element.act(a.view(*a.shape[:-1], -1, math.prod(site.kernel)), -2).reshape(a.shape)
+
+
+SITE_KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), LayerNormKind(), EmbeddingKind(), ConvKind())}
 
 
 def site_kind(name: str) -> SiteKind:

@@ -101,11 +101,13 @@ class Site:
     bias: str | None
     kind: str = "linear"
     rows: tuple[int, int] | None = None
+    kernel: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         site_kind(self.kind)                      # an unknown kind fails here, naming the known ones
         if self.rows is not None:
             object.__setattr__(self, "rows", (int(self.rows[0]), int(self.rows[1])))
+        object.__setattr__(self, "kernel", tuple(int(k) for k in self.kernel))
 
     @property
     def has_bias(self) -> bool:
@@ -397,8 +399,9 @@ class NetworkSpec:
         return json.dumps({
             "version": 2,
             "spaces": [[s.name, s.size, s.group.to_json()] for s in self.spaces],
-            "sites": [[s.name, s.kind, s.in_space, s.out_space, s.weight, s.bias, *([list(s.rows)] if s.rows else [])]
-                      for s in self.sites],
+            "sites": [[s.name, s.kind, s.in_space, s.out_space, s.weight, s.bias,
+                       *([{k: list(v) for k, v in (("rows", s.rows), ("kernel", s.kernel)) if v}]
+                         if s.rows or s.kernel else [])] for s in self.sites],
             "parameters": [[p.name, [axis(a) for a in p.axes]] for p in self.parameters if p.name not in own],
         })
 
@@ -414,7 +417,8 @@ class NetworkSpec:
             return Axis(role, size=int(value)) if role == "fixed" else Axis(role, value)
 
         spaces = tuple(Space(n, int(d), group_from_json(g)) for n, d, g in data["spaces"])
-        sites = tuple(Site(name, i, o, w, b, kind, tuple(rows[0]) if rows else None)
-                      for name, kind, i, o, w, b, *rows in data["sites"])
+        sites = tuple(Site(name, i, o, w, b, kind, tuple(extra[0]["rows"]) if extra and "rows" in extra[0] else None,
+                           tuple(extra[0].get("kernel", ())) if extra else ())
+                      for name, kind, i, o, w, b, *extra in data["sites"])
         params = tuple(Parameter(n, tuple(axis(*a) for a in axes)) for n, axes in data.get("parameters", []))
         return cls(spaces, sites, params)
