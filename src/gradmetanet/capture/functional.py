@@ -10,6 +10,7 @@ of tensors, many networks (a zoo, the inner runs of PES) vectorise with ``torch.
 from __future__ import annotations
 
 import functools
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Mapping
 
@@ -37,7 +38,7 @@ def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str,
     ``output_grads[site]: [b, T, d_out]`` (per-example: rescaled by ``b`` for a mean-reduced
     loss, as the hooks do) and ``outputs[site]`` for sites whose out-space no site reads.
     """
-    targets = modules_of_sites(model, spec)
+    targets = _targets(model, spec)
     keep_output = {s.name for s in spec.sites if not spec.readers(s.out_space)}
     b = inputs[0].shape[0]
 
@@ -69,6 +70,19 @@ def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str,
 
 #: (model id, spec, input shapes) -> output shape per site; shapes only, no tensors
 _SHAPES: dict[tuple, dict[str, torch.Size]] = {}
+
+
+#: model -> spec -> the modules forming the spec's sites (PES calls the extractor at every inner step); weak, so
+#: an entry goes with its model, and checked against the model's current submodules before use
+_TARGETS: weakref.WeakKeyDictionary[nn.Module, dict[NetworkSpec, list]] = weakref.WeakKeyDictionary()
+
+
+def _targets(model: nn.Module, spec: NetworkSpec) -> list:
+    per_spec = _TARGETS.setdefault(model, {})
+    found = per_spec.get(spec)
+    if found is None or any(model.get_submodule(path) is not module for path, module, _ in found):
+        found = per_spec[spec] = modules_of_sites(model, spec)
+    return found
 
 
 def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
@@ -117,7 +131,7 @@ def _probe_shapes(model: nn.Module, spec: NetworkSpec, params: Mapping[str, torc
         shapes[site_name] = output.shape
         return output
 
-    with _instrumented(modules_of_sites(model, spec), spec, remember), torch.no_grad():
+    with _instrumented(_targets(model, spec), spec, remember), torch.no_grad():
         functional_call(model, {k: v.detach() for k, v in params.items()}, inputs)
     if len(_SHAPES) > 256:
         _SHAPES.clear()
