@@ -285,8 +285,8 @@ def test_subset_of_layers_and_unsupported_modules():
     assert not any(s.permutable for s in gs.spec.spaces)
     for name in ("0.weight", "0.bias", "3.weight", "3.bias"):
         torch.testing.assert_close(gs.mean_grad()[name], model.get_parameter(name).grad)
-    for bad in (nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2))):
-        with pytest.raises(UnsupportedModuleError, match="Conv2d|GRU"):
+    for bad in (nn.Sequential(nn.Conv3d(1, 2, 3)), nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2))):
+        with pytest.raises(UnsupportedModuleError, match="Conv3d|GRU"):
             GradientCapture(bad)
     with pytest.raises(UnsupportedModuleError, match="no capturable layer"):
         GradientCapture(nn.Sequential(nn.ReLU()))

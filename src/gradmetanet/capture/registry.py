@@ -65,8 +65,8 @@ class Extractor:
     kind: str = "linear"
     #: whether captures replace the module's forward by :meth:`forward` (several sites per call)
     composite: bool = False
-    #: whether the data-flow tracer can follow the module (its features on the last axis)
-    traceable: bool = True
+    #: the axis of the module's input and output that its neurons lie on (-1: the last; -3: NCHW channels)
+    feature_axis: int = -1
 
     def widths(self, module: nn.Module) -> tuple[int, int]:
         """``(d_in, d_out)``: the sizes of the spaces the site reads and writes."""
@@ -198,11 +198,12 @@ class EmbeddingExtractor(Extractor):
 class Conv2dExtractor(Extractor):
     """``nn.Conv2d`` (``groups=1``, zero padding given as numbers): ``a`` is the unfolded input patches at every
     output position (``F.unfold``, ``[b, L, C_in kh kw]``), ``g`` the output gradient per position; per-example
-    weight gradients are ``sum_L g a^T``, as Opacus computes them. The tracer follows features on the last axis,
-    so a network with convolutions is captured with ``layers=[...]`` (each layer its own fixed spaces)."""
+    weight gradients are ``sum_L g a^T``, as Opacus computes them. Its neurons are the channels (axis 1 of NCHW):
+    the tracer follows them through element-wise functions, pooling, residual sums, means over the positions
+    and the flatten after a global pooling (anything else fixes them)."""
 
     kind = "conv"
-    traceable = False
+    feature_axis = -3
 
     def widths(self, module: nn.Module) -> tuple[int, int]:
         return module.in_channels, module.out_channels
@@ -225,6 +226,10 @@ class Conv2dExtractor(Extractor):
 
     def features_last(self, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(2).transpose(1, 2)
+
+    def example_input(self, module: nn.Module) -> tuple:
+        w = module.weight
+        return (torch.randn(2, module.in_channels, 16, 16, dtype=w.dtype, device=w.device),)
 
 
 class MultiheadAttentionExtractor(Extractor):

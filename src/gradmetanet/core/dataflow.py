@@ -58,6 +58,10 @@ _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__true
 _DIVIDE = {"div", "div_", "__truediv__", "__itruediv__", "true_divide"}
 _FEATURE_NORMS = {"softmax", "log_softmax", "layer_norm", "normalize", "rms_norm", "_softmax"}
 _DROPOUT = {"dropout", "dropout_", "feature_alpha_dropout", "alpha_dropout"}
+#: pooling over positions (channels-first tensors): averages are linear per channel, maxima keep positive scales
+_AVERAGE_POOLS = {"avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"}
+_MAX_POOLS = {"max_pool1d", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "adaptive_max_pool2d",
+              "_adaptive_max_pool2d", "adaptive_max_pool1d"}
 #: Operations that mix the entries of the axis they are given: over the examples they couple the batch.
 _MIXING = {"sum", "mean", "std", "var", "amax", "amin", "max", "min", "logsumexp", "norm", "softmax", "log_softmax",
            "_softmax", "cumsum", "cumprod", "std_mean", "var_mean", "median", "sort", "argsort", "topk"}
@@ -131,6 +135,7 @@ class _Tracer(TorchFunctionMode):
         super().__init__()
         self.graph = _Graph()
         self.node: dict[int, int] = {}
+        self.axis: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []           # keeps traced tensors alive so their ids stay unique
         self.site_modules = site_modules
         self.site_params = {id(p): path for path, m, _ in site_modules.values() for p in m.parameters()}
@@ -141,12 +146,18 @@ class _Tracer(TorchFunctionMode):
         self.batch_size: int | None = None
 
     # ------------------------------------------------------------------ bookkeeping
-    def mark(self, t: torch.Tensor, node: int) -> None:
+    def mark(self, t: torch.Tensor, node: int, axis: int = -1) -> None:
+        """Record that ``t``'s axis ``axis`` (negative: counted from the end) lives on ``node``."""
         self.node[id(t)] = node
+        self.axis[id(t)] = axis
         self.keep.append(t)
 
     def node_of(self, t: Any) -> int | None:
         return self.node.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def feature_axis(self, t: torch.Tensor) -> int:
+        """Which axis of ``t`` its node is: the last (-1), or the channels of an NCHW tensor (-3)."""
+        return self.axis.get(id(t), -1)
 
     def fresh_fixed(self, t: torch.Tensor) -> None:
         self.mark(t, self.graph.new(t.shape[-1] if t.dim() else 1, _NONE))
@@ -175,19 +186,22 @@ class _Tracer(TorchFunctionMode):
         self.inside -= 1
         path, _, extractor = self.site_modules[id(module)]
         layout, nodes = self.module_nodes(path, module, extractor)
+        axis = extractor.feature_axis
         for i, x in enumerate(extractor.inputs(args, kwargs)):
             ref = f"input:{i}"
             if ref not in nodes:
                 continue
             node = self.node_of(x)
-            if node is None:            # input not computed from the model inputs (token ids, a constant): fixed
+            if node is None or self.feature_axis(x) != axis or x.dim() < -axis or x.shape[axis] != layout.sizes[ref]:
+                # not computed from the model inputs (token ids, a constant), or tracked on another axis (an
+                # image's width): what the module reads cannot be followed, so its space is fixed
                 self.graph.restrict(nodes[ref], _NONE)
             else:
                 self.graph.union(node, nodes[ref])
         outs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
         if not outs:
             raise UnsupportedModuleError(f"captured module {path!r} returned a {type(output).__name__}, not a tensor")
-        self.mark(outs[0], nodes[layout.output])
+        self.mark(outs[0], nodes[layout.output], axis)
         for extra in outs[1:]:          # attention weights and other side outputs
             self.fresh_fixed(extra)
 
@@ -238,11 +252,13 @@ class _Tracer(TorchFunctionMode):
             self.fresh_fixed(o)
 
     def keep_node(self, x: torch.Tensor, outs: list[torch.Tensor], allowed: frozenset[str]) -> None:
-        n = self.node_of(x)
+        n, a = self.node_of(x), self.feature_axis(x)
         self.graph.restrict(n, allowed)
         for o in outs:
-            if o.dim() and x.dim() and o.shape[-1] == x.shape[-1]:
-                self.mark(o, n)
+            same = (o.dim() and x.dim() and o.shape[-1] == x.shape[-1]) if a == -1 else \
+                (o.dim() == x.dim() and o.shape[a] == x.shape[a])
+            if same:
+                self.mark(o, n, a)
             else:
                 self.graph.restrict(n, _NONE)
                 self.fresh_fixed(o)
@@ -252,6 +268,8 @@ class _Tracer(TorchFunctionMode):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else traced[0]
         if not x.dim() or not outs:
             return self.fix_all(traced, outs)
+        if self.node_of(x) is not None and self.feature_axis(x) != -1:
+            return self.channel_rule(name, args, kwargs, x, traced, outs)
         if name in _HOMOGENEOUS:
             return self.keep_node(x, outs, _SCALE)
         if name in _ODD:
@@ -273,10 +291,53 @@ class _Tracer(TorchFunctionMode):
             return self.structural(name, args, kwargs, x, traced, outs)
         return self.fix_all(traced, outs)
 
+    def channel_rule(self, name: str, args: tuple, kwargs: dict, x: torch.Tensor, traced: list[torch.Tensor],
+                     outs: list[torch.Tensor]) -> None:
+        """Rules for a tensor whose node is not its last axis (the channels of an NCHW activation): element-wise
+        functions, pooling over the positions, sums with other such tensors, means over the positions and the
+        flatten that follows a global pooling; anything else fixes the channels."""
+        if name in _HOMOGENEOUS:
+            return self.keep_node(x, outs, _SCALE)
+        if name in _ODD:
+            return self.keep_node(x, outs, _SIGN)
+        if name in _POINTWISE or name in _FEATURE_NORMS:
+            return self.keep_node(x, outs, _PERM)
+        if name in _DROPOUT:
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            return self.keep_node(x, outs, _MONOMIAL if training else _ALL)
+        if name in _SAME or name in _AVERAGE_POOLS:
+            return self.keep_node(x, outs, _ALL)
+        if name in _MAX_POOLS:
+            return self.keep_node(x, outs, _SCALE)             # max commutes with positive scales, not with signs
+        if name in _ADD or name in _MUL:
+            return self.binary(name, args, traced, outs)
+        a, n = self.feature_axis(x), self.node_of(x)
+        channel = x.dim() + a
+        if name in ("sum", "mean"):
+            dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            dims = dims if isinstance(dims, (tuple, list)) else [dims]
+            if any(d is None for d in dims) or channel in [_norm_dim(d, x.dim()) for d in dims]:
+                return self.fix_all(traced, outs)
+            keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+            reduced = [_norm_dim(d, x.dim()) for d in dims]
+            self.graph.restrict(n, _ALL)
+            for o in outs:
+                self.mark(o, n, a if keepdim else a + sum(1 for d in reduced if d > channel))
+            return None
+        if name in ("flatten", "reshape", "view", "squeeze") and all(s == 1 for s in x.shape[channel + 1:]):
+            o = outs[0]                                        # [b, C, 1, 1] -> [b, C] after a global pooling
+            if len(outs) == 1 and o.dim() == channel + 1 and tuple(o.shape) == tuple(x.shape[:channel + 1]):
+                self.graph.restrict(n, _ALL)
+                return self.mark(o, n, -1)
+        return self.fix_all(traced, outs)
+
     def binary(self, name: str, args: tuple, traced: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         out = outs[0]
-        d = out.shape[-1] if out.dim() else 1
-        full = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.dim() and a.shape[-1] == d and d > 1]
+        ax = self.feature_axis(traced[0])
+        d = out.shape[ax] if out.dim() >= -ax else 1
+        full = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.dim() >= -ax and a.shape[ax] == d and d > 1]
+        if any(self.node_of(a) is not None and self.feature_axis(a) != ax for a in full):
+            return self.fix_all(traced, outs)                 # tracked on different axes
         traced_full = [a for a in full if self.node_of(a) is not None]
         constant_full = [a for a in full if self.node_of(a) is None]
         others = [a for a in args[:2] if a is not None and not any(a is f for f in full)]
@@ -302,7 +363,7 @@ class _Tracer(TorchFunctionMode):
             allowed = _ALL                      # multiplication by a constant scalar is linear
         self.graph.restrict(n, allowed)
         for o in outs:
-            self.mark(o, n)
+            self.mark(o, n, ax)
 
     def structural(self, name: str, args: tuple, kwargs: dict, x: torch.Tensor, traced: list[torch.Tensor],
                    outs: list[torch.Tensor]) -> None:
@@ -390,12 +451,6 @@ def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
     from ..capture.registry import capturable_modules
 
     found = {id(m): (p, m, e) for p, m, e in capturable_modules(model)}
-    untraceable = [f"{p!r} ({type(m).__name__})" for p, m, e in found.values() if not e.traceable]
-    if untraceable:
-        raise UnsupportedModuleError(
-            f"modules {', '.join(untraceable)} keep their features off the last axis, which the data-flow tracer "
-            "follows, so the network's spec cannot be traced yet; capture them with GradientCapture(model, "
-            "layers=[...]) (each layer gets its own fixed spaces) or pass a hand-written spec=")
     covered = {id(p) for _, m, _ in found.values() for p in m.parameters()}
     for path, module in model.named_modules():
         if id(module) in found:
