@@ -270,16 +270,10 @@ class _Tracer(TorchFunctionMode):
             return self.fix_all(traced, outs)
         if self.node_of(x) is not None and self.feature_axis(x) != -1:
             return self.channel_rule(name, args, kwargs, x, traced, outs)
-        if name in _HOMOGENEOUS:
-            return self.keep_node(x, outs, _SCALE)
-        if name in _ODD:
-            return self.keep_node(x, outs, _SIGN)
-        if name in _POINTWISE or name in _FEATURE_NORMS:
-            return self.keep_node(x, outs, _PERM)
-        if name in _DROPOUT:
-            training = kwargs.get("training", args[2] if len(args) > 2 else True)
-            return self.keep_node(x, outs, _MONOMIAL if training else _ALL)
-        if name in _SAME or name in _RESHAPE:
+        allowed = _elementwise(name, args, kwargs)
+        if allowed is not None:
+            return self.keep_node(x, outs, allowed)
+        if name in _RESHAPE:
             return self.keep_node(x, outs, _ALL)
         if name in _ADD or name in _MUL:
             return self.binary(name, args, traced, outs)
@@ -296,16 +290,10 @@ class _Tracer(TorchFunctionMode):
         """Rules for a tensor whose node is not its last axis (the channels of an NCHW activation): element-wise
         functions, pooling over the positions, sums with other such tensors, means over the positions and the
         flatten that follows a global pooling; anything else fixes the channels."""
-        if name in _HOMOGENEOUS:
-            return self.keep_node(x, outs, _SCALE)
-        if name in _ODD:
-            return self.keep_node(x, outs, _SIGN)
-        if name in _POINTWISE or name in _FEATURE_NORMS:
-            return self.keep_node(x, outs, _PERM)
-        if name in _DROPOUT:
-            training = kwargs.get("training", args[2] if len(args) > 2 else True)
-            return self.keep_node(x, outs, _MONOMIAL if training else _ALL)
-        if name in _SAME or name in _AVERAGE_POOLS:
+        allowed = _elementwise(name, args, kwargs)
+        if allowed is not None:
+            return self.keep_node(x, outs, allowed)
+        if name in _AVERAGE_POOLS:
             return self.keep_node(x, outs, _ALL)
         if name in _MAX_POOLS:
             return self.keep_node(x, outs, _SCALE)             # max commutes with positive scales, not with signs
@@ -402,6 +390,22 @@ class _Tracer(TorchFunctionMode):
             n = self.graph.union(n, self.node_of(t))
         for o in outs:
             self.mark(o, n)
+
+
+def _elementwise(name: str, args: tuple, kwargs: dict) -> frozenset[str] | None:
+    """The symmetries an element-wise operation keeps (``None``: not an element-wise operation)."""
+    if name in _HOMOGENEOUS:
+        return _SCALE
+    if name in _ODD:
+        return _SIGN
+    if name in _POINTWISE or name in _FEATURE_NORMS:
+        return _PERM
+    if name in _DROPOUT:
+        training = kwargs.get("training", args[2] if len(args) > 2 else True)
+        return _MONOMIAL if training else _ALL
+    if name in _SAME:
+        return _ALL
+    return None
 
 
 def _last_axis_stays_last(name: str, args: tuple, kwargs: dict, ndim: int) -> bool:
