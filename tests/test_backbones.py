@@ -131,7 +131,7 @@ def test_transformed_networks_compute_the_same_function():
 def test_the_graph_view_refuses_what_it_cannot_describe():
     from gradmetanet.models import CausalTransformer
 
-    with pytest.raises(ValueError, match="whole linear sites"):
+    with pytest.raises(ValueError, match="whole linear and convolution sites"):
         NetworkGraph.of(NetworkSpec.from_module(CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4)))
 
 
@@ -151,3 +151,63 @@ def test_backward_messages_from_the_raw_weight_break_scale_equivariance(monkeypa
         error = max((metanet(move(x, g, spec))[k] - move(metanet(x), g, spec)[k]).abs().max().item()
                     for k in x)
         assert (error > 1e-4) if breaks else (error < 1e-9), (kind, error)
+
+
+def small_cnn(activation: str) -> torch.nn.Module:
+    """Two convolutions of different kernels (3 x 3 stride 2, then 2 x 2), global mean, dense: the Small CNN Zoo's
+    shape in miniature, so the graph pads the 2 x 2 kernels and the dense weights into 3 x 3 taps."""
+    torch.manual_seed(0)
+    act = torch.nn.Tanh if activation == "tanh" else torch.nn.ReLU
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, stride=2), act(), torch.nn.Conv2d(3, 4, 2), act(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("name", ["gmn_bidirectional", "scalegmn_bidirectional", "scalegmn_broken"])
+def test_graph_backbones_on_convolutions(name, activation):
+    """Kernels are edges: GMN is permutation-equivariant on channels, ScaleGMN also to the channel signs (tanh) or
+    positive scales (ReLU); with its canonicalisation removed (the GMN-B ablation) sign flips and scales change it."""
+    model = small_cnn(activation)
+    spec = NetworkSpec.from_module(model, torch.randn(2, 1, 9, 9, dtype=torch.float64))
+    torch.manual_seed(0)
+    metanet = {"gmn_bidirectional": MODELS["gmn_bidirectional"],
+               "scalegmn_bidirectional": MODELS["scalegmn_bidirectional"],
+               "scalegmn_broken": lambda s: ScaleGMN(s, 1, 2, hidden=8, layers=2, bidirectional=True, symmetry=False),
+               }[name](spec).double()
+    x = zoo_features(model)
+    if name == "scalegmn_bidirectional":
+        check_symmetry(spec, metanet, x, move, move, group="full", sensitivity=("fixed",))
+        return
+    check_symmetry(spec, metanet, x, move, move, group="perm", sensitivity=("fixed",))
+    g = spec.sample(torch.Generator().manual_seed(2))        # with scales or signs: these two do not follow them
+    error = max((metanet(move(x, g, spec))[k] - move(metanet(x), g, spec)[k]).abs().max().item() for k in x)
+    assert error > 1e-4, error
+
+
+def test_the_graph_of_a_cnn_pads_kernels_around_their_centre():
+    model = small_cnn("tanh")
+    spec = NetworkSpec.from_module(model, torch.randn(2, 1, 9, 9, dtype=torch.float64))
+    graph = NetworkGraph.of(spec)
+    assert graph.kernel == (3, 3) and graph.n_vertices == 1 + 3 + 4 + 2 and graph.n_edges == 3 + 12 + 8
+    x = zoo_features(model)
+    v, e = graph.to_graph(x)
+    assert e.shape == (3, 23, 9)
+    back = graph.from_graph(v, e)
+    for k in x:
+        torch.testing.assert_close(back[k], x[k], atol=0, rtol=0)
+    taps = e[0].view(23, 3, 3)
+    k2 = x["2.weight"][0, 1, 2, :, :, 0]                     # a 2 x 2 kernel sits in the top-left of the 3 x 3 grid
+    torch.testing.assert_close(taps[3 + 1 * 3 + 2, :2, :2], k2)
+    assert taps[3 + 1 * 3 + 2, 2].abs().sum() == 0 and taps[3 + 1 * 3 + 2, :, 2].abs().sum() == 0
+    dense = taps[15 + 1 * 4 + 3]                             # a dense weight is a 1 x 1 kernel in the centre
+    assert dense[1, 1] == x["6.weight"][0, 1, 3, 0] and dense.abs().sum() == dense[1, 1].abs()
+
+
+def test_the_small_cnn_zoo_graph_has_the_published_size():
+    """Layout [1, 16, 16, 16, 10]: 59 vertices and 688 edges of 9 taps, as in ScaleGMN's CNN loader."""
+    from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
+
+    spec = NetworkSpec.from_module(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28))
+    graph = NetworkGraph.of(spec)
+    assert (graph.n_vertices, graph.n_edges, graph.taps) == (59, 688, 9)
+    assert sum(p.numel() for p in small_cnn_zoo_template("relu").parameters()) == 4970

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a paper experiment and write results.json, table.md and plots")
-    run.add_argument("experiment", choices=["curvature", "fisher-trace", "lopt", "lora", "inr-edit"],
+    run.add_argument("experiment", choices=["curvature", "fisher-trace", "lopt", "lora", "inr-edit", "amortize"],
                      help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs "
                           "(G.1); lopt: learned optimizers meta-trained with PES against tuned Adam (7.2); lora: "
                           "properties of LoRA fine-tunes predicted from their adapters (LoL); inr-edit: dilate images by "
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["eval_seeds" if args.experiment == "lopt" else "seeds"] = args.seeds
     if args.device is not None:
         overrides["device"] = args.device
-    from .experiments import curvature, fisher_trace, inr_edit, lopt, lora
+    from .experiments import amortize, curvature, fisher_trace, inr_edit, lopt, lora
     module = {"curvature": curvature, "fisher-trace": fisher_trace, "lopt": lopt, "lora": lora,
-              "inr-edit": inr_edit}[args.experiment]
+              "inr-edit": inr_edit, "amortize": amortize}[args.experiment]
     try:
         config = module.config_from_preset(args.preset, **overrides)
     except TypeError as err:

@@ -16,7 +16,13 @@ same keys with ``out_features`` channels (``readout="equivariant"``) or ``[B, ou
   constants except on vertices no scaling moves. Backward messages (``bidirectional=True``) read
   the *reciprocal* edge ``1 / e_ij``, which moves as ``q_j / q_i``, so they are equivariant to positive
   scales too (the released bidirectional ScaleGMN reads ``e_ij`` there, which is right for signs only).
-  The reciprocal is guarded: ``sign(e) / max(|e|, eps)``, exact wherever ``|e| > eps``.
+  The reciprocal is guarded: ``sign(e) / max(|e|, eps)``, exact wherever ``|e| > eps``; for a convolution
+  kernel, an edge of ``T`` taps, it is the vector reciprocal ``k / |k|^2``, which moves as ``q_j / q_i`` too.
+  ``symmetry=False`` gives the symmetry-broken ablation "GMN-B" of amortized fine-tuning: the same network with
+  the canonicalisation and symmetrisation removed from every invariant sub-network.
+
+GMN and ScaleGMN read convolutions too (channels are vertices, kernels are edges of ``T = kh kw`` taps,
+see :class:`NetworkGraph`); weights then have ``T`` times the channels on the edges.
 """
 
 from __future__ import annotations
@@ -102,11 +108,12 @@ class GMN(nn.Module):
                  activation: str = "gelu") -> None:
         super().__init__()
         self.spec, self.graph, self.pe_dim, self.readout = spec, NetworkGraph.of(spec), pe_dim, readout
+        taps = self.graph.taps
         self.embed_vertex = nn.Linear(in_features + pe_dim, hidden)
-        self.embed_edge = nn.Linear(in_features, hidden)
+        self.embed_edge = nn.Linear(in_features * taps, hidden)
         self.layers = nn.ModuleList(_GMNLayer(hidden, bidirectional, activation) for _ in range(layers))
         if readout == "equivariant":
-            self.out_vertex, self.out_edge = nn.Linear(hidden, out_features), nn.Linear(hidden, out_features)
+            self.out_vertex, self.out_edge = nn.Linear(hidden, out_features), nn.Linear(hidden, out_features * taps)
         else:
             self.head = MLP([2 * hidden, hidden, out_features], activation)
 
@@ -146,14 +153,17 @@ class _Invariant(nn.Module):
 
     Positive scales: ``phi(h / |h|)`` (canonicalisation, ``|h|`` over the channels, guarded by ``eps``);
     signs: ``phi(h) + phi(-h)`` (symmetrisation); any nonzero number: both; none: ``phi(h)``.
+    ``canonicalise=False`` reads every entry as ``phi(h)``: the symmetry-broken ablation.
     """
 
-    def __init__(self, in_features: int, hidden: int, activation: str, eps: float) -> None:
+    def __init__(self, in_features: int, hidden: int, activation: str, eps: float, canonicalise: bool = True) -> None:
         super().__init__()
         self.phi = MLP([in_features, hidden, hidden], activation)
-        self.eps = eps
+        self.eps, self.canonicalise = eps, canonicalise
 
     def forward(self, h: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        if not self.canonicalise:
+            return self.phi(h)
         kinds = kinds.view(*([1] * (h.dim() - 2)), -1, 1)
         scaled = (kinds == _SCALE) | (kinds == _ANY)
         x = torch.where(scaled, h / h.norm(dim=-1, keepdim=True).clamp_min(self.eps), h)
@@ -176,12 +186,13 @@ def _stabilise(x: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
 
 
 def _reciprocal(e: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / e`` entry by entry, guarded: ``sign(e) / max(|e|, eps)`` (an exact reciprocal wherever ``|e| > eps``)."""
-    return torch.where(e < 0, -1.0, 1.0).to(e.dtype) / e.abs().clamp_min(eps)
+    """``[..., T]``: the reciprocal ``e / |e|^2`` of every edge's taps (``1 / e`` for a scalar edge), guarded: exact
+    wherever ``|e| > eps``, zero for a zero edge. It moves as ``1 / q`` when ``e`` moves as ``q``."""
+    return e / e.square().sum(-1, keepdim=True).clamp_min(eps * eps)
 
 
 class _ScaleGMNLayer(nn.Module):
-    def __init__(self, hidden: int, bidirectional: bool, activation: str, eps: float) -> None:
+    def __init__(self, hidden: int, bidirectional: bool, activation: str, eps: float, symmetry: bool) -> None:
         super().__init__()
         inv = 3 * hidden                                       # invariants of the two vertices and the edge
         self.gate_forward = MLP([inv, hidden, hidden], activation)
@@ -198,8 +209,8 @@ class _ScaleGMNLayer(nn.Module):
         self.vertex_mix = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(parts))
         self.edge_gate = MLP([inv, hidden, hidden], activation)
         self.edge_mix = nn.Linear(hidden, hidden, bias=False)
-        self.invariant_vertex = _Invariant(hidden, hidden, activation, eps)
-        self.invariant_edge = _Invariant(hidden, hidden, activation, eps)
+        self.invariant_vertex = _Invariant(hidden, hidden, activation, eps, symmetry)
+        self.invariant_edge = _Invariant(hidden, hidden, activation, eps, symmetry)
 
     def forward(self, v: torch.Tensor, e: torch.Tensor, r: torch.Tensor | None, graph: NetworkGraph,
                 kinds: torch.Tensor, edge_kinds: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor]
@@ -230,28 +241,31 @@ class _ScaleGMNLayer(nn.Module):
 class ScaleGMN(nn.Module):
     """Scale- and sign-equivariant graph metanetwork (see the module docstring); ``eps`` guards norms and
     reciprocals. Permutations come with the graph; neuron codes enter only invariant paths and the additive
-    embedding of vertices that no scaling moves (inputs, outputs, spaces with permutations only)."""
+    embedding of vertices that no scaling moves (inputs, outputs, spaces with permutations only).
+    ``symmetry=False``: the same network with canonicalisation removed (equivariant to permutations only)."""
 
     def __init__(self, spec: NetworkSpec, in_features: int, out_features: int, hidden: int = 32, layers: int = 3,
                  bidirectional: bool = False, readout: Readout = "equivariant", pe_dim: int = 16,
-                 activation: str = "gelu", eps: float = 1e-6) -> None:
+                 activation: str = "gelu", eps: float = 1e-6, symmetry: bool = True) -> None:
         super().__init__()
         self.spec, self.graph, self.pe_dim, self.readout = spec, NetworkGraph.of(spec), pe_dim, readout
+        taps = self.graph.taps
         kinds = _vertex_kinds(spec)
         self.register_buffer("kinds", kinds, persistent=False)
         self.register_buffer("edge_kinds", _edge_kinds(kinds[self.graph.src], kinds[self.graph.dst]), persistent=False)
         self.embed_vertex = nn.Linear(in_features, hidden, bias=False)
-        self.embed_edge = nn.Linear(in_features, hidden, bias=False)
-        self.embed_reciprocal = nn.Linear(1, hidden, bias=False) if bidirectional else None
+        self.embed_edge = nn.Linear(in_features * taps, hidden, bias=False)
+        self.embed_reciprocal = nn.Linear(taps, hidden, bias=False) if bidirectional else None
         self.vertex_code = nn.Linear(pe_dim, hidden)
         self.eps = eps
-        self.layers = nn.ModuleList(_ScaleGMNLayer(hidden, bidirectional, activation, eps) for _ in range(layers))
+        self.layers = nn.ModuleList(_ScaleGMNLayer(hidden, bidirectional, activation, eps, symmetry)
+                                    for _ in range(layers))
         if readout == "equivariant":
             self.out_vertex = nn.Linear(hidden, out_features, bias=False)
-            self.out_edge = nn.Linear(hidden, out_features, bias=False)
+            self.out_edge = nn.Linear(hidden, out_features * taps, bias=False)
         else:
-            self.invariant_vertex = _Invariant(hidden, hidden, activation, eps)
-            self.invariant_edge = _Invariant(hidden, hidden, activation, eps)
+            self.invariant_vertex = _Invariant(hidden, hidden, activation, eps, symmetry)
+            self.invariant_edge = _Invariant(hidden, hidden, activation, eps, symmetry)
             self.head = MLP([2 * hidden, hidden, out_features], activation)
 
     def forward(self, x: dict[str, torch.Tensor]):
@@ -260,7 +274,10 @@ class ScaleGMN(nn.Module):
         codes = neuron_codes(self.spec, self.pe_dim, v.dtype, v.device)
         unscaled = (self.kinds == _NONE).to(v.dtype).view(1, -1, 1)
         v = self.embed_vertex(v) + unscaled * self.vertex_code(codes)
-        r = None if self.embed_reciprocal is None else self.embed_reciprocal(_reciprocal(e[..., :1], self.eps))
+        if self.embed_reciprocal is not None:        # the taps of the first channel (the weights themselves)
+            r = self.embed_reciprocal(_reciprocal(e.unflatten(-1, (self.graph.taps, -1))[..., 0], self.eps))
+        else:
+            r = None
         e = self.embed_edge(e)
         counts = (torch.bincount(graph.dst, minlength=v.shape[1]), torch.bincount(graph.src, minlength=v.shape[1]))
         for layer in self.layers:

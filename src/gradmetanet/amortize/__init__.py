@@ -1,0 +1,8 @@
+"""Fully-amortized fine-tuning (Kuipers et al.): a metanetwork maps a trained network's weights to better weights
+in one forward pass, against fine-tuning every network by SGD on the same objective."""
+
+from .objective import ZooMetrics, evaluate_networks, l1_norms, objective
+from .model import OnePassFineTuner
+from .sgd import sgd_finetune
+
+__all__ = ["OnePassFineTuner", "ZooMetrics", "evaluate_networks", "l1_norms", "objective", "sgd_finetune"]

@@ -1,0 +1,304 @@
+"""One-shot fine-tuning of model zoos (Kuipers et al., "Symmetry-Aware Fully-Amortized Optimization with Scale
+Equivariant Graph Metanetworks", Table 1).
+
+For every zoo (:mod:`gradmetanet.data.classifier_zoo`) and every ``lambda``, a metanetwork is trained on the
+training networks to minimise ``lambda ||theta'||_1 + CE(net_theta'(x), y)`` on training images, with
+``theta' = theta + s * delta`` (:class:`~gradmetanet.amortize.OnePassFineTuner`); it keeps its
+best-validation epoch (validation networks on validation images). Compared on held-out networks and
+held-out images: the networks before fine-tuning, ScaleGMN-B (one pass), GMN-B with the symmetry broken
+(the same network without canonicalisation, one pass) and SGD on the same objective for 25 / 50 / 100 /
+150 epochs (heavy-ball momentum 0.9, batch ``sgd_batch``; its learning rate chosen per epoch budget from
+``sgd_lrs`` on ``sgd_tune_networks`` validation networks by their validation objective).
+
+Seconds per network: the metanetwork's forward pass over the evaluated networks (batches of ``net_batch``)
+and SGD's vectorised run over them, both divided by the number of networks; SGD run one network at a
+time costs more, so the ratio we report is the conservative one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..amortize import OnePassFineTuner, evaluate_networks, objective, sgd_finetune
+from ..amortize.model import MODELS
+from ..atomic import atomic_write_text
+from ..core.spec import NetworkSpec
+from ..data.classifier_zoo import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
+from . import apply_preset
+
+__all__ = ["AmortizeConfig", "PRESETS", "config_from_preset", "run", "zoo_config"]
+
+LABELS = {"before": "Before fine-tuning", "scalegmn": "ScaleGMN-B (1 pass)", "gmn_broken": "GMN-B, sym. broken (1 pass)",
+          "gmn": "GMN-B (1 pass)"}
+
+
+@dataclass
+class AmortizeConfig:
+    zoos: tuple[str, ...] = ("cnn-tanh", "mlp-tanh")   # architecture-activation[-mnist1d]
+    networks: int = 1000                               # per zoo
+    zoo_steps: tuple[int, int] = (20, 300)
+    lambdas: tuple[float, ...] = (0.0, 1e-3)
+    models: tuple[str, ...] = ("scalegmn", "gmn_broken")
+    hidden: int = 32
+    layers: int = 3
+    out_scale: float = 0.1
+    epochs: int = 20                                   # metanetwork epochs over the training networks
+    net_batch: int = 16
+    image_batch: int = 128
+    lr: float = 1e-3
+    sgd_epochs: tuple[int, ...] = (25, 50, 100, 150)
+    sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
+    sgd_batch: int = 128
+    sgd_tune_networks: int = 8
+    eval_networks: int = 64                            # held-out networks every method is scored on
+    seed: int = 0
+    cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.models if m not in MODELS]
+        if bad:
+            raise ValueError(f"unknown models {bad}; choose from {list(MODELS)}")
+        for name in self.zoos:
+            zoo_config(self, name)
+
+
+def zoo_config(config: AmortizeConfig, name: str) -> ClassifierZooConfig:
+    """``cnn-tanh``, ``mlp-relu``, ``mlp-tanh-mnist1d``, ... as a zoo configuration."""
+    parts = name.split("-")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"zoo {name!r} is not architecture-activation[-dataset], e.g. cnn-tanh or mlp-relu-mnist1d")
+    return ClassifierZooConfig(architecture=parts[0], activation=parts[1],
+                               dataset=parts[2] if len(parts) == 3 else "digits", networks=config.networks,
+                               steps=config.zoo_steps)
+
+
+PRESETS = {
+    "paper": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "cnn-relu"), networks=5000, hidden=64, layers=4, epochs=100,
+                            eval_networks=500, sgd_tune_networks=32, sgd_lrs=(0.003, 0.01, 0.03, 0.1)),
+    "cpu": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "mlp-relu", "cnn-relu"), epochs=12, eval_networks=48),
+    "quick": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh"), networks=300, epochs=6, hidden=16, layers=2,
+                            eval_networks=24, sgd_tune_networks=4, sgd_epochs=(5, 10, 25), lambdas=(0.0, 1e-3)),
+    "tiny": AmortizeConfig(zoos=("mlp-tanh",), networks=24, zoo_steps=(5, 20), epochs=1, hidden=8, layers=1,
+                           net_batch=4, image_batch=32, eval_networks=4, sgd_tune_networks=2, sgd_epochs=(1, 2),
+                           sgd_lrs=(0.01, 0.1), lambdas=(0.0, 1e-3), cache_dir=None),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> AmortizeConfig:
+    return apply_preset(PRESETS, preset, overrides)
+
+
+def _take(params: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in params.items()}
+
+
+def _mean_objective(model, template, params, x, y, l1: float, batch: int) -> float:
+    with torch.no_grad():
+        n = len(next(iter(params.values())))
+        total = sum(objective(template, model(_take(params, torch.arange(i, min(i + batch, n)))), x, y, l1).sum().item()
+                    for i in range(0, n, batch))
+    return total / n
+
+
+def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: torch.Tensor, model_name: str,
+                    l1: float, config: AmortizeConfig, progress: bool = True) -> tuple[OnePassFineTuner, dict]:
+    """A one-pass fine-tuner trained on the zoo's training networks and images, kept at its best validation epoch
+    (validation networks on validation images); ``{"val": [...], "best_epoch": e}`` alongside."""
+    torch.manual_seed(config.seed)
+    train, val = zoo.networks["train"], zoo.networks["val"]
+    rms = {k: v[train].square().mean().sqrt() for k, v in zoo.params.items()}
+    model = OnePassFineTuner(spec, rms, model_name, config.hidden, config.layers, config.out_scale)
+    template = zoo.template()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps = config.epochs * math.ceil(len(train) / config.net_batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=max(steps, 1), pct_start=0.1)
+    xi, yi = x[zoo.images["train"]], y[zoo.images["train"]]
+    xv, yv = x[zoo.images["val"]], y[zoo.images["val"]]
+    gen = torch.Generator().manual_seed(config.seed)
+    identity = lambda p: p  # noqa: E731
+    history = {"val": [], "before_val": _mean_objective(identity, template, _take(zoo.params, val), xv, yv, l1,
+                                                        config.net_batch)}
+    best, best_val = copy.deepcopy(model.state_dict()), history["before_val"]
+    history["best_epoch"] = 0
+    bar = tqdm(total=steps, desc=f"{model_name} lambda={l1:g}", disable=not progress, leave=False)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        for chunk in train[torch.randperm(len(train), generator=gen)].split(config.net_batch):
+            images = torch.randint(len(xi), (config.image_batch,), generator=gen)
+            loss = objective(template, model(_take(zoo.params, chunk)), xi[images], yi[images], l1).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimiser.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        value = _mean_objective(model, template, _take(zoo.params, val), xv, yv, l1, config.net_batch)
+        history["val"].append(value)
+        if value < best_val:
+            best, best_val, history["best_epoch"] = copy.deepcopy(model.state_dict()), value, epoch
+    bar.close()
+    model.load_state_dict(best)
+    return model, history
+
+
+def _one_pass(model: OnePassFineTuner, params: dict[str, torch.Tensor], batch: int
+              ) -> tuple[dict[str, torch.Tensor], float]:
+    """The fine-tuned networks and the seconds per network of the forward passes."""
+    n = len(next(iter(params.values())))
+    with torch.no_grad():
+        start = time.perf_counter()
+        parts = [model(_take(params, torch.arange(i, min(i + batch, n)))) for i in range(0, n, batch)]
+        seconds = time.perf_counter() - start
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, seconds / n
+
+
+def _tune_sgd_lr(zoo: ClassifierZoo, x, y, l1: float, config: AmortizeConfig) -> dict[int, float]:
+    """Per epoch budget, the learning rate of ``sgd_lrs`` with the lowest validation objective on the first
+    ``sgd_tune_networks`` validation networks."""
+    template = zoo.template()
+    nets = _take(zoo.params, zoo.networks["val"][:config.sgd_tune_networks])
+    xv, yv = x[zoo.images["val"]], y[zoo.images["val"]]
+    scores = {e: {} for e in config.sgd_epochs}
+    for lr in config.sgd_lrs:
+        runs = sgd_finetune(template, nets, x[zoo.images["train"]], y[zoo.images["train"]], l1, lr, config.sgd_epochs,
+                            config.sgd_batch, seed=config.seed)
+        for epoch, (p, _) in runs.items():
+            with torch.no_grad():
+                value = objective(template, p, xv, yv, l1).mean().item()
+            scores[epoch][lr] = value if math.isfinite(value) else float("inf")
+    return {e: min(s, key=s.get) for e, s in scores.items()}
+
+
+def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+    """Every zoo x lambda x method; ``results.json``, ``table.md``, ``accuracies.png``. Finished cells are kept in
+    ``cells.json``: a rerun of the same configuration into the same directory resumes."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells_path = out / "cells.json"
+    fingerprint = json.loads(json.dumps(asdict(config)))
+    saved = json.loads(cells_path.read_text()) if cells_path.exists() else {}
+    cells = saved.get("cells", {}) if saved.get("config") == fingerprint else {}
+    zoos_info = {}
+
+    def save(key: str, value: dict) -> None:
+        cells[key] = value
+        atomic_write_text(cells_path, json.dumps({"config": fingerprint, "cells": cells}, indent=2))
+
+    for name in config.zoos:
+        zoo = load_or_generate_classifier_zoo(zoo_config(config, name), config.cache_dir, progress)
+        x, y = zoo.data()
+        template = zoo.template()
+        spec = NetworkSpec.from_module(template, x[:2])
+        test = zoo.networks["test"][:config.eval_networks]
+        nets = _take(zoo.params, test)
+        xt, yt = x[zoo.images["test"]], y[zoo.images["test"]]
+        zoos_info[name] = {"networks": len(zoo), "parameters": sum(v[0].numel() for v in zoo.params.values()),
+                           "zoo_test_accuracy": zoo.accuracy.mean().item(), "evaluated_networks": len(test),
+                           "images": {k: len(v) for k, v in zoo.images.items()},
+                           "groups": [s.group.name for s in spec.spaces]}
+        for l1 in config.lambdas:
+            prefix = f"{name}/lambda={l1:g}"
+            if f"{prefix}/before" not in cells:
+                save(f"{prefix}/before", evaluate_networks(template, nets, nets, xt, yt, l1, None).as_dict())
+            for model_name in config.models:
+                if f"{prefix}/{model_name}" in cells:
+                    continue
+                start = time.perf_counter()
+                model, history = train_finetuner(zoo, spec, x, y, model_name, l1, config, progress)
+                tuned, seconds = _one_pass(model, nets, config.net_batch)
+                metrics = evaluate_networks(template, tuned, nets, xt, yt, l1, seconds).as_dict()
+                save(f"{prefix}/{model_name}", metrics | {"training_seconds": time.perf_counter() - start,
+                                                          "history": history})
+            if all(f"{prefix}/sgd/{e}" in cells for e in config.sgd_epochs):
+                continue
+            chosen = _tune_sgd_lr(zoo, x, y, l1, config)
+            bar = tqdm(total=max(config.sgd_epochs) * len(set(chosen.values())), desc=f"SGD {prefix}",
+                       disable=not progress, leave=False)
+            for lr in sorted(set(chosen.values())):
+                runs = sgd_finetune(template, nets, x[zoo.images["train"]], y[zoo.images["train"]], l1, lr,
+                                    config.sgd_epochs, config.sgd_batch, seed=config.seed, progress=bar)
+                for epoch, (p, seconds) in runs.items():
+                    if chosen[epoch] == lr:
+                        metrics = evaluate_networks(template, p, nets, xt, yt, l1, seconds / len(test)).as_dict()
+                        save(f"{prefix}/sgd/{epoch}", metrics | {"lr": lr})
+            bar.close()
+    results = _assemble(config, cells)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "run.json", json.dumps({"config": fingerprint, "zoos": zoos_info}, indent=2))
+    atomic_write_text(out / "table.md", report(results, config, zoos_info) + "\n")
+    plot_accuracies(results, out / "accuracies.png")
+    return results
+
+
+def _assemble(config: AmortizeConfig, cells: dict) -> dict:
+    """``{zoo: {"lambda=v": {"before", <model>..., "sgd": {"25": ...}}}}`` (accuracy lists kept for the plot)."""
+    results = {}
+    for name in config.zoos:
+        for l1 in config.lambdas:
+            prefix = f"{name}/lambda={l1:g}"
+            entry = {"before": cells[f"{prefix}/before"]}
+            entry |= {m: cells[f"{prefix}/{m}"] for m in config.models}
+            entry["sgd"] = {str(e): cells[f"{prefix}/sgd/{e}"] for e in config.sgd_epochs}
+            results.setdefault(name, {})[f"lambda={l1:g}"] = entry
+    return results
+
+
+def _rows(entry: dict) -> list[tuple[str, dict]]:
+    rows = [(LABELS[k], v) for k, v in entry.items() if k != "sgd"]
+    return rows + [(f"SGD {e} ep (lr {v['lr']:g})", v) for e, v in entry["sgd"].items()]
+
+
+def report(results: dict, config: AmortizeConfig, zoos: dict) -> str:
+    """A Markdown table like the paper's Table 1, one block per zoo and lambda."""
+    lines = ["One-shot fine-tuning of zoos: held-out networks on held-out images (accuracy in %, seconds per "
+             "network on this machine's CPU; SGD's seconds are its vectorised run divided by the networks).", ""]
+    for name, by_lambda in results.items():
+        info = zoos.get(name, {})
+        lines.append(f"### {name}: {info.get('evaluated_networks', '?')} test networks of {info.get('networks', '?')}, "
+                     f"{info.get('parameters', '?')} parameters each")
+        lines += ["", "| lambda | method | mean acc | max acc | test loss | sparsity % | s / network |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for lam, entry in by_lambda.items():
+            for label, cell in _rows(entry):
+                secs = "–" if cell["seconds_per_net"] is None else f"{cell['seconds_per_net']:.4f}"
+                lines.append(f"| {lam.split('=')[1]} | {label} | {100 * cell['mean_acc']:.1f} | "
+                             f"{100 * cell['max_acc']:.1f} | {cell['test_loss']:.3f} | {cell['sparsity']:.1f} | {secs} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def plot_accuracies(results: dict, path: Path) -> None:
+    """Test-accuracy distributions before, after one pass and after the longest SGD run (the paper's Figure 5), for
+    ``lambda = 0`` of every zoo."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zoos = list(results)
+    fig, axes = plt.subplots(1, len(zoos), figsize=(4.2 * len(zoos), 3.2), dpi=130, squeeze=False)
+    for ax, name in zip(axes[0], zoos):
+        entry = results[name].get("lambda=0") or next(iter(results[name].values()))
+        last = max(entry["sgd"], key=int)
+        series = [(LABELS["before"], entry["before"])] + [(LABELS[m], entry[m]) for m in entry if m not in
+                                                           ("before", "sgd")] + [(f"SGD {last} ep", entry["sgd"][last])]
+        bins = torch.linspace(0, 100, 41).tolist()
+        for label, cell in series:
+            ax.hist([100 * a for a in cell["accuracies"]], bins=bins, alpha=0.45, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_ylabel("networks")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
