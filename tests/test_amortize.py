@@ -188,7 +188,7 @@ def test_amortize_tiny_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     entry = saved["mlp-tanh"]["lambda=0.001"]
-    assert set(entry) == {"before", "scalegmn", "gmn_broken", "sgd"} and set(entry["sgd"]) == {"1", "2"}
+    assert set(entry) == {"before", "scalegmn", "gmn_broken", "scalegmn_grad", "sgd"} and set(entry["sgd"]) == {"1", "2"}
     for cell in [entry["before"], entry["scalegmn"], entry["sgd"]["2"]]:
         assert {"mean_acc", "max_acc", "test_loss", "sparsity", "seconds_per_net"} <= set(cell)
     assert set(saved["mlp-tanh"]) == {"lambda=0", "lambda=0.001"}
@@ -197,3 +197,34 @@ def test_amortize_tiny_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(amortize, "train_finetuner", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     monkeypatch.setattr(amortize, "sgd_finetune", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     assert amortize.run(config, tmp_path, progress=False) == results
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_the_gradient_feature_moves_as_the_weights_so_scalegmn_grad_is_equivariant(activation):
+    """``theta^2 dL/dtheta`` recomputed on the moved network is the moved feature (signs and positive scales), so
+    ScaleGMN-B reading it fine-tunes a moved network into the moved result; the raw gradient does not move so."""
+    from gradmetanet.amortize import gradient_features
+
+    template, spec, params = cnn_zoo(activation)
+    x, y = torch.randn(12, 1, 28, 28, dtype=torch.float64), torch.randint(10, (12,))
+    feats = gradient_features(template, params, x, y)
+    rms = {k: v.square().mean().sqrt() for k, v in params.items()}
+    torch.manual_seed(0)
+    model = OnePassFineTuner(spec, rms, "scalegmn_grad", hidden=8, layers=2,
+                             gradient_rms={k: v.square().mean().sqrt() for k, v in feats.items()}).double()
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        g = spec.sample(gen)
+        moved = move(params, g, spec)
+        moved_feats = gradient_features(template, moved, x, y)
+        for k in feats:
+            torch.testing.assert_close(moved_feats[k], move(feats, g, spec)[k], atol=1e-10, rtol=1e-8)
+        got, want = model(moved, moved_feats), move(model(params, feats), g, spec)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-8, rtol=1e-8)
+    if activation == "relu":                        # a raw gradient moves inversely under positive scales
+        raw = {k: v / params[k].square() for k, v in feats.items()}
+        moved_raw = {k: v / moved[k].square() for k, v in moved_feats.items()}
+        assert max((moved_raw[k] - move(raw, g, spec)[k]).abs().max().item() for k in raw) > 1e-3
+    with pytest.raises(ValueError, match="reads gradient features"):
+        model(params)

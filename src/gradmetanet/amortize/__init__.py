@@ -2,7 +2,7 @@
 in one forward pass, against fine-tuning every network by SGD on the same objective."""
 
 from .objective import ZooMetrics, evaluate_networks, l1_norms, objective
-from .model import OnePassFineTuner
+from .model import OnePassFineTuner, gradient_features
 from .sgd import sgd_finetune
 
-__all__ = ["OnePassFineTuner", "ZooMetrics", "evaluate_networks", "l1_norms", "objective", "sgd_finetune"]
+__all__ = ["OnePassFineTuner", "gradient_features", "ZooMetrics", "evaluate_networks", "l1_norms", "objective", "sgd_finetune"]

@@ -6,11 +6,14 @@ training networks to minimise ``lambda ||theta'||_1 + CE(net_theta'(x), y)`` on 
 ``theta' = theta + s * delta`` (:class:`~gradmetanet.amortize.OnePassFineTuner`); it keeps its
 best-validation epoch (validation networks on validation images). Compared on held-out networks and
 held-out images: the networks before fine-tuning, ScaleGMN-B (one pass), GMN-B with the symmetry broken
-(the same network without canonicalisation, one pass) and SGD on the same objective for 25 / 50 / 100 /
+(the same network without canonicalisation, one pass), beyond the paper ScaleGMN-B reading each network's
+gradient on one fixed batch of ``probe_images`` training images (``scalegmn_grad``: one backward pass more,
+see :mod:`gradmetanet.amortize.model`) and SGD on the same objective for 25 / 50 / 100 /
 150 epochs (heavy-ball momentum 0.9, batch ``sgd_batch``; its learning rate chosen per epoch budget from
 ``sgd_lrs`` on ``sgd_tune_networks`` validation networks by their validation objective).
 
-Seconds per network: the metanetwork's forward pass over the evaluated networks (batches of ``net_batch``)
+Seconds per network: the metanetwork's forward pass over the evaluated networks (batches of ``net_batch``;
+with the gradient feature's backward pass included)
 and SGD's vectorised run over them, both divided by the number of networks; SGD run one network at a
 time costs more, so the ratio we report is the conservative one.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..amortize import OnePassFineTuner, evaluate_networks, objective, sgd_finetune
+from ..amortize import OnePassFineTuner, evaluate_networks, gradient_features, objective, sgd_finetune
 from ..amortize.model import MODELS
 from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
@@ -38,7 +41,7 @@ from . import apply_preset
 __all__ = ["AmortizeConfig", "PRESETS", "config_from_preset", "run", "zoo_config"]
 
 LABELS = {"before": "Before fine-tuning", "scalegmn": "ScaleGMN-B (1 pass)", "gmn_broken": "GMN-B, sym. broken (1 pass)",
-          "gmn": "GMN-B (1 pass)"}
+          "gmn": "GMN-B (1 pass)", "scalegmn_grad": "ScaleGMN-B + gradient (1 pass)"}
 
 
 @dataclass
@@ -50,11 +53,12 @@ class AmortizeConfig:
     models: tuple[str, ...] = ("scalegmn", "gmn_broken")
     hidden: int = 32
     layers: int = 3
-    out_scale: float = 0.1
+    out_scale: float = 1.0
     epochs: int = 20                                   # metanetwork epochs over the training networks
     net_batch: int = 16
     image_batch: int = 128
-    lr: float = 1e-3
+    lr: float = 1e-2
+    probe_images: int = 256                            # the fixed batch scalegmn_grad reads gradients on
     sgd_epochs: tuple[int, ...] = (25, 50, 100, 150)
     sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
     sgd_batch: int = 128
@@ -83,13 +87,18 @@ def zoo_config(config: AmortizeConfig, name: str) -> ClassifierZooConfig:
 
 PRESETS = {
     "paper": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "cnn-relu"), networks=5000, hidden=64, layers=4, epochs=100,
-                            eval_networks=500, sgd_tune_networks=32, sgd_lrs=(0.003, 0.01, 0.03, 0.1)),
-    "cpu": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "mlp-relu", "cnn-relu"), epochs=12, eval_networks=48),
-    "quick": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh"), networks=300, epochs=6, hidden=16, layers=2,
-                            eval_networks=24, sgd_tune_networks=4, sgd_epochs=(5, 10, 25), lambdas=(0.0, 1e-3)),
+                            models=("scalegmn", "gmn_broken", "scalegmn_grad"), eval_networks=500,
+                            sgd_tune_networks=32, sgd_lrs=(0.003, 0.01, 0.03, 0.1)),
+    "cpu": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "mlp-relu"), epochs=15,
+                          models=("scalegmn", "gmn_broken", "scalegmn_grad"), eval_networks=32, sgd_tune_networks=4,
+                          sgd_epochs=(1, 25, 50, 100, 150)),
+    "quick": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh"), networks=300, epochs=10,
+                            models=("scalegmn", "gmn_broken", "scalegmn_grad"), eval_networks=24, sgd_tune_networks=4,
+                            sgd_epochs=(1, 5, 25)),
     "tiny": AmortizeConfig(zoos=("mlp-tanh",), networks=24, zoo_steps=(5, 20), epochs=1, hidden=8, layers=1,
-                           net_batch=4, image_batch=32, eval_networks=4, sgd_tune_networks=2, sgd_epochs=(1, 2),
-                           sgd_lrs=(0.01, 0.1), lambdas=(0.0, 1e-3), cache_dir=None),
+                           net_batch=4, image_batch=32, probe_images=16, eval_networks=4, sgd_tune_networks=2,
+                           sgd_epochs=(1, 2), sgd_lrs=(0.01, 0.1), models=("scalegmn", "gmn_broken", "scalegmn_grad"),
+                           cache_dir=None),
 }
 
 
@@ -101,22 +110,52 @@ def _take(params: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch
     return {k: v[idx] for k, v in params.items()}
 
 
-def _mean_objective(model, template, params, x, y, l1: float, batch: int) -> float:
+class _Inputs:
+    """What a fine-tuner reads of the zoo's networks: their parameters and, for ``scalegmn_grad``, their gradient
+    features on the fixed probe batch (computed when first asked for, then kept)."""
+
+    def __init__(self, zoo: ClassifierZoo, x: torch.Tensor, y: torch.Tensor, config: AmortizeConfig) -> None:
+        self.zoo, self.template = zoo, zoo.template()
+        probe = zoo.images["train"][torch.randperm(len(zoo.images["train"]),
+                                                   generator=torch.Generator().manual_seed(config.seed))]
+        self.probe = x[probe[:config.probe_images]], y[probe[:config.probe_images]]
+        self.chunk, self._gradients = config.net_batch, None
+
+    def features(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: [len(idx), *shape]}`` gradient features of the networks ``idx`` (computed now, uncached)."""
+        parts = [gradient_features(self.template, _take(self.zoo.params, c), *self.probe) for c in idx.split(64)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def all_gradients(self) -> dict[str, torch.Tensor]:
+        if self._gradients is None:
+            self._gradients = self.features(torch.arange(len(self.zoo)))
+        return self._gradients
+
+    def apply(self, model: OnePassFineTuner, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The networks ``idx`` fine-tuned by ``model`` (gradient features from the cache)."""
+        grads = _take(self.all_gradients(), idx) if model.reads_gradients else None
+        return model(_take(self.zoo.params, idx), grads)
+
+
+def _mean_objective(apply, template, idx: torch.Tensor, x, y, l1: float, batch: int) -> float:
     with torch.no_grad():
-        n = len(next(iter(params.values())))
-        total = sum(objective(template, model(_take(params, torch.arange(i, min(i + batch, n)))), x, y, l1).sum().item()
-                    for i in range(0, n, batch))
-    return total / n
+        total = sum(objective(template, apply(chunk), x, y, l1).sum().item() for chunk in idx.split(batch))
+    return total / len(idx)
 
 
 def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: torch.Tensor, model_name: str,
-                    l1: float, config: AmortizeConfig, progress: bool = True) -> tuple[OnePassFineTuner, dict]:
+                    l1: float, config: AmortizeConfig, progress: bool = True, inputs: _Inputs | None = None
+                    ) -> tuple[OnePassFineTuner, dict]:
     """A one-pass fine-tuner trained on the zoo's training networks and images, kept at its best validation epoch
     (validation networks on validation images); ``{"val": [...], "best_epoch": e}`` alongside."""
     torch.manual_seed(config.seed)
+    inputs = inputs or _Inputs(zoo, x, y, config)
     train, val = zoo.networks["train"], zoo.networks["val"]
     rms = {k: v[train].square().mean().sqrt() for k, v in zoo.params.items()}
-    model = OnePassFineTuner(spec, rms, model_name, config.hidden, config.layers, config.out_scale)
+    gradient_rms = None
+    if model_name.endswith("_grad"):
+        gradient_rms = {k: v[train].square().mean().sqrt().clamp_min(1e-12) for k, v in inputs.all_gradients().items()}
+    model = OnePassFineTuner(spec, rms, model_name, config.hidden, config.layers, config.out_scale, gradient_rms)
     template = zoo.template()
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = config.epochs * math.ceil(len(train) / config.net_batch)
@@ -124,8 +163,7 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
     xi, yi = x[zoo.images["train"]], y[zoo.images["train"]]
     xv, yv = x[zoo.images["val"]], y[zoo.images["val"]]
     gen = torch.Generator().manual_seed(config.seed)
-    identity = lambda p: p  # noqa: E731
-    history = {"val": [], "before_val": _mean_objective(identity, template, _take(zoo.params, val), xv, yv, l1,
+    history = {"val": [], "before_val": _mean_objective(lambda i: _take(zoo.params, i), template, val, xv, yv, l1,
                                                         config.net_batch)}
     best, best_val = copy.deepcopy(model.state_dict()), history["before_val"]
     history["best_epoch"] = 0
@@ -134,7 +172,7 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
         model.train()
         for chunk in train[torch.randperm(len(train), generator=gen)].split(config.net_batch):
             images = torch.randint(len(xi), (config.image_batch,), generator=gen)
-            loss = objective(template, model(_take(zoo.params, chunk)), xi[images], yi[images], l1).mean()
+            loss = objective(template, inputs.apply(model, chunk), xi[images], yi[images], l1).mean()
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -143,7 +181,7 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
-        value = _mean_objective(model, template, _take(zoo.params, val), xv, yv, l1, config.net_batch)
+        value = _mean_objective(lambda i: inputs.apply(model, i), template, val, xv, yv, l1, config.net_batch)
         history["val"].append(value)
         if value < best_val:
             best, best_val, history["best_epoch"] = copy.deepcopy(model.state_dict()), value, epoch
@@ -152,15 +190,16 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
     return model, history
 
 
-def _one_pass(model: OnePassFineTuner, params: dict[str, torch.Tensor], batch: int
+def _one_pass(model: OnePassFineTuner, inputs: _Inputs, idx: torch.Tensor, batch: int
               ) -> tuple[dict[str, torch.Tensor], float]:
-    """The fine-tuned networks and the seconds per network of the forward passes."""
-    n = len(next(iter(params.values())))
+    """The networks ``idx`` fine-tuned, and the seconds per network of the passes (gradient features computed
+    inside the timing)."""
     with torch.no_grad():
         start = time.perf_counter()
-        parts = [model(_take(params, torch.arange(i, min(i + batch, n)))) for i in range(0, n, batch)]
+        parts = [model(_take(inputs.zoo.params, c), inputs.features(c) if model.reads_gradients else None)
+                 for c in idx.split(batch)]
         seconds = time.perf_counter() - start
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, seconds / n
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, seconds / len(idx)
 
 
 def _tune_sgd_lr(zoo: ClassifierZoo, x, y, l1: float, config: AmortizeConfig) -> dict[int, float]:
@@ -201,6 +240,7 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
         template = zoo.template()
         spec = NetworkSpec.from_module(template, x[:2])
         test = zoo.networks["test"][:config.eval_networks]
+        inputs = _Inputs(zoo, x, y, config)
         nets = _take(zoo.params, test)
         xt, yt = x[zoo.images["test"]], y[zoo.images["test"]]
         zoos_info[name] = {"networks": len(zoo), "parameters": sum(v[0].numel() for v in zoo.params.values()),
@@ -215,23 +255,23 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
                 if f"{prefix}/{model_name}" in cells:
                     continue
                 start = time.perf_counter()
-                model, history = train_finetuner(zoo, spec, x, y, model_name, l1, config, progress)
-                tuned, seconds = _one_pass(model, nets, config.net_batch)
+                model, history = train_finetuner(zoo, spec, x, y, model_name, l1, config, progress, inputs)
+                tuned, seconds = _one_pass(model, inputs, test, config.net_batch)
                 metrics = evaluate_networks(template, tuned, nets, xt, yt, l1, seconds).as_dict()
                 save(f"{prefix}/{model_name}", metrics | {"training_seconds": time.perf_counter() - start,
                                                           "history": history})
             if all(f"{prefix}/sgd/{e}" in cells for e in config.sgd_epochs):
                 continue
             chosen = _tune_sgd_lr(zoo, x, y, l1, config)
-            bar = tqdm(total=max(config.sgd_epochs) * len(set(chosen.values())), desc=f"SGD {prefix}",
-                       disable=not progress, leave=False)
-            for lr in sorted(set(chosen.values())):
-                runs = sgd_finetune(template, nets, x[zoo.images["train"]], y[zoo.images["train"]], l1, lr,
-                                    config.sgd_epochs, config.sgd_batch, seed=config.seed, progress=bar)
+            budgets = {lr: tuple(e for e, c in chosen.items() if c == lr) for lr in sorted(set(chosen.values()))}
+            bar = tqdm(total=sum(max(b) for b in budgets.values()), desc=f"SGD {prefix}", disable=not progress,
+                       leave=False)
+            for lr, epochs in budgets.items():           # each chosen rate runs as long as its longest budget
+                runs = sgd_finetune(template, nets, x[zoo.images["train"]], y[zoo.images["train"]], l1, lr, epochs,
+                                    config.sgd_batch, seed=config.seed, progress=bar)
                 for epoch, (p, seconds) in runs.items():
-                    if chosen[epoch] == lr:
-                        metrics = evaluate_networks(template, p, nets, xt, yt, l1, seconds / len(test)).as_dict()
-                        save(f"{prefix}/sgd/{epoch}", metrics | {"lr": lr})
+                    metrics = evaluate_networks(template, p, nets, xt, yt, l1, seconds / len(test)).as_dict()
+                    save(f"{prefix}/sgd/{epoch}", metrics | {"lr": lr})
             bar.close()
     results = _assemble(config, cells)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
