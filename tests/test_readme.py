@@ -85,3 +85,10 @@ def test_transformer_example_captures_every_parameter():
     assert set(out) == set(grads) == {n for n, _ in model.named_parameters()}
     dense = torch.stack([g.flatten(1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
     torch.testing.assert_close(norms, dense, rtol=1e-4, atol=1e-6)
+
+
+def test_amortize_example_runs_and_trains_the_tuner():
+    scope: dict = {}
+    exec(compile(example("amortize"), "README:amortize", "exec"), scope)
+    assert scope["better"]["0.weight"].shape == (8, 16, 1, 3, 3)
+    assert scope["tuner"].scales.grad.abs().sum() > 0 and scope["tuner"].backbone.embed_edge.weight.grad.abs().sum() > 0
