@@ -64,3 +64,13 @@ def test_language_model_race_runs_every_transformer_rule(tmp_path):
     assert task.spec.space(task.spec.site("blocks.0.attn:q").out_space).group.name == "blocks"
     assert len(task.train_ids) > 4 * len(task.test_ids) > 0
     assert int(task.x_test.max()) < task.vocab
+
+
+def test_family_run_races_every_member_and_the_held_out_ones(tmp_path):
+    from gradmetanet.experiments import lopt
+    config = lopt.config_from_preset("family-tiny")
+    results = lopt.run(config, tmp_path, progress=False)
+    assert list(results["tasks"]) == ["digits:8:16 (split 1)", "mnist1d:8x8:16 (split 1)",
+                                      "wine:8:16 (held out, split 1)"]
+    assert "task family digits:8:16, mnist1d:8x8:16 (held out: wine:8:16)" in (tmp_path / "table.md").read_text()
+    assert len(results["meta_training"]["ds"]["validation"]) == config.meta_steps

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace, atomic_write_text
 from ..basenets import make_mlp
+from .classification import mnist1d_arrays
 
 __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zoo_template", "zoo_images",
            "batched_logits", "heavy_ball_step", "load_or_generate_classifier_zoo", "generate_classifier_zoo", "ARCHITECTURES",
@@ -88,12 +89,7 @@ def zoo_images(dataset: str, architecture: str) -> tuple[torch.Tensor, torch.Ten
     """``(x, y)``: every image of ``dataset`` in ``[-1, 1]`` (``[n, 1, 28, 28]`` for CNNs on digits, ``[n, 64]``
     for MLPs on digits, ``[n, 40]`` for MNIST-1D, standardised as the generator makes it) and labels ``[n]``."""
     if dataset == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        data = make_dataset(get_dataset_args())
-        x = torch.as_tensor(data["x"].tolist() + data["x_test"].tolist(), dtype=torch.float32)
-        y = torch.as_tensor(list(data["y"]) + list(data["y_test"]), dtype=torch.long)
-        return x, y
+        return mnist1d_arrays()
     from .inr_zoo import digits_images
 
     if architecture == "cnn":

@@ -39,7 +39,8 @@ from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
 from ..lopt.optimizers import make_rule, warm_start
 from ..data.text import corpus_version, read_line_corpus
 from ..lopt.lm_task import LanguageModelTask
-from ..lopt.tasks import MLPClassificationTask, tabular_task
+from ..lopt.task_family import TaskFamily, task_family
+from ..lopt.tasks import MLPClassificationTask, classification_task, tabular_task
 from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
 from . import apply_preset, mean_std
 
@@ -51,7 +52,9 @@ LABELS = {"adam": "Adam (tuned)", "sgdm": "Learnable SGDM", "ds": "DS", "unf": "
 
 @dataclass
 class LoptConfig:
-    task: str = "digits"                  # digits | lm (pydoc text, the paper's transformer) | fashion_mnist | cifar10 | cifar100
+    task: str = "digits"                  # digits | family | lm (pydoc text, the paper's transformer) | fashion_mnist | cifar10 | cifar100
+    family: tuple[str, ...] = ()          # task "family": members "DATASET:WIDTHS:BATCH" meta-trained together
+    held_out: tuple[str, ...] = ()        # task "family": members only raced (transfer), never meta-trained on
     data_root: str | None = None          # directory of the image files, or of LM1B-style text files (task lm)
     hidden: int | None = None             # inner MLP width (default: the paper's for the task)
     horizon: int = 2000
@@ -82,10 +85,30 @@ class LoptConfig:
         unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
         if unknown:
             raise ValueError(f"unknown optimizers {unknown}; choose from {list(OPTIMIZERS)}")
+        if (self.task == "family") != bool(self.family):
+            raise ValueError("task 'family' needs its members in `family` (e.g. family=['digits:32:128', "
+                             "'mnist1d:32:128']), and `family` needs task 'family'")
+        seen = set(self.family) & set(self.held_out)
+        if seen:
+            raise ValueError(f"held-out members {sorted(seen)} are also meta-training members; a member is one or the other")
 
+
+FAMILY = ("digits:32:128", "digits-std:32:128", "digits-std:64x64:32", "mnist1d:64:64")
+HELD_OUT = ("digits-std:48x48x48:128", "wine:32:128", "breast_cancer:32:128")
 
 PRESETS = {
     "paper": LoptConfig(),
+    # the shipped "mlp-small" optimizer: meta-trained on a family of MLPs (widths, depths, batch sizes, [0, 1] and
+    # standardised digits, MNIST-1D), raced on unseen splits of every member and on held-out members
+    "family-cpu": LoptConfig(task="family", family=FAMILY, held_out=HELD_OUT, horizon=1000, eval_seeds=5,
+                             optimizers=("ds", "gradmetanet_ds"), pretrained=("digits-mlp",), meta_steps=1000, pairs=8,
+                             truncation=50, sigma=0.01, meta_lr=1e-3, transfer_hidden=None, transfer_tasks=(),
+                             meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=100),
+    "family-tiny": LoptConfig(task="family", family=("digits:8:16", "mnist1d:8x8:16"), held_out=("wine:8:16",),
+                              horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), optimizers=("ds",),
+                              meta_steps=2, pairs=2, truncation=5, meta_train_horizon=10, transfer_hidden=None,
+                              transfer_tasks=(), meta_objective="validation", validation_fraction=0.2, loss_clip=4.0,
+                              evaluate_every=1),
     # the CPU-scaled set-up of the shipped "digits-mlp" optimizer (meta-training: 20-50 minutes per rule on one
     # core; run one process per rule with --meta-only, then the race)
     "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "unf", "gradmetanet_ds"),
@@ -121,8 +144,11 @@ def config_from_preset(preset: str, **overrides) -> LoptConfig:
     return apply_preset(PRESETS, preset, overrides)
 
 
-def make_task(config: LoptConfig, batch_size: int = 128, split_seed: int = 0) -> MLPClassificationTask | LanguageModelTask:
+def make_task(config: LoptConfig, batch_size: int = 128, split_seed: int = 0
+              ) -> MLPClassificationTask | LanguageModelTask | TaskFamily:
     """The meta-training task (``split_seed`` 0), or with another ``split_seed`` the race's unseen split."""
+    if config.task == "family":
+        return task_family(config.family, split_seed, config.validation_fraction)
     if config.task == "lm":
         text = None if config.data_root is None else "\n".join(read_line_corpus(config.data_root))
         return LanguageModelTask(text, hidden=config.hidden or 32, seed=split_seed,
@@ -234,19 +260,30 @@ def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -
                "torch": torch.__version__, "tasks": {}}
     if config.task == "lm" and config.data_root is None:
         results["corpus"] = corpus_version()
-    task = make_task(config, split_seed=config.eval_split_seed)
-    tasks = {f"{config.task} (hidden {task.hidden}, split {config.eval_split_seed})": task}
+    tasks = race_tasks(config)
+    for label, race_task in tasks.items():
+        results["tasks"][label] = race(race_task, rules, config, progress)
+    report(results, out)
+    return results
+
+
+def race_tasks(config: LoptConfig) -> dict[str, MLPClassificationTask | LanguageModelTask]:
+    """The tasks of the race, by label: the meta-training task (or every family member) on an unseen split,
+    then the transfer tasks (wider MLP, other datasets, held-out family members)."""
+    split = config.eval_split_seed
+    if config.task == "family":
+        tasks = {f"{m} (split {split})": classification_task(m, split) for m in config.family}
+        tasks.update({f"{m} (held out, split {split})": classification_task(m, split) for m in config.held_out})
+        return tasks
+    task = make_task(config, split_seed=split)
+    tasks = {f"{config.task} (hidden {task.hidden}, split {split})": task}
     if config.transfer_hidden is not None:
         wide = replace(config, hidden=config.transfer_hidden)
         tasks[f"{config.task} (hidden {config.transfer_hidden}, transfer)"] = make_task(
             wide, split_seed=config.eval_split_seed)
     for name in config.transfer_tasks:
-        tasks[f"{name} (hidden {task.hidden}, transfer)"] = tabular_task(name, hidden=task.hidden,
-                                                                         seed=config.eval_split_seed)
-    for label, race_task in tasks.items():
-        results["tasks"][label] = race(race_task, rules, config, progress)
-    report(results, out)
-    return results
+        tasks[f"{name} (hidden {task.hidden}, transfer)"] = tabular_task(name, hidden=task.hidden, seed=split)
+    return tasks
 
 
 def race(task: MLPClassificationTask | LanguageModelTask, rules: dict[str, UpdateRule], config: LoptConfig, progress: bool) -> dict:
@@ -313,9 +350,11 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
     meta = results["meta_training"]
     kept = ", ".join(f"{LABELS[name]} step {m['selected_step']} of {m['steps']}" for name, m in meta.items())
     shipped = ", ".join(f'"{n}"' for n in cfg.get("pretrained", ()))
+    trained_on = (f"the task family {', '.join(cfg['family'])} (held out: {', '.join(cfg['held_out']) or 'none'})"
+                  if cfg.get("family") else "the first task only")
     lines = [f"Horizon {cfg['horizon']} steps, {cfg['eval_seeds']} evaluation seeds (1000 on) on {cfg.get('task', 'digits')} "
              f"split {cfg.get('eval_split_seed', 0)}, Adam tuned on seed {cfg.get('tuning_seed', 0)}; "
-             + (f"learned optimizers meta-trained with PES on split 0 of the first task only (rule kept: {kept})"
+             + (f"learned optimizers meta-trained with PES on split 0 of {trained_on} (rule kept: {kept})"
                 if kept else "no rule meta-trained in this run")
              + (f"; shipped rules raced as they are: {shipped}." if shipped else ".")]
     f = lambda pair, d=2: "-" if math.isnan(pair[0]) else f"{pair[0]:.{d}f} ± {pair[1]:.{d}f}"  # noqa: E731

@@ -16,6 +16,8 @@ learned_optimization's truncated estimators do, which rewards fast progress at e
 has far less variance than the loss of one batch at the truncation's end. On small datasets,
 where a horizon sees every example many times, the training loss rewards overfitting; there the
 objective ``"validation"`` averages the loss of held-out batches after every step instead.
+A :class:`~gradmetanet.lopt.task_family.TaskFamily` spreads the pairs over its members (MLPs of
+several shapes and datasets), so one estimate mixes them all.
 """
 
 from __future__ import annotations
@@ -26,148 +28,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace
 from .distributed import Shard, current_shard, is_main_process
+from .inner_runs import TruncatedInnerRuns, stack_meta_parameters
 from .optimizers import UpdateRule
+from .task_family import make_runs
 from .tasks import Task
 
 __all__ = ["TruncatedInnerRuns", "PES", "MetaTrainer", "PESConfig", "stack_meta_parameters"]
-
-
-def stack_meta_parameters(rule: UpdateRule, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Meta-parameter dict with a leading particle axis from ``vectors [n, D]``."""
-    out, offset = {}, 0
-    for name, p in rule.named_parameters():
-        out[name] = vectors[:, offset:offset + p.numel()].reshape(len(vectors), *p.shape)
-        offset += p.numel()
-    return out
-
-
-def _tree_where(mask: torch.Tensor, new, old):
-    """``where(mask[run], new, old)`` through nested dicts of tensors with a leading run axis."""
-    if isinstance(old, dict):
-        return {k: _tree_where(mask, new[k], v) for k, v in old.items()}
-    return torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old)
-
-
-class TruncatedInnerRuns:
-    """``n`` inner training runs of ``task`` under ``n`` meta-parameter vectors, advanced in lockstep.
-
-    State: inner parameters, rule state and step counters, each with a leading run axis; a run
-    that reaches ``horizon`` steps restarts from a fresh init. With ``antithetic``, runs ``k`` and
-    ``k + n/2`` share their initialisations and batches. Rules that read decomposed
-    gradients (``rule.needs_decomposed``) get them from ``task.grads_and_features``.
-    """
-
-    def __init__(self, task: Task, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator,
-                 antithetic: bool = False, objective: str = "train", loss_clip: float | None = None,
-                 shard: Shard | None = None) -> None:
-        if antithetic and n % 2:
-            raise ValueError(f"antithetic runs come in pairs; got n = {n}")
-        if shard is not None and not antithetic:
-            raise ValueError("only antithetic pairs are sharded across processes")
-        if objective not in ("train", "validation"):
-            raise ValueError(f"objective must be 'train' or 'validation', got {objective!r}")
-        if objective == "validation":
-            task.sample_validation_batch(1, torch.Generator())      # fails early, and clearly, without held-out data
-        self.objective, self.loss_clip = objective, loss_clip
-        self.task, self.rule, self.horizon, self.antithetic, self.shard = task, rule, horizon, antithetic, shard
-        self.n_global = n
-        self.n = n if shard is None else 2 * shard.local_pairs          # the runs this process advances
-        self.decomposed = rule.needs_decomposed
-        if self.decomposed and not hasattr(task, "grads_and_features"):
-            raise TypeError(f"{type(rule).__name__} reads decomposed gradients, which {type(task).__name__} "
-                            "does not provide (no grads_and_features)")
-        spec = getattr(task, "spec", None)
-
-        def update_one(meta, params, grads, state, step, features=None):
-            return functional_call(self.rule, meta, (params, grads, state, step, features), {"spec": spec})
-
-        if self.decomposed:
-            self._grads = vmap(task.grads_and_features)
-            self._update = vmap(update_one)
-        else:
-            self._grads = vmap(grad_and_value(task.loss))
-            self._update = vmap(lambda meta, params, grads, state, step: update_one(meta, params, grads, state, step))
-        self._losses = vmap(task.loss)
-        self.params, self.rule_state = self._fresh(generator)
-        self.step = torch.zeros(self.n, dtype=torch.long)
-
-    def _draw(self, sample, generator: torch.Generator):
-        """``sample(n, generator)`` for every run; antithetic runs ``k`` and ``k + n/2`` get the same draw
-        (common random numbers: the pair's loss difference then measures the perturbation, not the data).
-        A sharded process draws for all pairs, as one process would, and keeps its own."""
-        if not self.antithetic:
-            return sample(self.n, generator)
-        half = sample(self.n_global // 2, generator)
-        if self.shard is not None:
-            sl = self.shard.pair_slice
-            half = {k: v[sl] for k, v in half.items()} if isinstance(half, dict) else tuple(t[sl] for t in half)
-        if isinstance(half, dict):
-            return {k: torch.cat([v, v]) for k, v in half.items()}
-        return tuple(torch.cat([t, t]) for t in half)
-
-    def _fresh(self, generator: torch.Generator) -> tuple[dict, dict]:
-        params = self._draw(self.task.init_params, generator)
-        if self.decomposed:
-            _, feats, _ = self._grads(params, self._draw(self.task.sample_batch, generator))
-            state = vmap(self.rule.init_state)(params, feats)
-        else:
-            state = vmap(self.rule.init_state)(params)
-        return params, state
-
-    def state_dict(self) -> dict:
-        """Every run's state in the one-process layout (sharded processes gather it: a collective)."""
-        state = {"params": self.params, "rule_state": self.rule_state, "step": self.step}
-        return state if self.shard is None else self.shard.global_runs(state)
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.shard is not None:
-            state = self.shard.local_runs(state)
-        self.params, self.rule_state, self.step = state["params"], state["rule_state"], state["step"]
-
-    def reset_finished(self, generator: torch.Generator) -> torch.Tensor:
-        """Restart runs that reached the horizon; returns the boolean mask of restarted runs ``[n]``."""
-        done = self.step >= self.horizon
-        if done.any() if self.shard is None else self.shard.any(bool(done.any())):    # every process draws alike
-            params, state = self._fresh(generator)
-            self.params = _tree_where(done, params, self.params)
-            self.rule_state = _tree_where(done, state, self.rule_state)
-            self.step = torch.where(done, torch.zeros_like(self.step), self.step)
-        return done
-
-    @torch.no_grad()
-    def unroll(self, meta: dict[str, torch.Tensor], length: int, generator: torch.Generator,
-               stop: torch.Tensor | None = None) -> torch.Tensor:
-        """Advance every run ``length`` steps (or to its horizon, or to its ``stop [n]``); return each run's
-        mean loss over the steps it took, ``[n]``: the loss of each step's training batch before its update
-        (objective ``"train"``), or of a fresh validation batch after it (``"validation"``)."""
-        limit = torch.full((self.n,), self.horizon) if stop is None else stop.clamp_max(self.horizon)
-        total, counted = torch.zeros(self.n), torch.zeros(self.n)
-        for _ in range(length):
-            active = self.step < limit
-            batch = self._draw(self.task.sample_batch, generator)
-            with torch.enable_grad():
-                if self.decomposed:
-                    grads, feats, losses = self._grads(self.params, batch)
-                    new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step, feats)
-                else:
-                    grads, losses = self._grads(self.params, batch)
-                    new_params, new_state = self._update(meta, self.params, grads, self.rule_state, self.step)
-            self.params = _tree_where(active, new_params, self.params)
-            self.rule_state = _tree_where(active, new_state, self.rule_state)
-            self.step = self.step + active.long()
-            if self.objective == "validation":
-                losses = self._losses(self.params, self._draw(self.task.sample_validation_batch, generator))
-            if self.loss_clip is not None:       # a diverging inner run must not dominate the estimate
-                losses = torch.nan_to_num(losses, nan=self.loss_clip).clamp_max(self.loss_clip)
-            total += torch.where(active, losses, 0.0)
-            counted += active
-        return total / counted.clamp_min(1)
 
 
 class PES:
@@ -179,8 +50,8 @@ class PES:
         if horizon % truncation:
             raise ValueError(f"horizon ({horizon}) must be a multiple of the truncation length ({truncation})")
         self.rule, self.pairs, self.sigma, self.truncation, self.shard = rule, pairs, sigma, truncation, shard
-        self.runs = TruncatedInnerRuns(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective,
-                                       loss_clip=loss_clip, shard=shard)
+        self.runs = make_runs(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective,
+                              loss_clip=loss_clip, shard=shard)
         self.local_pairs = pairs if shard is None else shard.local_pairs
         self.dim = parameters_to_vector(rule.parameters()).numel()
         self.xi = torch.zeros(self.local_pairs, self.dim)
@@ -285,9 +156,9 @@ class MetaTrainer:
         """Mean loss of ``evaluate_runs`` full-horizon inner runs under the current (unperturbed) rule, with a
         fixed seed so that successive evaluations compare rules, not data."""
         gen = torch.Generator().manual_seed(10_000 + self.config.seed)
-        n = self.config.evaluate_runs
-        runs = TruncatedInnerRuns(self.task, self.rule, n, self.config.horizon, gen, objective=self.config.objective,
-                                  loss_clip=self.config.loss_clip)
+        n = self.config.evaluate_runs * len(getattr(self.task, "members", (self.task,)))     # per family member
+        runs = make_runs(self.task, self.rule, n, self.config.horizon, gen, objective=self.config.objective,
+                         loss_clip=self.config.loss_clip)
         theta = parameters_to_vector(self.rule.parameters()).detach()
         meta = stack_meta_parameters(self.rule, theta.expand(n, -1))
         return runs.unroll(meta, self.config.horizon, gen).mean().item()

@@ -8,6 +8,7 @@ reproducible and its random state can be checkpointed) and defines a per-run los
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,14 +17,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..basenets import make_mlp
-from ..data import load_digits_split
+from ..data import load_classification_split, load_digits_split
 from ..data.image_files import load_cifar, load_fashion_mnist
 from ..capture.functional import functional_factors
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 
 __all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
-           "cifar_task", "tabular_task"]
+           "cifar_task", "tabular_task", "classification_task"]
 
 Params = dict[str, torch.Tensor]
 
@@ -76,6 +77,8 @@ class LinearRegressionTask(Task):
 class MLPClassificationTask(Task):
     """MLP ``d -> hidden -> classes`` (ReLU), cross-entropy, on given training data; batch 128 by default.
 
+    ``hidden`` is one width, or a sequence of widths for a deeper MLP (``(64, 64)``: two hidden layers).
+
     ``validation_fraction`` moves a seeded random part of the training data into a validation
     split (``x_val``, ``y_val``) for validation meta-objectives; training then uses the rest.
     Parameter names follow ``make_mlp`` (``0.weight``, ``0.bias``, ``2.weight``, ``2.bias``), so a
@@ -84,7 +87,7 @@ class MLPClassificationTask(Task):
     """
 
     def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                 hidden: int = 32, batch_size: int = 128, validation_fraction: float = 0.0) -> None:
+                 hidden: int | Sequence[int] = 32, batch_size: int = 128, validation_fraction: float = 0.0) -> None:
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}")
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
@@ -93,7 +96,8 @@ class MLPClassificationTask(Task):
         self.x_val, self.y_val = x_train[val], y_train[val]
         x_train, y_train = x_train[train], y_train[train]
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
-        self.hidden, self.batch_size = hidden, batch_size
+        self.widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        self.hidden, self.batch_size = self.widths[0], batch_size
         self.in_dim = x_train.shape[1]
         self.classes = int(max(y_train.max(), y_test.max())) + 1
         self.model = self.make_model()                   # the structure; parameters come from each run
@@ -101,7 +105,7 @@ class MLPClassificationTask(Task):
 
     def make_model(self) -> torch.nn.Sequential:
         """The ``nn.Sequential`` this task trains, for ordinary (non-functional) training loops."""
-        return make_mlp([self.in_dim, self.hidden, self.classes], "relu")
+        return make_mlp([self.in_dim, *self.widths, self.classes], "relu")
 
     def init_params(self, n: int, generator: torch.Generator) -> Params:
         """PyTorch's default ``nn.Linear`` initialisation, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, for ``n`` runs."""
@@ -177,17 +181,26 @@ def tabular_task(name: str, hidden: int = 32, batch_size: int = 128, seed: int =
     Features are standardised with training statistics; the split is a seeded 75/25 permutation.
     For transfer tests: a learned optimizer meta-trained on digits meets other input and output sizes.
     """
-    from sklearn import datasets
+    if name not in ("wine", "breast_cancer", "iris"):
+        raise ValueError(f"unknown tabular task {name!r}; choose from ['breast_cancer', 'iris', 'wine']")
+    return MLPClassificationTask(*load_classification_split(name, seed), hidden=hidden, batch_size=batch_size)
 
-    loaders = {"wine": datasets.load_wine, "breast_cancer": datasets.load_breast_cancer, "iris": datasets.load_iris}
-    if name not in loaders:
-        raise ValueError(f"unknown tabular task {name!r}; choose from {sorted(loaders)}")
-    data = loaders[name]()
-    x = torch.as_tensor(data.data, dtype=torch.float32)
-    y = torch.as_tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = len(x) // 4
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
-    x = (x - mean) / std
-    return MLPClassificationTask(x[train], y[train], x[test], y[test], hidden=hidden, batch_size=batch_size)
+
+def classification_task(member: str, seed: int = 0, validation_fraction: float = 0.0) -> MLPClassificationTask:
+    """The task a member name describes: ``"DATASET:WIDTHS:BATCH"``, widths joined by ``x``.
+
+    ``"digits:32:128"`` is the digits in ``[0, 1]`` with one hidden layer of 32 and batch 128;
+    ``"digits-std:64x64:32"`` standardised digits, two hidden layers of 64, batch 32;
+    ``"mnist1d:32:128"`` MNIST-1D. Datasets: ``gradmetanet.data.CLASSIFICATION_SETS``.
+    """
+    parts = member.split(":")
+    try:
+        dataset, widths, batch = parts
+        hidden = tuple(int(w) for w in widths.split("x"))
+        batch_size = int(batch)
+    except ValueError:
+        raise ValueError(f"task member {member!r} is not DATASET:WIDTHS:BATCH (e.g. 'digits-std:64x64:32')") from None
+    if min(hidden) < 1 or batch_size < 1:
+        raise ValueError(f"task member {member!r}: widths and batch size must be positive")
+    return MLPClassificationTask(*load_classification_split(dataset, seed), hidden=hidden, batch_size=batch_size,
+                                 validation_fraction=validation_fraction)
