@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     from gradmetanet.experiments import lopt
@@ -16,12 +18,12 @@ def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     assert list(saved["tasks"]) == ["digits (hidden 32, split 1)", "digits (hidden 8, transfer)",
                                     "iris (hidden 32, transfer)"]
     for race in saved["tasks"].values():
-        assert set(race["optimizers"]) == {"adam", "sgdm", "gradmetanet_ds", "shipped:digits-mlp"}
+        assert set(race["optimizers"]) == {"adam", "sgdm", "gradmetanet_ds", "shipped:mlp-small"}
         assert race["optimizers"]["adam"]["step_reduction"] == [1.0, 0.0]     # Adam against itself
         assert race["adam_lr"] in config.adam_grid
         assert race["adam_lr_interior"] is False                              # a two-point grid has no interior
     assert "widen the grid" in (tmp_path / "table.md").read_text()
-    assert 'shipped "digits-mlp"' in (tmp_path / "table.md").read_text()
+    assert 'shipped "mlp-small"' in (tmp_path / "table.md").read_text()
     assert saved["tasks"] == json.loads(json.dumps(results["tasks"]))
     # a rerun finds the finished meta-training checkpoints and does not meta-train again
     from gradmetanet.lopt import pes
@@ -74,3 +76,39 @@ def test_family_run_races_every_member_and_the_held_out_ones(tmp_path):
                                       "wine:8:16 (held out, split 1)"]
     assert "task family digits:8:16, mnist1d:8x8:16 (held out: wine:8:16)" in (tmp_path / "table.md").read_text()
     assert len(results["meta_training"]["ds"]["validation"]) == config.meta_steps
+
+
+def test_meta_training_can_start_from_a_shipped_rule(tmp_path):
+    import pytest
+    import torch
+
+    from gradmetanet.experiments import lopt
+    from gradmetanet.lopt import load_rule
+    from gradmetanet.lopt.rule_files import shipped_path
+    config = lopt.config_from_preset("family-tiny", optimizers=("gradmetanet_ds",), init_from="digits-mlp-v0.2",
+                                     meta_steps=1, evaluate_every=0)
+    rules, _ = lopt.meta_train(config, tmp_path, progress=False)
+    start = load_rule(shipped_path("digits-mlp-v0.2")).state_dict()
+    moved = [(rules["gradmetanet_ds"].state_dict()[k] - v).abs().max().item() for k, v in start.items()]
+    assert 0 < max(moved) < 2e-4                # one meta-step (Adam, lr 1e-4) away from the shipped rule
+    bad = lopt.config_from_preset("family-tiny", optimizers=("ds",), init_from="digits-mlp-v0.2")
+    with pytest.raises(ValueError, match="another kind of rule"):
+        lopt.meta_train(bad, tmp_path / "bad", progress=False)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "learned"])
+def test_a_diverging_run_is_recorded_not_raised(optimizer):
+    """A learning rate that blows the model up (SGD: NaN losses; a learned rule: it refuses the non-finite
+    gradient) ends the run as diverged, with infinite test losses from there on."""
+    import math
+
+    import torch
+
+    from gradmetanet.experiments import lopt
+    from gradmetanet.lopt import NetworkOptimizer, classification_task, deepsets_rule
+    task = classification_task("digits:8:16")
+    make = {"sgd": lambda m: torch.optim.SGD(m.parameters(), lr=1e12),
+            "learned": lambda m: NetworkOptimizer(m, deepsets_rule(), lr=1e30)}[optimizer]
+    curve = lopt.train_curve(task, make, seed=0, horizon=40, eval_every=5)
+    assert curve.diverged and curve.test_loss[-1] == math.inf and len(curve.steps) == 8
+    assert curve.trained < 40

@@ -117,3 +117,11 @@ def test_family_errors_name_the_cause():
         lopt.config_from_preset("tiny", task="family")
     with pytest.raises(ValueError, match="one or the other"):
         lopt.config_from_preset("family-tiny", held_out=("digits:8:16",))
+
+
+def test_a_family_is_not_one_task():
+    family = task_family(("digits:8:16", "mnist1d:8:16"))
+    with pytest.raises(TypeError, match="different parameter shapes"):
+        family.init_params(2, torch.Generator())
+    with pytest.raises(TypeError, match="different parameter shapes"):
+        family.sample_batch(2, torch.Generator())

@@ -45,16 +45,17 @@ def test_rule_file_errors(tmp_path):
         pretrained("nope", make_mlp([64, 32, 10], "relu"))
 
 
-def test_shipped_digits_optimizer_trains_a_fresh_mlp():
-    """The shipped "digits-mlp" rule, as a drop-in on an MLP and seed it never saw, cuts the test loss of
-    the digits task by over 80% in 150 steps (the full race against tuned Adam is `gradmetanet run lopt`)."""
+@pytest.mark.parametrize("name", ["mlp-small", "digits-mlp-v0.2"])
+def test_shipped_optimizers_train_a_fresh_mlp(name):
+    """Each shipped rule, as a drop-in on an MLP and seed it never saw, cuts the test loss of the digits task
+    by over 80% in 150 steps (the full race against tuned Adam is `gradmetanet run lopt`)."""
     from gradmetanet.lopt import DigitsMLPTask, describe
-    assert "digits-mlp" in available()
-    assert describe("digits-mlp")["optimizer"] == "gradmetanet_ds"
+    assert name in available()
+    assert describe(name)["optimizer"] == "gradmetanet_ds" and "lopt" in describe(name)["command"]
     task = DigitsMLPTask()
     torch.manual_seed(12345)
     model = make_mlp([64, 32, 10], "relu")
-    opt = pretrained("digits-mlp", model)
+    opt = pretrained(name, model)
     gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
         start = F.cross_entropy(model(task.x_test), task.y_test).item()
@@ -86,3 +87,18 @@ def test_ship_records_provenance_and_pretrained_binds_a_model(tmp_path, monkeypa
     opt.step()
     opt.close()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_renamed_digits_optimizer_loads_its_replacement_with_a_warning():
+    from gradmetanet.lopt import describe
+    model = make_mlp([64, 32, 10], "relu")
+    with pytest.warns(FutureWarning, match="replaced by 'mlp-small'.*'digits-mlp-v0.2'"):
+        opt = pretrained("digits-mlp", model)
+    new = pretrained("mlp-small", model)
+    for a, b in zip(opt.rule.state_dict().values(), new.rule.state_dict().values()):
+        assert torch.equal(a, b)
+    opt.close()
+    new.close()
+    with pytest.warns(FutureWarning):
+        assert describe("digits-mlp") == describe("mlp-small")
+    assert "digits-mlp" not in available()

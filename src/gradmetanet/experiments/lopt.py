@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text
 from ..plots import figure
 from ..lopt.distributed import is_main_process
-from ..lopt.rule_files import PRETRAINED_DIR, load_rule, save_rule
+from ..lopt.rule_files import load_rule, save_rule, shipped_path
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
 from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
 from ..lopt.optimizers import make_rule, warm_start
@@ -78,6 +78,8 @@ class LoptConfig:
     validation_fraction: float = 0.0      # part of the training data held out for the validation objective
     warm_start: str | None = None         # start the GradMetaNet rules from this rule meta-trained in the same run
     warm_start_steps: int | None = None   # meta-steps of the warm-started rules (default: meta_steps)
+    learned_lr_grid: tuple[float, ...] = ()   # also race every rule with its lr multiplier tuned on this grid
+    init_from: str | None = None          # start every rule from this shipped rule (its name) or rule file, same kind
     loss_clip: float | None = None        # PES: clip each inner step's loss (diverging runs)
     evaluate_every: int = 0               # PES: meta-validate every this many steps and keep the best rule
 
@@ -94,6 +96,7 @@ class LoptConfig:
 
 
 FAMILY = ("digits:32:128", "digits-std:32:128", "digits-std:64x64:32", "mnist1d:64:64")
+LEARNED_LR_GRID = tuple(float(f"{10 ** (j / 4):.3g}") for j in range(-4, 3))     # 0.1 .. 3.16, the step multiplier
 HELD_OUT = ("digits-std:48x48x48:128", "wine:32:128", "breast_cancer:32:128")
 
 PRESETS = {
@@ -101,15 +104,22 @@ PRESETS = {
     # the shipped "mlp-small" optimizer: meta-trained on a family of MLPs (widths, depths, batch sizes, [0, 1] and
     # standardised digits, MNIST-1D), raced on unseen splits of every member and on held-out members
     "family-cpu": LoptConfig(task="family", family=FAMILY, held_out=HELD_OUT, horizon=1000, eval_seeds=5,
-                             optimizers=("ds", "gradmetanet_ds"), pretrained=("digits-mlp",), meta_steps=1000, pairs=8,
-                             truncation=50, sigma=0.01, meta_lr=1e-3, transfer_hidden=None, transfer_tasks=(),
-                             meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=100),
+                             optimizers=("ds", "gradmetanet_ds"), pretrained=("digits-mlp-v0.2",), meta_steps=1000,
+                             pairs=8, truncation=50, sigma=0.01, meta_lr=1e-3, transfer_hidden=None, transfer_tasks=(),
+                             meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=100,
+                             learned_lr_grid=LEARNED_LR_GRID),
+    # the same, fine-tuned on the family from the digits-only rule of version 0.2 (GradMetaNet + DS)
+    "family-ft-cpu": LoptConfig(task="family", family=FAMILY, held_out=HELD_OUT, horizon=1000, eval_seeds=5,
+                                optimizers=("gradmetanet_ds",), init_from="digits-mlp-v0.2", meta_steps=500, pairs=8,
+                                truncation=50, sigma=0.01, meta_lr=3e-4, transfer_hidden=None, transfer_tasks=(),
+                                meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=50,
+                                learned_lr_grid=LEARNED_LR_GRID),
     "family-tiny": LoptConfig(task="family", family=("digits:8:16", "mnist1d:8x8:16"), held_out=("wine:8:16",),
                               horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), optimizers=("ds",),
                               meta_steps=2, pairs=2, truncation=5, meta_train_horizon=10, transfer_hidden=None,
                               transfer_tasks=(), meta_objective="validation", validation_fraction=0.2, loss_clip=4.0,
                               evaluate_every=1),
-    # the CPU-scaled set-up of the shipped "digits-mlp" optimizer (meta-training: 20-50 minutes per rule on one
+    # the CPU-scaled set-up of the shipped "digits-mlp-v0.2" optimizer (meta-training: 20-50 minutes per rule on one
     # core; run one process per rule with --meta-only, then the race)
     "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "unf", "gradmetanet_ds"),
                          meta_steps=1000, pairs=8, truncation=50, sigma=0.01, meta_lr=1e-3,
@@ -120,7 +130,7 @@ PRESETS = {
     "tiny": LoptConfig(horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2, pairs=1,
                        truncation=5, meta_train_horizon=10, transfer_hidden=8, transfer_tasks=("iris",),
                        meta_objective="validation", validation_fraction=0.2, loss_clip=4.0, evaluate_every=1,
-                       pretrained=("digits-mlp",)),
+                       pretrained=("mlp-small",)),
     # the paper's language-model task (2 blocks, d = 32, 4 heads, batch 8, sequences of 8) on the pydoc text
     "lm-tiny": LoptConfig(task="lm", horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), meta_steps=2,
                           pairs=1, truncation=5, meta_train_horizon=10, transfer_hidden=None, transfer_tasks=(),
@@ -134,7 +144,7 @@ PRESETS = {
                          meta_objective="validation", validation_fraction=0.1, loss_clip=8.0, evaluate_every=25),
     "lm-paper": LoptConfig(task="lm", horizon=5000, eval_every=50, transfer_hidden=None, transfer_tasks=()),
     # the fair race of the shipped optimizer (no meta-training): unseen split and seeds, Adam on a wide log grid
-    "fair": LoptConfig(horizon=1000, eval_seeds=5, optimizers=(), pretrained=("digits-mlp",),
+    "fair": LoptConfig(horizon=1000, eval_seeds=5, optimizers=(), pretrained=("digits-mlp-v0.2", "mlp-small"),
                        transfer_tasks=("wine", "breast_cancer")),
 }
 
@@ -169,11 +179,14 @@ def make_task(config: LoptConfig, batch_size: int = 128, split_seed: int = 0
 
 @dataclass
 class Curve:
-    """Test losses at ``steps`` and the seconds spent in training steps (evaluation excluded)."""
+    """Test losses at ``steps`` (``inf`` once the run diverged), the seconds spent in the ``trained`` training
+    steps (evaluation excluded), and whether the run diverged (a non-finite loss or gradient)."""
 
     steps: list[int] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    trained: int = 0
+    diverged: bool = False
 
     def first_step_reaching(self, target: float) -> int | None:
         for step, loss in zip(self.steps, self.test_loss):
@@ -191,15 +204,22 @@ def train_curve(task: MLPClassificationTask | LanguageModelTask, make_optimizer:
     opt = make_optimizer(model)
     curve = Curve()
     for step in range(1, horizon + 1):
-        batch = tuple(t[0] for t in task.sample_batch(1, gen))
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        task.batch_loss(model, batch).backward()
-        opt.step()
-        curve.seconds += time.perf_counter() - start
+        if not curve.diverged:
+            batch = tuple(t[0] for t in task.sample_batch(1, gen))
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            try:
+                task.batch_loss(model, batch).backward()
+                opt.step()                  # learned rules refuse non-finite gradients (FloatingPointError)
+                curve.trained += 1
+            except FloatingPointError:
+                curve.diverged = True
+            curve.seconds += time.perf_counter() - start
         if step % eval_every == 0:
+            loss = math.inf if curve.diverged else task.test_loss(model)
+            curve.diverged |= not math.isfinite(loss)
             curve.steps.append(step)
-            curve.test_loss.append(task.test_loss(model))
+            curve.test_loss.append(loss if math.isfinite(loss) else math.inf)
     if hasattr(opt, "close"):
         opt.close()
     return curve
@@ -220,6 +240,11 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
     for name in config.optimizers:
         torch.manual_seed(config.seed)
         rule = make_rule(name, TRANSFORMER_SIGNATURES if config.task == "lm" else LINEAR_SIGNATURES)
+        if config.init_from is not None:
+            start = load_rule(config.init_from if Path(config.init_from).is_file() else shipped_path(config.init_from))
+            if type(start.per_parameter) is not type(rule.per_parameter) or start.state_dict().keys() != rule.state_dict().keys():
+                raise ValueError(f"init_from={config.init_from!r} is another kind of rule than {name!r}")
+            rule.load_state_dict(start.state_dict())
         if config.warm_start is not None and name.startswith("gradmetanet_"):
             if config.warm_start not in rules:
                 raise ValueError(f"warm_start={config.warm_start!r} must be one of the optimizers meta-trained "
@@ -253,7 +278,7 @@ def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -
     out = Path(out_dir)
     rules, meta_record = meta_train(config, out, progress)
     for name in config.pretrained:
-        rules[f"shipped:{name}"] = load_rule(PRETRAINED_DIR / f"{name}.safetensors")
+        rules[f"shipped:{name}"] = load_rule(shipped_path(name))
     # race tuned Adam on an unseen split of the meta-training task, and (without re-meta-training) on a wider
     # MLP and other tasks
     results = {"experiment": "lopt", "config": asdict(config), "meta_training": meta_record,
@@ -286,18 +311,32 @@ def race_tasks(config: LoptConfig) -> dict[str, MLPClassificationTask | Language
     return tasks
 
 
+def _tune_lr(task: MLPClassificationTask | LanguageModelTask, make: Callable[[nn.Module, float], torch.optim.Optimizer],
+             grid: tuple[float, ...], config: LoptConfig, desc: str, progress: bool) -> tuple[float, dict[float, float]]:
+    """The learning rate of ``grid`` with the lowest best test loss within the horizon on the tuning seed, and
+    every value's best test loss."""
+    losses = {}
+    for lr in tqdm(grid, desc=desc, disable=not progress):
+        curve = train_curve(task, lambda m, lr=lr: make(m, lr), config.tuning_seed, config.horizon, config.eval_every)
+        losses[lr] = min(curve.test_loss)
+    return min(losses, key=losses.get), losses
+
+
 def race(task: MLPClassificationTask | LanguageModelTask, rules: dict[str, UpdateRule], config: LoptConfig, progress: bool) -> dict:
     """Tune Adam's learning rate on ``task`` (the tuning seed), then race it against every rule on the
-    evaluation seeds (1000, 1001, ...)."""
-    grid = {}
-    for lr in tqdm(config.adam_grid, desc="Adam grid", disable=not progress):
-        curve = train_curve(task, lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr), config.tuning_seed,
-                            config.horizon, config.eval_every)
-        grid[lr] = min(curve.test_loss)
-    best_lr = min(grid, key=grid.get)
+    evaluation seeds (1000, 1001, ...). With ``learned_lr_grid``, every rule also races with its ``lr``
+    (the multiplier of its learned step) tuned by the same protocol, as ``NAME@tuned``."""
+    best_lr, grid = _tune_lr(task, lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr), config.adam_grid, config,
+                             "Adam grid", progress)
     makers: dict[str, Callable] = {"adam": lambda m: torch.optim.Adam(m.parameters(), lr=best_lr)}
+    learned_lr = {}
     for name, rule in rules.items():
         makers[name] = lambda m, rule=rule: NetworkOptimizer(m, rule)
+        if config.learned_lr_grid:
+            lr, losses = _tune_lr(task, lambda m, lr, rule=rule: NetworkOptimizer(m, rule, lr=lr),
+                                  config.learned_lr_grid, config, f"{name} lr grid", progress)
+            makers[f"{name}@tuned"] = lambda m, rule=rule, lr=lr: NetworkOptimizer(m, rule, lr=lr)
+            learned_lr[name] = {"lr": lr, "grid": {str(k): v for k, v in losses.items()}}
     curves: dict[str, list[Curve]] = {name: [] for name in makers}
     bar = tqdm(total=config.eval_seeds * len(makers), desc="evaluate", disable=not progress)
     for seed in range(1000, 1000 + config.eval_seeds):
@@ -305,7 +344,7 @@ def race(task: MLPClassificationTask | LanguageModelTask, rules: dict[str, Updat
             curves[name].append(train_curve(task, make, seed, config.horizon, config.eval_every))
             bar.update()
     bar.close()
-    return _summarise(best_lr, grid, curves)
+    return _summarise(best_lr, grid, curves) | {"learned_lr": learned_lr}
 
 
 def _summarise(best_lr: float, grid: dict, curves: dict[str, list[Curve]]) -> dict:
@@ -325,12 +364,11 @@ def _summarise(best_lr: float, grid: dict, curves: dict[str, list[Curve]]) -> di
             reached += 1
             factors.append(n_adam / steps)
             speedups.append((n_adam * a.seconds) / (steps * c.seconds))    # per-step seconds x steps
-        horizon = runs[0].steps[-1]
         rows[name] = {"step_reduction": mean_std(factors), "speedup": mean_std(speedups),
                       "best_test_loss": mean_std([min(c.test_loss) for c in runs]),
                       "final_test_loss": mean_std([c.test_loss[-1] for c in runs]),
-                      "ms_per_step": mean_std([1e3 * c.seconds / horizon for c in runs]),
-                      "reached_adam_best": f"{reached}/{len(runs)}", "steps_to_adam_best": per_seed,
+                      "ms_per_step": mean_std([1e3 * c.seconds / max(c.trained, 1) for c in runs]),
+                      "reached_adam_best": f"{reached}/{len(runs)}", "diverged": sum(c.diverged for c in runs), "steps_to_adam_best": per_seed,
                       "curves": {"steps": runs[0].steps, "test_loss": [c.test_loss for c in runs]}}
     ordered = sorted(grid)
     interior = ordered[0] < best_lr < ordered[-1]
@@ -367,7 +405,8 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in race_result["optimizers"].items():
             seeds = ", ".join("–" if n is None else str(n) for n in r["steps_to_adam_best"])
-            lines.append(f"| {label_of(name)} | {f(r['step_reduction'])} | {f(r['speedup'])} | {r['reached_adam_best']} "
+            lines.append(f"| {label_of(name, race_result.get('learned_lr'))} | {f(r['step_reduction'])} | {f(r['speedup'])} | {r['reached_adam_best']}"
+                         f"{f' ({d} diverged)' if (d := r.get('diverged', 0)) else ''} "
                          f"| {seeds} | {f(r['best_test_loss'], 3)} | {f(r['final_test_loss'], 3)} "
                          f"| {f(r['ms_per_step'])} |")
     table = "\n".join(lines)
@@ -380,9 +419,17 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
     return table
 
 
-def label_of(name: str) -> str:
-    """Table label of an optimizer: a rule name, or ``shipped:NAME`` for a shipped rule."""
-    return f"shipped \"{name.split(':', 1)[1]}\"" if name.startswith("shipped:") else LABELS[name]
+def label_of(name: str, learned_lr: dict | None = None) -> str:
+    """Table label of an optimizer: a rule name, or ``shipped:NAME`` for a shipped rule; ``NAME@tuned`` is the rule
+    with its learning-rate multiplier tuned (the value, from ``learned_lr``, in the label)."""
+    base, tuned = name.removesuffix("@tuned"), name.endswith("@tuned")
+    label = f"shipped \"{base.split(':', 1)[1]}\"" if base.startswith("shipped:") else LABELS[base]
+    if not tuned:
+        return label
+    chosen = (learned_lr or {})[base]
+    grid = sorted(map(float, chosen["grid"]))
+    edge = ", grid edge" if len(grid) > 1 and chosen["lr"] in (grid[0], grid[-1]) else ""
+    return f"{label}, lr x{chosen['lr']:g} (tuned{edge})"
 
 
 def _plot_grid(tasks: dict, path: Path) -> None:
@@ -421,5 +468,5 @@ def _plot(race_result: dict, label: str, path: Path) -> None:
             losses = torch.tensor(r["curves"]["test_loss"])
             mean = losses.mean(0)
             std = losses.std(0) if len(losses) > 1 else torch.zeros_like(mean)
-            line, = ax.plot(steps, mean, label=label_of(name))
+            line, = ax.plot(steps, mean, label=label_of(name, race_result.get('learned_lr')))
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)

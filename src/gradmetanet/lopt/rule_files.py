@@ -7,7 +7,7 @@ file does not depend on the network it was meta-trained on (files of version 0.1
 ``"n_layers"`` entry, which is ignored). :func:`pretrained` builds a drop-in optimizer from a
 shipped file::
 
-    opt = gradmetanet.lopt.pretrained("digits-mlp", model)
+    opt = gradmetanet.lopt.pretrained("mlp-small", model)
     for x, y in loader:
         opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
     opt.close()
@@ -16,6 +16,7 @@ shipped file::
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -25,10 +26,29 @@ from torch import nn
 from ..atomic import atomic_replace
 from .optimizers import RULE_NAMES, NetworkOptimizer, UpdateRule, make_rule
 
-__all__ = ["PRETRAINED_DIR", "available", "describe", "load_rule", "pretrained", "read_metadata", "save_rule", "ship"]
+__all__ = ["PRETRAINED_DIR", "RENAMED", "available", "describe", "load_rule", "pretrained", "read_metadata",
+           "save_rule", "ship", "shipped_path"]
 
 #: Where the shipped rules live (``NAME.safetensors``).
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+#: Names of shipped rules that were replaced, and their replacement. ``"digits-mlp"`` (version 0.2, meta-trained
+#: on the [0, 1] digits alone, still shipped as ``"digits-mlp-v0.2"``) became ``"mlp-small"`` (version 0.6,
+#: meta-trained on a family of MLP tasks).
+RENAMED = {"digits-mlp": "mlp-small"}
+
+
+def shipped_path(name: str) -> Path:
+    """The file of the shipped rule ``name`` (a renamed one resolves to its replacement, with a warning)."""
+    if name in RENAMED:
+        warnings.warn(f"the shipped optimizer {name!r} was replaced by {RENAMED[name]!r} (meta-trained on a task "
+                      f"family; see docs/learned_optimizers.md) and now loads it; the old rule is {name + '-v0.2'!r}",
+                      FutureWarning, stacklevel=3)
+        name = RENAMED[name]
+    path = PRETRAINED_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"no shipped optimizer named {name!r}; available: {available()}")
+    return path
 
 
 def available() -> list[str]:
@@ -80,10 +100,7 @@ def pretrained(name: str, model: nn.Module) -> NetworkOptimizer:
     Call :meth:`~gradmetanet.lopt.NetworkOptimizer.close` when done if the rule reads decomposed
     gradients (it registers capture hooks on the model).
     """
-    path = PRETRAINED_DIR / f"{name}.safetensors"
-    if not path.is_file():
-        raise ValueError(f"no shipped optimizer named {name!r}; available: {available()}")
-    rule = load_rule(path).to(next(model.parameters()).device)
+    rule = load_rule(shipped_path(name)).to(next(model.parameters()).device)
     for p in rule.parameters():
         p.requires_grad_(False)
     return NetworkOptimizer(model, rule)
@@ -102,4 +119,4 @@ def ship(source: str | os.PathLike, name: str, command: str) -> Path:
 
 def describe(name: str) -> dict[str, str]:
     """The provenance of a shipped optimizer (its metadata: rule, meta-training config and command)."""
-    return read_metadata(PRETRAINED_DIR / f"{name}.safetensors")
+    return read_metadata(shipped_path(name))

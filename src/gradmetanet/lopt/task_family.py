@@ -30,6 +30,12 @@ class TaskFamily(Task):
     def __len__(self) -> int:
         return len(self.members)
 
+    def init_params(self, n: int, generator: torch.Generator):
+        raise TypeError("members of a task family have different parameter shapes: draw runs of each member "
+                        "(FamilyRuns does), or pick one with family.members[name]")
+
+    sample_batch = loss = init_params
+
 
 def task_family(members: tuple[str, ...], seed: int = 0, validation_fraction: float = 0.0) -> TaskFamily:
     """A family of classification tasks named ``"DATASET:WIDTHS:BATCH"`` (see ``classification_task``)."""
