@@ -76,6 +76,11 @@ def test_family_run_races_every_member_and_the_held_out_ones(tmp_path):
                                       "wine:8:16 (held out, split 1)"]
     assert "task family digits:8:16, mnist1d:8x8:16 (held out: wine:8:16)" in (tmp_path / "table.md").read_text()
     assert len(results["meta_training"]["ds"]["validation"]) == config.meta_steps
+    for race in results["tasks"].values():          # DS also raced with its step multiplier tuned like Adam's lr
+        tuned = race["learned_lr"]["ds"]
+        assert set(race["optimizers"]) == {"adam", "ds", "ds@tuned"}
+        assert tuned["grid"][str(tuned["lr"])] == min(tuned["grid"].values())
+    assert "DS, lr x" in (tmp_path / "table.md").read_text()
 
 
 def test_meta_training_can_start_from_a_shipped_rule(tmp_path):

@@ -118,7 +118,7 @@ PRESETS = {
                               horizon=20, eval_every=5, eval_seeds=2, adam_grid=(0.001, 0.01), optimizers=("ds",),
                               meta_steps=2, pairs=2, truncation=5, meta_train_horizon=10, transfer_hidden=None,
                               transfer_tasks=(), meta_objective="validation", validation_fraction=0.2, loss_clip=4.0,
-                              evaluate_every=1),
+                              evaluate_every=1, learned_lr_grid=(0.5, 1.0)),
     # the CPU-scaled set-up of the shipped "digits-mlp-v0.2" optimizer (meta-training: 20-50 minutes per rule on one
     # core; run one process per rule with --meta-only, then the race)
     "digits": LoptConfig(horizon=1000, eval_seeds=5, optimizers=("sgdm", "ds", "unf", "gradmetanet_ds"),
