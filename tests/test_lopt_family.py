@@ -110,8 +110,8 @@ def test_family_errors_name_the_cause():
         TaskFamily({})
     from gradmetanet.lopt.distributed import Shard
     from gradmetanet.lopt.task_family import FamilyRuns
-    with pytest.raises(NotImplementedError, match="not sharded"):
-        FamilyRuns(family, deepsets_rule(), 6, 4, torch.Generator(), antithetic=True, shard=Shard(0, 1, 3))
+    with pytest.raises(ValueError, match=r"split evenly: 3 pairs over 3 members gives \[1, 1, 1\]"):
+        FamilyRuns(family, deepsets_rule(), 6, 4, torch.Generator(), antithetic=True, shard=Shard(0, 2, 3))
     from gradmetanet.experiments import lopt
     with pytest.raises(ValueError, match="needs its members"):
         lopt.config_from_preset("tiny", task="family")

@@ -71,6 +71,11 @@ class TruncatedInnerRuns:
         self.params, self.rule_state = self._fresh(generator)
         self.step = torch.zeros(self.n, dtype=torch.long)
 
+    def owned_pairs(self, rank: int, world: int) -> torch.Tensor:
+        """The antithetic pairs process ``rank`` of ``world`` advances: a contiguous share (see :class:`Shard`)."""
+        share = self.n_global // 2 // world
+        return torch.arange(rank * share, (rank + 1) * share)
+
     def _draw(self, sample, generator: torch.Generator):
         """``sample(n, generator)`` for every run; antithetic runs ``k`` and ``k + n/2`` get the same draw
         (common random numbers: the pair's loss difference then measures the perturbation, not the data).

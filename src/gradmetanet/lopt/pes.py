@@ -52,16 +52,20 @@ class PES:
         self.rule, self.pairs, self.sigma, self.truncation, self.shard = rule, pairs, sigma, truncation, shard
         self.runs = make_runs(task, rule, 2 * pairs, horizon, generator, antithetic=True, objective=objective,
                               loss_clip=loss_clip, shard=shard)
-        self.local_pairs = pairs if shard is None else shard.local_pairs
+        self.owned = self.runs.owned_pairs(shard.rank, shard.world) if shard is not None else torch.arange(pairs)
+        self.local_pairs = len(self.owned)
         self.dim = parameters_to_vector(rule.parameters()).numel()
         self.xi = torch.zeros(self.local_pairs, self.dim)
 
     def _local(self, per_pair: torch.Tensor) -> torch.Tensor:
         """This process's rows of a ``[pairs, ...]`` draw."""
-        return per_pair if self.shard is None else per_pair[self.shard.pair_slice]
+        return per_pair if self.shard is None else per_pair[self.owned]
 
     def state_dict(self) -> dict:
-        xi = self.xi if self.shard is None else self.shard.gather(self.xi)
+        xi = self.xi
+        if self.shard is not None:                      # every process's rows, put back in pair order
+            order = torch.cat([self.runs.owned_pairs(r, self.shard.world) for r in range(self.shard.world)])
+            xi = torch.empty(self.pairs, self.dim).index_copy_(0, order, self.shard.gather(self.xi))
         return {"runs": self.runs.state_dict(), "xi": xi}
 
     def load_state_dict(self, state: dict) -> None:

@@ -5,7 +5,8 @@ Members of a family have different parameter shapes, so their inner runs cannot 
 and presents them as one set of runs in the layout PES expects: antithetic pair ``k`` (runs ``k``
 and ``k + pairs``) trains member ``k mod M``, so every PES estimate mixes every member, as
 learned_optimization's task-family samplers do per particle. Losses of different members are
-summed unweighted (cross-entropies of classifiers start near ``log(classes)``).
+summed unweighted (cross-entropies of classifiers start near ``log(classes)``). Under ``torchrun``
+each process advances its share of every member's pairs (each member's pairs must split evenly).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .optimizers import UpdateRule
+from .distributed import Shard
 from .inner_runs import TruncatedInnerRuns
 from .tasks import Task, classification_task
 
@@ -54,10 +56,7 @@ class FamilyRuns:
 
     def __init__(self, family: TaskFamily, rule: UpdateRule, n: int, horizon: int, generator: torch.Generator,
                  antithetic: bool = False, objective: str = "train", loss_clip: float | None = None,
-                 shard=None) -> None:
-        if shard is not None:
-            raise NotImplementedError("task families are not sharded across processes yet: meta-train a family in "
-                                      "one process (or shard a single task under torchrun)")
+                 shard: Shard | None = None) -> None:
         m = len(family)
         units = n // 2 if antithetic else n
         if antithetic and n % 2:
@@ -65,15 +64,38 @@ class FamilyRuns:
         if units < m:
             raise ValueError(f"{units} {'pairs' if antithetic else 'runs'} cannot cover the {m} members of the task "
                              f"family; use at least {m}")
-        self.horizon, self.n = horizon, n
-        self.index: list[torch.Tensor] = []          # the global run indices of each member, in its runs' order
+        if shard is not None and not antithetic:
+            raise ValueError("only antithetic pairs are sharded across processes")
+        self.horizon, self.m, self.units = horizon, m, units
+        world = 1 if shard is None else shard.world
+        if any(len(range(j, units, m)) % world for j in range(m)):
+            raise ValueError(f"under {world} processes every member's pairs must split evenly: {units} pairs over "
+                             f"{m} members gives {[len(range(j, units, m)) for j in range(m)]}; use a multiple of "
+                             f"{m * world} pairs")
+        rank = 0 if shard is None else shard.rank
+        self.local_pairs = self.owned_pairs(rank, world) if antithetic else torch.arange(units)
+        local_units = len(self.local_pairs)
+        self.n = 2 * local_units if antithetic else units         # the runs this process advances
+        self.index: list[torch.Tensor] = []      # each member's rows of this process's runs, in its runs' order
         self.groups: list[TruncatedInnerRuns] = []
         for j, task in enumerate(family.members.values()):
-            own = torch.arange(j, units, m)
-            idx = torch.cat([own, own + units]) if antithetic else own
+            own = torch.nonzero(self.local_pairs % m == j).flatten()
+            idx = torch.cat([own, own + local_units]) if antithetic else own
+            member_shard = None if shard is None else Shard(shard.rank, shard.world, len(range(j, units, m)))
             self.index.append(idx)
-            self.groups.append(TruncatedInnerRuns(task, rule, len(idx), horizon, generator, antithetic=antithetic,
-                                                  objective=objective, loss_clip=loss_clip))
+            self.groups.append(TruncatedInnerRuns(task, rule, 2 * len(range(j, units, m)) if antithetic else len(idx),
+                                                  horizon, generator, antithetic=antithetic, objective=objective,
+                                                  loss_clip=loss_clip, shard=member_shard))
+
+    def owned_pairs(self, rank: int, world: int) -> torch.Tensor:
+        """The pairs process ``rank`` of ``world`` advances, ascending: of each member's pairs (``j, j + M, ...``)
+        the ``rank``-th contiguous share, as :class:`Shard` splits a single task's pairs."""
+        owned = []
+        for j in range(self.m):
+            pairs = torch.arange(j, self.units, self.m)
+            share = len(pairs) // world
+            owned.append(pairs[rank * share:(rank + 1) * share])
+        return torch.cat(owned).sort().values
 
     @property
     def step(self) -> torch.Tensor:
