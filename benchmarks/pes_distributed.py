@@ -1,9 +1,10 @@
 """Wall-clock speed-up of PES meta-training sharded over processes (``torchrun``) against one process.
 
-    python benchmarks/pes_distributed.py [--processes 1 2] [--rule ds] [--meta-steps 20]
+    python benchmarks/pes_distributed.py [--processes 1 2] [--rule ds] [--meta-steps 20] [--preset digits]
                                          [--out benchmarks/results/pes_distributed.json]
 
-Runs ``gradmetanet run lopt --preset digits --meta-only`` for one rule, ``--meta-steps`` meta-steps
+Runs ``gradmetanet run lopt --preset PRESET --meta-only`` (``digits``, or ``family-cpu``: four
+members of different shapes) for one rule, ``--meta-steps`` meta-steps
 (no meta-validation), once per process count, each process on one thread, in a fresh directory;
 the time includes start-up and the staggering of the pairs, as a user's run would. Prints a
 Markdown table and writes JSON.
@@ -22,12 +23,12 @@ from pathlib import Path
 from common import machine, write_json
 
 
-def run_once(processes: int, rule: str, meta_steps: int) -> float:
+def run_once(processes: int, rule: str, meta_steps: int, preset: str) -> float:
     """Seconds for one meta-training run on ``processes`` processes."""
     bin_dir = Path(sys.executable).parent
     overrides = ["--set", f"optimizers=('{rule}',)", "--set", f"meta_steps={meta_steps}", "--set", "evaluate_every=0"]
     with tempfile.TemporaryDirectory() as out:
-        args = ["run", "lopt", "--preset", "digits", "--meta-only", "--out", out, *overrides]
+        args = ["run", "lopt", "--preset", preset, "--meta-only", "--out", out, *overrides]
         if processes == 1:
             command = [str(bin_dir / "gradmetanet"), *args]
         else:
@@ -43,18 +44,20 @@ def main() -> dict:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rule", default="ds")
     parser.add_argument("--meta-steps", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/results/pes_distributed.json")
+    parser.add_argument("--preset", default="digits", choices=["digits", "family-cpu"])
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/pes_distributed[-PRESET].json")
     args = parser.parse_args()
-    seconds = {n: run_once(n, args.rule, args.meta_steps) for n in args.processes}
+    out = args.out or f"benchmarks/results/pes_distributed{'' if args.preset == 'digits' else '-' + args.preset}.json"
+    seconds = {n: run_once(n, args.rule, args.meta_steps, args.preset) for n in args.processes}
     base = seconds[args.processes[0]]
     rows = [{"processes": n, "seconds": s, "speedup": base / s} for n, s in seconds.items()]
     result = {"benchmark": "pes_distributed", **machine("cpu"), "rule": args.rule, "meta_steps": args.meta_steps,
-              "preset": "digits (8 pairs, truncation 50, horizon 1000)", "threads_per_process": 1, "rows": rows}
-    lines = [f"PES meta-training, rule {args.rule}, {args.meta_steps} meta-steps of the digits preset, one thread "
+              "preset": f"{args.preset} (8 pairs, truncation 50, horizon 1000)", "threads_per_process": 1, "rows": rows}
+    lines = [f"PES meta-training, rule {args.rule}, {args.meta_steps} meta-steps of the {args.preset} preset, one thread "
              "per process", "", "| processes | seconds | speed-up |", "|---:|---:|---:|"]
     lines += [f"| {r['processes']} | {r['seconds']:.1f} | {r['speedup']:.2f} |" for r in rows]
     print("\n".join(lines))
-    write_json(result, args.out)
+    write_json(result, out)
     return result
 
 
