@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text
 from ..plots import figure
 from ..lopt.distributed import is_main_process
-from ..lopt.rule_files import load_rule, save_rule, shipped_path
+from ..lopt.rule_files import load_rule, read_metadata, save_rule, shipped_path
 from ..lopt import DigitsMLPTask, MetaTrainer, NetworkOptimizer, PESConfig, UpdateRule, cifar_task, fashion_mnist_task
 from ..lopt.optimizers import RULE_NAMES as OPTIMIZERS
 from ..lopt.optimizers import make_rule, warm_start
@@ -241,10 +241,10 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
         torch.manual_seed(config.seed)
         rule = make_rule(name, TRANSFORMER_SIGNATURES if config.task == "lm" else LINEAR_SIGNATURES)
         if config.init_from is not None:
-            start = load_rule(config.init_from if Path(config.init_from).is_file() else shipped_path(config.init_from))
-            if type(start.per_parameter) is not type(rule.per_parameter) or start.state_dict().keys() != rule.state_dict().keys():
+            path = config.init_from if Path(config.init_from).is_file() else shipped_path(config.init_from)
+            if read_metadata(path).get("optimizer") != name:
                 raise ValueError(f"init_from={config.init_from!r} is another kind of rule than {name!r}")
-            rule.load_state_dict(start.state_dict())
+            rule.load_state_dict(load_rule(path).state_dict())
         if config.warm_start is not None and name.startswith("gradmetanet_"):
             if config.warm_start not in rules:
                 raise ValueError(f"warm_start={config.warm_start!r} must be one of the optimizers meta-trained "

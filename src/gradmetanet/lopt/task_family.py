@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .optimizers import UpdateRule
 from .distributed import Shard
 from .inner_runs import TruncatedInnerRuns
+from .optimizers import UpdateRule
 from .tasks import Task, classification_task
 
 __all__ = ["TaskFamily", "FamilyRuns", "make_runs", "task_family"]
@@ -66,36 +66,31 @@ class FamilyRuns:
                              f"family; use at least {m}")
         if shard is not None and not antithetic:
             raise ValueError("only antithetic pairs are sharded across processes")
-        self.horizon, self.m, self.units = horizon, m, units
+        self.horizon = horizon
+        self.member_pairs = [torch.arange(j, units, m) for j in range(m)]      # pair k trains member k mod M
         world = 1 if shard is None else shard.world
-        if any(len(range(j, units, m)) % world for j in range(m)):
+        if any(len(pairs) % world for pairs in self.member_pairs):
             raise ValueError(f"under {world} processes every member's pairs must split evenly: {units} pairs over "
-                             f"{m} members gives {[len(range(j, units, m)) for j in range(m)]}; use a multiple of "
+                             f"{m} members gives {[len(p) for p in self.member_pairs]}; use a multiple of "
                              f"{m * world} pairs")
         rank = 0 if shard is None else shard.rank
-        self.local_pairs = self.owned_pairs(rank, world) if antithetic else torch.arange(units)
-        local_units = len(self.local_pairs)
-        self.n = 2 * local_units if antithetic else units         # the runs this process advances
+        local = self.owned_pairs(rank, world) if antithetic else torch.arange(units)
+        self.n = 2 * len(local) if antithetic else units          # the runs this process advances
         self.index: list[torch.Tensor] = []      # each member's rows of this process's runs, in its runs' order
         self.groups: list[TruncatedInnerRuns] = []
-        for j, task in enumerate(family.members.values()):
-            own = torch.nonzero(self.local_pairs % m == j).flatten()
-            idx = torch.cat([own, own + local_units]) if antithetic else own
-            member_shard = None if shard is None else Shard(shard.rank, shard.world, len(range(j, units, m)))
-            self.index.append(idx)
-            self.groups.append(TruncatedInnerRuns(task, rule, 2 * len(range(j, units, m)) if antithetic else len(idx),
-                                                  horizon, generator, antithetic=antithetic, objective=objective,
+        for j, (task, pairs) in enumerate(zip(family.members.values(), self.member_pairs)):
+            own = torch.nonzero(local % m == j).flatten()
+            self.index.append(torch.cat([own, own + len(local)]) if antithetic else own)
+            member_shard = None if shard is None else Shard(shard.rank, shard.world, len(pairs))
+            self.groups.append(TruncatedInnerRuns(task, rule, 2 * len(pairs) if antithetic else len(own), horizon,
+                                                  generator, antithetic=antithetic, objective=objective,
                                                   loss_clip=loss_clip, shard=member_shard))
 
     def owned_pairs(self, rank: int, world: int) -> torch.Tensor:
         """The pairs process ``rank`` of ``world`` advances, ascending: of each member's pairs (``j, j + M, ...``)
         the ``rank``-th contiguous share, as :class:`Shard` splits a single task's pairs."""
-        owned = []
-        for j in range(self.m):
-            pairs = torch.arange(j, self.units, self.m)
-            share = len(pairs) // world
-            owned.append(pairs[rank * share:(rank + 1) * share])
-        return torch.cat(owned).sort().values
+        shares = [pairs[rank * (len(pairs) // world):(rank + 1) * (len(pairs) // world)] for pairs in self.member_pairs]
+        return torch.cat(shares).sort().values
 
     @property
     def step(self) -> torch.Tensor:
