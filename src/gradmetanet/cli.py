@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"gradmetanet: {err}")
     out = Path(args.out or f"runs/{args.experiment}-{args.preset}")
     start = time.perf_counter()
-    from .lopt.distributed import init_from_environment, is_main_process
+    from .lopt.distributed import init_from_environment, is_main_process, shut_down
     distributed = init_from_environment(getattr(config, "device", "cpu"))
     if distributed and not (args.experiment == "lopt" and args.meta_only):
         raise SystemExit("gradmetanet: under torchrun only `run lopt --meta-only` is distributed (PES particles "
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         module.meta_train(config, out, progress=is_main_process())
         if is_main_process():
             print(f"meta-trained {list(config.optimizers)} into {out / 'meta'} in {time.perf_counter() - start:.0f} s")
+        shut_down()
         return 0
     module.run(config, out)
     print((out / "table.md").read_text())

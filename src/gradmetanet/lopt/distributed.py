@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "current_shard", "init_from_environment", "is_main_process"]
+__all__ = ["Shard", "current_shard", "init_from_environment", "is_main_process", "shut_down"]
 
 
 def init_from_environment(device: str = "cpu") -> bool:
@@ -28,6 +28,18 @@ def init_from_environment(device: str = "cpu") -> bool:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return True
+
+
+def shut_down() -> None:
+    """Leave the process group once every rank is done (a no-op when not distributed).
+
+    The barrier keeps a fast rank from tearing its connections down while a peer still talks to
+    it, and destroying the group joins gloo's worker threads while the interpreter is alive:
+    left to interpreter exit, their teardown can abort the process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
