@@ -4,6 +4,7 @@ and learns, SGD's vectorised baseline is torch.optim.SGD, the Small CNN Zoo file
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 
@@ -197,6 +198,28 @@ def test_amortize_tiny_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(amortize, "train_finetuner", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     monkeypatch.setattr(amortize, "sgd_finetune", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     assert amortize.run(config, tmp_path, progress=False) == results
+
+
+def test_amortize_recomputes_only_the_cells_whose_settings_changed(tmp_path, monkeypatch):
+    """A wider SGD grid reruns SGD and keeps the metanetworks; a cells.json of the earlier layout (one
+    fingerprint of the whole configuration) is read as such."""
+    config = dataclasses.replace(amortize.config_from_preset("tiny"), models=("gmn_broken",), lambdas=(0.0,))
+    amortize.run(config, tmp_path, progress=False)
+    cells_path = tmp_path / "cells.json"
+    saved = json.loads(cells_path.read_text())
+    cells_path.write_text(json.dumps({"config": json.loads(json.dumps(dataclasses.asdict(config))),
+                                      "cells": saved["cells"]}))
+    calls = []
+    real_sgd = amortize.sgd_finetune
+    monkeypatch.setattr(amortize, "train_finetuner", lambda *a, **k: pytest.fail("a metanetwork was retrained"))
+    monkeypatch.setattr(amortize, "sgd_finetune", lambda *a, **k: calls.append(a[5]) or real_sgd(*a, **k))
+    wider = dataclasses.replace(config, sgd_lrs=(0.01, 0.1, 0.3))
+    results = amortize.run(wider, tmp_path, progress=False)
+    assert 0.3 in calls                                   # the new rate was tried
+    assert results["mlp-tanh"]["lambda=0"]["gmn_broken"] == saved["cells"]["mlp-tanh/lambda=0/gmn_broken"]
+    monkeypatch.setattr(amortize, "train_finetuner", lambda *a, **k: pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception, match="stop"):   # a metanetwork setting retrains the metanetwork
+        amortize.run(dataclasses.replace(wider, hidden=4), tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])

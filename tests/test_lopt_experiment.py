@@ -31,6 +31,26 @@ def test_lopt_tiny_run_writes_its_report_and_resumes(tmp_path, monkeypatch):
     lopt.run(config, tmp_path, progress=False)
 
 
+def test_finished_rule_files_resume_meta_training_without_checkpoints(tmp_path, monkeypatch):
+    """In a fresh checkout the (ignored) checkpoints are gone; a rule file finished under the same meta-training
+    settings is reused, with its record; a changed meta-training setting meta-trains again."""
+    import torch
+
+    from gradmetanet.experiments import lopt
+    from gradmetanet.lopt import pes
+    config = lopt.config_from_preset("tiny", optimizers=("ds",))
+    rules, record = lopt.meta_train(config, tmp_path, progress=False)
+    (tmp_path / "meta" / "ds.ckpt").unlink()
+    monkeypatch.setattr(pes.PES, "estimate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))
+    race_change = lopt.config_from_preset("tiny", optimizers=("ds",), eval_seeds=3, adam_grid=(0.1,))
+    again, again_record = lopt.meta_train(race_change, tmp_path, progress=False)
+    assert json.loads(json.dumps(again_record)) == json.loads(json.dumps(record))
+    for k, v in rules["ds"].state_dict().items():
+        torch.testing.assert_close(again["ds"].state_dict()[k], v)
+    with pytest.raises(AssertionError, match="re-trained"):
+        lopt.meta_train(lopt.config_from_preset("tiny", optimizers=("ds",), sigma=0.02), tmp_path, progress=False)
+
+
 def test_warm_started_meta_training(tmp_path):
     import pytest
     import torch
@@ -62,6 +82,9 @@ def test_language_model_race_runs_every_transformer_rule(tmp_path):
     assert results["corpus"].startswith("CPython 3.")
     (race,) = results["tasks"].values()
     assert set(race["optimizers"]) == {"adam", "unf", "gradmetanet_unf"}
+    from gradmetanet.lopt.rule_files import load_rule
+    unf = load_rule(tmp_path / "meta" / "unf.safetensors")        # the rule file reads transformer signatures
+    assert unf.state_dict().keys() == lopt.make_rule("unf", lopt.TRANSFORMER_SIGNATURES).state_dict().keys()
     task = LanguageModelTask(seed=1)
     assert task.spec.space(task.spec.site("blocks.0.attn:q").out_space).group.name == "blocks"
     assert len(task.train_ids) > 4 * len(task.test_ids) > 0

@@ -60,7 +60,7 @@ class AmortizeConfig:
     lr: float = 1e-2
     probe_images: int = 256                            # the fixed batch scalegmn_grad reads gradients on
     sgd_epochs: tuple[int, ...] = (25, 50, 100, 150)
-    sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
+    sgd_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)    # a log grid with room above the usual 0.1
     sgd_batch: int = 128
     sgd_tune_networks: int = 8
     eval_networks: int = 64                            # held-out networks every method is scored on
@@ -88,7 +88,7 @@ def zoo_config(config: AmortizeConfig, name: str) -> ClassifierZooConfig:
 PRESETS = {
     "paper": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "cnn-relu"), networks=5000, hidden=64, layers=4, epochs=100,
                             models=("scalegmn", "gmn_broken", "scalegmn_grad"), eval_networks=500,
-                            sgd_tune_networks=32, sgd_lrs=(0.003, 0.01, 0.03, 0.1)),
+                            sgd_tune_networks=32, sgd_lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)),
     "cpu": AmortizeConfig(zoos=("cnn-tanh", "mlp-tanh", "mlp-relu"), epochs=15,
                           models=("scalegmn", "gmn_broken", "scalegmn_grad"), eval_networks=32, sgd_tune_networks=4,
                           sgd_epochs=(1, 25, 50, 100, 150)),
@@ -219,20 +219,53 @@ def _tune_sgd_lr(zoo: ClassifierZoo, x, y, l1: float, config: AmortizeConfig) ->
     return {e: min(s, key=s.get) for e, s in scores.items()}
 
 
+# The settings each kind of cell depends on; the cell's key names its zoo, lambda, method and epoch budget.
+_ZOO_FIELDS = ("networks", "zoo_steps", "seed", "eval_networks")
+_CELL_FIELDS = {
+    "before": _ZOO_FIELDS,
+    "model": _ZOO_FIELDS + ("hidden", "layers", "out_scale", "epochs", "net_batch", "image_batch", "lr",
+                            "probe_images"),
+    "sgd": _ZOO_FIELDS + ("sgd_lrs", "sgd_batch", "sgd_tune_networks"),  # budgets are snapshots of one run
+}
+
+
+class _CellStore:
+    """Finished table cells in ``path``, each with the settings it was computed under; a cell whose settings
+    differ from ``config``'s is dropped on load (and recomputed). Reads the earlier layout (one fingerprint
+    of the whole configuration) as every cell computed under that configuration."""
+
+    def __init__(self, path: Path, config: AmortizeConfig) -> None:
+        self.path = path
+        settings = json.loads(json.dumps(asdict(config)))
+        self.wanted = {kind: {f: settings[f] for f in fields} for kind, fields in _CELL_FIELDS.items()}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        depends = saved.get("depends_on")
+        if depends is None and "config" in saved:           # the layout before version 0.6.1
+            depends = {k: {f: saved["config"][f] for f in _CELL_FIELDS[self.kind(k)]} for k in saved["cells"]}
+        self.depends = {k: v for k, v in (depends or {}).items() if v == self.wanted[self.kind(k)]}
+        self.cells = {k: v for k, v in saved.get("cells", {}).items() if k in self.depends}
+
+    @staticmethod
+    def kind(key: str) -> str:
+        """``before``, ``sgd`` or ``model`` for ``zoo/lambda=v/<method>[/<epochs>]``."""
+        method = key.split("/")[2]
+        return method if method in ("before", "sgd") else "model"
+
+    def save(self, key: str, value: dict) -> None:
+        self.cells[key] = value
+        self.depends[key] = self.wanted[self.kind(key)]
+        atomic_write_text(self.path, json.dumps({"depends_on": self.depends, "cells": self.cells}, indent=2))
+
+
 def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Every zoo x lambda x method; ``results.json``, ``table.md``, ``accuracies.png``. Finished cells are kept in
-    ``cells.json``: a rerun of the same configuration into the same directory resumes."""
+    ``cells.json`` with the settings each depends on (:class:`_CellStore`): a rerun into the same directory
+    resumes, and recomputes only the cells whose settings changed (a wider ``sgd_lrs`` reruns SGD alone)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cells_path = out / "cells.json"
-    fingerprint = json.loads(json.dumps(asdict(config)))
-    saved = json.loads(cells_path.read_text()) if cells_path.exists() else {}
-    cells = saved.get("cells", {}) if saved.get("config") == fingerprint else {}
+    store = _CellStore(out / "cells.json", config)
+    cells, save = store.cells, store.save
     zoos_info = {}
-
-    def save(key: str, value: dict) -> None:
-        cells[key] = value
-        atomic_write_text(cells_path, json.dumps({"config": fingerprint, "cells": cells}, indent=2))
 
     for name in config.zoos:
         zoo = load_or_generate_classifier_zoo(zoo_config(config, name), config.cache_dir, progress)
@@ -275,7 +308,7 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
             bar.close()
     results = _assemble(config, cells)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "run.json", json.dumps({"config": fingerprint, "zoos": zoos_info}, indent=2))
+    atomic_write_text(out / "run.json", json.dumps({"config": asdict(config), "zoos": zoos_info}, indent=2))
     atomic_write_text(out / "table.md", report(results, config, zoos_info) + "\n")
     plot_accuracies(results, out / "accuracies.png")
     return results

@@ -253,6 +253,10 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
             steps = config.warm_start_steps or config.meta_steps
         else:
             steps = config.meta_steps
+        finished = _finished_rule(meta_dir / f"{name}.safetensors", name, config, steps)
+        if finished is not None:                  # meta-trained before under these settings (a later session)
+            rules[name], record[name] = finished
+            continue
         pes = PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
                         horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
                         meta_steps=steps, checkpoint_every=max(1, min(50, steps)),
@@ -264,13 +268,38 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
         record[name] = {"loss": trainer.history, "validation": trainer.validation, "selected_step": selected,
                         "steps": trainer.step}
         provenance = {"config": json.dumps(asdict(config)), "meta_steps_done": str(trainer.step),
-                      "meta_validation": json.dumps(trainer.validation)}
+                      "meta_validation": json.dumps(trainer.validation), "meta_loss": json.dumps(trainer.history)}
         provenance["selected_meta_step"] = str(selected)
         rule.load_state_dict(trainer.best_rule_state())          # the best meta-validated rule is the one raced
         if is_main_process():
             save_rule(rule, name, meta_dir / f"{name}.safetensors", provenance)
         rules[name] = rule
     return rules, record
+
+
+# Settings only the race reads: a rule file meta-trained under other values of these is still the same rule.
+RACE_ONLY = ("held_out", "eval_every", "eval_seeds", "adam_grid", "eval_split_seed", "tuning_seed", "pretrained",
+             "optimizers", "transfer_hidden", "transfer_tasks", "learned_lr_grid")
+
+
+def _finished_rule(path: Path, name: str, config: LoptConfig, steps: int) -> tuple[UpdateRule, dict] | None:
+    """The rule ``meta_train`` wrote to ``path`` and its record, when it finished ``steps`` meta-steps under the
+    meta-training settings of ``config`` (a setting the file predates counts as its default); else ``None``.
+    Meta-training checkpoints are not kept in the repository, so a run resumed in a fresh checkout restarts
+    only the rules that did not finish."""
+    if not path.is_file():
+        return None
+    meta = read_metadata(path)
+    if meta.get("optimizer") != name or int(meta.get("meta_steps_done", -1)) != steps:
+        return None
+    saved, wanted = json.loads(meta["config"]), json.loads(json.dumps(asdict(config)))
+    defaults = json.loads(json.dumps(asdict(LoptConfig())))
+    if any(saved.get(k, defaults[k]) != v for k, v in wanted.items() if k not in RACE_ONLY):
+        return None
+    validation = json.loads(meta.get("meta_validation", "[]"))
+    record = {"loss": json.loads(meta.get("meta_loss", "[]")), "validation": validation,
+              "selected_step": int(meta.get("selected_meta_step", steps)), "steps": steps}
+    return load_rule(path), record
 
 
 def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:

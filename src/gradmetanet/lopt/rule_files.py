@@ -15,6 +15,7 @@ shipped file::
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_replace
+from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
 from .optimizers import RULE_NAMES, NetworkOptimizer, UpdateRule, make_rule
 
 __all__ = ["PRETRAINED_DIR", "RENAMED", "available", "describe", "load_rule", "pretrained", "read_metadata",
@@ -81,12 +83,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_rule(path: str | os.PathLike) -> UpdateRule:
-    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment)."""
+    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment); a rule meta-trained on
+    transformers (metadata ``network: transformer``, or a lopt run's config with ``task: lm``) reads their
+    parameter signatures."""
     metadata = read_metadata(path)
     name = metadata.get("optimizer")
     if name not in RULE_NAMES:
         raise ValueError(f"{os.fspath(path)!r} names optimizer {name!r}; this version knows {list(RULE_NAMES)}")
-    rule = make_rule(name)
+    task = json.loads(metadata["config"]).get("task") if "config" in metadata else None
+    transformer = metadata.get("network", "transformer" if task == "lm" else "mlp") == "transformer"
+    rule = make_rule(name, TRANSFORMER_SIGNATURES if transformer else LINEAR_SIGNATURES)
     try:
         rule.load_state_dict(load_file(path))
     except RuntimeError as err:
