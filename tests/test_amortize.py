@@ -194,7 +194,9 @@ def test_amortize_tiny_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
         assert {"mean_acc", "max_acc", "test_loss", "sparsity", "seconds_per_net"} <= set(cell)
     assert set(saved["mlp-tanh"]) == {"lambda=0", "lambda=0.001"}
     assert (tmp_path / "accuracies.png").stat().st_size > 1000
-    assert "ScaleGMN-B (1 pass)" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "ScaleGMN-B (1 pass)" in table
+    assert all(f"lr {cell['lr']:g}, grid edge)" in table for cell in entry["sgd"].values())   # a two-point grid
     monkeypatch.setattr(amortize, "train_finetuner", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     monkeypatch.setattr(amortize, "sgd_finetune", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     assert amortize.run(config, tmp_path, progress=False) == results

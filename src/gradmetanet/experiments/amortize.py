@@ -327,9 +327,14 @@ def _assemble(config: AmortizeConfig, cells: dict) -> dict:
     return results
 
 
-def _rows(entry: dict) -> list[tuple[str, dict]]:
+def _rows(entry: dict, sgd_lrs: tuple[float, ...]) -> list[tuple[str, dict]]:
+    """Table rows; an SGD learning rate at either end of its grid is flagged (the grid may be too narrow)."""
     rows = [(LABELS[k], v) for k, v in entry.items() if k != "sgd"]
-    return rows + [(f"SGD {e} ep (lr {v['lr']:g})", v) for e, v in entry["sgd"].items()]
+    edges = {min(sgd_lrs), max(sgd_lrs)} if len(sgd_lrs) > 1 else set()
+    for epochs, cell in entry["sgd"].items():
+        flag = ", grid edge" if cell["lr"] in edges else ""
+        rows.append((f"SGD {epochs} ep (lr {cell['lr']:g}{flag})", cell))
+    return rows
 
 
 def report(results: dict, config: AmortizeConfig, zoos: dict) -> str:
@@ -343,7 +348,7 @@ def report(results: dict, config: AmortizeConfig, zoos: dict) -> str:
         lines += ["", "| lambda | method | mean acc | max acc | test loss | sparsity % | s / network |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for lam, entry in by_lambda.items():
-            for label, cell in _rows(entry):
+            for label, cell in _rows(entry, config.sgd_lrs):
                 secs = "–" if cell["seconds_per_net"] is None else f"{cell['seconds_per_net']:.4f}"
                 lines.append(f"| {lam.split('=')[1]} | {label} | {100 * cell['mean_acc']:.1f} | "
                              f"{100 * cell['max_acc']:.1f} | {cell['test_loss']:.3f} | {cell['sparsity']:.1f} | {secs} |")
