@@ -11,4 +11,4 @@ __all__ = [
     "NetworkSpec", "Parameter", "Perm", "ScalePerm", "SignPerm", "Site", "Space", "Trivial", "UnsupportedModuleError",
     "functional_factors", "register_extractor",
 ]
-__version__ = "0.6.0"
+__version__ = "0.6.1"
