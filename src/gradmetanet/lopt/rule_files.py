@@ -83,16 +83,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_rule(path: str | os.PathLike) -> UpdateRule:
-    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment); a rule meta-trained on
-    transformers (metadata ``network: transformer``, or a lopt run's config with ``task: lm``) reads their
-    parameter signatures."""
+    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment); a rule the lopt
+    experiment meta-trained on the language model (its config's ``task: lm``) reads transformer signatures."""
     metadata = read_metadata(path)
     name = metadata.get("optimizer")
     if name not in RULE_NAMES:
         raise ValueError(f"{os.fspath(path)!r} names optimizer {name!r}; this version knows {list(RULE_NAMES)}")
     task = json.loads(metadata["config"]).get("task") if "config" in metadata else None
-    transformer = metadata.get("network", "transformer" if task == "lm" else "mlp") == "transformer"
-    rule = make_rule(name, TRANSFORMER_SIGNATURES if transformer else LINEAR_SIGNATURES)
+    rule = make_rule(name, TRANSFORMER_SIGNATURES if task == "lm" else LINEAR_SIGNATURES)
     try:
         rule.load_state_dict(load_file(path))
     except RuntimeError as err:
