@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import peft   # a test dependency: the interop tests run, never skip
 import pytest
 import torch
 from torch import nn
 
 from gradmetanet.lora import LoraLayer, LoraSet
-
-peft = pytest.importorskip("peft")
 
 
 class Base(nn.Module):

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,7 +30,7 @@ from ..atomic import atomic_replace, atomic_write_text
 from ..core.groups import GL, Trivial
 from ..core.spec import Axis, NetworkSpec, Parameter, Space, SpecElement
 
-__all__ = ["LoraLayer", "LoraSet", "LoraBatch", "UnsupportedAdapterError", "lora_spec"]
+__all__ = ["LoraLayer", "LoraSet", "LoraBatch", "UnsupportedAdapterError", "lora_spec", "pattern_key"]
 
 _PREFIX = "base_model.model."
 _WEIGHTS = "adapter_model.safetensors"
@@ -76,12 +76,40 @@ def _natural_key(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def _pattern_value(patterns: Mapping[str, object], path: str, default):
-    """The value of the first pattern that matches ``path`` as a whole or as its trailing component(s)."""
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", path):
-            return value
-    return default
+def pattern_key(keys: Sequence[str], path: str) -> str:
+    """The key of ``rank_pattern`` / ``alpha_pattern`` that PEFT applies to the module at ``path``, or ``path``
+    itself when none does.
+
+    PEFT (0.14 on, ``peft.utils.other.get_pattern_key``) reads each key as a regular expression wrapped in a
+    group, ``(.*\\.)?(KEY)$`` matched from the start of the module path, and takes the first key that matches in
+    the config's order: an alternation ``q_proj|v_proj`` binds inside the group, and a key matches whole trailing
+    components only (``_proj`` matches no ``q_proj``). The tests compare this with the installed PEFT.
+    """
+    for key in keys:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return path
+
+
+def _pattern_value(patterns: Mapping[str, object], path: str, default, what: str, overlapping: str):
+    """The value PEFT takes from ``patterns`` for module ``path`` (``default`` when no key matches).
+
+    PEFT writes ``adapter_config.json`` with its keys sorted, so when several keys with different values
+    match one module, the order that decided during training is lost (PEFT's own reload then takes the
+    first key in the file's order, which may change the adapter's function): refused unless
+    ``overlapping == "first"``.
+    """
+    keys = list(patterns)
+    matching = [key for key in keys if pattern_key([key], path) == key]
+    values = {patterns[key] for key in matching}
+    if len(values) > 1 and overlapping != "first":
+        listed = ", ".join(f"{key!r}: {patterns[key]}" for key in matching)
+        raise UnsupportedAdapterError(
+            f"module {path!r} matches several {what} keys with different values ({listed}). PEFT writes the "
+            "config with sorted keys, so the order that chose one of them during training is lost, and PEFT's own "
+            "reload takes the first in the file, which may not be the one trained with. Rewrite the config so that "
+            "one key matches each module, or pass overlapping_patterns='first' to read it as PEFT reloads it.")
+    return patterns.get(pattern_key(keys, path), default)
 
 
 @dataclass(frozen=True)
@@ -135,8 +163,16 @@ class LoraSet:
 
     # ------------------------------------------------------------------ PEFT files
     @classmethod
-    def from_peft(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "LoraSet":
-        """Read a PEFT LoRA adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    def from_peft(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
+                  overlapping_patterns: Literal["refuse", "first"] = "refuse") -> "LoraSet":
+        """Read a PEFT LoRA adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+        ``rank_pattern`` / ``alpha_pattern`` keys are matched as PEFT matches them (:func:`pattern_key`). A module
+        that several keys match with different values is refused (the training order of the keys is not in the
+        file); ``overlapping_patterns="first"`` takes the first key in the file's order, as PEFT's reload does.
+        """
+        if overlapping_patterns not in ("refuse", "first"):
+            raise ValueError(f"overlapping_patterns must be 'refuse' or 'first', got {overlapping_patterns!r}")
         directory = Path(directory)
         weights, config_path = directory / _WEIGHTS, directory / _CONFIG
         if not config_path.is_file():
@@ -151,7 +187,7 @@ class LoraSet:
         if config.get("use_dora"):
             raise UnsupportedAdapterError("DoRA adapters (use_dora) are not supported: they add a magnitude vector")
         tensors = load_file(weights, device=str(device))
-        return cls(tuple(_layers_from(tensors, config)))
+        return cls(tuple(_layers_from(tensors, config, overlapping_patterns)))
 
     def to_peft(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
         """Write PEFT's format (a ``r`` / ``lora_alpha`` shared by most layers, patterns for the others)."""
@@ -192,11 +228,13 @@ def lora_spec(layer_shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, i
 
 
 def _exact(path: str) -> str:
-    """A pattern key that matches exactly this module path (PEFT matches pattern keys as regexes)."""
-    return re.escape(path)
+    """A pattern key that matches exactly this module path and no longer one ending in it (PEFT matches keys as
+    regexes after an optional prefix ``(.*\\.)?``; ``^`` holds only when that prefix is empty)."""
+    return "^" + re.escape(path)
 
 
-def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping) -> list[LoraLayer]:
+def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping, overlapping: str = "refuse"
+                 ) -> list[LoraLayer]:
     """Pair ``lora_A`` / ``lora_B`` by module path; scalings from the config and its patterns."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -219,10 +257,10 @@ def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping) -> list[L
         if set(pair) != {"A", "B"}:
             raise ValueError(f"module {path!r} has lora_{''.join(pair)} but not both lora_A and lora_B")
         rank = pair["A"].shape[0]
-        declared = int(_pattern_value(rank_pattern, path, r))
+        declared = int(_pattern_value(rank_pattern, path, r, "rank_pattern", overlapping))
         if declared != rank:
             raise ValueError(f"module {path!r}: lora_A has rank {rank} but the config says r = {declared}")
-        a = float(_pattern_value(alpha_pattern, path, alpha))
+        a = float(_pattern_value(alpha_pattern, path, alpha, "alpha_pattern", overlapping))
         scaling = a / math.sqrt(rank) if config.get("use_rslora") else a / rank
         layers.append(LoraLayer(path, pair["A"], pair["B"], scaling, bool(config.get("fan_in_fan_out", False))))
     if not layers:
