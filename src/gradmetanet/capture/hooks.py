@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core.dataflow import InputGuessError, Trace, trace
+from ..core.dataflow import InputGuessError, Trace, canonical_parameter_names, trace
 from ..core.spec import NetworkSpec, Space, UnsupportedModuleError
 from ..errors import CaptureError
 from ..gradients import GradientSet, LossReduction
@@ -217,7 +217,7 @@ class GradientCapture:
               batch_dim: int | None, args: tuple | None = None, kwargs: dict | None = None) -> _Plan:
         if layers is not None:
             named = cls._resolve_layers(model, layers)
-            spec = independent_spec(named)
+            spec = independent_spec(model, named)
         else:
             spec = _traced(model, args, kwargs).spec if spec is None else spec
             named = modules_of_sites(model, spec)
@@ -252,7 +252,7 @@ class GradientCapture:
                        "parameters)")
                 raise CaptureError(f"layer {path!r} cannot be captured: {why}; capturable layers: {capturable}")
             try:
-                extractor.check_module(path, module)
+                extractor.validate(path, module)
             except UnsupportedModuleError as err:
                 raise CaptureError(str(err)) from err
             named.append((path, module, extractor))
@@ -459,7 +459,7 @@ def modules_of_sites(model: nn.Module, spec: NetworkSpec) -> list[tuple[str, nn.
         if site.name not in found:
             raise ValueError(f"spec site {site.name!r} is not a site of the model; its sites: {list(found)}")
         path, module, extractor, own, layout = found[site.name]
-        extractor.check_module(path, module)
+        extractor.validate(path, module)
         want = (spec.space(site.in_space).size, spec.space(site.out_space).size)
         got = (layout.sizes[own.in_space], layout.sizes[own.out_space])
         if got != want:
@@ -468,9 +468,20 @@ def modules_of_sites(model: nn.Module, spec: NetworkSpec) -> list[tuple[str, nn.
     return list(named.values())
 
 
-def independent_spec(named: list[tuple[str, nn.Module, Extractor]]) -> NetworkSpec:
+def independent_spec(model: nn.Module, named: list[tuple[str, nn.Module, Extractor]]) -> NetworkSpec:
     """The sites of ``named`` modules, each reference with its own ``Trivial`` space (``{path}:in``, ``{path}:out``,
-    ``{path}:{internal}``): used when only a part of a model is captured, whose symmetry is unknown."""
+    ``{path}:{internal}``): used when only a part of a model is captured, whose symmetry is unknown.
+
+    Parameters carry their ``model.named_parameters()`` names, so a weight tied between two selected modules (an
+    unembedding that is the input embedding) is one parameter whose spaces are shared. A tied weight that an
+    unselected module also uses is refused: its per-example gradient would hold only the selected share.
+    """
+    canonical = canonical_parameter_names(model)
+    selected = {path for path, _, _ in named}
+    users: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        for local, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            users.setdefault(canonical(module, path, f"{path}.{local}" if path else local), []).append(path)
     spaces: dict[str, Space] = {}
     sites = []
     short = {"input:0": "in", "output": "out"}
@@ -481,8 +492,38 @@ def independent_spec(named: list[tuple[str, nn.Module, Extractor]]) -> NetworkSp
             full = f"{path}:{short.get(ref, ref)}"
             spaces.setdefault(full, Space(full, layout.sizes[ref]))
             return full
-        sites += [replace(site, in_space=name(site.in_space), out_space=name(site.out_space)) for site in layout.sites]
-    return NetworkSpec(tuple(spaces.values()), tuple(sites))
+        for site in layout.sites:
+            weight = canonical(module, path, site.weight)
+            bias = None if site.bias is None else canonical(module, path, site.bias)
+            for param in (weight, bias):
+                left_out = [user for user in users.get(param, []) if user not in selected]
+                if param is not None and len(users.get(param, [])) > 1 and left_out:
+                    raise CaptureError(
+                        f"layer {path!r} uses the tied parameter {param!r}, which {left_out} also use: the "
+                        f"per-example gradient would hold only the captured share. Capture all its users "
+                        f"(layers=[..., {', '.join(repr(u) for u in left_out)}]).")
+            sites.append(replace(site, in_space=name(site.in_space), out_space=name(site.out_space), weight=weight,
+                                 bias=bias))
+    return _tie_spaces(list(spaces.values()), sites)
+
+
+def _tie_spaces(spaces: list[Space], sites: list) -> NetworkSpec:
+    """The spec of ``sites``, with the spaces of a parameter that several sites declare merged axis by axis."""
+    parent = {s.name: s.name for s in spaces}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    first: dict[tuple, tuple] = {}
+    for site in sites:
+        for p in site.parameters():
+            axes = first.setdefault((p.name, p.rows), p.axes)
+            for x, y in zip(axes, p.axes):
+                if x.space is not None and y.space is not None:
+                    parent[find(y.space)] = find(x.space)
+    sites = [replace(site, in_space=find(site.in_space), out_space=find(site.out_space)) for site in sites]
+    return NetworkSpec(tuple(s for s in spaces if find(s.name) == s.name), tuple(sites))
 
 
 def _replace_forward(target: _Target, tap: Tap) -> "_ForwardPatch":

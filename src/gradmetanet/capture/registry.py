@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.groups import Blocks, Group, Perm, Trivial
+from ..core.kinds import site_kind
 from ..core.spec import Site, Space, UnsupportedModuleError
 
 __all__ = ["Extractor", "LinearExtractor", "LayerNormExtractor", "EmbeddingExtractor", "Conv2dExtractor",
@@ -99,7 +100,70 @@ class Extractor:
         return (torch.randn(2, d_in, dtype=param.dtype, device=param.device),)
 
     def check_module(self, path: str, module: nn.Module) -> None:
-        """Raise :class:`UnsupportedModuleError` when this module cannot be captured exactly."""
+        """Raise :class:`UnsupportedModuleError` when this module cannot be captured exactly (override to add
+        checks; :meth:`validate` runs them with the shape checks every extractor gets)."""
+
+    def validate(self, path: str, module: nn.Module) -> None:
+        """:meth:`check_module`, then every parameter the layout declares against the module's own tensor: a
+        declared shape that differs (a weight stored ``[in, out]`` declared with kind ``"linear"``) is refused,
+        since its gradients would come out transposed or cut."""
+        self.check_module(path, module)
+        layout = self.layout(path, module)
+        prefix = f"{path}." if path else ""
+        for site in layout.sites:
+            for param in site.parameters():
+                declared = [axis.size if axis.role == "fixed" else layout.sizes.get(axis.space) for axis in param.axes]
+                local = param.name[len(prefix):] if param.name.startswith(prefix) else param.name
+                try:
+                    tensor = module.get_parameter(local)
+                except AttributeError:
+                    raise UnsupportedModuleError(
+                        f"the {type(self).__name__} of {path!r} ({type(module).__name__}) declares a parameter "
+                        f"{param.name!r} that the module does not have") from None
+                actual = list(tensor.shape)
+                if param.rows is not None:
+                    start, stop = param.rows
+                    fits = stop <= actual[0] and stop - start == declared[0] and actual[1:] == declared[1:]
+                else:
+                    fits = actual == declared
+                if not fits:
+                    hint = (f"; the module stores it [in, out]: use kind = 'linear_t'" if site.kind == "linear"
+                            and actual == declared[::-1] else "")
+                    raise UnsupportedModuleError(
+                        f"the {type(self).__name__} of {path!r} ({type(module).__name__}) declares {param.name!r} "
+                        f"with shape {declared} (kind {site.kind!r}: axes "
+                        f"{[axis.role for axis in param.axes]}) but the tensor is {actual}{hint}")
+        if not self.composite and len(layout.sites) == 1:
+            self._probe(path, module, layout.sites[0], layout.sizes[layout.sites[0].in_space])
+
+    def _probe(self, path: str, module: nn.Module, site: Site, d_in: int) -> None:
+        """One forward and backward on :meth:`example_input`: the gradients the site's kind forms from ``(a, g)``
+        must equal autograd's (a square weight stored ``[in, out]`` passes the shape check, not this one)."""
+        prefix = f"{path}." if path else ""
+        names = {p.name: p.name[len(prefix):] for p in site.parameters()}
+        try:
+            params = {local: module.get_parameter(local).detach().requires_grad_() for local in names.values()}
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                inputs = self.example_input(module)
+                y = torch.func.functional_call(module, params, inputs)
+                a, out = self.activation(module, inputs, y), self.output(module, inputs, y)
+                r = torch.randn_like(out)
+                expected = torch.autograd.grad((out * r).sum(), list(params.values()), allow_unused=True)
+        except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+            return        # no runnable example input (or inside a torch.func transform): the shape checks stand alone
+        a = a.detach().reshape(a.shape[0], -1, a.shape[-1])
+        g = self.features_last(r)
+        got = site_kind(site.kind).summed(site, a, g.reshape(g.shape[0], -1, g.shape[-1]), d_in)
+        tol = 1e-3 if next(iter(params.values())).dtype in (torch.float32, torch.float64) else 3e-2
+        for (name, local), want in zip(names.items(), expected):
+            want = torch.zeros_like(params[local]) if want is None else want
+            error = (got[name] - want).abs().max() / want.abs().max().clamp_min(1e-12)
+            if error > tol:
+                raise UnsupportedModuleError(
+                    f"the {type(self).__name__} of {path!r} ({type(module).__name__}) gives factors whose kind "
+                    f"{site.kind!r} does not reproduce autograd's gradient of {name!r} (relative error "
+                    f"{float(error):.2g}): check activation()/output() and the kind (a weight stored [in, out], as "
+                    "GPT-2's Conv1D, is kind 'linear_t')")
 
     def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """``[..., d_in]``: what the site reads (batch and token axes lead, in the module's layout)."""

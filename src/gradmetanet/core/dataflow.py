@@ -458,7 +458,7 @@ def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
     covered = {id(p) for _, m, _ in found.values() for p in m.parameters()}
     for path, module in model.named_modules():
         if id(module) in found:
-            found[id(module)][2].check_module(path, module)
+            found[id(module)][2].validate(path, module)
             continue
         own = [n for n, p in module.named_parameters(recurse=False) if id(p) not in covered]
         if own:
@@ -507,7 +507,7 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
         n = tracer.node_of(o)
         if n is not None:
             graph.restrict(n, _NONE)
-    canonical = _canonical_names(model)
+    canonical = canonical_parameter_names(model)
     modules = {path: module for path, module, _ in site_modules.values()}
     node_sites = []                               # sites whose spaces are still node ids
     for path in tracer.site_order:
@@ -527,7 +527,7 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
     return Trace(NetworkSpec(tuple(spaces), sites), tuple(dict.fromkeys(tracer.couplings)))
 
 
-def _canonical_names(model: nn.Module) -> Callable[[nn.Module, str, str], str]:
+def canonical_parameter_names(model: nn.Module) -> Callable[[nn.Module, str, str], str]:
     """``canonical(module, path, name)``: the name ``model.named_parameters()`` gives the tensor a site calls
     ``name`` (a tied unembedding's ``unembed.weight`` is ``embed.weight``)."""
     first: dict[int, str] = {}

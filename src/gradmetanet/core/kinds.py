@@ -11,6 +11,8 @@ kind              ``a`` per token                  parameters and per-example gr
                                                    ``b (row out)``: ``sum_t g_t``
 ``layernorm``     the normalised input ``x_hat``   ``gain (diag s)``: ``sum_t g_t * x_hat_t``;
                   ``[d]`` (in = out space)         ``bias (row s)``: ``sum_t g_t``
+``linear_t``      the input ``x`` ``[d_in]``       ``W (col in, row out)`` stored ``[in, out]`` (GPT-2's
+                                                   ``Conv1D``): ``sum_t x_t g_t^T``; bias as linear
 ``embedding``     the token id ``[1]`` (int64)     ``E (col vocab, row out)`` ``[V, d]``:
                                                    ``sum_t onehot(id_t) g_t^T`` by ``index_add``
 ================  ===============================  ==============================================
@@ -88,6 +90,30 @@ class SiteKind:
     def transform_activation(self, site: "Site", a: torch.Tensor, element: "Element | None") -> torch.Tensor:
         """``a`` moved by the in-space's group element."""
         return a if element is None else element.act(a, -1)
+
+
+class TransposedLinearKind(SiteKind):
+    """A linear map whose weight is stored ``[in, out]`` (``y = x W + b``: Hugging Face's ``Conv1D``)."""
+
+    name = "linear_t"
+
+    def parameters(self, site: "Site") -> tuple["Parameter", ...]:
+        from .spec import Axis, Parameter
+
+        params = [Parameter(site.weight, (Axis("col", site.in_space), Axis("row", site.out_space)))]
+        if site.bias is not None:
+            params.append(Parameter(site.bias, (Axis("row", site.out_space),)))
+        return tuple(params)
+
+    def per_example(self, site, a, g, d_in):
+        out = super().per_example(site, a, g, d_in)
+        out[site.weight] = out[site.weight].transpose(1, 2)
+        return out
+
+    def summed(self, site, a, g, d_in):
+        out = super().summed(site, a, g, d_in)
+        out[site.weight] = out[site.weight].T
+        return out
 
 
 class LayerNormKind(SiteKind):
@@ -213,7 +239,8 @@ class ConvKind(SiteKind):
         return element.act(a.view(*a.shape[:-1], -1, math.prod(site.kernel)), -2).reshape(a.shape)
 
 
-SITE_KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), LayerNormKind(), EmbeddingKind(), ConvKind())}
+SITE_KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), TransposedLinearKind(), LayerNormKind(), EmbeddingKind(),
+                                                      ConvKind())}
 
 
 def site_kind(name: str) -> SiteKind:
