@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Shard", "current_shard", "init_from_environment", "is_main_process", "shut_down"]
+__all__ = ["Shard", "current_shard", "gather_examples", "init_from_environment", "is_main_process", "shut_down"]
 
 
 def init_from_environment(device: str = "cpu") -> bool:
@@ -108,3 +108,17 @@ def current_shard(pairs: int) -> Shard | None:
     if pairs % world:
         raise ValueError(f"PES pairs ({pairs}) must be divisible by the number of processes ({world})")
     return Shard(dist.get_rank(), world, pairs)
+
+
+def gather_examples(local: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``local [b_r, ...]`` concatenated along the first axis in rank order (``b_r`` may differ;
+    the other axes may not): the global batch that one process would hold. A collective: every rank calls it."""
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros((), dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(local.shape[0], dtype=torch.long), group=group)
+    rows = [int(s) for s in sizes]
+    padded = local.new_zeros(max(rows), *local.shape[1:])
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, rows)])

@@ -21,6 +21,7 @@ import weakref
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..batch import GradientBatch
@@ -29,6 +30,7 @@ from ..nn.gradmetanet import GradMetaNet
 from ..nn.layers import MLP
 from ..core.spec import NetworkSpec
 from ..weightspace import LINEAR_SIGNATURES, Signature, WeightSpaceLayer
+from .distributed import gather_examples
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
 from .layout import FlatLayout, Segments
 
@@ -399,6 +401,11 @@ class NetworkOptimizer(LearnedOptimizer):
     must be a batch mean, and gradient accumulation over several backwards is refused (the
     rule's features come from one batch). Only one NetworkOptimizer captures a model at a
     time: a new one (a notebook cell run again) detaches the previous one, with a warning.
+
+    Under ``DistributedDataParallel`` (pass the DDP-wrapped model) ``.grad`` is all-reduced by DDP
+    and the decomposed gradients are gathered from every rank, so the rule reads the global batch:
+    every rank applies the same update, the one a single process computes on the concatenated
+    batch.
     """
 
     def __init__(self, model: nn.Module, rule: UpdateRule, lr: float = 1.0) -> None:
@@ -406,6 +413,7 @@ class NetworkOptimizer(LearnedOptimizer):
         self.names = {id(p): n for n, p in model.named_parameters()}
         super().__init__(model.parameters(), rule, lr=lr)
         self.capture = None
+        self._process_group = None
         if not rule.needs_decomposed:
             self.spec = NetworkSpec.from_module(model) if rule.needs_spec else None
             return
@@ -425,6 +433,8 @@ class NetworkOptimizer(LearnedOptimizer):
             previous.close()
         self.capture = capture.__enter__()
         _ATTACHED[model] = self
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self._process_group = model.process_group if ddp and dist.get_world_size(model.process_group) > 1 else None
 
     def _names(self) -> list[str]:
         return [self.names[id(p)] for group in self.param_groups for p in group["params"]]
@@ -437,7 +447,10 @@ class NetworkOptimizer(LearnedOptimizer):
         except CaptureError as err:
             raise CaptureError(f"step() found no fresh decomposed gradients ({err}); run a forward and backward "
                                "with gradients enabled before every step") from err
-        return gs.neuron_tensor(), self.spec
+        features = gs.neuron_tensor()
+        if self._process_group is not None:          # DDP: the rule reads the global batch, as .grad does
+            features = gather_examples(features, self._process_group)
+        return features, self.spec
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
