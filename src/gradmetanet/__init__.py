@@ -5,10 +5,11 @@ from .capture import CaptureError, Extractor, GradientCapture, functional_factor
 from .core import (GL, Axis, Blocks, Group, NetworkSpec, Parameter, Perm, ScalePerm, SignPerm, Site, Space, Trivial,
                    UnsupportedModuleError)
 from .gradients import GradientSet
+from .provenance import package_version
 
 __all__ = [
     "Axis", "Blocks", "CaptureError", "Extractor", "GL", "GradientBatch", "GradientCapture", "GradientSet", "Group",
     "NetworkSpec", "Parameter", "Perm", "ScalePerm", "SignPerm", "Site", "Space", "Trivial", "UnsupportedModuleError",
     "functional_factors", "register_extractor",
 ]
-__version__ = "0.6.1"
+__version__ = package_version()

@@ -1,12 +1,26 @@
-"""The `gradmetanet` command line: `gradmetanet run EXPERIMENT --preset quick|paper`, `gradmetanet demo`."""
+"""The `gradmetanet` command line: `gradmetanet run EXPERIMENT --preset tiny|quick|cpu|paper`, `gradmetanet demo`
+(what `make demo` runs) and `gradmetanet capture-demo`."""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import importlib
 import sys
 import time
 from pathlib import Path
+
+#: experiment name -> (module under gradmetanet.experiments, what it reproduces)
+EXPERIMENTS = {
+    "curvature": ("curvature", "Fisher diagonal of SIRENs from 128 gradients (GradMetaNet paper 7.1)"),
+    "fisher-trace": ("fisher_trace", "trace of the Fisher of larger MLPs (paper G.1)"),
+    "lopt": ("lopt", "learned optimizers meta-trained with PES, raced against tuned Adam (paper 7.2)"),
+    "lora": ("lora", "properties of LoRA fine-tunes predicted from their adapters (LoL)"),
+    "inr-edit": ("inr_edit", "dilate images by editing their INRs' weights in one pass (paper 7.3)"),
+    "amortize": ("amortize", "fine-tune every network of a zoo in one pass, against SGD (ScaleGMN)"),
+}
+DEMO = ("curvature", "quick")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -20,22 +34,32 @@ def _parse_override(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _experiment_help() -> str:
+    """Each experiment with its presets and settings (what ``--preset`` and ``--set`` accept)."""
+    lines = ["experiments, their presets (tiny: seconds; quick: minutes; cpu: the claim on a 2-core machine, "
+             "resumable; paper: the paper's set-up, for a GPU) and --set keys:"]
+    for name, (module_name, what) in EXPERIMENTS.items():
+        module = importlib.import_module(f"gradmetanet.experiments.{module_name}")
+        fields = [f.name for f in dataclasses.fields(next(iter(module.PRESETS.values())))]
+        lines += [f"  {name}: {what}", f"    presets: {', '.join(module.PRESETS)}",
+                  f"    settings: {', '.join(fields)}"]
+    return "\n".join(lines)
+
+
+def build_parser(with_experiments: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradmetanet", description="Learning on the gradients of neural networks.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run a paper experiment and write results.json, table.md and plots")
-    run.add_argument("experiment", choices=["curvature", "fisher-trace", "lopt", "lora", "inr-edit", "amortize"],
-                     help="curvature: Fisher diagonal of SIRENs (paper 7.1); fisher-trace: trace of larger MLPs "
-                          "(G.1); lopt: learned optimizers meta-trained with PES against tuned Adam (7.2); lora: "
-                          "properties of LoRA fine-tunes predicted from their adapters (LoL); inr-edit: dilate images by "
-                          "editing their INRs' weights in one pass (7.3)")
-    run.add_argument("--preset", default="quick",
-                     help="tiny (seconds), quick (minutes on 2 CPU cores), cpu (the claim on this machine, resumable), "
-                          "paper (the paper's set-up); lopt also has digits and fair (the shipped optimizer's) and "
-                          "lm-tiny|lm-quick|lm-cpu|lm-paper (the language-model task); lora also has "
-                          "lm-tiny|lm-quick|lm-cpu (LoRAs of a language model)")
-    run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-PRESET)")
+    run = commands.add_parser(
+        "run", help="run an experiment and write results.json, table.md and plots",
+        description="Run an experiment into a run folder (results.json with provenance, table.md, PNGs, resumable "
+                    "cells). The configuration and the folder are checked before any compute.",
+        epilog=_experiment_help() if with_experiments else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("experiment", choices=list(EXPERIMENTS), help="which experiment (see the list below)")
+    run.add_argument("--preset", default="quick", help="a preset of the experiment (default quick; see below)")
+    run.add_argument("--out", default=None, help="run folder (default runs/EXPERIMENT-PRESET)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into a folder that holds another experiment's or configuration's results (its "
+                          "finished cells are kept beside the new ones)")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     run.add_argument("--device", default=None, help="cpu or cuda (overrides the preset)")
     run.add_argument("--meta-only", action="store_true",
@@ -44,38 +68,43 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PyTorch CPU threads (default: PyTorch's, which follows OMP_NUM_THREADS); 1 is fastest "
                           "for these small kernels when another process shares the cores")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
-
-    demo = commands.add_parser("demo", help="capture the decomposed gradients of a digits MLP and report the cost")
-    demo.add_argument("--batch-size", type=int, default=128)
-    demo.add_argument("--seed", type=int, default=0)
+                     help="override a setting, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
+    commands.add_parser("demo", help=f"what `make demo` runs: `run {DEMO[0]} --preset {DEMO[1]}` into "
+                                     f"runs/{DEMO[0]}-{DEMO[1]}")
+    capture = commands.add_parser("capture-demo",
+                                  help="capture the decomposed gradients of a digits MLP and report the cost")
+    capture.add_argument("--batch-size", type=int, default=128)
+    capture.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wants_help = bool(argv) and argv[0] == "run" and any(a in ("-h", "--help") for a in argv)
+    args = build_parser(with_experiments=wants_help).parse_args(argv)
     if getattr(args, "threads", None) is not None:
         import torch
         torch.set_num_threads(args.threads)
-    if args.command == "demo":
+    if args.command == "capture-demo":
         from .demo import run_capture_demo
         run_capture_demo(batch_size=args.batch_size, seed=args.seed)
         return 0
+    if args.command == "demo":
+        return main(["run", DEMO[0], "--preset", DEMO[1]])
+    try:
+        return _run(args)
+    except (ValueError, FloatingPointError) as err:       # RunFolderError, bad settings, a non-finite metric
+        raise SystemExit(f"gradmetanet: {err}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = dict(args.overrides)
     if args.seeds is not None:
         overrides["eval_seeds" if args.experiment == "lopt" else "seeds"] = args.seeds
     if args.device is not None:
         overrides["device"] = args.device
-    from .experiments import amortize, curvature, fisher_trace, inr_edit, lopt, lora
-    module = {"curvature": curvature, "fisher-trace": fisher_trace, "lopt": lopt, "lora": lora,
-              "inr-edit": inr_edit, "amortize": amortize}[args.experiment]
-    try:
-        config = module.config_from_preset(args.preset, **overrides)
-    except TypeError as err:
-        fields = list(type(module.PRESETS["quick"]).__dataclass_fields__)
-        raise SystemExit(f"gradmetanet: bad override ({err}); fields: {fields}")
-    except ValueError as err:
-        raise SystemExit(f"gradmetanet: {err}")
+    module = importlib.import_module(f"gradmetanet.experiments.{EXPERIMENTS[args.experiment][0]}")
+    config = module.config_from_preset(args.preset, **overrides)
     out = Path(args.out or f"runs/{args.experiment}-{args.preset}")
     start = time.perf_counter()
     from .lopt.distributed import init_from_environment, is_main_process, shut_down
@@ -91,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meta-trained {list(config.optimizers)} into {out / 'meta'} in {time.perf_counter() - start:.0f} s")
         shut_down()
         return 0
-    module.run(config, out)
+    module.run(config, out, overwrite=args.overwrite)
     print((out / "table.md").read_text())
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0

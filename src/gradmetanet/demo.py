@@ -1,4 +1,4 @@
-"""`gradmetanet demo`: capture the decomposed gradients of a digits MLP and report what it cost."""
+"""`gradmetanet capture-demo`: capture the decomposed gradients of a digits MLP and report what it cost."""
 
 from __future__ import annotations
 

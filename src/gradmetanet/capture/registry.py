@@ -127,7 +127,7 @@ class Extractor:
                 else:
                     fits = actual == declared
                 if not fits:
-                    hint = (f"; the module stores it [in, out]: use kind = 'linear_t'" if site.kind == "linear"
+                    hint = ("; the module stores it [in, out]: use kind = 'linear_t'" if site.kind == "linear"
                             and actual == declared[::-1] else "")
                     raise UnsupportedModuleError(
                         f"the {type(self).__name__} of {path!r} ({type(module).__name__}) declares {param.name!r} "

@@ -26,13 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_replace, atomic_write_text
+from ..zoos.cache import cached_zoo
 from ..basenets import make_mlp
 from .classification import mnist1d_arrays
 
@@ -169,9 +167,11 @@ class ClassifierZoo:
 
     @classmethod
     def from_tensors(cls, config: ClassifierZooConfig, t: dict[str, torch.Tensor]) -> "ClassifierZoo":
+        """Inverse of :meth:`tensors`; ``params`` in the template's parameter order (safetensors sorts keys as text)."""
         part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
-        return cls(config, part("params/"), t["accuracy"], t["lr"], t["steps"], t["subset"], part("images/"),
-                   part("networks/"))
+        stored = part("params/")
+        params = {name: stored[name] for name, _ in zoo_template(config).named_parameters()}
+        return cls(config, params, t["accuracy"], t["lr"], t["steps"], t["subset"], part("images/"), part("networks/"))
 
 
 def _initial_params(template: nn.Module, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -238,28 +238,16 @@ def generate_classifier_zoo(config: ClassifierZooConfig, chunk: int = 250, progr
 
 def load_or_generate_classifier_zoo(config: ClassifierZooConfig, cache_dir: str | os.PathLike | None,
                                     progress: bool = True) -> ClassifierZoo:
-    """The zoo of ``config`` from ``cache_dir/classifier_zoo_{key}/`` when it is there, else trained (and written
-    atomically with a ``manifest.json``); ``cache_dir=None`` keeps nothing."""
-    if cache_dir is None:
-        return generate_classifier_zoo(config, progress=progress)
-    folder = Path(cache_dir) / f"classifier_zoo_{config.key()}"
-    path = folder / "zoo.safetensors"
-    if path.exists():
-        try:
-            return ClassifierZoo.from_tensors(config, load_file(path))
-        except (SafetensorError, KeyError, OSError) as err:
-            print(f"cached zoo {path} is unreadable ({err}); training it again")
-    zoo = generate_classifier_zoo(config, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_replace(path) as tmp:
-        save_file(zoo.tensors(), tmp, metadata={"config": json.dumps(asdict(config))})
-    acc = zoo.accuracy
-    manifest = {"config": asdict(config), "networks": len(zoo), "parameters": sum(v[0].numel() for v in zoo.params.values()),
+    """The zoo of ``config`` from the verified cache in ``cache_dir`` (:func:`~gradmetanet.zoos.cached_zoo`), else
+    trained and cached; ``cache_dir=None`` keeps nothing."""
+    def summary(zoo: ClassifierZoo) -> dict:
+        acc = zoo.accuracy
+        return {"networks": len(zoo), "parameters": sum(v[0].numel() for v in zoo.params.values()),
                 "test_accuracy": {"mean": acc.mean().item(), "min": acc.min().item(), "max": acc.max().item()},
                 "splits": {"images": {k: len(v) for k, v in zoo.images.items()},
                            "networks": {k: len(v) for k, v in zoo.networks.items()}}}
-    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
-    return zoo
+    return cached_zoo("classifier_zoo", config, lambda: generate_classifier_zoo(config, progress=progress),
+                      ClassifierZoo.tensors, lambda t: ClassifierZoo.from_tensors(config, t), cache_dir, summary)
 
 
 def load_small_cnn_zoo(directory: str | os.PathLike, activation: str | None = "tanh", step: int = 86

@@ -22,17 +22,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_replace, atomic_write_text
+from ..zoos.cache import cached_zoo
 from .image_files import load_idx_images
 from .siren_zoo import siren_template
 
@@ -158,28 +155,20 @@ def generate_inr_zoo(config: InrZooConfig, progress: bool = True) -> InrZoo:
 
 def load_or_generate_inr_zoo(config: InrZooConfig, cache_dir: str | os.PathLike | None,
                              progress: bool = True) -> InrZoo:
-    """The zoo of ``config`` from ``cache_dir`` when it is there, else fitted (and written atomically with a
-    manifest); ``cache_dir=None`` keeps nothing."""
-    if cache_dir is None:
-        return generate_inr_zoo(config, progress)
-    folder = Path(cache_dir) / f"inr_zoo_{config.key()}"
-    path = folder / "zoo.safetensors"
-    if path.exists():
-        try:
-            t = load_file(path)
-            return InrZoo(config, {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")},
-                          t["images"], t["labels"], t["psnr"], {s: t[f"split/{s}"] for s in ("train", "val", "test")})
-        except (SafetensorError, KeyError, OSError) as err:
-            print(f"cached INR zoo {path} is unreadable ({err}); fitting it again")
-    zoo = generate_inr_zoo(config, progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"params/{k}": v.contiguous() for k, v in zoo.params.items()}
-    tensors |= {"images": zoo.images, "labels": zoo.labels, "psnr": zoo.psnr}
-    tensors |= {f"split/{s}": v for s, v in zoo.splits.items()}
-    with atomic_replace(path) as tmp:
-        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
-    manifest = {"config": asdict(config), "inrs": len(zoo), "splits": {s: len(v) for s, v in zoo.splits.items()},
+    """The zoo of ``config`` from the verified cache in ``cache_dir`` (:func:`~gradmetanet.zoos.cached_zoo`), else
+    fitted and cached; ``cache_dir=None`` keeps nothing."""
+    def to_tensors(zoo: InrZoo) -> dict[str, torch.Tensor]:
+        return {f"params/{k}": v for k, v in zoo.params.items()} | {
+            "images": zoo.images, "labels": zoo.labels, "psnr": zoo.psnr} | {
+            f"split/{s}": v for s, v in zoo.splits.items()}
+
+    def from_tensors(t: dict[str, torch.Tensor]) -> InrZoo:
+        return InrZoo(config, {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")},
+                      t["images"], t["labels"], t["psnr"], {s: t[f"split/{s}"] for s in ("train", "val", "test")})
+
+    def summary(zoo: InrZoo) -> dict:
+        return {"inrs": len(zoo), "splits": {s: len(v) for s, v in zoo.splits.items()},
                 "psnr_db": {"mean": zoo.psnr.mean().item(), "min": zoo.psnr.min().item()},
                 "widths": INR_WIDTHS, "omega_0": OMEGA_0, "output_offset": OUTPUT_OFFSET}
-    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2))
-    return zoo
+    return cached_zoo("inr_zoo", config, lambda: generate_inr_zoo(config, progress), to_tensors, from_tensors,
+                      cache_dir, summary)

@@ -31,7 +31,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..models import CausalTransformer
-from .lora_zoo import AdapterZoo, cached_zoo, draw_finetune_tasks, finetune_loras
+from .lora_zoo import AdapterZoo, cached_adapter_zoo, draw_finetune_tasks, finetune_loras
 from .text import CharTokenizer, corpus_version, pydoc_topics_text
 
 __all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo", "LM_SITES"]
@@ -189,5 +189,6 @@ def load_or_generate_lm_lora_zoo(config: LmLoraZooConfig, cache_dir: str | os.Pa
                                  progress: bool = True) -> LmLoraZoo:
     """The zoo of ``config`` from ``cache_dir`` when a file for exactly this config (and corpus) is there, else
     generated (and written atomically)."""
-    return cached_zoo(LmLoraZoo, config, LM_SITES, "lm_lora_zoo",
-                      lambda: generate_lm_lora_zoo(config, progress=progress), cache_dir, {"corpus": corpus_version()})
+    return cached_adapter_zoo(LmLoraZoo, config, LM_SITES, "lm_lora_zoo",
+                              lambda: generate_lm_lora_zoo(config, progress=progress), cache_dir,
+                              {"corpus": corpus_version()})

@@ -22,22 +22,19 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_replace
+from ..zoos.cache import cached_zoo
 from ..basenets import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from .digits import load_digits_split
 
-__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_zoo", "draw_finetune_tasks", "finetune_loras", "generate_lora_zoo",
+__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_adapter_zoo", "draw_finetune_tasks", "finetune_loras", "generate_lora_zoo",
            "load_or_generate_lora_zoo"]
 
 SITES = ("0", "2", "4")
@@ -135,24 +132,12 @@ class AdapterZoo:
                    **{q: t[q], f"base_{q}": float(t[f"base_{q}"])})
 
 
-def cached_zoo(cls: type[AdapterZoo], config, sites: tuple[str, ...], name: str,
-               generate: Callable[[], AdapterZoo], cache_dir: str | os.PathLike | None,
-               metadata: dict[str, str] | None = None) -> AdapterZoo:
-    """The zoo of ``config`` from ``cache_dir/{name}_{config.key()}.safetensors`` when it is there, else
-    ``generate()`` (and written atomically; ``cache_dir=None`` keeps nothing)."""
-    if cache_dir is None:
-        return generate()
-    path = Path(cache_dir) / f"{name}_{config.key()}.safetensors"
-    if path.exists():
-        try:
-            return cls.from_tensors(config, load_file(path), sites)
-        except (SafetensorError, KeyError, OSError) as err:
-            print(f"cached zoo {path} is unreadable ({err}); regenerating it")
-    zoo = generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_replace(path) as tmp:
-        save_file(zoo.tensors(), tmp, metadata={"config": json.dumps(asdict(config)), **(metadata or {})})
-    return zoo
+def cached_adapter_zoo(cls: type[AdapterZoo], config, sites: tuple[str, ...], name: str,
+                       generate: Callable[[], AdapterZoo], cache_dir: str | os.PathLike | None,
+                       depends: dict[str, str] | None = None) -> AdapterZoo:
+    """An adapter zoo through the one verified zoo cache (:func:`~gradmetanet.zoos.cached_zoo`)."""
+    return cached_zoo(name, config, generate, cls.tensors, lambda t: cls.from_tensors(config, t, sites), cache_dir,
+                      lambda zoo: {"adapters": len(zoo.data_size), "sites": list(sites)}, depends)
 
 
 @dataclass
@@ -304,5 +289,5 @@ def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLik
                               progress: bool = True) -> LoraZoo:
     """The zoo of ``config`` from ``cache_dir`` when a file for exactly this config is there, else generated
     (and written atomically)."""
-    return cached_zoo(LoraZoo, config, SITES, "lora_zoo", lambda: generate_lora_zoo(config, progress=progress),
-                      cache_dir)
+    return cached_adapter_zoo(LoraZoo, config, SITES, "lora_zoo", lambda: generate_lora_zoo(config, progress=progress),
+                              cache_dir)

@@ -20,14 +20,11 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_replace
+from ..zoos.cache import cached_zoo
 from ..basenets import Sine
 from ..capture.functional import functional_factors
 from ..core.incidence import neuron_tensor
@@ -163,26 +160,15 @@ def generate_siren_zoo(config: SirenZooConfig, chunk: int = 250, progress: bool 
 
 def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathLike | None,
                                progress: bool = True) -> SirenZoo:
-    """The zoo of ``config``, read from ``cache_dir`` when a file for exactly this config is there.
+    """The zoo of ``config`` from the verified cache in ``cache_dir`` (:func:`~gradmetanet.zoos.cached_zoo`), else
+    generated and cached; ``cache_dir=None`` keeps nothing."""
+    def to_tensors(zoo: SirenZoo) -> dict[str, torch.Tensor]:
+        return {f"params/{k}": v for k, v in zoo.params.items()} | {
+            "points": zoo.points, "target_inputs": zoo.target_inputs, "features": zoo.features, "target": zoo.target,
+            "standard": zoo.standard}
 
-    A missing or unreadable cache file is (re)generated and written atomically.
-    """
-    if cache_dir is None:
-        return generate_siren_zoo(config, progress=progress)
-    path = Path(cache_dir) / f"siren_zoo_{config.key()}.safetensors"
-    if path.exists():
-        try:
-            tensors = load_file(path)
-            params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
-            return SirenZoo(config, params, tensors["points"], tensors["target_inputs"], tensors["features"],
-                            tensors["target"], tensors["standard"])
-        except (SafetensorError, KeyError, OSError) as err:
-            print(f"cached zoo {path} is unreadable ({err}); regenerating it")
-    zoo = generate_siren_zoo(config, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"params/{k}": v.contiguous() for k, v in zoo.params.items()}
-    tensors |= {"points": zoo.points, "target_inputs": zoo.target_inputs, "features": zoo.features,
-                "target": zoo.target, "standard": zoo.standard}
-    with atomic_replace(path) as tmp:
-        save_file(tensors, tmp, metadata={"config": json.dumps(asdict(config))})
-    return zoo
+    def from_tensors(t: dict[str, torch.Tensor]) -> SirenZoo:
+        params = {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")}
+        return SirenZoo(config, params, t["points"], t["target_inputs"], t["features"], t["target"], t["standard"])
+    return cached_zoo("siren_zoo", config, lambda: generate_siren_zoo(config, progress=progress), to_tensors,
+                      from_tensors, cache_dir, lambda zoo: {"networks": len(zoo.target)})

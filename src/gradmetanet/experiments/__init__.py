@@ -4,17 +4,93 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Iterable, Mapping, TypeVar
+from types import UnionType
+from typing import Iterable, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 Config = TypeVar("Config")
 
 
 def apply_preset(presets: Mapping[str, Config], preset: str, overrides: Mapping[str, object]) -> Config:
-    """``presets[preset]`` with ``overrides`` applied; lists become tuples (configs are hashable)."""
+    """``presets[preset]`` with ``overrides`` applied, every value checked against the field's type (lists become
+    tuples: configs are hashable) and every count checked to be positive, before anything is computed; raises
+    ``ValueError`` with one line naming the setting."""
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(presets)}")
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return replace(presets[preset], **fixed)
+    base = presets[preset]
+    hints = get_type_hints(type(base))
+    unknown = [k for k in overrides if k not in hints]
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; the settings are {list(hints)}")
+    fixed = {k: _checked(k, v, hints[k]) for k, v in overrides.items()}
+    return replace(base, **fixed)
+
+
+def _checked(name: str, value: object, hint: object) -> object:
+    """``value`` as a value of type ``hint`` (int -> float, list -> tuple), or a one-line ``ValueError``."""
+    converted = _convert(value, hint)
+    if converted is _BAD:
+        raise ValueError(f"setting {name}={value!r}: expected {_describe(hint)}")
+    for number in _numbers(converted):
+        if isinstance(number, int) and not (name == "seed" or name.endswith("_seed")) and number < 1:
+            raise ValueError(f"setting {name}={value!r}: counts and sizes must be at least 1")
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"setting {name}={value!r}: must be finite")
+        if isinstance(number, float) and ("lr" in name or "fraction" in name or name in ("sigma", "omega_0")) \
+                and number <= 0:
+            raise ValueError(f"setting {name}={value!r}: must be positive")
+    return converted
+
+
+_BAD = object()
+
+
+def _convert(value: object, hint: object) -> object:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        for option in args:
+            converted = _convert(value, option)
+            if converted is not _BAD:
+                return converted
+        return _BAD
+    if hint is type(None):
+        return None if value is None else _BAD
+    if origin is Literal:
+        return value if value in args else _BAD
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return _BAD
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            return _BAD
+        items = [_convert(v, k) for v, k in zip(value, kinds)]
+        return _BAD if any(i is _BAD for i in items) else tuple(items)
+    if hint is bool:
+        return value if isinstance(value, bool) else _BAD
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
+    if hint is str:
+        return value if isinstance(value, str) else _BAD
+    return value
+
+
+def _describe(hint: object) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        inner = _describe(args[0]) if len(args) == 2 and args[1] is Ellipsis else ", ".join(map(_describe, args))
+        return f"a list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"a list [{inner}]"
+    if origin is Literal:
+        return f"one of {list(args)}"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _numbers(value: object) -> list:
+    if isinstance(value, tuple):
+        return [n for v in value for n in _numbers(v)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float]:

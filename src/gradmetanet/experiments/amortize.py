@@ -37,6 +37,7 @@ from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
 from ..data.classifier_zoo import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
 from . import apply_preset
+from .store import CellStore, RunFolder, settings_of
 
 __all__ = ["AmortizeConfig", "PRESETS", "config_from_preset", "run", "zoo_config"]
 
@@ -229,21 +230,14 @@ _CELL_FIELDS = {
 }
 
 
-class _CellStore:
-    """Finished table cells in ``path``, each with the settings it was computed under; a cell whose settings
-    differ from ``config``'s is dropped on load (and recomputed). Reads the earlier layout (one fingerprint
-    of the whole configuration) as every cell computed under that configuration."""
+class _Cells:
+    """The run's cells in the one result store, each kind keyed by the settings it depends on (so a wider
+    ``sgd_lrs`` recomputes the SGD cells alone); reads like a dict of the cells valid for ``config``."""
 
-    def __init__(self, path: Path, config: AmortizeConfig) -> None:
-        self.path = path
+    def __init__(self, store: CellStore, config: AmortizeConfig) -> None:
+        self.store = store
         settings = json.loads(json.dumps(asdict(config)))
         self.wanted = {kind: {f: settings[f] for f in fields} for kind, fields in _CELL_FIELDS.items()}
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        depends = saved.get("depends_on")
-        if depends is None and "config" in saved:           # the layout before version 0.6.1
-            depends = {k: {f: saved["config"][f] for f in _CELL_FIELDS[self.kind(k)]} for k in saved["cells"]}
-        self.depends = {k: v for k, v in (depends or {}).items() if v == self.wanted[self.kind(k)]}
-        self.cells = {k: v for k, v in saved.get("cells", {}).items() if k in self.depends}
 
     @staticmethod
     def kind(key: str) -> str:
@@ -251,20 +245,28 @@ class _CellStore:
         method = key.split("/")[2]
         return method if method in ("before", "sgd") else "model"
 
+    def __contains__(self, key: str) -> bool:
+        return self.store.get(key, self.wanted[self.kind(key)]) is not None
+
+    def __getitem__(self, key: str) -> dict:
+        value = self.store.get(key, self.wanted[self.kind(key)])
+        if value is None:
+            raise KeyError(key)
+        return value
+
     def save(self, key: str, value: dict) -> None:
-        self.cells[key] = value
-        self.depends[key] = self.wanted[self.kind(key)]
-        atomic_write_text(self.path, json.dumps({"depends_on": self.depends, "cells": self.cells}, indent=2))
+        self.store.put(key, self.wanted[self.kind(key)], value)
 
 
-def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Every zoo x lambda x method; ``results.json``, ``table.md``, ``accuracies.png``. Finished cells are kept in
-    ``cells.json`` with the settings each depends on (:class:`_CellStore`): a rerun into the same directory
-    resumes, and recomputes only the cells whose settings changed (a wider ``sgd_lrs`` reruns SGD alone)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    store = _CellStore(out / "cells.json", config)
-    cells, save = store.cells, store.save
+def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
+    """Every zoo x lambda x method; ``results.json``, ``table.md``, ``accuracies.png``. The run folder is checked
+    before any compute; finished cells are kept in ``cells.json`` with the settings each depends on and the code
+    version (:class:`_Cells`): a rerun resumes, and one with other settings (``overwrite``) recomputes only the
+    cells whose settings changed (a wider ``sgd_lrs`` reruns SGD alone)."""
+    folder = RunFolder(out_dir, "amortize", settings_of(config), overwrite)
+    out = folder.path
+    cells = _Cells(folder.cells(), config)
+    save = cells.save
     zoos_info = {}
 
     for name in config.zoos:
@@ -307,8 +309,8 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
                     save(f"{prefix}/sgd/{epoch}", metrics | {"lr": lr})
             bar.close()
     results = _assemble(config, cells)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "run.json", json.dumps({"config": asdict(config), "zoos": zoos_info}, indent=2))
+    folder.write_json("results.json", results)
+    atomic_write_text(out / "zoos.json", json.dumps({"config": asdict(config), "zoos": zoos_info}, indent=2))
     atomic_write_text(out / "table.md", report(results, config, zoos_info) + "\n")
     plot_accuracies(results, out / "accuracies.png")
     return results

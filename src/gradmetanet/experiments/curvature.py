@@ -9,7 +9,6 @@ at the epoch of best validation error.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormalise
 from ..training import Predictor, fit_regression
 from ..weightspace.features import flatten_weights
 from . import apply_preset, mean_std
+from .store import RunFolder, require_finite, settings_of
 from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
 
 __all__ = ["CurvatureConfig", "PRESETS", "MODEL_KEYS", "INPUT_MODES", "run", "report", "build_model", "Prepared",
@@ -232,28 +232,27 @@ def _cell_key(model: str, size: int, seed: int) -> str:
     return f"{model}/{size}/{seed}"
 
 
-def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
     """Train every model at every training size and seed; write results into ``out_dir``.
 
-    Finished cells are recorded in ``out_dir/cells.json`` (atomically, under a file lock) and skipped
-    when the same config is run again into the same directory, so a killed run resumes at the cell
-    where it stopped. Processes that run other ``models`` of the same config may share the
-    directory (one thread each on a small machine); the report covers every model whose cells are
-    all there.
+    The run folder is checked before any compute (:class:`~gradmetanet.experiments.store.RunFolder`; ``overwrite``
+    lets a run of other settings write its table there). Finished cells are kept in ``cells.json`` with their
+    settings and code version and skipped when found again, so a killed run resumes at the cell where it
+    stopped. Processes that run other ``models`` (or more seeds) of the same settings may share the folder (one
+    thread each on a small machine); the report covers every model whose cells are all there.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = settings_of(config, ignore=("models", "seeds"))
+    folder = RunFolder(out_dir, "curvature", settings, overwrite)
     zoo = load_or_generate_siren_zoo(config.zoo(), config.cache_dir, progress=progress)
     n_test, n_val = config.n_test, config.n_val
     test_idx = torch.arange(n_test)
     val_idx = torch.arange(n_test, n_test + n_val)
     pool = torch.arange(n_test + n_val, len(zoo))
-    test_var = zoo.target[test_idx].var().item()
-
-    cells_path = out / "cells.json"
-    cells = _read_cells(cells_path, config.key(), announce=True)
-    todo = [(seed, size, m) for seed in range(config.seeds) for size in config.train_sizes for m in config.models
-            if _cell_key(m, size, seed) not in cells]
+    test_var = require_finite("the variance of the test networks' Fisher diagonals", zoo.target[test_idx].var().item())
+    references = _references(zoo, test_idx, test_var)
+    store = folder.cells()
+    grid = [(seed, size, m) for seed in range(config.seeds) for size in config.train_sizes for m in config.models]
+    todo = [(seed, size, m) for seed, size, m in grid if store.get(_cell_key(m, size, seed), settings) is None]
     bar = tqdm(total=len(todo), desc="curvature", unit="fit", disable=not progress)
     prepared: dict[tuple[int, int], Prepared] = {}
     for seed, size, key in todo:
@@ -273,40 +272,26 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
         fit = fit_regression(model, predict, data.targets, train_idx, val_idx, test_idx, config.epochs,
                              config.batch_size, config.lr, seed, on_epoch=show, schedule=config.schedule)
         prediction = _predict_all(model, predict, test_idx) * data.target_std + data.target_mean
-        cell = {"test": fit.test * scale, "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
+        cell = {"test": require_finite(f"the test error of {key} (n={size}, seed {seed})", fit.test * scale),
+                "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
                 "epochs": config.epochs, "seconds": time.perf_counter() - start,
                 "parameters": count_parameters(model),
                 "per_layer": per_layer_shares(zoo.spec, prediction, zoo.target[test_idx])}
-        cells = _record_cell(cells_path, config.key(), _cell_key(key, size, seed), cell)
+        store.put(_cell_key(key, size, seed), settings, cell)
         bar.update()
     bar.close()
-    cells = _read_cells(cells_path, config.key())
-    results = _summarise(config, cells, _references(zoo, test_idx, test_var))
+    cells = {}
+    for key in MODEL_KEYS:
+        for size in config.train_sizes:
+            for seed in range(config.seeds):
+                found = store.get(_cell_key(key, size, seed), settings)
+                if found is not None:
+                    cells[_cell_key(key, size, seed)] = found
+    results = _summarise(config, cells, references)
     target = zoo.target[test_idx]
     results["target_variance_share"] = per_layer_shares(zoo.spec, torch.full_like(target, target.mean().item()), target)
-    report(results, out)
+    report(results, folder)
     return results
-
-
-def _read_cells(path: Path, config_key: str, announce: bool = False) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    saved = json.loads(path.read_text())
-    if saved.get("config_key") == config_key:
-        return saved["cells"]
-    if announce:
-        print(f"{path} belongs to another configuration; starting afresh")
-    return {}
-
-
-def _record_cell(path: Path, config_key: str, key: str, cell: dict) -> dict[str, dict]:
-    """Add one finished cell to ``path`` under a file lock, keeping cells other processes wrote meanwhile
-    (so runs of different ``models`` can share one directory); returns every recorded cell."""
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cells = _read_cells(path, config_key) | {key: cell}
-        atomic_write_text(path, json.dumps({"config_key": config_key, "cells": cells}, indent=1))
-    return cells
 
 
 def _references(zoo: SirenZoo, test_idx: torch.Tensor, test_var: float) -> dict[str, dict]:
@@ -316,7 +301,8 @@ def _references(zoo: SirenZoo, test_idx: torch.Tensor, test_var: float) -> dict[
     estimates = {"standard": zoo.standard[test_idx],
                  "product_of_means": product_of_means(zoo.spec, features),
                  "quadrature": quadrature(zoo.spec, features, zoo.points[test_idx])}
-    rows = {key: {"error": ((est - target).square().mean() / test_var).item(),
+    rows = {key: {"error": require_finite(f"the error of the {LABELS[key].lower()} on the test networks",
+                                          ((est - target).square().mean() / test_var).item()),
                   "per_layer": per_layer_shares(zoo.spec, est, target)} for key, est in estimates.items()}
     noise = target_noise(zoo, test_idx)
     rows["target_noise"] = {"error": noise.double().mean().item() / test_var,
@@ -345,17 +331,19 @@ def _summarise(config: CurvatureConfig, cells: dict[str, dict], references: dict
             improvement[key][n] = 1.0 - mean / standard
             best_epochs[key][n] = [run["best_epoch"] for run in runs]
         params[key] = cells[_cell_key(key, config.train_sizes[0], 0)]["parameters"]
-    return {"experiment": "curvature", "metric": METRIC, "config": {**asdict(config), "cache_dir": None},
+    return {"experiment": "curvature", "metric": METRIC,
+            "config": {**asdict(config), "cache_dir": None, "models": tuple(finished)},
             "models": models, "relative_improvement_over_standard": improvement, "parameters": params,
             "best_epochs": best_epochs, "reference_models": list(REFERENCE_KEYS),
             "torch": torch.__version__, "device": config.device}
 
 
 # ---------------------------------------------------------------------------------------------- report
-def report(results: dict, out_dir: str | os.PathLike) -> str:
-    """Write ``results.json``, ``table.md`` and ``curvature.png`` into ``out_dir``; return the table."""
-    out = Path(out_dir)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+def report(results: dict, folder: RunFolder) -> str:
+    """Write ``results.json`` (with provenance), ``table.md`` and ``curvature.png`` into the run folder; return
+    the table."""
+    out = folder.path
+    folder.write_json("results.json", results, results["config"].get("device", "cpu"))
     table = render_table(results)
     atomic_write_text(out / "table.md", table + "\n")
     plot(results, out / "curvature.png")

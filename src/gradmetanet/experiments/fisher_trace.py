@@ -13,11 +13,9 @@ training target (1.0 = no better than a constant); the paper reports 0.413 (Grad
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +31,7 @@ from ..nn.normalise import NeuronNormaliser
 from ..core.spec import NetworkSpec
 from ..training import fit_regression
 from . import apply_preset
+from .store import RunFolder, settings_of, write_results
 
 __all__ = ["FisherTraceConfig", "PRESETS", "run", "config_from_preset"]
 
@@ -113,10 +112,10 @@ class _FlatMLP(nn.Module):
         return self.mlp(batch.features.flatten(1))
 
 
-def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Train both models, write ``results.json`` and ``table.md`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False
+        ) -> dict:
+    """Train both models, write ``results.json`` and ``table.md`` into ``out_dir`` (checked before any compute)."""
+    out = RunFolder(out_dir, "fisher_trace", settings_of(config), overwrite).path
     spec, feats, targets = make_zoo(config, progress)
     n_tr, n_va = config.n_train, config.n_val
     train, val, test = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va),
@@ -152,7 +151,7 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
                "base_network": {"sizes": [config.input_dim, config.width, config.width, 1],
                                 "parameters": spec.n_params, "neurons": spec.n_neurons},
                "models": rows, "paper": {"gradmetanet": 0.413, "mlp": 0.779}}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_results(out / "results.json", results, config.device)
     lines = [f"Base MLP {results['base_network']['sizes']} ({spec.n_params:,} parameters), set size "
              f"{config.set_size}; metric: {METRIC}.", "",
              "| model | params | normalised MAE | paper |", "|---|---:|---:|---:|"]

@@ -20,7 +20,6 @@ and std over seeds.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..training import fit_regression
 from ..weightspace import DWSNet, GMN, ScaleGMN
 from . import apply_preset, mean_std
+from .store import RunFolder, require_finite, settings_of
 
 __all__ = ["InrEditConfig", "PRESETS", "run", "config_from_preset", "InrEditor", "BACKBONES", "VARIANTS"]
 
@@ -200,12 +200,15 @@ def _predict(model: InrEditor, data: _Data, idx: torch.Tensor) -> torch.Tensor:
     return vmap(render)(edited)
 
 
-def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
     """Every backbone with every variant over ``seeds`` seeds; ``results.json``, ``table.md``, ``edits.png`` (the
-    best model trained by this call). Finished cells are kept in ``cells.json``: a rerun of the same configuration
-    into the same directory resumes."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    best model trained by this call). The run folder is checked before any compute; finished cells are kept in
+    ``cells.json`` with their settings and code version (:mod:`~gradmetanet.experiments.store`): a rerun of the
+    same configuration resumes."""
+    settings = settings_of(config, ignore=("examples",))
+    folder = RunFolder(out_dir, "inr-edit", settings, overwrite)
+    out = folder.path
+    store = folder.cells()
     data = prepare(config, progress)
     splits = data.zoo.splits
     with torch.no_grad():
@@ -214,10 +217,6 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
         "inrs": len(data.zoo), "psnr_db": data.zoo.psnr.mean().item(),
         "splits": {k: len(v) for k, v in splits.items()}}, "unedited_mse": unedited, "models": {}}
     best, best_mse = None, float("inf")
-    cells_path = out / "cells.json"           # finished (backbone, variant, seed) cells: a rerun resumes
-    saved = json.loads(cells_path.read_text()) if cells_path.exists() else {}
-    fingerprint = json.loads(json.dumps(asdict(config)))          # as read back from JSON (tuples are lists)
-    cells = saved.get("cells", {}) if saved.get("config") == fingerprint else {}
     bar = tqdm(total=len(config.backbones) * len(config.variants) * config.seeds, desc="INR editors",
                disable=not progress)
     for backbone in config.backbones:
@@ -225,31 +224,33 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
         for variant in config.variants:
             for seed in range(config.seeds):
                 key = f"{backbone}/{variant}/{seed}"
-                if key not in cells:
+                if store.get(key, settings) is None:
                     torch.manual_seed(seed)
                     model = InrEditor(data.spec, backbone, variant, config, data.rms)
                     start = time.perf_counter()
                     fit = fit_regression(model, lambda m, idx: _predict(m, data, idx), data.targets,
                                          splits["train"], splits["val"], splits["test"], config.epochs,
                                          config.batch_size, config.lr, seed, schedule="cosine")
-                    cells[key] = {"test": fit.test, "seconds": time.perf_counter() - start,
-                                  "best_epoch": fit.best_epoch}
-                    atomic_write_text(cells_path, json.dumps({"config": fingerprint, "cells": cells}, indent=2))
+                    store.put(key, settings, {"test": require_finite(f"the test MSE of {backbone} {variant} seed {seed}",
+                                                                     fit.test),
+                                              "seconds": time.perf_counter() - start, "best_epoch": fit.best_epoch})
                     if fit.test < best_mse:
                         best, best_mse = model, fit.test
                 bar.update()
-            runs = [cells[f"{backbone}/{variant}/{seed}"] for seed in range(config.seeds)]
+            runs = [store.get(f"{backbone}/{variant}/{seed}", settings) for seed in range(config.seeds)]
             mean, std = mean_std([r["test"] for r in runs])
             results["models"][backbone][variant] = {"mean": mean, "std": std, "runs": [r["test"] for r in runs],
                                                     "seconds": sum(r["seconds"] for r in runs) / len(runs)}
     bar.close()
-    report(results, out)
+    report(results, folder)
     _plot_edits(best, data, config.examples, out / "edits.png")
     return results
 
 
-def report(results: dict, out: Path) -> str:
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+def report(results: dict, folder: RunFolder) -> str:
+    """Write ``results.json`` (with provenance) and ``table.md`` into the run folder; return the table."""
+    out = folder.path
+    folder.write_json("results.json", results, results["config"].get("device", "cpu"))
     cfg, z = results["config"], results["zoo"]
     variants = cfg["variants"]
     lines = [f"INR editing (3 x 3 dilation), {z['inrs']} SIRENs of the digits (fit PSNR {z['psnr_db']:.1f} dB), "

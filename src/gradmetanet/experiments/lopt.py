@@ -43,6 +43,7 @@ from ..lopt.task_family import TaskFamily, task_family
 from ..lopt.tasks import MLPClassificationTask, classification_task, tabular_task
 from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
 from . import apply_preset, mean_std
+from .store import RunFolder, settings_of, write_results
 
 __all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "meta_train", "config_from_preset"]
 
@@ -302,9 +303,10 @@ def _finished_rule(path: Path, name: str, config: LoptConfig, steps: int) -> tup
     return load_rule(path), record
 
 
-def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """The whole experiment; meta-training checkpoints live in ``out_dir/meta`` (a rerun resumes)."""
-    out = Path(out_dir)
+def run(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
+    """The whole experiment; meta-training checkpoints live in ``out_dir/meta`` (a rerun resumes). The run folder
+    is checked before any compute; processes that meta-train other ``optimizers`` of one config may share it."""
+    out = RunFolder(out_dir, "lopt", settings_of(config, ignore=("optimizers", "pretrained")), overwrite).path
     rules, meta_record = meta_train(config, out, progress)
     for name in config.pretrained:
         rules[f"shipped:{name}"] = load_rule(shipped_path(name))
@@ -412,8 +414,8 @@ def report(results: dict, out_dir: str | os.PathLike) -> str:
     steps per seed show every seed, "–" where the optimizer never reaches it within the horizon.
     """
     out = Path(out_dir)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     cfg = results["config"]
+    write_results(out / "results.json", results, cfg.get("device", "cpu"))
     meta = results["meta_training"]
     kept = ", ".join(f"{LABELS[name]} step {m['selected_step']} of {m['steps']}" for name, m in meta.items())
     shipped = ", ".join(f'"{n}"' for n in cfg.get("pretrained", ()))

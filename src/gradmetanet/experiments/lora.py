@@ -21,7 +21,6 @@ predict a fine-tune's accuracy with GL-net against evaluating the merged network
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ from ..data.text import corpus_version
 from ..lora.models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
 from ..training import fit_regression
 from . import apply_preset
+from .store import RunFolder, settings_of, write_results
 
 __all__ = ["LoraConfig", "PRESETS", "run", "config_from_preset", "MODELS", "TARGETS"]
 
@@ -183,10 +183,10 @@ def _speedup(model: nn.Module, zoo: AdapterZoo, n: int = 256) -> dict[str, float
             "test_examples": len(data[1])}
 
 
-def run(config: LoraConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Every model on every target; the unseen-rank zoo; the speed-up; ``results.json``, ``table.md``, a PNG."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def run(config: LoraConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
+    """Every model on every target; the unseen-rank zoo; the speed-up; ``results.json``, ``table.md``, a PNG (the
+    run folder is checked before any compute)."""
+    out = RunFolder(out_dir, "lora", settings_of(config), overwrite).path
     zoo = config.load_zoo(progress=progress)
     unseen = config.load_zoo(config.unseen_rank, config.n_unseen, progress)
     quality = zoo.quality
@@ -229,7 +229,7 @@ _WORDS = {"digits": ("a digits MLP", "accuracy", "test images"),
 
 
 def report(results: dict, scatter: dict, out: Path) -> str:
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_results(out / "results.json", results, results["config"].get("device", "cpu"))
     z = results["zoo"]
     kind = z.get("kind", "digits")
     q = z.get("quality", "accuracy")
