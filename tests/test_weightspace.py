@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from gradmetanet import NetworkSpec
 from gradmetanet.basenets import make_mlp
-from gradmetanet.nn import NeuronNormaliser, WeightSpaceNormaliser
+from gradmetanet.nn import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from gradmetanet.weightspace import WeightSpaceFeatures, WeightSpaceLayer, flatten_weights, unflatten_weights
 from symmetry import check_symmetry
 
@@ -94,6 +96,29 @@ def test_normalisers_respect_the_groups():
     ws_norm = WeightSpaceNormaliser(spec).double().fit(ws)
     check_symmetry(spec, ws_norm, ws, move_ws, move_ws)
     assert abs(ws_norm(ws)["0.weight"].std().item() - 1) < 1e-9
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", None], ids=["sign_perm", "scale_perm", "gl"])
+def test_normalisers_move_with_sign_scale_and_gl_groups(activation):
+    """Fitted on features with a large mean, both normalisers commute with sign flips, positive scales and GL
+    (0.6.1 subtracted a per-tensor mean: ScaleGMN's invariant output moved 5e-4 against 1e-17); the neuron
+    normaliser keeps its per-neuron statistics on the fixed spaces, which the ``fixed`` breaker detects."""
+    spec = NetworkSpec.chain([3, 6, 5, 2], activation=activation)
+    ws = {k: v + 3.0 for k, v in random_features(spec).items()}
+    ws_norm = WeightSpaceNormaliser(spec).double().fit(ws)
+    check_symmetry(spec, ws_norm, ws, move_ws, move_ws)
+    assert ws_norm.mean[:-1].abs().max() == 0 and ws_norm.mean[-1] != 0   # only the output bias is centred
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(20, 8, spec.n_neurons, 2, generator=gen, dtype=torch.float64) + 2.0
+
+    def move(x, element, sp):
+        return sp.transform_neurons(x, element, dim=-2, roles=("act", "grad"))
+
+    norm = NeuronNormaliser(spec, per_fixed_neuron=True).double().fit(feats)
+    check_symmetry(spec, norm, feats, move, move, sensitivity=("fixed",))
+    if activation is not None:
+        with pytest.raises(ValueError, match="cannot respect") if activation == "relu" else nullcontext():
+            GradientScale(spec)
 
 
 def test_unf_rule_and_its_file_run_at_any_depth(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import UnionType
 from typing import Iterable, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -21,18 +21,21 @@ def apply_preset(presets: Mapping[str, Config], preset: str, overrides: Mapping[
     unknown = [k for k in overrides if k not in hints]
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; the settings are {list(hints)}")
-    fixed = {k: _checked(k, v, hints[k]) for k, v in overrides.items()}
+    zero_allowed = {f.name for f in fields(base) if f.default == 0}
+    fixed = {k: _checked(k, v, hints[k], k in zero_allowed) for k, v in overrides.items()}
     return replace(base, **fixed)
 
 
-def _checked(name: str, value: object, hint: object) -> object:
-    """``value`` as a value of type ``hint`` (int -> float, list -> tuple), or a one-line ``ValueError``."""
+def _checked(name: str, value: object, hint: object, zero_allowed: bool) -> object:
+    """``value`` as a value of type ``hint`` (int -> float, list -> tuple), or a one-line ``ValueError``. Integers
+    are counts and sizes, at least 1 (0 where ``zero_allowed``: a default of 0 means "off"), seeds excepted."""
     converted = _convert(value, hint)
     if converted is _BAD:
         raise ValueError(f"setting {name}={value!r}: expected {_describe(hint)}")
     for number in _numbers(converted):
-        if isinstance(number, int) and not (name == "seed" or name.endswith("_seed")) and number < 1:
-            raise ValueError(f"setting {name}={value!r}: counts and sizes must be at least 1")
+        minimum = 0 if zero_allowed else 1
+        if isinstance(number, int) and not name.endswith("seed") and number < minimum:
+            raise ValueError(f"setting {name}={value!r}: counts and sizes must be at least {minimum}")
         if isinstance(number, float) and not math.isfinite(number):
             raise ValueError(f"setting {name}={value!r}: must be finite")
         if isinstance(number, float) and ("lr" in name or "fraction" in name or name in ("sigma", "omega_0")) \

@@ -5,7 +5,11 @@ symmetry exchanges, and the normalised input would no longer move with the group
 is exactly equivariant would stop being so on normalised data. These normalisers therefore share
 statistics over every neuron of a permutable space (per space and channel), and keep per-neuron
 statistics only on ``Trivial`` spaces (inputs, outputs), where neurons have an identity.
-Statistics are buffers (saved with ``state_dict``), fitted once on training data.
+Subtracting a mean commutes with permutations only: on a space whose group also flips signs or
+scales neurons (``SignPerm``, ``ScalePerm``, ``GL``), and on tensors with an axis there, the
+normalisers divide by a fitted root mean square and subtract nothing (division by a constant
+commutes with every linear action). Statistics are buffers (saved with ``state_dict``), fitted
+once on training data.
 """
 
 from __future__ import annotations
@@ -15,16 +19,33 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..core.groups import Blocks, Group, Perm, Trivial
 from ..core.spec import NetworkSpec
 
-__all__ = ["NeuronNormaliser", "WeightSpaceNormaliser", "GradientScale"]
+__all__ = ["NeuronNormaliser", "WeightSpaceNormaliser", "GradientScale", "permutes_only"]
+
+
+def permutes_only(group: Group) -> bool:
+    """Whether every element of ``group`` acts by a permutation (so subtracting a shared mean commutes with it)."""
+    if isinstance(group, Blocks):
+        return permutes_only(group.inner)
+    return isinstance(group, (Trivial, Perm))
+
+
+def _centre_and_scale(values: torch.Tensor, dims, centred: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` over ``dims``; uncentred (``0`` and the root mean square) when ``centred`` is false."""
+    if centred:
+        return values.mean(dims), values.std(dims).clamp_min(eps)
+    rms = values.square().mean(dims).sqrt().clamp_min(eps)
+    return torch.zeros_like(rms), rms
 
 
 class NeuronNormaliser(nn.Module):
     """Standardise neuron features ``[..., N, f]``: ``(x - mean) / std`` with ``mean, std: [N, f]``.
 
-    Permutable spaces share one statistic per channel; ``per_fixed_neuron=True`` gives each neuron
-    of a ``Trivial`` space its own (``False`` shares within those spaces too).
+    Permutable spaces share one statistic per channel (uncentred where the group flips signs or
+    scales, see the module docstring); ``per_fixed_neuron=True`` gives each neuron of a ``Trivial``
+    space its own (``False`` shares within those spaces too).
     """
 
     def __init__(self, spec: NetworkSpec, features: int = 2, per_fixed_neuron: bool = False,
@@ -40,12 +61,8 @@ class NeuronNormaliser(nn.Module):
         flat = features.reshape(-1, *features.shape[-2:]).to(self.mean.dtype)
         for space, sl in zip(self.spec.spaces, self.spec.space_slices().values()):
             block = flat[:, sl]
-            if space.permutable or not self.per_fixed_neuron:
-                self.mean[sl] = block.mean((0, 1))
-                self.std[sl] = block.std((0, 1)).clamp_min(self.eps)
-            else:
-                self.mean[sl] = block.mean(0)
-                self.std[sl] = block.std(0).clamp_min(self.eps)
+            dims = (0, 1) if space.permutable or not self.per_fixed_neuron else 0
+            self.mean[sl], self.std[sl] = _centre_and_scale(block, dims, permutes_only(space.group), self.eps)
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -58,8 +75,11 @@ class NeuronNormaliser(nn.Module):
 class WeightSpaceNormaliser(nn.Module):
     """Standardise weight-space features ``{param: [B, *shape, C]}`` with one mean and std per parameter tensor.
 
-    A statistic over a whole tensor is invariant to every permutation of its axes, so the
-    normalised features move with the group exactly as the raw ones do.
+    The statistics are constants once fitted. Subtracting one constant from every entry commutes
+    with permuting them, but not with flipping or scaling them: a tensor with an axis on a space
+    whose group does more than permute (``SignPerm``, ``ScalePerm``, ``GL``) is divided by its root
+    mean square and not centred, so the normalised features move with every group of the spec
+    exactly as the raw ones do.
     """
 
     def __init__(self, spec: NetworkSpec, eps: float = 1e-12) -> None:
@@ -72,8 +92,9 @@ class WeightSpaceNormaliser(nn.Module):
     @torch.no_grad()
     def fit(self, tensors: Mapping[str, torch.Tensor]) -> "WeightSpaceNormaliser":
         for i, name in enumerate(self.names):
-            self.mean[i] = tensors[name].mean()
-            self.std[i] = tensors[name].std().clamp_min(self.eps)
+            axes = [a for p in self.spec.parts()[name] for a in p.axes if a.space is not None]
+            centred = all(permutes_only(self.spec.space(a.space).group) for a in axes)
+            self.mean[i], self.std[i] = _centre_and_scale(tensors[name], None, centred, self.eps)
         return self
 
     def forward(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,13 +114,19 @@ class GradientScale(nn.Module):
     root-mean-square over the set and the neurons of a space, and multiplying the model's output by
     the square of that scale (:meth:`output_scale`), leaves it a problem of one scale. A mean over
     a whole space is unchanged by permuting or sign-flipping its neurons, so the normalised input
-    moves with those groups exactly (not with per-neuron positive scalings: ``ScalePerm`` spaces).
+    moves with those groups exactly; a per-neuron positive scaling (``ScalePerm``) or a ``GL`` action
+    changes the mean, so specs with such spaces are refused.
 
     Shapes: ``features [M, b, N, f]`` with ``g`` in channel ``channel``; scales ``[M, N]``.
     """
 
     def __init__(self, spec: NetworkSpec, channel: int = 1, eps: float = 1e-30) -> None:
         super().__init__()
+        scaled = [s.name for s in spec.spaces if s.group.name in ("scale_perm", "gl")]
+        if scaled:
+            raise ValueError(f"GradientScale cannot respect the groups of spaces {scaled}: a per-space mean of g^2 "
+                             "changes when neurons are rescaled (ScalePerm, GL); use it on specs whose groups "
+                             "permute or flip signs, or normalise with NeuronNormaliser")
         self.spec, self.channel, self.eps = spec, channel, eps
 
     def scales(self, features: torch.Tensor) -> torch.Tensor:
