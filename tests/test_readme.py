@@ -34,7 +34,7 @@ def test_predict_your_own_target_example(capsys):
     exec(compile(example("own-target"), "README:own-target", "exec"), scope)
     result, y = scope["result"], scope["y"]
     assert result.test < 0.3 * y.var().item(), result.test          # far better than a constant
-    assert "held-out MSE" in capsys.readouterr().out
+    assert "test MSE" in capsys.readouterr().out
 
 
 def test_extractor_example_registers_a_new_kind(capsys):

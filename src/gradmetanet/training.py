@@ -1,14 +1,15 @@
 """Supervised training of a metanetwork with best-validation model selection.
 
-:func:`fit` is the user-facing loop (a :class:`~gradmetanet.GradientBatch` of your networks and one
-target row per network); :func:`fit_regression` is the index-based loop the experiments share.
+:func:`fit` is the user-facing loop (your networks as a gradient batch, weight-space features or tensors, one
+target row per network, split into train, validation and test); :func:`fit_regression` is the index-based
+loop the experiments share.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batch import GradientBatch
-from .weightspace.features import flatten_weights
+from .weightspace.features import WeightSpaceFeatures, flatten_weights
 
 __all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse"]
 
@@ -96,29 +97,68 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     return result
 
 
-def fit(model: nn.Module, inputs: GradientBatch, targets: torch.Tensor, epochs: int = 50, batch_size: int = 32,
-        lr: float = 1e-3, val_fraction: float = 0.2, seed: int = 0, progress: bool = True) -> FitResult:
+#: what :func:`fit` trains on: one row (network) per target row
+Inputs = Union[GradientBatch, WeightSpaceFeatures, Mapping[str, torch.Tensor], torch.Tensor]
+
+
+def _rows(inputs: Inputs) -> int:
+    if isinstance(inputs, GradientBatch):
+        return inputs.features.shape[0]
+    if isinstance(inputs, WeightSpaceFeatures):
+        return next(iter(inputs.tensors.values())).shape[0]
+    if isinstance(inputs, Mapping):
+        return next(iter(inputs.values())).shape[0]
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    raise TypeError(f"fit reads a GradientBatch, WeightSpaceFeatures, a dict of [M, ...] tensors or a tensor, got "
+                    f"{type(inputs).__name__}")
+
+
+def _model_input(inputs: Inputs, idx: torch.Tensor):
+    """Rows ``idx`` of ``inputs`` in the form the model is called with (backbones read the tensors' dict)."""
+    if isinstance(inputs, GradientBatch):
+        return inputs.select(idx)
+    if isinstance(inputs, WeightSpaceFeatures):
+        return {k: v[idx] for k, v in inputs.tensors.items()}
+    if isinstance(inputs, Mapping):
+        return {k: v[idx] for k, v in inputs.items()}
+    return inputs[idx]
+
+
+def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 50, batch_size: int = 32,
+        lr: float = 1e-3, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
+        progress: bool = True) -> FitResult:
     """Train ``model`` to map network ``i`` of ``inputs`` to ``targets[i]`` (``[M, K]``) by MSE with Adam.
 
-    A weight-space output ``{param: [B, *shape, C]}`` is compared flattened in the spec's parameter
-    order (:func:`~gradmetanet.weightspace.flatten_weights`, so build targets with it), an
-    invariant output ``[B, K]`` as it is. A seeded ``val_fraction`` of the networks is held out;
-    the model keeps its best-validation weights, and ``FitResult.test`` is that held-out error.
-    Normalise inputs and targets first (:class:`~gradmetanet.nn.NeuronNormaliser`).
+    ``inputs``: a :class:`~gradmetanet.GradientBatch` (GradMetaNet, GradMetaNet++), a
+    :class:`~gradmetanet.weightspace.WeightSpaceFeatures` or a dict ``{param: [M, *shape, C]}`` (the weight-space
+    backbones, called with the dict), or a tensor ``[M, ...]``. A weight-space output ``{param: [B, *shape, C]}``
+    is compared flattened in the spec's parameter order (:func:`~gradmetanet.weightspace.flatten_weights`, so
+    build targets with it), an invariant output ``[B, K]`` as it is. The networks are split once, seeded:
+    ``val_fraction`` selects the epoch (the model keeps its best-validation weights), ``test_fraction`` is read
+    once at the end (``FitResult.test``), the rest trains. Normalise inputs and targets first
+    (:class:`~gradmetanet.nn.NeuronNormaliser`).
     """
-    if targets.dim() != 2 or targets.shape[0] != inputs.features.shape[0]:
-        raise ValueError(f"targets must be [M, K] with one row per network ({inputs.features.shape[0]}), "
-                         f"got {list(targets.shape)}")
-    n_val = max(1, int(round(val_fraction * len(targets))))
-    if n_val >= len(targets):
-        raise ValueError(f"{len(targets)} networks leave nothing to train on with val_fraction={val_fraction}")
-    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    m = _rows(inputs)
+    if targets.dim() != 2 or targets.shape[0] != m:
+        raise ValueError(f"targets must be [M, K] with one row per network ({m}), got {list(targets.shape)}")
+    n_val, n_test = max(1, int(round(val_fraction * m))), max(1, int(round(test_fraction * m)))
+    if n_val + n_test >= m:
+        raise ValueError(f"{m} networks leave nothing to train on with val_fraction={val_fraction} and "
+                         f"test_fraction={test_fraction}")
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
+    val_idx, test_idx, train_idx = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    spec = getattr(inputs, "spec", None)
 
-    def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        out = m(inputs.select(idx))
-        return flatten_weights(out, inputs.spec) if isinstance(out, dict) else out.flatten(1)
+    def predict(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        out = net(_model_input(inputs, idx))
+        if isinstance(out, dict):
+            if spec is None:
+                raise ValueError("a weight-space output needs the inputs' spec to be flattened: pass a GradientBatch "
+                                 "or WeightSpaceFeatures")
+            return flatten_weights(out, spec)
+        return out.flatten(1)
 
     with tqdm(total=epochs, desc="fit", unit="epoch", disable=not progress) as bar:
-        return fit_regression(model, predict, targets, train_idx, val_idx, val_idx, epochs, batch_size, lr, seed,
+        return fit_regression(model, predict, targets, train_idx, val_idx, test_idx, epochs, batch_size, lr, seed,
                               on_epoch=lambda epoch, val: (bar.update(), bar.set_postfix(val_mse=f"{val:.4g}")))
