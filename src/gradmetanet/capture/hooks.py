@@ -178,6 +178,7 @@ class GradientCapture:
             plan = self._plan(model, spec, layers, batch_dim)
         self._set_plan(plan)
         self._tracing = False
+        self._model_batch: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._calls: dict[str, list[_Call]] = {}
         self._active = False
@@ -269,7 +270,7 @@ class GradientCapture:
         if self._spec is None:
             self._handles.append(self.model.register_forward_pre_hook(self._plan_on_first_forward, with_kwargs=True))
         self._attach_targets()
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm(p)) for p, m in self._batch_norms]
         self._active = True
         return self
@@ -315,10 +316,13 @@ class GradientCapture:
         self._active = False
 
     # ------------------------------------------------------------------ hooks
-    def _on_model_forward(self, module: nn.Module, args: tuple) -> None:
-        """A new forward of the whole model: records of an earlier forward that no backward reached are stale."""
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A new forward of the whole model: records of an earlier forward that no backward reached are stale.
+        Notes the batch size (the leading axis of the first tensor input) for inputs shared by the batch."""
         if torch.is_grad_enabled() and not self._backward_seen and any(self._calls.values()):
             self.reset()
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+        self._model_batch = None if first is None else first.shape[0]
 
     @staticmethod
     def _refuse_batch_norm(path: str):
@@ -332,12 +336,28 @@ class GradientCapture:
         return hook
 
     def _make_forward_hook(self, target: _Target):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self._should_record(target.path, output):
-                self._record(target.sites[0], target.extractor.activation(module, inputs, output),
-                             target.extractor.output(module, inputs, output), target.batch_dim,
-                             target.extractor.features_last)
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self._should_record(target.path, output):
+                return None
+            shared = self._shared_lookup(target, inputs, output)
+            if shared is not None:
+                inputs, output = shared
+            self._record(target.sites[0], target.extractor.activation(module, inputs, output),
+                         target.extractor.output(module, inputs, output), target.batch_dim,
+                         target.extractor.features_last)
+            return output if shared is not None else None
         return hook
+
+    def _shared_lookup(self, target: _Target, inputs: tuple, output: torch.Tensor) -> tuple[tuple, torch.Tensor] | None:
+        """A lookup table read with ids shared by the batch (position ids ``[1, T]``, broadcast when added to the
+        ``[b, T, d]`` token embeddings): its ids and output expanded to the model's batch, the output handed on
+        in place of the module's. The values downstream are unchanged, and the gradient of each example's row
+        is that example's own: a position table read by every example gets ordinary per-example gradients."""
+        b = self._model_batch
+        if target.extractor.kind != "embedding" or target.batch_dim != 0 or b is None or b == 1 \
+                or output.dim() < 2 or output.shape[0] != 1 or inputs[0].shape[0] != 1:
+            return None
+        return ((inputs[0].expand(b, *inputs[0].shape[1:]), *inputs[1:]), output.expand(b, *output.shape[1:]))
 
     def _make_tap(self, target: _Target) -> Tap:
         wanted = set(target.sites)

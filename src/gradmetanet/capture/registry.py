@@ -22,6 +22,7 @@ Lookup is by exact type first, then along the module's class hierarchy.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -34,7 +35,7 @@ from ..core.kinds import site_kind
 from ..core.spec import Site, Space, UnsupportedModuleError
 
 __all__ = ["Extractor", "LinearExtractor", "LayerNormExtractor", "EmbeddingExtractor", "Conv2dExtractor",
-           "MultiheadAttentionExtractor", "Layout", "Tap", "register_extractor", "extractor_for",
+           "MultiheadAttentionExtractor", "RMSNormExtractor", "Layout", "Tap", "register_extractor", "extractor_for",
            "registered_types", "capturable_modules"]
 
 #: ``tap(role, a [b, T, d_in], y [b, T, d_out]) -> y'``: what a composite forward reports each site to; the
@@ -227,6 +228,38 @@ class LayerNormExtractor(Extractor):
         return (x - mean) * torch.rsqrt(var + module.eps)
 
 
+class RMSNormExtractor(LayerNormExtractor):
+    """RMSNorm over the last axis (``nn.RMSNorm``; Llama-style modules with ``weight`` and an epsilon attribute):
+    ``a`` is ``x_hat = x / sqrt(mean(x^2) + eps)`` (``upcast``: in at least float32, then cast back, as Hugging
+    Face's RMSNorms compute it for half-precision inputs; they compute float64 inputs in float32 too, an error of
+    the model's own that ``a`` does not copy). Kind ``layernorm`` without a bias: a diagonal gain; the gradient of
+    ``(1 + w) * x_hat`` (Gemma) is the same."""
+
+    def __init__(self, eps_attribute: str = "eps", upcast: bool = False) -> None:
+        self.eps_attribute, self.upcast = eps_attribute, upcast
+
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        d = module.weight.shape[-1]
+        return d, d
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        if module.weight.dim() != 1:
+            raise UnsupportedModuleError(f"RMSNorm {path!r} has a weight of shape {list(module.weight.shape)}; "
+                                         "capture supports an RMSNorm over the last (feature) axis only")
+
+    def layout(self, path: str, module: nn.Module) -> Layout:
+        d = module.weight.shape[0]
+        site = self.site(path, module, "input:0", "input:0")
+        return Layout((site,), {"input:0": d}, output="input:0", limits={"input:0": "perm"})
+
+    def activation(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        eps = getattr(module, self.eps_attribute, None)
+        work = x.to(torch.promote_types(x.dtype, torch.float32)) if self.upcast else x
+        eps = torch.finfo(work.dtype).eps if eps is None else eps
+        return (work * torch.rsqrt(work.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class EmbeddingExtractor(Extractor):
     """``nn.Embedding``: ``a`` is the token id (int64, ``-1`` for ``padding_idx``, which gets no gradient),
     ``g`` the gradient of the looked-up vector. The vocabulary is a fixed space of its own."""
@@ -403,8 +436,11 @@ class MultiheadAttentionExtractor(Extractor):
 
 
 _REGISTRY: dict[type, Extractor] = {nn.Linear: LinearExtractor(), nn.LayerNorm: LayerNormExtractor(),
-                                    nn.Embedding: EmbeddingExtractor(), nn.Conv2d: Conv2dExtractor(),
-                                    nn.MultiheadAttention: MultiheadAttentionExtractor()}
+                                    nn.RMSNorm: RMSNormExtractor(), nn.Embedding: EmbeddingExtractor(),
+                                    nn.Conv2d: Conv2dExtractor(), nn.MultiheadAttention: MultiheadAttentionExtractor()}
+#: third-party packages whose module types an integration module describes (``extractor_for(module)`` there),
+#: imported the first time a module of that package is looked up: the core never imports them itself
+_INTEGRATIONS = {"transformers": "gradmetanet.integrations.transformers"}
 
 
 def register_extractor(module_type: type, extractor: Extractor) -> None:
@@ -417,10 +453,14 @@ def register_extractor(module_type: type, extractor: Extractor) -> None:
 
 
 def extractor_for(module: nn.Module) -> Extractor | None:
-    """The extractor of ``module``'s type (exact type, then its base classes), or ``None``."""
+    """The extractor of ``module``'s type (exact type, then its base classes; then the integration of the library
+    that defines it, :mod:`gradmetanet.integrations`), or ``None``."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
+    package = type(module).__module__.split(".")[0]
+    if package in _INTEGRATIONS:
+        return importlib.import_module(_INTEGRATIONS[package]).extractor_for(module)
     return None
 
 

@@ -1,0 +1,102 @@
+"""Hugging Face model families captured whole with their default inputs (``model(input_ids)``), tiny random
+configs in float64: every per-example gradient equals ``torch.func``'s, and the traced spec is true (moving the
+parameters by a random element of every space's group leaves the logits unchanged).
+
+Llama's RMSNorm normalises in float32 even in a float64 model: an error of the model's own (about 1e-7 relative),
+which the tests remove by patching its forward to keep the input's dtype (the same formula); the extractor
+computes ``x_hat`` in the input's dtype (at least float32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+from gradmetanet import GradientCapture
+
+VOCAB, T, B = 40, 6, 3
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def llama(tied: bool):
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=16, tie_word_embeddings=tied, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0))
+
+
+def bert():
+    return BertForSequenceClassification(BertConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                                    num_attention_heads=4, vocab_size=VOCAB,
+                                                    max_position_embeddings=16, num_labels=3))
+
+
+FAMILIES = {"gpt2": gpt2, "llama-tied": lambda: llama(True), "llama-untied": lambda: llama(False), "bert": bert}
+
+
+def loss_of(name: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each example's loss (summed over tokens for the language models), averaged over the batch."""
+    if name == "bert":
+        return F.cross_entropy(logits, targets[:, 0] % 3)
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").sum(1).mean()
+
+
+@pytest.fixture(autouse=True)
+def rmsnorm_in_the_input_dtype(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.variance_epsilon))
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model = FAMILIES[name]().double().eval()          # eval: no dropout (per-example gradients of one forward)
+    with torch.no_grad():                             # untrained norms and biases are 1 and 0: make them generic
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_per_example_grads_of_every_parameter_equal_torch_func(name):
+    model = build(name)
+    ids, targets = torch.randint(VOCAB, (B, T)), torch.randint(VOCAB, (B, T))
+    with GradientCapture(model) as cap:
+        loss_of(name, model(ids).logits, targets).backward()
+    gs = cap.gradients
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, i, t):
+        return loss_of(name, functional_call(model, p, (i[None],)).logits, t[None])
+    expected = vmap(grad(one), in_dims=(None, 0, 0))(params, ids, targets)
+    got = gs.per_example_grads()
+    assert set(got) == set(expected), set(expected) ^ set(got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-9, rtol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_traced_spec_is_true(name):
+    model = build(name)
+    ids = torch.randint(VOCAB, (B, T))
+    with GradientCapture(model) as cap:
+        model(ids).logits.sum().backward()
+    spec = cap.gradients.spec
+    assert any(space.permutable for space in spec.spaces), [s.group.name for s in spec.spaces]
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    moved = spec.transform_parameters(params, spec.sample(torch.Generator().manual_seed(1)))
+    assert any(not torch.equal(moved[k], params[k]) for k in params)
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(model, moved, (ids,)).logits, model(ids).logits, atol=1e-9,
+                                   rtol=1e-9)
