@@ -9,8 +9,10 @@ head costs ``O(N f h + P h^2)`` rather than ``O(P f h)``.
 Parameters are read from their axis labels (:func:`per_parameter`): ``(row out, col in)`` is a
 pair map, ``(col in, row out)`` (an embedding table) the same map transposed, ``(row s)`` a bias
 map, and ``(diag s)`` (a LayerNorm gain, which joins each neuron to itself) the pair map on the
-diagonal, ``(h[m], h[m])``. Parameters cut into row blocks (attention's packed Q, K, V) are
-produced block by block and joined.
+diagonal, ``(h[m], h[m])``. A convolution kernel ``(row out, col in, fixed kh, fixed kw)`` gets its
+channel pair's output at every tap (neuron features average a convolution's activations over the taps,
+so they carry nothing that tells taps apart; the learned optimizer adds per-entry features of its own).
+Parameters cut into row blocks (attention's packed Q, K, V) are produced block by block and joined.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ def per_parameter(spec: NetworkSpec, pair: PairMap, diagonal: NeuronMap, bias: N
         pieces = []
         for p in parts:
             roles = tuple(a.role for a in p.axes)
-            if roles == ("row", "col"):
-                pieces.append(pair(p.axes[1].space, p.axes[0].space, p))
+            if roles[:2] == ("row", "col") and all(r == "fixed" for r in roles[2:]):
+                out_pair = pair(p.axes[1].space, p.axes[0].space, p)                  # [B, d_out, d_in, f]
+                taps = [a.size for a in p.axes[2:]]
+                pieces.append(out_pair.view(*out_pair.shape[:3], *[1] * len(taps), out_pair.shape[-1])
+                              .expand(*out_pair.shape[:3], *taps, out_pair.shape[-1]))
             elif roles == ("col", "row"):
                 pieces.append(pair(p.axes[0].space, p.axes[1].space, p).transpose(1, 2))
             elif roles == ("row",):
@@ -47,7 +52,7 @@ def per_parameter(spec: NetworkSpec, pair: PairMap, diagonal: NeuronMap, bias: N
                 pieces.append(diagonal(p.axes[0].space, p))
             else:
                 raise ValueError(f"parameter {name!r} has axes {roles}; product heads handle (row, col), (col, row), "
-                                 "(row,) and (diag,)")
+                                 "(row, col, fixed...), (row,) and (diag,)")
         out[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
     return out
 

@@ -1,0 +1,65 @@
+"""GradMetaNet reads every gradient set capture produces, equivariantly: a CNN classifier of the usual form
+(convolutions at two resolutions before a linear head) and Hugging Face families (BERT's pooler reads one token
+of six). Sites with different token counts meet per example (the token mean; docs/choices.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import test_hf_models as hf
+from gradmetanet import GradientBatch, GradientCapture
+from gradmetanet.nn import GradMetaNet
+from symmetry import check_symmetry
+from test_metanets import move_output
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+
+
+def captured(name: str):
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = cnn().double()
+        x, loss = torch.randn(5, 1, 8, 8, dtype=torch.float64), lambda out: F.cross_entropy(out, torch.arange(5))
+    else:
+        model = hf.build(name)
+        x = torch.randint(hf.VOCAB, (5, hf.T))
+        targets = torch.randint(hf.VOCAB, (5, hf.T))
+        loss = lambda out: hf.loss_of(name, out.logits, targets)          # noqa: E731
+    with GradientCapture(model) as cap:
+        loss(model(x)).backward()
+    return cap.gradients
+
+
+@pytest.mark.parametrize("name", ["cnn", "gpt2", "bert", "llama-tied"])
+def test_gradmetanet_on_user_models_is_equivariant(name):
+    gs = captured(name)
+    torch.manual_seed(1)
+    metanet = GradMetaNet(hidden=8, out_features=2).double()
+
+    def run(gradients):
+        return metanet(GradientBatch.from_gradient_sets([gradients]))
+
+    def move_in(gradients, element, spec):
+        return gradients.transform(element)
+    with torch.no_grad():
+        out = run(gs)
+        assert set(out) == set(gs.spec.param_shapes())
+        assert all(out[k].shape[1:-1] == s for k, s in gs.spec.param_shapes().items())
+        check_symmetry(gs.spec, run, gs, move_in, move_output, group="perm", atol=1e-8,
+                       sensitivity=("fixed",) if name == "cnn" else ())
+
+
+def test_sites_with_different_token_counts_meet_per_example():
+    """The CNN's first convolution writes 64 positions, the second reads 16, the head one: one row per example."""
+    gs = captured("cnn")
+    assert {a.shape[1] for a in gs.activations.values()} == {64, 16, 1}
+    assert gs.neuron_tensor().shape == (5, gs.spec.n_neurons, 2)
+    for name in ("gpt2", "llama-tied"):                    # equal token counts: tokens stay in the set axis
+        same = captured(name)
+        assert same.neuron_tensor().shape == (5 * hf.T, same.spec.n_neurons, 2)
