@@ -125,11 +125,25 @@ def test_parameters_without_gradients_are_skipped():
     assert not torch.equal(model[0][2].weight, before)
 
 
-def test_gradmetanet_rules_refuse_a_frozen_layer_clearly():
-    model = make_mlp([5, 8, 3])
-    model[0].weight.requires_grad_(False)
-    model[0].bias.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"\['0'\] are frozen"):
+def test_gradmetanet_rules_train_the_layers_that_are_not_frozen():
+    """A frozen body and a trained head (0.6.1 refused): the rule reads the head's gradients, the body stays as it
+    is, and the space between them counts as fixed (the frozen layer cannot move with it)."""
+    torch.manual_seed(0)
+    model = make_mlp([5, 8, 6, 3])
+    model[0].requires_grad_(False)
+    body = model[0].weight.detach().clone()
+    opt = gmn(model)
+    assert [s.name for s in opt.spec.sites] == ["2", "4"]
+    assert [s.group.name for s in opt.spec.spaces] == ["trivial", "scale_perm", "trivial"]
+    head = model[4].weight.detach().clone()
+    for i in range(3):
+        x, y = batch(seed=i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert torch.equal(model[0].weight, body) and not torch.equal(model[4].weight, head)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="every captured layer is frozen"):
         gmn(model)
 
 

@@ -63,3 +63,34 @@ def test_sites_with_different_token_counts_meet_per_example():
     for name in ("gpt2", "llama-tied"):                    # equal token counts: tokens stay in the set axis
         same = captured(name)
         assert same.neuron_tensor().shape == (5 * hf.T, same.spec.n_neurons, 2)
+
+
+@pytest.mark.parametrize("name", ["cnn", "gpt2", "bert-frozen-body"])
+def test_the_shipped_learned_optimizer_trains_user_models(name):
+    """``pretrained("mlp-small")`` on a CNN (0.6.1 raised at the first step), GPT-2, and BERT with its body frozen
+    (only the classifier trains): a fixed batch's loss falls by 5% in 30 steps."""
+    from gradmetanet.lopt import pretrained
+
+    torch.manual_seed(0)
+    if name == "cnn":
+        model, x, y = cnn(), torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+        loss = lambda: F.cross_entropy(model(x), y)                              # noqa: E731
+    else:
+        model = hf.build(name.split("-")[0]).float()
+        x, y = torch.randint(hf.VOCAB, (16, hf.T)), torch.randint(hf.VOCAB, (16, hf.T))
+        if name == "gpt2":          # the usual token-mean loss (a sum over tokens makes steps 6x larger)
+            loss = lambda: F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())     # noqa: E731
+        else:
+            loss = lambda: hf.loss_of("bert", model(x).logits, y)                       # noqa: E731
+        if name == "bert-frozen-body":
+            model.bert.requires_grad_(False)
+    frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
+    opt = pretrained("mlp-small", model)
+    first = loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    opt.close()
+    assert loss().item() < 0.95 * first, (first, loss().item())
+    assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in frozen.items())

@@ -320,6 +320,20 @@ class NetworkSpec:
                 for i in range(sl.start, sl.stop)]
 
     # ------------------------------------------------------------------ symmetry
+    def restrict(self, sites: Iterable[str], fixed: Iterable[str] = ()) -> "NetworkSpec":
+        """The part of the spec formed by ``sites`` (and their spaces), with the spaces ``fixed`` made ``Trivial``:
+        what a model of only some layers may assume when the others stay as they are (a frozen layer's spaces
+        cannot move, since its parameters do not)."""
+        keep = set(sites)
+        unknown = keep - {s.name for s in self.sites}
+        if unknown:
+            raise KeyError(f"no sites {sorted(unknown)} in this spec")
+        kept = tuple(s for s in self.sites if s.name in keep)
+        used = {name for s in kept for name in (s.in_space, s.out_space)}
+        fixed = set(fixed)
+        spaces = tuple(Space(s.name, s.size, Trivial()) if s.name in fixed else s for s in self.spaces if s.name in used)
+        return NetworkSpec(spaces, kept)
+
     def sample(self, generator: torch.Generator | None = None) -> SpecElement:
         """A random element of every space's group (float64 factors; spaces absent act by the identity)."""
         return {s.name: s.group.sample(s.size, generator) for s in self.spaces if s.permutable}

@@ -397,7 +397,9 @@ class NetworkOptimizer(LearnedOptimizer):
     captures itself: hooks are registered at construction (remove them with :meth:`close`);
     ``zero_grad()`` and ``step()`` re-arm the capture, so each step reads the last forward and
     backward before it. Evaluation passes, with or without gradients, are ignored unless
-    backpropagated. Any batch size works (the rule reads up to ``set_size`` examples). The loss
+    backpropagated. Any batch size works (the rule reads up to ``set_size`` examples). Frozen layers
+    (``requires_grad=False``: fine-tuning a head on a frozen body) are not captured: the rule reads
+    the layers that train, and the spaces a frozen layer touches count as fixed. The loss
     must be a batch mean, and gradient accumulation over several backwards is refused (the
     rule's features come from one batch). Only one NetworkOptimizer captures a model at a
     time: a new one (a notebook cell run again) detaches the previous one, with a warning.
@@ -417,15 +419,17 @@ class NetworkOptimizer(LearnedOptimizer):
         if not rule.needs_decomposed:
             self.spec = NetworkSpec.from_module(model) if rule.needs_spec else None
             return
-        capture = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True,
+        spec = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True).spec
+        frozen = [s for s in spec.sites if not all(
+            model.get_parameter(n).requires_grad for n in (s.weight, s.bias) if n is not None)]
+        if frozen:                              # read the gradients that exist; frozen layers' spaces stay put
+            trainable = [s.name for s in spec.sites if s not in frozen]
+            if not trainable:
+                raise ValueError("every captured layer is frozen: there is nothing for a GradMetaNet rule to read")
+            spec = spec.restrict(trainable, fixed={x for s in frozen for x in (s.in_space, s.out_space)})
+        capture = GradientCapture(model, loss_reduction="mean", spec=spec if frozen else None, ignore_no_grad=True,
                                   after_backward_hint=_ACCUMULATION_HINT)
         self.spec = capture.spec                # traced once, by the capture (which also refuses coupled batches)
-        frozen = [s.name for s in self.spec.sites if not all(
-            model.get_parameter(n).requires_grad for n in (s.weight, s.bias) if n is not None)]
-        if frozen:
-            raise ValueError(f"layers {frozen} are frozen: a GradMetaNet rule reads the decomposed gradient of "
-                             "every layer, and a frozen layer has none; unfreeze them or use a rule without "
-                             "a GradMetaNet (DS, UNF)")
         previous = _ATTACHED.get(model)
         if previous is not None and previous.capture is not None and previous.capture.active:
             warnings.warn("this model already had a learned optimizer capturing its gradients; that one is "
