@@ -342,8 +342,9 @@ class GradientCapture:
             shared = self._shared_lookup(target, inputs, output)
             if shared is not None:
                 inputs, output = shared
-            self._record(target.sites[0], target.extractor.activation(module, inputs, output),
-                         target.extractor.output(module, inputs, output), target.batch_dim,
+            with torch.no_grad():       # a is kept detached: computing it saves nothing for autograd
+                a = target.extractor.activation(module, inputs, output)        # (checkpointing counts saved tensors)
+            self._record(target.sites[0], a, target.extractor.output(module, inputs, output), target.batch_dim,
                          target.extractor.features_last)
             return output if shared is not None else None
         return hook
@@ -370,12 +371,27 @@ class GradientCapture:
         return tap
 
     def _should_record(self, path: str, output: torch.Tensor) -> bool:
-        """Whether a forward call of a site is recorded; raises on a call that cannot be captured."""
+        """Whether a forward call of a site is recorded; raises on a call that cannot be captured.
+
+        A forward that runs inside a backward pass is activation checkpointing's recomputation: with
+        ``use_reentrant=False`` the first forward was recorded (its graph is the one backward runs through) and
+        the recomputation is skipped; with ``use_reentrant=True`` the first forward ran without gradients and the
+        recomputation builds a graph of its own, which is refused by name.
+        """
+        if torch._C._current_graph_task_id() != -1:
+            if self._calls.get(path):
+                return False
+            raise CaptureError(f"layer {path!r} ran forward inside a backward pass without an earlier recorded "
+                               "forward: activation checkpointing with use_reentrant=True (torch.utils.checkpoint's "
+                               "reentrant mode, the default of some Hugging Face versions). Use "
+                               "use_reentrant=False (model.gradient_checkpointing_enable(gradient_checkpointing_"
+                               "kwargs={'use_reentrant': False})), which GradientCapture supports")
         if not torch.is_grad_enabled():
             if self.ignore_no_grad:
                 return False
             raise CaptureError(f"layer {path!r} ran under torch.no_grad() (or inference_mode) inside "
-                               "GradientCapture: there will be no backward pass to capture")
+                               "GradientCapture: there will be no backward pass to capture (inside "
+                               "torch.utils.checkpoint with use_reentrant=True? use use_reentrant=False)")
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise CaptureError(f"the output of layer {path!r} does not require grad (frozen parameters "
                                "and an input without grad?), so its gradient cannot be captured")
