@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -164,12 +165,16 @@ class LoraSet:
     # ------------------------------------------------------------------ PEFT files
     @classmethod
     def from_peft(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                  overlapping_patterns: Literal["refuse", "first"] = "refuse") -> "LoraSet":
+                  overlapping_patterns: Literal["refuse", "first"] = "refuse", skip_non_lora: bool = False
+                  ) -> "LoraSet":
         """Read a PEFT LoRA adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
 
         ``rank_pattern`` / ``alpha_pattern`` keys are matched as PEFT matches them (:func:`pattern_key`). A module
         that several keys match with different values is refused (the training order of the keys is not in the
         file); ``overlapping_patterns="first"`` takes the first key in the file's order, as PEFT's reload does.
+        Tensors that are not LoRA factors (``modules_to_save`` heads, ``lora_B`` biases of ``lora_bias=True``) are
+        refused, or with ``skip_non_lora=True`` left out with a warning that names them (the set then describes the
+        factors only, not everything the adapter changes).
         """
         if overlapping_patterns not in ("refuse", "first"):
             raise ValueError(f"overlapping_patterns must be 'refuse' or 'first', got {overlapping_patterns!r}")
@@ -187,6 +192,12 @@ class LoraSet:
         if config.get("use_dora"):
             raise UnsupportedAdapterError("DoRA adapters (use_dora) are not supported: they add a magnitude vector")
         tensors = load_file(weights, device=str(device))
+        skipped = [k for k in tensors if _factor_key(k) is None and "lora_embedding_" not in k
+                   and "lora_magnitude_vector" not in k]
+        if skipped and skip_non_lora:
+            warnings.warn(f"{os.fspath(directory)!r}: left out {len(skipped)} tensors that are not LoRA factors: "
+                          f"{skipped}", stacklevel=2)
+            tensors = {k: v for k, v in tensors.items() if k not in skipped}
         return cls(tuple(_layers_from(tensors, config, overlapping_patterns)))
 
     def to_peft(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
@@ -233,6 +244,11 @@ def _exact(path: str) -> str:
     return "^" + re.escape(path)
 
 
+def _factor_key(key: str) -> re.Match | None:
+    """``(module path, "A" | "B")`` groups of a LoRA factor's key in PEFT's file, or ``None``."""
+    return re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+
+
 def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping, overlapping: str = "refuse"
                  ) -> list[LoraLayer]:
     """Pair ``lora_A`` / ``lora_B`` by module path; scalings from the config and its patterns."""
@@ -242,9 +258,11 @@ def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping, overlappi
             raise UnsupportedAdapterError(f"{key!r}: DoRA adapters (magnitude vectors) are not supported")
         if "lora_embedding_" in key:
             raise UnsupportedAdapterError(f"{key!r}: LoRA on embeddings is not supported yet (linear layers only)")
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        match = _factor_key(key)
         if match is None:
-            raise UnsupportedAdapterError(f"{key!r} is not a LoRA factor of a linear layer (lora_A / lora_B weight)")
+            raise UnsupportedAdapterError(f"{key!r} is not a LoRA factor of a linear layer (lora_A / lora_B weight): "
+                                          "a modules_to_save head or a lora_bias? from_peft(..., skip_non_lora=True) "
+                                          "reads the factors and names what it leaves out")
         path, which = match.groups()
         if value.dim() != 2:
             raise UnsupportedAdapterError(f"{key!r} has shape {list(value.shape)}: convolutional LoRA is not "
@@ -270,37 +288,57 @@ def _layers_from(tensors: Mapping[str, torch.Tensor], config: Mapping, overlappi
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """``N`` LoRA sets of one base model, stacked per layer: ``A[path]: [N, r, in]``, ``B[path]: [N, out, r]``."""
+    """``N`` LoRA sets of one base model, stacked per layer: ``A[path]: [N, r_path, in]``, ``B[path]: [N, out, r_path]``.
+
+    Ranks may differ from layer to layer (PEFT's ``rank_pattern``), not from set to set; ``fan_in_fan_out``
+    names the layers whose base weight is stored ``[in, out]`` (GPT-2's ``Conv1D``).
+    """
 
     paths: tuple[str, ...]
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     scaling: dict[str, torch.Tensor]
+    fan_in_fan_out: frozenset[str] = frozenset()
 
     @classmethod
     def stack(cls, sets: Sequence[LoraSet]) -> "LoraBatch":
         if not sets:
             raise ValueError("LoraBatch.stack needs at least one LoraSet")
         paths = tuple(sets[0].paths)
+        by = [{layer.path: layer for layer in s.layers} for s in sets]
         for i, s in enumerate(sets[1:], 1):
             if tuple(s.paths) != paths or s.layer_shapes != sets[0].layer_shapes:
                 raise ValueError(f"LoRA set {i} adapts other modules or shapes than set 0; a batch shares one base "
                                  "model and one set of adapted modules")
-            ranks = {layer.rank for layer in s.layers} | {layer.rank for layer in sets[0].layers}
-            if len(ranks) > 1:
-                raise ValueError(f"LoRA set {i} has ranks {sorted(ranks)} differing from set 0: stack sets of one rank "
-                                 "(models run on any rank, batch by batch)")
-        by = [{layer.path: layer for layer in s.layers} for s in sets]
+            ranks = [p for p in paths if by[i][p].rank != by[0][p].rank]
+            if ranks:
+                raise ValueError(f"LoRA set {i} has other ranks than set 0 at {ranks} "
+                                 f"({[by[i][p].rank for p in ranks]} vs {[by[0][p].rank for p in ranks]}): stack sets "
+                                 "whose layers have equal ranks (models run on any rank, batch by batch)")
+            flips = [p for p in paths if by[i][p].fan_in_fan_out != by[0][p].fan_in_fan_out]
+            if flips:
+                raise ValueError(f"LoRA set {i} stores the base weights of {flips} in another layout than set 0")
         return cls(paths, {p: torch.stack([b[p].A for b in by]) for p in paths},
                    {p: torch.stack([b[p].B for b in by]) for p in paths},
-                   {p: torch.tensor([b[p].scaling for b in by]) for p in paths})
+                   {p: torch.tensor([b[p].scaling for b in by]) for p in paths},
+                   frozenset(p for p in paths if by[0][p].fan_in_fan_out))
 
     def __len__(self) -> int:
         return next(iter(self.A.values())).shape[0]
 
     @property
+    def ranks(self) -> dict[str, int]:
+        """Module path -> the rank of its factors."""
+        return {p: self.A[p].shape[1] for p in self.paths}
+
+    @property
     def rank(self) -> int:
-        return next(iter(self.A.values())).shape[1]
+        """The one rank of every layer (raises for a batch whose layers have several ranks)."""
+        ranks = set(self.ranks.values())
+        if len(ranks) > 1:
+            raise ValueError(f"this batch's layers have ranks {self.ranks} (a rank_pattern); models built for one "
+                             "rank cannot read it, GL-net and the rank-free models can")
+        return ranks.pop()
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
@@ -308,15 +346,20 @@ class LoraBatch:
 
     def spec(self) -> NetworkSpec:
         """As :meth:`LoraSet.spec` (the batch axis leads every tensor)."""
-        return lora_spec(self.layer_shapes, {p: self.rank for p in self.paths})
+        return lora_spec(self.layer_shapes, self.ranks)
 
     def transform(self, element: SpecElement) -> "LoraBatch":
         """Every set moved by the same element of :meth:`spec` (``A <- M A``, ``B <- B M^-1`` per layer)."""
         tensors = {f"{p}.lora_A": self.A[p] for p in self.paths} | {f"{p}.lora_B": self.B[p] for p in self.paths}
         moved = self.spec().transform_parameters(tensors, element, leading=1)
         return LoraBatch(self.paths, {p: moved[f"{p}.lora_A"] for p in self.paths},
-                         {p: moved[f"{p}.lora_B"] for p in self.paths}, self.scaling)
+                         {p: moved[f"{p}.lora_B"] for p in self.paths}, self.scaling, self.fan_in_fan_out)
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        """Module path -> ``[N, out, in]`` scaled ``B A`` (the ``[out, in]`` layout)."""
-        return {p: self.scaling[p].to(self.B[p].dtype).view(-1, 1, 1) * (self.B[p] @ self.A[p]) for p in self.paths}
+        """Module path -> ``[N, *weight shape]`` scaled ``B A`` in the base layer's layout (``[N, out, in]``;
+        ``[N, in, out]`` for the ``fan_in_fan_out`` layers), as :meth:`LoraSet.delta_weights`."""
+        out = {}
+        for p in self.paths:
+            dw = self.scaling[p].to(self.B[p].dtype).view(-1, 1, 1) * (self.B[p] @ self.A[p])
+            out[p] = dw.transpose(1, 2) if p in self.fan_in_fan_out else dw
+        return out
