@@ -100,3 +100,39 @@ def test_the_traced_spec_is_true(name):
     with torch.no_grad():
         torch.testing.assert_close(functional_call(model, moved, (ids,)).logits, model(ids).logits, atol=1e-9,
                                    rtol=1e-9)
+
+
+def test_hf_labels_loss_rows_and_the_rescale_to_each_examples_own_token_mean():
+    """``model(ids, labels=...)`` averages over every valid token of the batch (``-100`` pads): row i is then
+    ``b / N`` times example i's token-sum gradient; ``scale_examples(N / (b n_i))`` gives its own token mean's."""
+    model = build("gpt2")
+    ids = torch.randint(VOCAB, (B, T))
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    labels[2, 5:] = -100
+    with GradientCapture(model) as cap:
+        model(ids, labels=labels).loss.backward()
+    valid = (labels[:, 1:] != -100).sum(1)                 # GPT-2 shifts: token t predicts label t + 1
+    own = cap.gradients.scale_examples(valid.sum() / (B * valid.double())).per_example_grads()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, i, lab):
+        return functional_call(model, p, (i[None],), {"labels": lab[None]}).loss
+    expected = vmap(grad(one), in_dims=(None, 0, 0))(params, ids, labels)
+    for key in expected:       # HF's loss casts the logits to float32 (.float()): float32 tolerances
+        torch.testing.assert_close(own[key], expected[key], atol=1e-6, rtol=1e-5)
+    raw = cap.gradients.per_example_grads()["transformer.wte.weight"][0]
+    assert not torch.allclose(raw, expected["transformer.wte.weight"][0], atol=1e-4)   # rows differ without it
+
+
+def test_vit_is_refused_naming_its_embeddings_module():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from gradmetanet import UnsupportedModuleError
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                              num_attention_heads=4, image_size=8, patch_size=4, num_channels=1,
+                                              num_labels=3))
+    with pytest.raises(UnsupportedModuleError, match=r"'vit.embeddings' \(ViTEmbeddings\) has parameters "
+                                                     r"\['cls_token', 'position_embeddings'\]"):
+        GradientCapture(vit)

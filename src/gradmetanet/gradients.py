@@ -153,6 +153,17 @@ class GradientSet:
         """The sub-set of examples ``index`` (a slice, index tensor or boolean mask)."""
         return self._map(lambda t: t[index])
 
+    def scale_examples(self, factors: torch.Tensor) -> "GradientSet":
+        """Every example's gradients times ``factors[i]`` (``[b]``): turns rows of another loss into each example's
+        own. With Hugging Face ``labels`` the loss is the mean over the batch's ``N`` valid tokens, so row ``i`` is
+        ``b / N`` times the gradient of example ``i``'s token *sum*; ``factors = N / (b * n_i)`` (``n_i`` its valid
+        tokens) makes it the gradient of example ``i``'s own token mean (see docs/integrations.md)."""
+        self.verify_finite()
+        if factors.shape != (self.batch_size,):
+            raise ValueError(f"factors must be [{self.batch_size}] (one per example), got {list(factors.shape)}")
+        grads = {k: v * factors.to(v.dtype).view(-1, 1, 1) for k, v in self.output_grads.items()}
+        return GradientSet(self.spec, dict(self.activations), grads, dict(self.outputs), self.loss_reduction)
+
     def transform(self, element: SpecElement) -> "GradientSet":
         """Move the factors by a group element of every space: ``a <- rho(g) a``, ``g <- rho(g)^-T g``,
         recorded outputs ``<- rho(g) out`` (what the parameters moved by ``spec.transform_parameters`` produce)."""
