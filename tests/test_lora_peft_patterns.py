@@ -42,6 +42,16 @@ class Base(nn.Module):
         return x
 
 
+def assert_same_outputs(base: nn.Module, lora: LoraSet, peft_model: nn.Module) -> None:
+    """``base`` with every ``dW`` of ``lora`` merged computes what ``peft_model`` computes."""
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for path, dw in lora.delta_weights().items():
+            merged.get_submodule(path).weight += dw
+        x = torch.randn(5, 6, dtype=torch.float64)
+        torch.testing.assert_close(merged(x), peft_model(x), atol=1e-12, rtol=0)
+
+
 CASES = {
     "alternation (the issue's adapter)": dict(target_modules=["q_proj", "v_proj"], alpha_pattern={"q_proj|v_proj": 32}),
     "alternation in rank_pattern": dict(target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj|v_proj": 2}),
@@ -74,12 +84,7 @@ def test_ranks_and_scalings_equal_peft(case, tmp_path):
     for layer in lora.layers:
         assert layer.rank == theirs[layer.path].r["default"], layer.path
         assert layer.scaling == pytest.approx(theirs[layer.path].scaling["default"], rel=1e-12), layer.path
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for path, dw in lora.delta_weights().items():
-            merged.get_submodule(path).weight += dw
-        x = torch.randn(5, 6, dtype=torch.float64)
-        torch.testing.assert_close(merged(x), model(x), atol=1e-12, rtol=0)
+    assert_same_outputs(base, lora, model)
 
 
 OVERLAPPING = dict(target_modules=["q_proj", "k_proj"], alpha_pattern={"q_proj": 11, "(q|k)_proj": 13})
@@ -99,12 +104,7 @@ def test_overlapping_keys_with_different_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layers.0.attn.q_proj.*several alpha_pattern keys.*'q_proj': 11"):
         LoraSet.from_peft(tmp_path)
     as_peft_reloads = LoraSet.from_peft(tmp_path, overlapping_patterns="first")
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for path, dw in as_peft_reloads.delta_weights().items():
-            merged.get_submodule(path).weight += dw
-        x = torch.randn(5, 6, dtype=torch.float64)
-        torch.testing.assert_close(merged(x), reloaded(x), atol=1e-12, rtol=0)
+    assert_same_outputs(base, as_peft_reloads, reloaded)
 
 
 def test_our_written_patterns_round_trip_through_peft(tmp_path):
