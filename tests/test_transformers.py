@@ -327,3 +327,52 @@ def test_a_transformer_gradient_set_saves_and_loads(tmp_path):
     for name, value in gs.per_example_grads().items():
         torch.testing.assert_close(back.per_example_grads()[name], value, atol=1e-14, rtol=0, msg=name)
     assert gs.to(torch.float32).activations["embed"].dtype == torch.int64
+
+
+def test_the_transformer_encoder_container_keeps_the_residual_stream_permutable():
+    """``nn.TransformerEncoder`` asks ``is_nested`` of its input (0.6.1 traced that query as an operation and
+    fixed the stream); the container and a ModuleList of the same layers give one spec."""
+    from gradmetanet import NetworkSpec
+
+    def layer():
+        return nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self, container: bool) -> None:
+            super().__init__()
+            self.inp, self.head, self.container = nn.Linear(8, 16), nn.Linear(16, 3), container
+            self.body = nn.TransformerEncoder(layer(), 2, enable_nested_tensor=False) if container else \
+                nn.ModuleList([layer(), layer()])
+
+        def forward(self, x):
+            x = self.inp(x)
+            if self.container:
+                x = self.body(x)
+            else:
+                for block in self.body:
+                    x = block(x)
+            return self.head(x)
+
+    x = torch.randn(3, 5, 8)
+    specs = [NetworkSpec.from_module(Net(c), (x,)) for c in (True, False)]
+    assert [(s.group.name, s.size) for s in specs[0].spaces] == [(s.group.name, s.size) for s in specs[1].spaces]
+    assert ("perm", 16) in [(s.group.name, s.size) for s in specs[0].spaces]
+
+
+def test_explain_names_the_operation_and_module_that_fixed_a_space():
+    from gradmetanet import explain
+
+    class Cumulative(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.relu(self.a(x)).cumsum(-1))))
+
+    table = explain(Cumulative(), (torch.randn(3, 4),))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "| trivial |" in rows["s1"] and "cumsum in '<root>' (removes" in rows["s1"]        # a's output
+    assert "| trivial |" in rows["s2"] and "the output of cumsum in '<root>'" in rows["s2"]   # b's input
+    assert "| sign_perm |" in rows["s3"] and "tanh in '<root>' (removes gl, scale)" in rows["s3"]
+    assert "the model's output" in rows["s4"]

@@ -16,7 +16,7 @@ both scales and signs; we declare ``ScalePerm``, a subgroup, which is allowed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from .groups import GL, Blocks, Group, Perm, ScalePerm, SignPerm, Trivial
 from .spec import NetworkSpec, Space, UnsupportedModuleError
 
-__all__ = ["Trace", "trace", "InputGuessError"]
+__all__ = ["Trace", "trace", "explain", "InputGuessError"]
 
 
 class InputGuessError(UnsupportedModuleError):
@@ -69,7 +69,8 @@ _NOT_TRACED = {"size", "dim", "numel", "__len__", "is_floating_point", "__bool__
                "__repr__", "__get__", "__set__", "shape", "dtype", "device", "requires_grad", "grad_fn", "is_leaf",
                "grad", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta", "output_nr",
                "_version", "__hash__", "stride", "data_ptr", "storage_offset", "is_contiguous", "ndim", "ndimension",
-               "__iter__", "__reversed__", "__contains__", "__eq__", "__ne__", "_base", "names", "__index__"}
+               "__iter__", "__reversed__", "__contains__", "__eq__", "__ne__", "_base", "names", "__index__",
+               "is_nested"}
 
 
 class _Graph:
@@ -80,11 +81,16 @@ class _Graph:
         self.allowed: list[frozenset[str]] = []
         self.size: list[int] = []
         self.blocks: dict[int, Group] = {}     # node -> its Blocks group (a module's per-head space)
+        self.context = ""                      # what the tracer is looking at: the reason of a restriction
+        self.why: dict[int, list[str]] = {}    # root -> what removed symmetries from it
 
     def new(self, size: int, allowed: frozenset[str] = _ALL) -> int:
         self.parent.append(len(self.parent))
         self.allowed.append(allowed if size > 1 else _NONE)
         self.size.append(size)
+        if not allowed and size > 1:
+            self.why[len(self.parent) - 1] = [f"the output of {self.context}, which cannot be followed"
+                                              if self.context else "an input of the model"]
         return len(self.parent) - 1
 
     def find(self, i: int) -> int:
@@ -101,10 +107,14 @@ class _Graph:
             lo, hi = min(i, j), max(i, j)
             self.parent[hi] = lo
             self.allowed[lo] = self.allowed[lo] & self.allowed[hi]
+            self.why[lo] = self.why.get(lo, []) + self.why.pop(hi, [])
         return self.find(i)
 
     def restrict(self, i: int, allowed: frozenset[str]) -> None:
         r = self.find(i)
+        lost = self.allowed[r] - allowed
+        if lost and self.size[r] > 1:
+            self.why.setdefault(r, []).append(f"{self.context} (removes {', '.join(sorted(lost))})")
         self.allowed[r] = self.allowed[r] & allowed
 
     def group(self, i: int) -> Group:
@@ -144,6 +154,7 @@ class _Tracer(TorchFunctionMode):
         self.site_order: list[str] = []
         self.couplings: list[str] = []
         self.batch_size: int | None = None
+        self.where: list[str] = []                   # the stack of modules running (their paths)
 
     # ------------------------------------------------------------------ bookkeeping
     def mark(self, t: torch.Tensor, node: int, axis: int = -1) -> None:
@@ -166,10 +177,20 @@ class _Tracer(TorchFunctionMode):
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.inside += 1
 
+    def push(self, path: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.where.append(path or "<root>")
+        return hook
+
+    def pop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.where:
+            self.where.pop()
+
     def module_nodes(self, path: str, module: nn.Module, extractor: Any) -> tuple[Any, dict[str, int]]:
         """The module's :class:`~gradmetanet.capture.registry.Layout` and a node per local reference (made once,
         so a module called twice ties its uses)."""
         if path not in self.layouts:
+            self.graph.context = f"{type(module).__name__} {path!r}"
             layout = extractor.layout(path, module)
             nodes = {ref: self.graph.new(size) for ref, size in layout.sizes.items()}
             for space in layout.spaces:
@@ -186,6 +207,7 @@ class _Tracer(TorchFunctionMode):
         self.inside -= 1
         path, _, extractor = self.site_modules[id(module)]
         layout, nodes = self.module_nodes(path, module, extractor)
+        self.graph.context = f"{type(module).__name__} {path!r} reading an input it cannot follow"
         axis = extractor.feature_axis
         for i, x in enumerate(extractor.inputs(args, kwargs)):
             ref = f"input:{i}"
@@ -227,6 +249,7 @@ class _Tracer(TorchFunctionMode):
         if not traced:
             return out
         self.check_coupling(name, args, kwargs, traced)
+        self.graph.context = f"{name} in {self.where[-1] if self.where else '<root>'!r}"
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         self.apply_rule(name, args, kwargs, traced, outs)
         return out
@@ -447,6 +470,24 @@ class Trace:
 
     spec: NetworkSpec
     couplings: tuple[str, ...] = ()
+    why: dict[str, tuple[str, ...]] = field(default_factory=dict)   # space -> what removed symmetries from it
+
+    def explain(self) -> str:
+        """A Markdown table: every space with its size, group, the sites that read and write it and, where a
+        symmetry was lost, the operation and module that removed it (a fixed input or output is expected)."""
+        lines = ["| space | size | group | read by | written by | symmetries lost to |", "|---|---:|---|---|---|---|"]
+        for space in self.spec.spaces:
+            readers = ", ".join(s.name for s in self.spec.readers(space.name)) or "-"
+            writers = ", ".join(s.name for s in self.spec.writers(space.name)) or "-"
+            lost = "; ".join(self.why.get(space.name, ())) or "-"
+            lines.append(f"| {space.name} | {space.size} | {space.group.name} | {readers} | {writers} | {lost} |")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
+            example_kwargs: dict | None = None) -> str:
+    """Why ``model``'s traced spec is what it is: :meth:`Trace.explain` of one dry run (see :func:`trace`)."""
+    return trace(model, example_inputs, example_kwargs).explain()
 
 
 def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
@@ -503,6 +544,7 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
             raise InputGuessError(f"could not run {type(model).__name__} on a guessed input ({'; '.join(errors)});"
                                          " pass example_inputs= to NetworkSpec.from_module")
     graph = tracer.graph
+    graph.context = "the model's output"
     for o in tree_flatten(output)[0]:
         n = tracer.node_of(o)
         if n is not None:
@@ -524,7 +566,8 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
     spaces = [Space(name, graph.size[root], graph.group(root)) for root, name in names.items()]
     sites = tuple(replace(site, in_space=names[graph.find(int(site.in_space))],
                           out_space=names[graph.find(int(site.out_space))]) for site in node_sites)
-    return Trace(NetworkSpec(tuple(spaces), sites), tuple(dict.fromkeys(tracer.couplings)))
+    why = {name: tuple(dict.fromkeys(graph.why.get(root, []))) for root, name in names.items()}
+    return Trace(NetworkSpec(tuple(spaces), sites), tuple(dict.fromkeys(tracer.couplings)), why)
 
 
 def canonical_parameter_names(model: nn.Module) -> Callable[[nn.Module, str, str], str]:
@@ -567,6 +610,9 @@ def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module, Any]]
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     tracer = _Tracer(site_modules)
     handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(tracer.push(path)))
+        handles.append(module.register_forward_hook(tracer.pop))
     for _, module, _ in site_modules.values():
         handles.append(module.register_forward_pre_hook(tracer.enter, with_kwargs=True))
         handles.append(module.register_forward_hook(tracer.leave, with_kwargs=True))
