@@ -104,3 +104,8 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
     mean = sum(finite) / len(finite)
     std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
     return mean, std
+
+
+def format_mean_std(mean: float, std: float, runs: int, digits: int = 4) -> str:
+    """``mean ± std`` over several runs; the mean alone for one run (whose spread is unknown, not zero)."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if runs > 1 else f"{mean:.{digits}f}"

@@ -31,7 +31,7 @@ from ..nn.baselines import weight_space_inputs
 from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from ..training import Predictor, fit_regression
 from ..weightspace.features import flatten_weights
-from . import apply_preset, mean_std
+from . import apply_preset, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
 
@@ -367,7 +367,8 @@ def render_table(results: dict) -> str:
             gain = "-" if key == "standard" else f"{100 * results['relative_improvement_over_standard'][key][largest]:+.1f}%"
             lines.append(f"| {LABELS[key]} | - | " + " | ".join(f"{value:.4f}" for _ in sizes) + f" | {gain} |")
             continue
-        cells = " | ".join(f"{per_size[n]['mean']:.4f} ± {per_size[n]['std']:.4f}" for n in sizes)
+        cells = " | ".join(format_mean_std(per_size[n]["mean"], per_size[n]["std"], len(per_size[n]["runs"]))
+                           for n in sizes)
         gain = results["relative_improvement_over_standard"][key][largest]
         lines.append(f"| {LABELS[key]} | {results['parameters'][key]:,} | {cells} | {100 * gain:+.1f}% |")
     learned = [k for k in keys if k != "standard" and k not in REFERENCE_KEYS]

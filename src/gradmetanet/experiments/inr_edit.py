@@ -41,7 +41,7 @@ from ..data.siren_zoo import siren_template
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..training import fit_regression
 from ..weightspace import DWSNet, GMN, ScaleGMN
-from . import apply_preset, mean_std
+from . import apply_preset, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 
 __all__ = ["InrEditConfig", "PRESETS", "run", "config_from_preset", "InrEditor", "BACKBONES", "VARIANTS"]
@@ -258,7 +258,7 @@ def report(results: dict, folder: RunFolder) -> str:
              f"{100 * results['unedited_mse']:.2f}.", "",
              "| backbone | " + " | ".join(LABELS[v] for v in variants) + " |", "|---|" + "---:|" * len(variants)]
     for backbone, row in results["models"].items():
-        cells = [f"{100 * row[v]['mean']:.3f} ± {100 * row[v]['std']:.3f}" for v in variants]
+        cells = [format_mean_std(100 * row[v]["mean"], 100 * row[v]["std"], len(row[v]["runs"]), 3) for v in variants]
         lines.append(f"| {LABELS[backbone]} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     atomic_write_text(out / "table.md", table + "\n")
