@@ -125,14 +125,45 @@ def test_hf_labels_loss_rows_and_the_rescale_to_each_examples_own_token_mean():
     assert not torch.allclose(raw, expected["transformer.wte.weight"][0], atol=1e-4)   # rows differ without it
 
 
-def test_vit_is_refused_naming_its_embeddings_module():
+def vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    from gradmetanet import UnsupportedModuleError
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=8, patch_size=4, num_channels=1,
+                                                num_labels=3)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1 or p.shape[0] == 1:        # norms, biases and the zero-initialised tables
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
-    vit = ViTForImageClassification(ViTConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                              num_attention_heads=4, image_size=8, patch_size=4, num_channels=1,
-                                              num_labels=3))
-    with pytest.raises(UnsupportedModuleError, match=r"'vit.embeddings' \(ViTEmbeddings\) has parameters "
-                                                     r"\['cls_token', 'position_embeddings'\]"):
-        GradientCapture(vit)
+
+def test_vit_cls_token_position_table_and_patches_per_example():
+    """ViT (0.6.1 refused it): the cls token and the position table are parameters read by every example, the
+    patch projection a convolution whose output positions are the tokens; all equal torch.func in float64, the
+    traced spec is true, and GradMetaNet reads the gradient set."""
+    from gradmetanet import GradientBatch
+    from gradmetanet.nn import GradMetaNet
+
+    model = vit()
+    x, y = torch.randn(B, 1, 8, 8, dtype=torch.float64), torch.randint(3, (B,))
+    with GradientCapture(model) as cap:
+        F.cross_entropy(model(x).logits, y).backward()
+    gs = cap.gradients
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)).logits, yi[None])
+    expected = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    got = gs.per_example_grads()
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-9, rtol=1e-7, msg=lambda m: f"{key}: {m}")
+    spec = gs.spec
+    assert ("perm", 16) in [(s.group.name, s.size) for s in spec.spaces]
+    moved = spec.transform_parameters(params, spec.sample(torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(model, moved, (x,)).logits, model(x).logits, atol=1e-9, rtol=1e-9)
+        out = GradMetaNet(hidden=8, out_features=1).double()(GradientBatch.from_gradient_sets([gs]))
+    assert out["vit.embeddings.position_embeddings"].shape == (1, 1, 5, 16, 1)

@@ -201,6 +201,25 @@ class EmbeddingKind(SiteKind):
         return a
 
 
+class TableKind(EmbeddingKind):
+    """A table ``[1, V, d]`` added to the tokens (ViT's ``cls_token`` and ``position_embeddings``): an embedding
+    whose weight has a leading axis of size 1, ``(fixed 1, col vocab, row out)``; ``a`` holds the row read at
+    each token (the position), as for an embedding."""
+
+    name = "table"
+
+    def parameters(self, site):
+        from .spec import Axis, Parameter
+
+        return (Parameter(site.weight, (Axis("fixed", size=1), Axis("col", site.in_space), Axis("row", site.out_space))),)
+
+    def per_example(self, site, a, g, d_in):
+        return {k: v.unsqueeze(1) for k, v in super().per_example(site, a, g, d_in).items()}
+
+    def summed(self, site, a, g, d_in):
+        return {k: v.unsqueeze(0) for k, v in super().summed(site, a, g, d_in).items()}
+
+
 class ConvKind(SiteKind):
     """A convolution as a linear map of input patches: ``a`` holds the unfolded patches ``[b, L, d_in k]`` (``k``
     kernel taps, channel-major as ``F.unfold`` gives them) at the ``L`` output positions, ``g`` the output
@@ -240,7 +259,7 @@ class ConvKind(SiteKind):
 
 
 SITE_KINDS: dict[str, SiteKind] = {k.name: k for k in (SiteKind(), TransposedLinearKind(), LayerNormKind(), EmbeddingKind(),
-                                                      ConvKind())}
+                                                      TableKind(), ConvKind())}
 
 
 def site_kind(name: str) -> SiteKind:

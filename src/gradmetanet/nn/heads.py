@@ -38,6 +38,10 @@ def per_parameter(spec: NetworkSpec, pair: PairMap, diagonal: NeuronMap, bias: N
     for name, parts in spec.parts().items():
         pieces = []
         for p in parts:
+            lead = 0                       # leading axes of size 1 (a ViT table [1, V, d]) are carried along
+            while lead < len(p.axes) and p.axes[lead].role == "fixed" and p.axes[lead].size == 1:
+                lead += 1
+            p = Parameter(p.name, p.axes[lead:], p.rows)
             roles = tuple(a.role for a in p.axes)
             if roles[:2] == ("row", "col") and all(r == "fixed" for r in roles[2:]):
                 out_pair = pair(p.axes[1].space, p.axes[0].space, p)                  # [B, d_out, d_in, f]
@@ -53,6 +57,8 @@ def per_parameter(spec: NetworkSpec, pair: PairMap, diagonal: NeuronMap, bias: N
             else:
                 raise ValueError(f"parameter {name!r} has axes {roles}; product heads handle (row, col), (col, row), "
                                  "(row, col, fixed...), (row,) and (diag,)")
+            if lead:
+                pieces[-1] = pieces[-1].view(pieces[-1].shape[0], *[1] * lead, *pieces[-1].shape[1:])
         out[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
     return out
 
