@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/gradmetanet run curvature --preset quick --threads $(THREADS) \
-		--out runs/curvature-quick
+		--out runs/curvature-quick --overwrite
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest
