@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from gradmetanet import GradientCapture
-from gradmetanet.cli import main as cli_main
 from gradmetanet.data.siren_zoo import (SirenZooConfig, generate_siren_zoo, load_or_generate_siren_zoo, siren_module,
                                         siren_spec)
 from gradmetanet.experiments import curvature

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import peft   # a test dependency: the interop tests run, never skip
-import pytest
 import torch
 from torch import nn
 

@@ -6,7 +6,6 @@ import json
 import stat
 
 import pytest
-import torch
 
 from gradmetanet.cli import main as cli_main
 from gradmetanet.experiments import curvature, store
