@@ -264,3 +264,15 @@ def test_gradmetanet_on_a_residual_network_respects_the_tied_stream():
                        sensitivity=("fixed",))
     with pytest.raises(ValueError, match="pool the incidences"):
         batch.per_example_grads()
+
+
+def test_outputs_and_gradients_identical_to_version_0_6_1():
+    """The faster set layers, set product head and attention (version 0.8) compute what 0.6.1 computed: outputs
+    and every parameter gradient, float64, every head and reduction, both attention kernels (tests/metanet_reference.py)."""
+    from safetensors.torch import load_file
+
+    from metanet_reference import REFERENCE, compute
+    reference, now = load_file(str(REFERENCE)), compute()
+    assert reference.keys() == now.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(now[key], value, atol=1e-12, rtol=1e-10, msg=key)

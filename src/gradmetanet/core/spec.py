@@ -314,6 +314,11 @@ class NetworkSpec:
             offset += s.size
         return slices
 
+    def split_by_space(self, t: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
+        """Space name -> its part of ``t`` along the concatenated neuron axis ``dim`` (views, one ``split``: its
+        backward writes one gradient of ``t``'s size, where a slice per space writes one each)."""
+        return dict(zip((s.name for s in self.spaces), t.split([s.size for s in self.spaces], dim)))
+
     def fixed_neurons(self) -> list[int]:
         """Positions on the concatenated neuron axis of the neurons no symmetry moves (``Trivial`` spaces)."""
         return [i for space, sl in zip(self.spaces, self.space_slices().values()) if not space.permutable

@@ -11,6 +11,7 @@ from torch import nn
 from ..batch import GradientBatch
 from ..gradients import GradientSet
 from ..core.codes import neuron_codes
+from .attention import attend
 from .heads import InvariantHead, ProductHead, SetProductHead
 from .layers import MLP, NeuronLayer, Reduction, SetNeuronLayer, SetPool, make_activation
 
@@ -157,11 +158,11 @@ class GradMetaNet(nn.Module):
 
 
 class _SelfAttention(nn.Module):
-    """Multi-head self-attention ``[n, L, f] -> [n, L, f]`` (one packed projection, ``F.scaled_dot_product_attention``).
+    """Multi-head self-attention along one axis of ``[B, X, Y, f]`` (one packed projection, :func:`attend`).
 
-    What ``nn.MultiheadAttention`` computes, without its packed-projection bookkeeping, whose backward zero-fills
-    and copies the whole projection three times, which dominated GradMetaNet++'s backward on the many short
-    sequences it attends over (a CPU profile of the INR-editing model).
+    What ``nn.MultiheadAttention`` computes, without its packed-projection bookkeeping (whose backward
+    zero-fills and copies the whole projection three times) and without transposing the tensor so that the
+    attended axis comes next to the features: :func:`attend` reads the projection in place.
     """
 
     def __init__(self, hidden: int, heads: int) -> None:
@@ -175,11 +176,9 @@ class _SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.qkv_weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, L, f = x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(n, L, 3, self.heads, f // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, L, f))
+    def forward(self, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """``x [B, X, Y, f]`` -> ``[B, X, Y, f]``, attending along ``seq_dim`` (1 or 2)."""
+        return self.out(attend(F.linear(x, self.qkv_weight, self.qkv_bias), self.heads, seq_dim))
 
 
 class _AttentionBlock(nn.Module):
@@ -199,11 +198,9 @@ class _AttentionBlock(nn.Module):
         self.ffn = MLP([hidden, ffn_mult * hidden, hidden], activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, b, N, f = x.shape
-        y = self.norm_set(x).transpose(1, 2).reshape(B * N, b, f)
-        x = x + self.set_attn(y).reshape(B, N, b, f).transpose(1, 2)
-        y = self.norm_neuron(x).reshape(B * b, N, f)
-        x = x + self.neuron_attn(y).reshape(B, b, N, f)
+        """``x [B, b, N, f]`` -> ``[B, b, N, f]``."""
+        x = x + self.set_attn(self.norm_set(x), seq_dim=1)
+        x = x + self.neuron_attn(self.norm_neuron(x), seq_dim=2)
         return x + self.ffn(self.norm_ffn(x))
 
 

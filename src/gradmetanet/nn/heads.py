@@ -176,21 +176,23 @@ class SetProductHead(nn.Module):
         self.reduction = reduction
 
     def forward(self, x: torch.Tensor, spec: NetworkSpec) -> dict[str, torch.Tensor]:
-        sl = spec.space_slices()
         scale = 1.0 / x.shape[1] if self.reduction == "mean" else 1.0
         phi, psi, chi = self.phi(x), self.psi(x), self.chi(x)            # [B, b, N, rank]
         if self.omega is not None:
             chi = chi * self.omega(x)
+        # one copy each into the layouts the batched products read ([B, rank, N, b] and [B, rank, b, N]), then views
+        # per space: the backward then joins contiguous gradient blocks instead of scattering into permuted ones
+        left = spec.split_by_space(phi.permute(0, 3, 2, 1).contiguous(), 2)      # [B, rank, d, b] per space
+        right = spec.split_by_space(psi.permute(0, 3, 1, 2).contiguous(), 3)     # [B, rank, b, d] per space
+        chi_s = spec.split_by_space(chi.sum(1) * scale, 1)                        # [B, d, rank] per space
 
         def pair(i: str, o: str, p: Parameter) -> torch.Tensor:
-            left = phi[:, :, sl[o]].permute(0, 3, 2, 1)                    # [B, rank, d_out, b]
-            right = psi[:, :, sl[i]].permute(0, 3, 1, 2)                   # [B, rank, b, d_in]
-            return self.weight_out(torch.matmul(left, right).permute(0, 2, 3, 1) * scale)   # [B, d_out, d_in, f]
+            return self.weight_out(torch.matmul(left[o], right[i]).permute(0, 2, 3, 1) * scale)   # [B, d_out, d_in, f]
 
-        return per_parameter(
-            spec, pair,
-            diagonal=lambda s, p: self.weight_out((phi[:, :, sl[s]] * psi[:, :, sl[s]]).sum(1) * scale),
-            bias=lambda s, p: self.bias_out(chi[:, :, sl[s]].sum(1) * scale))
+        def diagonal(s: str, p: Parameter) -> torch.Tensor:
+            return self.weight_out((left[s] * right[s].transpose(2, 3)).sum(3).transpose(1, 2) * scale)
+
+        return per_parameter(spec, pair, diagonal, bias=lambda s, p: self.bias_out(chi_s[s]))
 
 
 class InvariantHead(nn.Module):

@@ -26,7 +26,15 @@ def make_activation(name: str) -> nn.Module:
 
 
 def _reduce(x: torch.Tensor, dims: tuple[int, ...], reduction: Reduction) -> torch.Tensor:
-    return x.mean(dims, keepdim=True) if reduction == "mean" else x.sum(dims, keepdim=True)
+    """The mean or sum over ``dims`` (kept). A mean is the sum scaled afterwards: its backward then broadcasts
+    the small gradient as a view, where ``Tensor.mean``'s divides a full-size copy."""
+    total = x.sum(dims, keepdim=True)
+    if reduction == "sum":
+        return total
+    count = 1
+    for d in dims:
+        count *= x.shape[d]
+    return total / count
 
 
 def _check_reduction(reduction: str) -> None:
@@ -62,40 +70,37 @@ class SetNeuronLayer(nn.Module):
                 fixed: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, b, N, f]``; optional ``codes [N, c]``: per-neuron constants that act as if appended to every
         example's features (``f + c == in_features``), without materialising the ``[B, b, N, c]`` copy;
-        ``fixed [B, b, fixed_features]`` when the layer was built with ``fixed_features``."""
+        ``fixed [B, b, fixed_features]`` when the layer was built with ``fixed_features``.
+
+        The pooled terms are small (``[B, 1, N, f_out]``, ``[B, b, 1, f_out]``); they are broadcast into one
+        full-size tensor, into which the per-entry matrix product accumulates (``addmm``), so a layer writes
+        its ``[B, b, N, f_out]`` output once, and its backward reads the output gradient a few times but
+        writes no full-size intermediate besides the input gradient.
+        """
         if (fixed is None) != (self.from_fixed is None):
             raise ValueError("pass `fixed` exactly when the layer was built with fixed_features > 0")
-        y = self._exchangeable(x, codes)
-        if fixed is not None:
-            y.add_(self.from_fixed(fixed).unsqueeze(2))
-        return y
-
-    def _exchangeable(self, x: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        r = self.reduction
+        f, r = x.shape[-1], self.reduction
+        if f + (0 if codes is None else codes.shape[-1]) != self.own.in_features:
+            raise ValueError(f"features ({f}) + codes ({0 if codes is None else codes.shape[-1]}) != "
+                             f"in_features ({self.own.in_features})")
+        w = [layer.weight for layer in (self.own, self.over_set, self.over_neurons, self.over_both)]
+        over_set = _reduce(x, (1,), r)                                               # [B, 1, N, f]
+        per_neuron = (nn.functional.linear(over_set, w[1][:, :f], self.own.bias)
+                      + nn.functional.linear(_reduce(over_set, (2,), r), w[3][:, :f]))  # [B, 1, N, f_out]
         if codes is not None:
-            return self._forward_with_codes(x, codes)
-        # the pooled terms are small ([B, 1, N, f], [B, b, 1, f], [B, 1, 1, f]); adding them in place
-        # into the one full-size output keeps a single [B, b, N, f_out] tensor per layer alive
-        y = self.own(x)
-        y.add_(self.over_set(_reduce(x, (1,), r)))
-        y.add_(self.over_neurons(_reduce(x, (2,), r)))
-        return y.add_(self.over_both(_reduce(x, (1, 2), r)))
+            per_neuron = per_neuron + self._code_terms(codes, w, f, x.shape[1])
+        per_example = nn.functional.linear(_reduce(x, (2,), r), w[2][:, :f])          # [B, b, 1, f_out]
+        if fixed is not None:
+            per_example = per_example + self.from_fixed(fixed).unsqueeze(2)
+        y = per_neuron + per_example                                                # [B, b, N, f_out]
+        return torch.addmm(y.flatten(0, -2), x.flatten(0, -2), w[0][:, :f].T).view(y.shape)
 
-    def _forward_with_codes(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """The same layer on ``[x, codes]``, split by linearity: the code columns of each weight act on
-        ``[N, c]`` (or its reduction over neurons) once, not on every example."""
-        f, b = x.shape[-1], x.shape[1]
-        if f + codes.shape[-1] != self.own.in_features:
-            raise ValueError(f"features ({f}) + codes ({codes.shape[-1]}) != in_features ({self.own.in_features})")
+    def _code_terms(self, codes: torch.Tensor, w: list[torch.Tensor], f: int, b: int) -> torch.Tensor:
+        """``[N, f_out]``: what the code columns of the four weights add, split off by linearity: they act on
+        ``[N, c]`` (and its reduction over neurons) once, not on every example."""
         over_b = 1.0 if self.reduction == "mean" else float(b)          # reducing a constant over the set
         codes_n = _reduce(codes, (0,), self.reduction)                   # [1, c]
-        w = [layer.weight for layer in (self.own, self.over_set, self.over_neurons, self.over_both)]
-        constant = (torch.addmm(self.own.bias, codes, (w[0][:, f:] + over_b * w[1][:, f:]).T)
-                    + codes_n @ (w[2][:, f:] + over_b * w[3][:, f:]).T)            # [N, f_out]
-        y = nn.functional.linear(x, w[0][:, :f])
-        y.add_(nn.functional.linear(_reduce(x, (1,), self.reduction), w[1][:, :f]) + constant)
-        y.add_(nn.functional.linear(_reduce(x, (2,), self.reduction), w[2][:, :f]))
-        return y.add_(nn.functional.linear(_reduce(x, (1, 2), self.reduction), w[3][:, :f]))
+        return codes @ (w[0][:, f:] + over_b * w[1][:, f:]).T + codes_n @ (w[2][:, f:] + over_b * w[3][:, f:]).T
 
 
 class SetPool(nn.Module):
