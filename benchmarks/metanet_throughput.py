@@ -123,6 +123,18 @@ def compare(old_path: str, new_paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def source_commit() -> str:
+    """The git commit of the gradmetanet source these measurements ran (the package metadata would name the
+    installed version, not an older checkout put first on ``PYTHONPATH``)."""
+    import subprocess
+    from pathlib import Path
+
+    import gradmetanet
+    root = Path(gradmetanet.__file__).resolve().parent
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
@@ -142,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         from gradmetanet.performance import retain_freed_memory
         if not retain_freed_memory():
             print("retain_freed_memory: not glibc, allocator left as it is", file=sys.stderr)
-    from gradmetanet import __version__
-    result = {"label": args.label or f"{__version__} ({args.allocator} allocator)", "version": __version__,
+    source = source_commit()
+    result = {"label": args.label or f"{source[:7]} ({args.allocator} allocator)", "source_commit": source,
               "allocator": args.allocator, "networks": NETWORKS, "machine": machine("cpu"),
               "matmul_gflop_per_s": matmul_rate(), "cases": {}}
     for case in args.cases:              # one case at a time: cases of very different cost would wait on each other
