@@ -46,3 +46,35 @@ def test_fit_refuses_targets_of_the_wrong_length_and_empty_training_sets():
         fit(model, features, y[:9], progress=False)
     with pytest.raises(ValueError, match="nothing to train on"):
         fit(model, features, y, val_fraction=0.5, test_fraction=0.5, progress=False)
+
+
+def _linear_task(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(120, 4, generator=gen)
+    y = x @ torch.randn(4, 1, generator=gen)
+    return x, y, torch.arange(80), torch.arange(80, 100), torch.arange(100, 120)
+
+
+def test_patience_stops_a_fit_that_no_longer_improves_and_calls_it_converged():
+    """With a zero learning rate validation never improves after the first epoch: the fit stops `patience` epochs
+    later, keeps the first epoch's model, and reports convergence."""
+    x, y, train, val, test = _linear_task()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    result = fit_regression(model, lambda m, idx: m(x[idx]), y, train, val, test, epochs=50, batch_size=16,
+                            lr=1e-12, seed=0, patience=3)
+    assert result.epochs_run == 4 and len(result.val_history) == 4
+    assert result.best_epoch == 0 and result.converged
+
+
+def test_a_fit_stopped_at_its_cap_while_improving_is_not_converged():
+    x, y, train, val, test = _linear_task()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    result = fit_regression(model, lambda m, idx: m(x[idx]), y, train, val, test, epochs=6, batch_size=16,
+                            lr=1e-3, seed=0, patience=3)
+    assert result.epochs_run == 6 and result.best_epoch == 5 and not result.converged
+    assert result.val_history[-1] < 0.99 * result.val_history[0]          # it was learning, slowly
+    with pytest.raises(ValueError, match="patience"):
+        fit_regression(model, lambda m, idx: m(x[idx]), y, train, val, test, epochs=2, batch_size=16, lr=1e-3,
+                       seed=0, patience=0)

@@ -27,13 +27,20 @@ Predictor = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 @dataclass
 class FitResult:
-    """Outcome of :func:`fit_regression`; errors are mean squared errors in the caller's units."""
+    """Outcome of :func:`fit_regression`; errors are mean losses in the caller's units.
+
+    ``converged``: the validation loss stopped improving: its best epoch lies at least ``window`` epochs before
+    the last epoch run (``window`` = the patience, or a fifth of the epochs without one). A run that ends at its
+    epoch cap while still improving is not converged; its numbers are those of a model stopped early.
+    """
 
     best_epoch: int
     best_val: float
     test: float
     val_history: list[float] = field(default_factory=list)
     train_history: list[float] = field(default_factory=list)
+    epochs_run: int = 0
+    converged: bool = False
 
 
 #: ``loss(prediction, target, reduction=...)``, as ``F.mse_loss`` or ``F.binary_cross_entropy_with_logits``
@@ -56,16 +63,21 @@ def evaluate_mse(model: nn.Module, predict: Predictor, indices: torch.Tensor, ta
 def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, train_idx: torch.Tensor,
                    val_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int, batch_size: int, lr: float,
                    seed: int, on_epoch: Callable[[int, float], None] | None = None, loss: Loss = F.mse_loss,
-                   train_predict: Predictor | None = None, schedule: str = "constant") -> FitResult:
+                   train_predict: Predictor | None = None, schedule: str = "constant",
+                   patience: int | None = None) -> FitResult:
     """Adam on ``loss`` (default the MSE) to ``targets`` (``[M, P]``, normalised); test error at the
     best-validation epoch. ``train_predict`` (default ``predict``) makes the training batches' predictions,
     e.g. on inputs moved by a random group element (augmentation). ``schedule``: ``"constant"``
-    learning rate or ``"cosine"`` decay to zero over all steps.
+    learning rate or ``"cosine"`` decay to zero over all steps. ``patience``: stop once the validation loss has
+    not improved for that many epochs (``epochs`` is then a cap); see :attr:`FitResult.converged`.
 
     Error values are mean losses in target units; the caller rescales them to its metric.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 epoch (or None: run every epoch), got {patience}")
+    window = patience if patience is not None else max(1, epochs // 5)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(train_idx) // batch_size)
@@ -91,8 +103,12 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
             best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
         if on_epoch is not None:
             on_epoch(epoch, val)
+        if patience is not None and epoch - best_epoch >= patience:
+            break
     model.load_state_dict(best_state)
     result.best_epoch, result.best_val = best_epoch, best_val
+    result.epochs_run = len(result.val_history)
+    result.converged = result.epochs_run - 1 - best_epoch >= window
     result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
     return result
 

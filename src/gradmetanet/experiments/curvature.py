@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..plots import figure
+from ..plots import figure, learning_curves
 from ..batch import GradientBatch
 from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
@@ -71,6 +71,7 @@ class CurvatureConfig:
     batch_size: int = 32
     lr: float = 1e-3
     schedule: str = "cosine"
+    patience: int | None = None             # stop a fit after this many epochs without a better validation error
     seeds: int = 5
     models: tuple[str, ...] = MODEL_KEYS
     zoo_seed: int = 0
@@ -96,7 +97,7 @@ class CurvatureConfig:
 
 PRESETS: dict[str, CurvatureConfig] = {
     "paper": CurvatureConfig(),
-    "cpu": CurvatureConfig(train_sizes=(500, 2000), n_val=250, epochs=40, seeds=1,
+    "cpu": CurvatureConfig(train_sizes=(500, 2000), n_val=250, epochs=100, patience=15, seeds=1,
                            models=("gradmetanet", "gradmetanet_set")),
     # make demo: about 6 minutes on one CPU thread; GradMetaNet++ (attention over the set) would take 17 more
     "quick": CurvatureConfig(train_sizes=(100, 1000), n_val=200, n_test=300, set_size=32, epochs=25, seeds=1,
@@ -270,11 +271,14 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
         def show(epoch: int, val: float) -> None:
             bar.set_postfix_str(f"{key} n={size} seed={seed} epoch {epoch + 1}/{config.epochs} val {val * scale:.4f}")
         fit = fit_regression(model, predict, data.targets, train_idx, val_idx, test_idx, config.epochs,
-                             config.batch_size, config.lr, seed, on_epoch=show, schedule=config.schedule)
+                             config.batch_size, config.lr, seed, on_epoch=show, schedule=config.schedule,
+                             patience=config.patience)
         prediction = _predict_all(model, predict, test_idx) * data.target_std + data.target_mean
         cell = {"test": require_finite(f"the test error of {key} (n={size}, seed {seed})", fit.test * scale),
-                "val": fit.best_val * scale, "best_epoch": fit.best_epoch,
-                "epochs": config.epochs, "seconds": time.perf_counter() - start,
+                "val": fit.best_val * scale, "best_epoch": fit.best_epoch, "epochs": config.epochs,
+                "epochs_run": fit.epochs_run, "converged": fit.converged,
+                "val_history": [v * scale for v in fit.val_history],
+                "train_history": [v * scale for v in fit.train_history], "seconds": time.perf_counter() - start,
                 "parameters": count_parameters(model),
                 "per_layer": per_layer_shares(zoo.spec, prediction, zoo.target[test_idx])}
         store.put(_cell_key(key, size, seed), settings, cell)
@@ -318,11 +322,11 @@ def _summarise(config: CurvatureConfig, cells: dict[str, dict], references: dict
     standard = references["standard"]["error"]
     improvement = {key: {n: 1.0 - row["error"] / standard for n in sizes}
                    for key, row in references.items() if key != "standard"}
-    params, best_epochs = {}, {}
+    params, best_epochs, converged, curves = {}, {}, {}, {}
     finished = [key for key in MODEL_KEYS if all(_cell_key(key, n, s) in cells
                                                  for n in config.train_sizes for s in range(config.seeds))]
     for key in finished:
-        models[key], improvement[key], best_epochs[key] = {}, {}, {}
+        models[key], improvement[key], best_epochs[key], converged[key] = {}, {}, {}, {}
         for n in sizes:
             runs = [cells[_cell_key(key, int(n), s)] for s in range(config.seeds)]
             mean, std = mean_std(run["test"] for run in runs)
@@ -330,11 +334,15 @@ def _summarise(config: CurvatureConfig, cells: dict[str, dict], references: dict
             models[key][n] = {"mean": mean, "std": std, "runs": [run["test"] for run in runs], "per_layer": per_layer}
             improvement[key][n] = 1.0 - mean / standard
             best_epochs[key][n] = [run["best_epoch"] for run in runs]
+            converged[key][n] = [run.get("converged", False) for run in runs]
+        last = cells[_cell_key(key, config.train_sizes[-1], 0)]
+        if "val_history" in last:
+            curves[key] = {"train": last["train_history"], "val": last["val_history"]}
         params[key] = cells[_cell_key(key, config.train_sizes[0], 0)]["parameters"]
     return {"experiment": "curvature", "metric": METRIC,
             "config": {**asdict(config), "cache_dir": None, "models": tuple(finished)},
             "models": models, "relative_improvement_over_standard": improvement, "parameters": params,
-            "best_epochs": best_epochs, "reference_models": list(REFERENCE_KEYS),
+            "best_epochs": best_epochs, "converged": converged, "learning_curves": curves, "reference_models": list(REFERENCE_KEYS),
             "torch": torch.__version__, "device": config.device}
 
 
@@ -347,6 +355,11 @@ def report(results: dict, folder: RunFolder) -> str:
     table = render_table(results)
     atomic_write_text(out / "table.md", table + "\n")
     plot(results, out / "curvature.png")
+    if results.get("learning_curves"):
+        largest = results["config"]["train_sizes"][-1]
+        learning_curves(out / "learning_curves.png",
+                        {LABELS[k]: (c["train"], c["val"]) for k, c in results["learning_curves"].items()},
+                        "error (MSE / target variance)", f"Learning curves, n={largest}, seed 0")
     return table
 
 
@@ -371,6 +384,7 @@ def render_table(results: dict) -> str:
                            for n in sizes)
         gain = results["relative_improvement_over_standard"][key][largest]
         lines.append(f"| {LABELS[key]} | {results['parameters'][key]:,} | {cells} | {100 * gain:+.1f}% |")
+    lines += ["", _convergence_line(results)]
     learned = [k for k in keys if k != "standard" and k not in REFERENCE_KEYS]
     if learned and all(results["relative_improvement_over_standard"][k][largest] <= 0 for k in learned):
         lines += ["", f"No learned model beats the standard estimator at n={largest} in this run. Small presets check "
@@ -388,6 +402,18 @@ def render_table(results: dict) -> str:
         lines.append(f"| {LABELS[key]} | {cell['mean']:.4f} | "
                      + " | ".join(f"{100 * cell['per_layer'][n]:.1f}%" for n in names) + " |")
     return "\n".join(lines)
+
+
+def _convergence_line(results: dict) -> str:
+    """Which fits stopped improving on validation before their epoch cap (``FitResult.converged``)."""
+    patience = results["config"].get("patience")
+    rule = (f"stopped after {patience} epochs without a better validation error" if patience else
+            "best validation epoch at least a fifth of the epochs before the last")
+    parts = []
+    for key, per_size in results.get("converged", {}).items():
+        flags = [flag for runs in per_size.values() for flag in runs]
+        parts.append(f"{LABELS[key]} {sum(flags)}/{len(flags)}")
+    return f"Converged ({rule}; fits per model): " + (", ".join(parts) if parts else "no learned model run") + "."
 
 
 _LINE_STYLES = {"standard": ("black", "--"), "product_of_means": ("grey", ":"), "quadrature": ("grey", "-."),

@@ -40,6 +40,7 @@ from ..data.inr_zoo import INR_WIDTHS, OMEGA_0, InrZoo, InrZooConfig, grid_coord
 from ..data.siren_zoo import siren_template
 from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..training import fit_regression
+from ..plots import learning_curves
 from ..weightspace import DWSNet, GMN, ScaleGMN
 from . import apply_preset, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
@@ -64,6 +65,7 @@ class InrEditConfig:
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
+    patience: int | None = None           # stop a fit after this many epochs without a better validation MSE
     grad_points: int = 64
     probe_points: int = 16
     gmn_features: int = 8
@@ -230,17 +232,23 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
                     start = time.perf_counter()
                     fit = fit_regression(model, lambda m, idx: _predict(m, data, idx), data.targets,
                                          splits["train"], splits["val"], splits["test"], config.epochs,
-                                         config.batch_size, config.lr, seed, schedule="cosine")
+                                         config.batch_size, config.lr, seed, schedule="cosine",
+                                         patience=config.patience)
                     store.put(key, settings, {"test": require_finite(f"the test MSE of {backbone} {variant} seed {seed}",
                                                                      fit.test),
-                                              "seconds": time.perf_counter() - start, "best_epoch": fit.best_epoch})
+                                              "seconds": time.perf_counter() - start, "best_epoch": fit.best_epoch,
+                                              "epochs_run": fit.epochs_run, "converged": fit.converged,
+                                              "val_history": fit.val_history, "train_history": fit.train_history})
                     if fit.test < best_mse:
                         best, best_mse = model, fit.test
                 bar.update()
             runs = [store.get(f"{backbone}/{variant}/{seed}", settings) for seed in range(config.seeds)]
             mean, std = mean_std([r["test"] for r in runs])
-            results["models"][backbone][variant] = {"mean": mean, "std": std, "runs": [r["test"] for r in runs],
-                                                    "seconds": sum(r["seconds"] for r in runs) / len(runs)}
+            results["models"][backbone][variant] = {
+                "mean": mean, "std": std, "runs": [r["test"] for r in runs],
+                "seconds": sum(r["seconds"] for r in runs) / len(runs), "best_epochs": [r["best_epoch"] for r in runs],
+                "converged": [r.get("converged", False) for r in runs],
+                "curve": {k: runs[0][k] for k in ("train_history", "val_history") if k in runs[0]}}
     bar.close()
     report(results, folder)
     _plot_edits(best, data, config.examples, out / "edits.png")
@@ -260,7 +268,16 @@ def report(results: dict, folder: RunFolder) -> str:
     for backbone, row in results["models"].items():
         cells = [format_mean_std(100 * row[v]["mean"], 100 * row[v]["std"], len(row[v]["runs"]), 3) for v in variants]
         lines.append(f"| {LABELS[backbone]} | " + " | ".join(cells) + " |")
+    rule = (f"stopped after {cfg['patience']} epochs without a better validation MSE" if cfg.get("patience") else
+            "best validation epoch at least a fifth of the epochs before the last")
+    counts = [f"{LABELS[b]} {LABELS[v]} {sum(r['converged'])}/{len(r['converged'])}"
+              for b, row in results["models"].items() for v, r in row.items()]
+    lines += ["", f"Converged ({rule}; seeds): " + ", ".join(counts) + "."]
     table = "\n".join(lines)
+    curves = {f"{LABELS[b]}, {LABELS[v]}": (r["curve"]["train_history"], r["curve"]["val_history"])
+              for b, row in results["models"].items() for v, r in row.items() if r.get("curve")}
+    if curves:
+        learning_curves(out / "learning_curves.png", curves, "MSE", "INR editing: learning curves (seed 0)")
     atomic_write_text(out / "table.md", table + "\n")
     return table
 
