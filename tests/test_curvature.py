@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -40,6 +41,11 @@ def test_files_and_json_schema(tiny_run):
     assert "GradMetaNet++" in table and "Standard estimator" in table and "Reference: quadrature" in table
     assert "Where the error lies" in table
     assert (run_dir / "curvature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every learned model's learning curve (the largest size, seed 0), and whether each fit converged
+    assert (run_dir / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(saved["learning_curves"]) == set(curvature.MODEL_KEYS)
+    assert all(len(c["val"]) == config.epochs for c in saved["learning_curves"].values())
+    assert "Converged (" in table and re.search(rf"GradMetaNet \d/{len(config.train_sizes) * config.seeds}\b", table)
 
 
 def test_standard_estimator_matches_an_independent_computation(tiny_run):

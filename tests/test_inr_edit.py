@@ -61,6 +61,8 @@ def test_inr_edit_tiny_run_writes_its_report(tmp_path, monkeypatch):
     assert set(saved["models"]["gmn"]) == {"ws", "gradmetanet"}
     assert {"mean", "std"} <= set(saved["models"]["gmn"]["ws"])
     assert (tmp_path / "edits.png").stat().st_size > 0 and "dilation" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0 and "Converged (" in (tmp_path / "table.md").read_text()
+    assert saved["models"]["gmn"]["ws"]["converged"] == [False]          # one epoch: a fit cannot have converged
     assert results["unedited_mse"] > 0
     # a rerun into the same directory resumes: every cell is read back, nothing is trained again
     monkeypatch.setattr(inr_edit, "fit_regression", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))

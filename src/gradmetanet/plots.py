@@ -51,3 +51,4 @@ def learning_curves(path: str | Path, curves: dict[str, tuple[list[float], list[
             ax.plot(epochs, train, color=colour, linestyle="--", alpha=0.6)
             best = min(range(len(val)), key=val.__getitem__)
             ax.plot([best + 1], [val[best]], marker="o", color=colour)
+        ax.plot([], [], color="grey", linestyle="--", alpha=0.6, label="training loss (dashed)")

@@ -143,7 +143,7 @@ def _model_input(inputs: Inputs, idx: torch.Tensor):
 
 def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 50, batch_size: int = 32,
         lr: float = 1e-3, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, patience: int | None = None) -> FitResult:
     """Train ``model`` to map network ``i`` of ``inputs`` to ``targets[i]`` (``[M, K]``) by MSE with Adam.
 
     ``inputs``: a :class:`~gradmetanet.GradientBatch` (GradMetaNet, GradMetaNet++), a
@@ -152,8 +152,9 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
     is compared flattened in the spec's parameter order (:func:`~gradmetanet.weightspace.flatten_weights`, so
     build targets with it), an invariant output ``[B, K]`` as it is. The networks are split once, seeded:
     ``val_fraction`` selects the epoch (the model keeps its best-validation weights), ``test_fraction`` is read
-    once at the end (``FitResult.test``), the rest trains. Normalise inputs and targets first
-    (:class:`~gradmetanet.nn.NeuronNormaliser`).
+    once at the end (``FitResult.test``), the rest trains. ``patience``: stop once validation has not improved
+    for that many epochs (``epochs`` is then a cap); ``FitResult.converged`` says whether validation stopped
+    improving. Normalise inputs and targets first (:class:`~gradmetanet.nn.NeuronNormaliser`).
     """
     m = _rows(inputs)
     if targets.dim() != 2 or targets.shape[0] != m:
@@ -177,4 +178,5 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
 
     with tqdm(total=epochs, desc="fit", unit="epoch", disable=not progress) as bar:
         return fit_regression(model, predict, targets, train_idx, val_idx, test_idx, epochs, batch_size, lr, seed,
-                              on_epoch=lambda epoch, val: (bar.update(), bar.set_postfix(val_mse=f"{val:.4g}")))
+                              on_epoch=lambda epoch, val: (bar.update(), bar.set_postfix(val_mse=f"{val:.4g}")),
+                              patience=patience)
