@@ -1,6 +1,6 @@
 """Training-step throughput of the metanetworks and the weight-space backbones, against an earlier version.
 
-    python benchmarks/metanet_throughput.py [--cases ...] [--allocator retain|default] [--out FILE]
+    python benchmarks/metanet_throughput.py [--cases ...] [--device cpu|cuda] [--allocator retain|default] [--out FILE]
     python benchmarks/metanet_throughput.py --compare OLD.json NEW.json [NEW2.json ...]   # the speed-up table
 
 One training step = forward, backward of a squared-output loss, ``torch.optim.Adam`` step, on ``B = 32``
@@ -40,17 +40,17 @@ CASES = ("gradmetanet-b128", "gradmetanet++-b64", "gradmetanet++-b128", "dws-inr
          "gmn-cnn", "scalegmn-cnn")
 
 
-def _gradient_step(name: str):
+def _gradient_step(name: str, device: str):
     """Model and input of a gradient-set case."""
     spec = NetworkSpec.chain([1, 32, 32, 1])
     b = int(name.rsplit("-b", 1)[1])
-    batch = GradientBatch(spec, torch.randn(NETWORKS, b, spec.n_neurons, 2))
+    batch = GradientBatch(spec, torch.randn(NETWORKS, b, spec.n_neurons, 2).to(device))
     if name.startswith("gradmetanet++"):
         return GradMetaNetPlusPlus(hidden=64, blocks=3, heads=8), batch
     return GradMetaNet(hidden=64, set_layers=2, neuron_layers=2), batch
 
 
-def _backbone_step(name: str):
+def _backbone_step(name: str, device: str):
     """Model and input of a weight-space backbone case."""
     from gradmetanet.weightspace import DWSNet, GMN, ScaleGMN
     kind, zoo = name.split("-")
@@ -62,13 +62,14 @@ def _backbone_step(name: str):
         spec, channels = NetworkSpec.from_module(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28)), 1
     options = {} if kind == "dws" else {"bidirectional": True}
     model = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}[kind](spec, channels, 1, hidden=32, layers=3, **options)
-    return model, {n: torch.randn(NETWORKS, *shape, channels) for n, shape in spec.param_shapes().items()}
+    return model, {n: torch.randn(NETWORKS, *shape, channels).to(device) for n, shape in spec.param_shapes().items()}
 
 
-def make_step(name: str):
-    """A closure running one training step of case ``name`` (seeded model and input)."""
+def make_step(name: str, device: str = "cpu"):
+    """A closure running one training step of case ``name`` (seeded model and input) on ``device``."""
     torch.manual_seed(0)
-    model, inputs = (_gradient_step if name.startswith("gradmetanet") else _backbone_step)(name)
+    model, inputs = (_gradient_step if name.startswith("gradmetanet") else _backbone_step)(name, device)
+    model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step():
@@ -86,19 +87,23 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
-    """GFLOP/s of a ``size x size`` float32 matrix product on the current threads (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(device: str, size: int = 1024, repeats: int = 20) -> float:
+    """GFLOP/s of a ``size x size`` float32 matrix product on ``device`` (the current threads on CPU; best of
+    ``repeats``)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
 
 
-def measure(cases: list[str], repeats: int) -> dict[str, dict]:
-    steps = {c: make_step(c) for c in cases}
+def measure(cases: list[str], repeats: int, device: str) -> dict[str, dict]:
+    steps = {c: make_step(c, device) for c in cases}
     flops = {c: step_flops(s) for c, s in steps.items()}
     times = interleaved_median_times(steps, repeats=repeats, warmup=1)
     return {c: {"median_s": times[c], "gflop": flops[c] / 1e9, "gflop_per_s": flops[c] / 1e9 / times[c]}
@@ -118,8 +123,9 @@ def compare(old_path: str, new_paths: list[str]) -> str:
             cells += [f"{now['median_s']:.3f}", f"{before['median_s'] / now['median_s']:.2f}x"] if now else ["-", "-"]
         rate = news[-1]["cases"].get(case, before)["gflop_per_s"]
         lines.append(f"| {case} | " + " | ".join(cells) + f" | {rate:.1f} |")
+    where = news[-1]["machine"]
     lines.append(f"\nmatrix product rate: {news[-1]['matmul_gflop_per_s']:.1f} GFLOP/s "
-                 f"({news[-1]['machine']['threads']} thread(s))")
+                 f"({where['device_name']}, {where['threads']} CPU thread(s))")
     return "\n".join(lines)
 
 
@@ -138,7 +144,8 @@ def source_commit() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--allocator", choices=["retain", "default"], default="retain",
                         help="retain: gradmetanet.performance.retain_freed_memory() first (what `gradmetanet run` does)")
@@ -156,10 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
             print("retain_freed_memory: not glibc, allocator left as it is", file=sys.stderr)
     source = source_commit()
     result = {"label": args.label or f"{source[:7]} ({args.allocator} allocator)", "source_commit": source,
-              "allocator": args.allocator, "networks": NETWORKS, "machine": machine("cpu"),
-              "matmul_gflop_per_s": matmul_rate(), "cases": {}}
+              "allocator": args.allocator, "networks": NETWORKS, "machine": machine(args.device),
+              "matmul_gflop_per_s": matmul_rate(args.device), "cases": {}}
     for case in args.cases:              # one case at a time: cases of very different cost would wait on each other
-        result["cases"].update(measure([case], args.repeats))
+        result["cases"].update(measure([case], args.repeats, args.device))
         c = result["cases"][case]
         print(f"{case:20s} {c['median_s']:8.3f} s  {c['gflop']:8.1f} GFLOP  {c['gflop_per_s']:6.1f} GFLOP/s", flush=True)
     write_json(result, args.out)
