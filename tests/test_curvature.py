@@ -175,3 +175,33 @@ def test_table_says_when_no_learned_model_beats_the_standard(tiny_run):
     winning = json.loads(json.dumps(losing))
     winning["relative_improvement_over_standard"]["gradmetanet_set"][largest] = 0.2
     assert "No learned model beats" not in curvature.render_table(winning)
+
+
+def test_a_run_stopped_mid_cell_resumes_mid_cell(tmp_path, monkeypatch):
+    """The first fit is killed after its first epoch; the rerun continues that fit from its checkpoint (its first
+    epoch is the second) and removes the checkpoint once the cell is stored."""
+    config = curvature.config_from_preset("tiny", cache_dir=str(tmp_path / "cache"), epochs=3,
+                                          models=("gradmetanet",), train_sizes=(8,))
+    real = curvature.fit_regression
+    epochs_seen = []
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_first_epoch(*args, on_epoch=None, **kwargs):
+        def hook(epoch, value):
+            raise Killed
+        return real(*args, on_epoch=hook, **kwargs)
+
+    def recording(*args, on_epoch=None, **kwargs):
+        return real(*args, on_epoch=lambda epoch, value: epochs_seen.append(epoch), **kwargs)
+
+    monkeypatch.setattr(curvature, "fit_regression", killed_after_first_epoch)
+    with pytest.raises(Killed):
+        curvature.run(config, tmp_path / "run", progress=False)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*.pt"))) == 1
+    monkeypatch.setattr(curvature, "fit_regression", recording)
+    results = curvature.run(config, tmp_path / "run", progress=False)
+    assert epochs_seen == [1, 2]
+    assert list((tmp_path / "run" / "checkpoints").glob("*.pt")) == []
+    assert len(results["learning_curves"]["gradmetanet"]["val"]) == 3

@@ -78,3 +78,55 @@ def test_a_fit_stopped_at_its_cap_while_improving_is_not_converged():
     with pytest.raises(ValueError, match="patience"):
         fit_regression(model, lambda m, idx: m(x[idx]), y, train, val, test, epochs=2, batch_size=16, lr=1e-3,
                        seed=0, patience=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_fit_stopped_mid_way_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    """Killed after its third epoch, a fit restarted with the same checkpoint file ends exactly where an
+    uninterrupted fit ends: curves, best epoch, test error and weights (cosine schedule, patience, shuffling)."""
+    x, y, train, val, test = _linear_task()
+    predict = lambda m, idx: m(x[idx])  # noqa: E731
+    settings = dict(epochs=8, batch_size=16, lr=3e-2, seed=0, schedule="cosine", patience=5)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    whole_model = fresh(0)
+    whole = fit_regression(whole_model, predict, y, train, val, test, **settings)
+
+    path = tmp_path / "cell.pt"
+
+    def stop_after_third(epoch, value):
+        if epoch == 2:
+            raise _Stop
+    with pytest.raises(_Stop):
+        fit_regression(fresh(0), predict, y, train, val, test, on_epoch=stop_after_third, checkpoint=path, **settings)
+    assert path.exists()
+    resumed_model = fresh(1)                    # another initialisation: everything comes from the checkpoint
+    seen = []
+    resumed = fit_regression(resumed_model, predict, y, train, val, test, checkpoint=path,
+                             on_epoch=lambda epoch, value: seen.append(epoch), **settings)
+    assert seen[0] == 3                         # it went on after the third epoch
+    assert resumed.val_history == whole.val_history and resumed.train_history == whole.train_history
+    assert (resumed.best_epoch, resumed.test, resumed.converged) == (whole.best_epoch, whole.test, whole.converged)
+    for a, b in zip(resumed_model.parameters(), whole_model.parameters()):
+        assert torch.equal(a, b)
+    assert not path.exists()                    # removed once the fit ended
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    x, y, train, val, test = _linear_task()
+    path = tmp_path / "cell.pt"
+
+    def stop(epoch, value):
+        raise _Stop
+    with pytest.raises(_Stop):
+        fit_regression(torch.nn.Linear(4, 1), lambda m, idx: m(x[idx]), y, train, val, test, epochs=4, batch_size=16,
+                       lr=1e-2, seed=0, on_epoch=stop, checkpoint=path)
+    with pytest.raises(ValueError, match="other settings \\(differing: lr\\)"):
+        fit_regression(torch.nn.Linear(4, 1), lambda m, idx: m(x[idx]), y, train, val, test, epochs=4, batch_size=16,
+                       lr=2e-2, seed=0, checkpoint=path)

@@ -8,7 +8,9 @@ loop the experiments share.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Union
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_replace
 from .batch import GradientBatch
 from .weightspace.features import WeightSpaceFeatures, flatten_weights
 
@@ -64,12 +67,16 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
                    val_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int, batch_size: int, lr: float,
                    seed: int, on_epoch: Callable[[int, float], None] | None = None, loss: Loss = F.mse_loss,
                    train_predict: Predictor | None = None, schedule: str = "constant",
-                   patience: int | None = None) -> FitResult:
+                   patience: int | None = None, checkpoint: str | os.PathLike | None = None) -> FitResult:
     """Adam on ``loss`` (default the MSE) to ``targets`` (``[M, P]``, normalised); test error at the
     best-validation epoch. ``train_predict`` (default ``predict``) makes the training batches' predictions,
     e.g. on inputs moved by a random group element (augmentation). ``schedule``: ``"constant"``
     learning rate or ``"cosine"`` decay to zero over all steps. ``patience``: stop once the validation loss has
     not improved for that many epochs (``epochs`` is then a cap); see :attr:`FitResult.converged`.
+    ``checkpoint``: a file that receives the loop's whole state after every epoch (model, optimizer, schedule,
+    best weights, curves, random states; atomically); a fit started with such a file resumes after its last
+    finished epoch, so a run stopped mid-fit loses at most an epoch. A file written by a fit of other settings
+    is refused. The file is removed when the fit ends.
 
     Error values are mean losses in target units; the caller rescales them to its metric.
     """
@@ -84,11 +91,27 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     best_val, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
     result = FitResult(best_epoch=-1, best_val=float("inf"), test=float("nan"))
-    for epoch in range(epochs):
+    signature = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "schedule": schedule,
+                 "patience": -1 if patience is None else patience, "train": train_idx.tolist(), "val": val_idx.tolist(),
+                 "parameters": [[k, list(v.shape)] for k, v in model.state_dict().items()]}
+    start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = _load_checkpoint(checkpoint, signature)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state"]
+        result.val_history, result.train_history = list(state["val_history"]), list(state["train_history"])
+        start = len(result.val_history)
+    stopped = patience is not None and start and start - 1 - best_epoch >= patience
+    for epoch in range(start, 0 if stopped else epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
         running, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for begin in range(0, len(order), batch_size):
+            idx = order[begin:begin + batch_size]
             value = loss((train_predict or predict)(model, idx), targets[idx])
             opt.zero_grad(set_to_none=True)
             value.backward()
@@ -101,6 +124,12 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
         result.train_history.append(running / count)
         if val < best_val:
             best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "signature": signature, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": None if sched is None else sched.state_dict(), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "best_val": best_val, "best_epoch": best_epoch,
+                "best_state": best_state, "val_history": result.val_history, "train_history": result.train_history})
         if on_epoch is not None:
             on_epoch(epoch, val)
         if patience is not None and epoch - best_epoch >= patience:
@@ -110,7 +139,24 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     result.epochs_run = len(result.val_history)
     result.converged = result.epochs_run - 1 - best_epoch >= window
     result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
+    if checkpoint is not None and Path(checkpoint).exists():
+        os.remove(checkpoint)
     return result
+
+
+def _save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_replace(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: str | os.PathLike, signature: dict) -> dict:
+    state = torch.load(path, weights_only=True)
+    if state.get("signature") != signature:
+        differ = sorted(k for k in signature if state.get("signature", {}).get(k) != signature[k])
+        raise ValueError(f"checkpoint {path} was written by a fit of other settings (differing: {', '.join(differ)}); "
+                         "delete it to start this fit afresh")
+    return state
 
 
 #: what :func:`fit` trains on: one row (network) per target row

@@ -272,7 +272,8 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
             bar.set_postfix_str(f"{key} n={size} seed={seed} epoch {epoch + 1}/{config.epochs} val {val * scale:.4f}")
         fit = fit_regression(model, predict, data.targets, train_idx, val_idx, test_idx, config.epochs,
                              config.batch_size, config.lr, seed, on_epoch=show, schedule=config.schedule,
-                             patience=config.patience)
+                             patience=config.patience,
+                             checkpoint=store.checkpoint(_cell_key(key, size, seed), settings))
         prediction = _predict_all(model, predict, test_idx) * data.target_std + data.target_mean
         cell = {"test": require_finite(f"the test error of {key} (n={size}, seed {seed})", fit.test * scale),
                 "val": fit.best_val * scale, "best_epoch": fit.best_epoch, "epochs": config.epochs,

@@ -233,7 +233,7 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
                     fit = fit_regression(model, lambda m, idx: _predict(m, data, idx), data.targets,
                                          splits["train"], splits["val"], splits["test"], config.epochs,
                                          config.batch_size, config.lr, seed, schedule="cosine",
-                                         patience=config.patience)
+                                         patience=config.patience, checkpoint=store.checkpoint(key, settings))
                     store.put(key, settings, {"test": require_finite(f"the test MSE of {backbone} {variant} seed {seed}",
                                                                      fit.test),
                                               "seconds": time.perf_counter() - start, "best_epoch": fit.best_epoch,

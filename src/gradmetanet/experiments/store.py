@@ -11,6 +11,7 @@ other settings computes new cells *beside* the old ones.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -159,11 +160,20 @@ class CellStore:
                 return entry["value"]
         return None
 
+    def checkpoint(self, key: str, depends: dict) -> Path:
+        """Where the fit computing cell ``key`` keeps its state between epochs (``fit_regression(checkpoint=...)``),
+        so a run stopped mid-cell resumes mid-cell: one file per key, settings and code version, removed by
+        :meth:`put` once the cell is finished."""
+        digest = hashlib.sha1(json.dumps([key, _as_json(depends), self.version], sort_keys=True).encode()).hexdigest()
+        return self.path.parent / "checkpoints" / f"{digest[:20]}.pt"
+
     def put(self, key: str, depends: dict, value: dict) -> None:
-        """Record a finished cell (replacing only an entry of the same key, settings and code version)."""
+        """Record a finished cell (replacing only an entry of the same key, settings and code version) and remove
+        its fit's checkpoint."""
         with self._locked():
             saved = self._read()
             saved["cells"] = [e for e in saved["cells"] if not self._matches(e, key, depends)]
             saved["cells"].append({"key": key, "depends": _as_json(depends), "code": self.version,
                                    "value": _as_json(value)})
             atomic_write_text(self.path, json.dumps(saved, indent=1))
+        self.checkpoint(key, depends).unlink(missing_ok=True)
