@@ -108,7 +108,6 @@ def test_family_run_races_every_member_and_the_held_out_ones(tmp_path):
 
 def test_meta_training_can_start_from_a_shipped_rule(tmp_path):
     import pytest
-    import torch
 
     from gradmetanet.experiments import lopt
     from gradmetanet.lopt import load_rule
