@@ -20,7 +20,7 @@ from gradmetanet.data.classifier_zoo import (ClassifierZooConfig, batched_logits
                                              load_or_generate_classifier_zoo, load_small_cnn_zoo,
                                              small_cnn_zoo_template)
 from gradmetanet.experiments import amortize
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 
 def cnn_zoo(activation: str, n: int = 3) -> tuple[torch.nn.Module, NetworkSpec, dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ from gradmetanet.basenets import make_mlp
 from gradmetanet.core import Monomial
 from gradmetanet.data.siren_zoo import siren_template
 from gradmetanet.weightspace import DWSNet, GMN, NetworkGraph, ScaleGMN
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 
 def network(kind: str) -> torch.nn.Module:

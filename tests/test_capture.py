@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 
 def per_example_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_kind: str) -> dict:

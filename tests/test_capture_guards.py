@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
 from gradmetanet.capture import functional_factors
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 
 def reference(model: nn.Module, x: torch.Tensor, loss_one, batch_dim: int = 0) -> dict[str, torch.Tensor]:

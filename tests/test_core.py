@@ -12,7 +12,7 @@ from gradmetanet import GradientCapture, NetworkSpec, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
 from gradmetanet.core import GL, Axis, Blocks, Parameter, Perm, ScalePerm, SignPerm, Site, Space, Trivial
 from gradmetanet.core.groups import group_from_json
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 GROUPS = [Trivial(), Perm(), SignPerm(), ScalePerm(), GL(), Blocks(3, Perm()), Blocks(3, GL())]
 

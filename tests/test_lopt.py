@@ -13,7 +13,7 @@ from gradmetanet.data import load_digits_split
 from gradmetanet.lopt import (LearnedOptimizer, N_FEATURES, NetworkOptimizer, deepsets_rule, gradmetanet_ds_rule,
                               gradmetanet_unf_rule, learnable_sgdm, parameter_features, unf_rule)
 from gradmetanet.lopt.features import time_features
-from symmetry import check_symmetry, distance
+from gradmetanet.testing import check_symmetry, distance
 
 
 def test_features_shape_time_and_scale_invariance():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradmetanet.lora import DenseMLP, GLNet, LoraBatch, LoraLayer, LoraSet, RawMLP, SpectrumMLP
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 SHAPES = {"blocks.0.q": (6, 5), "blocks.0.v": (4, 6), "blocks.1.q": (6, 5)}
 

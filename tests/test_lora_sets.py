@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from gradmetanet.lora import LoraBatch, LoraLayer, LoraSet, UnsupportedAdapterError
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry
 
 PATHS = ["model.layers.2.q", "model.layers.10.q", "model.layers.2.v"]
 

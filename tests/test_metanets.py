@@ -10,7 +10,8 @@ from gradmetanet import GradientBatch, GradientCapture, NetworkSpec
 from gradmetanet.basenets import make_mlp
 from gradmetanet.nn import (BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric,
                             WeightSpaceNet)
-from symmetry import check_symmetry, distance
+from gradmetanet.testing import check_symmetry, distance
+from gradmetanet.testing import move_gradient_batch as move_batch, move_outputs as move_output
 
 SHAPES = [[3, 7, 2], [4, 7, 13, 3], [5, 13, 7, 7, 2], [2, 7, 5, 9, 7, 3]]
 
@@ -23,22 +24,6 @@ def random_batch(sizes, B=2, b=5, f=2, seed=0, params=False) -> GradientBatch:
     if params:
         p = {k: torch.randn(B, *s, generator=gen, dtype=torch.float64) for k, s in spec.param_shapes().items()}
     return GradientBatch(spec, feats, p)
-
-
-def move_batch(batch: GradientBatch, element, spec: NetworkSpec) -> GradientBatch:
-    """Move a batch's raw (a, g) features and parameters; ``spec`` may list the spaces in another order."""
-    slices = batch.spec.space_slices()
-    feats = torch.cat([batch.features[:, :, slices[s.name]] for s in spec.spaces], 2)
-    return GradientBatch(spec, feats, batch.params).transform(element)
-
-
-def move_output(out, element, spec: NetworkSpec):
-    """Weight-space outputs move like parameters; neuron outputs by space; invariant outputs not at all."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if set(out) == {s.name for s in spec.spaces}:
-        return {k: element[k].act(v, 1) if k in element else v for k, v in out.items()}
-    return spec.transform_parameters(out, element, leading=1)
 
 
 def permute_examples(batch: GradientBatch, seed: int = 1) -> GradientBatch:

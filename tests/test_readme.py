@@ -92,3 +92,9 @@ def test_amortize_example_runs_and_trains_the_tuner():
     exec(compile(example("amortize"), "README:amortize", "exec"), scope)
     assert scope["better"]["0.weight"].shape == (8, 16, 1, 3, 3)
     assert scope["tuner"].scales.grad.abs().sum() > 0 and scope["tuner"].backbone.embed_edge.weight.grad.abs().sum() > 0
+
+
+def test_testing_example_passes_a_metanetwork_and_names_what_a_wrong_one_breaks(capsys):
+    scope: dict = {}
+    exec(compile(example("testing"), "README:testing", "exec"), scope)
+    assert "not invariant to the order of the examples" in capsys.readouterr().out

@@ -241,7 +241,7 @@ def test_metanetworks_on_transformer_gradients_are_equivariant_end_to_end(kind):
     capture again: the per-parameter outputs (LayerNorm, embeddings, packed in_proj included) move alike;
     permuting the vocabulary or the positions, or untying the residual stream, changes them."""
     from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
-    from symmetry import check_symmetry
+    from gradmetanet.testing import check_symmetry
 
     torch.manual_seed(0)
     model = CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4, ffn_mult=2).double()
@@ -291,7 +291,7 @@ def test_weight_space_layer_on_transformer_weights_is_equivariant():
     """The UNF rule's layer runs on every transformer parameter kind (tables, gains, packed Q/K/V) and moves
     with the spec's permutations; permuting the vocabulary changes its output."""
     from gradmetanet.weightspace import TRANSFORMER_SIGNATURES, WeightSpaceLayer
-    from symmetry import check_symmetry
+    from gradmetanet.testing import check_symmetry
 
     torch.manual_seed(0)
     model = CausalTransformer(vocab=5, d=8, heads=2, blocks=2, max_len=4, ffn_mult=2, tie=True).double()

@@ -12,8 +12,8 @@ from torch import nn
 import test_hf_models as hf
 from gradmetanet import GradientBatch, GradientCapture
 from gradmetanet.nn import GradMetaNet
-from symmetry import check_symmetry
-from test_metanets import move_output
+from gradmetanet.testing import check_symmetry
+from gradmetanet.testing import move_outputs as move_output
 
 
 def cnn() -> nn.Module:

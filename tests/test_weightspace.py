@@ -11,16 +11,12 @@ from gradmetanet import NetworkSpec
 from gradmetanet.basenets import make_mlp
 from gradmetanet.nn import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from gradmetanet.weightspace import WeightSpaceFeatures, WeightSpaceLayer, flatten_weights, unflatten_weights
-from symmetry import check_symmetry
+from gradmetanet.testing import check_symmetry, move_weight_space as move_ws
 
 
 def random_features(spec: NetworkSpec, B: int = 3, C: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn(B, *s, C, generator=gen, dtype=torch.float64) for k, s in spec.param_shapes().items()}
-
-
-def move_ws(x, element, spec):
-    return spec.transform_parameters(x, element, leading=1)
 
 
 @pytest.mark.parametrize("sizes", [[3, 7, 2], [4, 6, 6, 5, 6, 3]], ids=["depth2", "depth5"])

@@ -1,4 +1,4 @@
-"""The symmetry harness: one way to test every model, update rule, capture path and normaliser.
+"""Test your own metanetworks for the symmetries they promise: the harness every model of the library is tested with.
 
 Given a spec and a function, :func:`check_symmetry` draws an element of every space's group
 (permutations, signs, positive scales, GL) and checks in float64 that moving the input moves the
@@ -13,6 +13,14 @@ that breaking a symmetry the spec does not declare changes the output (sensitivi
 
 A breaker is an element the caller's ``move`` functions apply exactly as they apply symmetries,
 so a function that ignored it would return the moved output, and the harness sees the difference.
+
+The movers for the library's containers are here too (:func:`move_gradient_batch`, :func:`move_outputs`,
+:func:`move_weight_space`), and :func:`check_metanetwork` runs the whole check on a model that reads a
+:class:`~gradmetanet.GradientBatch`::
+
+    from gradmetanet import NetworkSpec
+    from gradmetanet.testing import check_metanetwork
+    check_metanetwork(MyMetanet(), NetworkSpec.chain([3, 8, 8, 2]), sensitivity=("fixed", "swap"))
 """
 
 from __future__ import annotations
@@ -22,35 +30,42 @@ from typing import Any, Callable
 
 import torch
 
-from gradmetanet.core import Monomial, NetworkSpec, Perm, SpecElement
+from torch import nn
 
+from .batch import GradientBatch
+from .core import Monomial, NetworkSpec, Perm, SpecElement
+
+__all__ = ["check_symmetry", "check_metanetwork", "breakers", "distance", "move_gradient_batch", "move_outputs",
+           "move_weight_space", "Move"]
+
+#: ``move(x, element, spec)``: ``x`` moved by a group element of ``spec`` (a breaker may bring its own spec)
 Move = Callable[[Any, SpecElement, NetworkSpec], Any]
 
 
-def leaves(x: Any) -> list[torch.Tensor]:
+def _leaves(x: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) output, in a fixed order."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, dict):
-        return [t for k in sorted(x) for t in leaves(x[k])]
+        return [t for k in sorted(x) for t in _leaves(x[k])]
     if isinstance(x, (list, tuple)):
-        return [t for v in x for t in leaves(v)]
+        return [t for v in x for t in _leaves(v)]
     if hasattr(x, "activations"):          # a GradientSet
-        return leaves(x.activations) + leaves(x.output_grads) + leaves(x.outputs)
+        return _leaves(x.activations) + _leaves(x.output_grads) + _leaves(x.outputs)
     if hasattr(x, "features"):             # a GradientBatch
-        return leaves(x.features) + leaves(x.params or {})
+        return _leaves(x.features) + _leaves(x.params or {})
     raise TypeError(f"cannot compare outputs of type {type(x).__name__}")
 
 
 def distance(a: Any, b: Any) -> float:
     """Largest absolute difference, relative to max(1, largest magnitude)."""
-    la, lb = leaves(a), leaves(b)
+    la, lb = _leaves(a), _leaves(b)
     assert len(la) == len(lb) and all(x.shape == y.shape for x, y in zip(la, lb)), "output structure changed"
     scale = max(1.0, max(x.abs().max().item() for x in la))
     return max((x - y).abs().max().item() for x, y in zip(la, lb)) / scale
 
 
-def untied(spec: NetworkSpec, space: str) -> NetworkSpec:
+def _untied(spec: NetworkSpec, space: str) -> NetworkSpec:
     """``spec`` with the first site reading ``space`` through a parameter column given a copy of it: moving the
     copy unties them (a LayerNorm reads its space without a column, so it is passed over)."""
     reader = next(s for s in spec.readers(space)
@@ -73,7 +88,7 @@ def breakers(spec: NetworkSpec, generator: torch.Generator) -> dict[str, tuple[N
             out["negative_scale"] = (spec, {space.name: Monomial(torch.arange(space.size), scale)})
         if space.permutable and len(spec.readers(space.name)) + len(spec.writers(space.name)) > 2 \
                 and "untie" not in out:
-            loose = untied(spec, space.name)
+            loose = _untied(spec, space.name)
             out["untie"] = (loose, {f"{space.name}~untied": Perm().sample(space.size, generator)})
     sizes: dict[int, str] = {}
     for space in spec.spaces:
@@ -114,3 +129,45 @@ def check_symmetry(spec: NetworkSpec, fn: Callable[[Any], Any], x: Any, move_in:
         change = distance(fn(moved_in), move_out(y, g, loose))
         assert change > max(100 * worst, 1e-12), \
             f"insensitive to breaker {name!r}: change {change:.3g}, equivariance error {worst:.3g}"
+
+
+def move_gradient_batch(batch: GradientBatch, element: SpecElement, spec: NetworkSpec) -> GradientBatch:
+    """A batch's features and parameters moved by ``element``; ``spec`` may list the spaces in another order (the
+    ``swap`` breaker), and the features are then reordered to it by space name."""
+    slices = batch.spec.space_slices()
+    feats = torch.cat([batch.features[:, :, slices[s.name]] for s in spec.spaces], 2)
+    return GradientBatch(spec, feats, batch.params).transform(element)
+
+
+def move_outputs(out: Any, element: SpecElement, spec: NetworkSpec) -> Any:
+    """A metanetwork's output moved: weight-space outputs ``{param: [B, *shape, C]}`` as parameters, neuron outputs
+    ``{space: [B, n, C]}`` by space, an invariant tensor ``[B, C]`` not at all."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if set(out) == {s.name for s in spec.spaces}:
+        return {k: element[k].act(v, 1) if k in element else v for k, v in out.items()}
+    return spec.transform_parameters(out, element, leading=1)
+
+
+def move_weight_space(x: dict[str, torch.Tensor], element: SpecElement, spec: NetworkSpec) -> dict[str, torch.Tensor]:
+    """Weight-space features ``{param: [B, *shape, C]}`` moved as parameters."""
+    return spec.transform_parameters(x, element, leading=1)
+
+
+def check_metanetwork(model: nn.Module, spec: NetworkSpec, *, networks: int = 2, examples: int = 5,
+                      features: int = 2, group: str = "full", sensitivity: tuple[str, ...] = (),
+                      atol: float = 1e-9, seed: int = 0) -> None:
+    """Check a metanetwork that reads a :class:`~gradmetanet.GradientBatch` ``[networks, examples, N, features]``
+    (random, float64; the model is cast to float64 for the check) for equivariance to ``spec``'s groups
+    (``group="perm"``: permutations only), invariance to the order of the examples, and sensitivity to the
+    named breakers. Raises ``AssertionError`` naming what failed."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = GradientBatch(spec, torch.randn(networks, examples, spec.n_neurons, features, generator=gen,
+                                            dtype=torch.float64))
+    model = model.double()
+    with torch.no_grad():
+        check_symmetry(spec, model, batch, move_gradient_batch, move_outputs, group=group, atol=atol,
+                       sensitivity=sensitivity, seed=seed)
+        order = torch.randperm(examples, generator=gen).roll(1)
+        err = distance(model(batch.transform({}, order)), model(batch))
+    assert err < atol, f"not invariant to the order of the examples: error {err:.3g}"
