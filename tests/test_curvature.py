@@ -205,3 +205,23 @@ def test_a_run_stopped_mid_cell_resumes_mid_cell(tmp_path, monkeypatch):
     assert epochs_seen == [1, 2]
     assert list((tmp_path / "run" / "checkpoints").glob("*.pt")) == []
     assert len(results["learning_curves"]["gradmetanet"]["val"]) == 3
+
+
+def test_zoo_list_and_verify_commands_name_a_damaged_zoo(tmp_path, capsys):
+    """`gradmetanet zoo list` shows every cached zoo with its status; `zoo verify` exits 1 naming the damage."""
+    from gradmetanet.cli import main
+
+    load_or_generate_siren_zoo(SirenZooConfig(n_networks=4, set_size=4, target_points=8), tmp_path, progress=False)
+    (folder,) = tmp_path.glob("siren_zoo_*")
+    assert main(["zoo", "list", "--cache-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert "1 zoo(s)" in listing and f"| {folder.name} | siren_zoo |" in listing and "networks 4 | ok |" in listing
+    assert main(["zoo", "verify", str(folder)]) == 0 and capsys.readouterr().out.strip().endswith(": ok")
+    path = folder / "zoo.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    assert main(["zoo", "verify", str(folder)]) == 1
+    assert "does not match its SHA-256" in capsys.readouterr().out
+    main(["zoo", "list", "--cache-dir", str(tmp_path)])
+    assert "does not match its SHA-256" in capsys.readouterr().out

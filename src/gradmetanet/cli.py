@@ -1,5 +1,5 @@
 """The `gradmetanet` command line: `gradmetanet run EXPERIMENT --preset tiny|quick|cpu|paper`, `gradmetanet demo`
-(what `make demo` runs) and `gradmetanet capture-demo`."""
+(what `make demo` runs), `gradmetanet capture-demo` and `gradmetanet zoo list|verify` (the zoo cache)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,12 @@ def build_parser(with_experiments: bool = False) -> argparse.ArgumentParser:
                      help="override a setting, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
     commands.add_parser("demo", help=f"what `make demo` runs: `run {DEMO[0]} --preset {DEMO[1]}` into "
                                      f"runs/{DEMO[0]}-{DEMO[1]}")
+    zoo = commands.add_parser("zoo", help="the zoo cache: list the cached zoos or verify zoo folders")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
+    listing = zoo_commands.add_parser("list", help="every cached zoo with its size, version and checksum status")
+    listing.add_argument("--cache-dir", default=None, help="default $GRADMETANET_CACHE or ~/.cache/gradmetanet")
+    verify = zoo_commands.add_parser("verify", help="check zoo folders against their manifests (exit 1 if any fails)")
+    verify.add_argument("folders", nargs="+")
     capture = commands.add_parser("capture-demo",
                                   help="capture the decomposed gradients of a digits MLP and report the cost")
     capture.add_argument("--batch-size", type=int, default=128)
@@ -92,12 +98,33 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_capture_demo
         run_capture_demo(batch_size=args.batch_size, seed=args.seed)
         return 0
+    if args.command == "zoo":
+        return _zoo(args)
     if args.command == "demo":
         return main(["run", DEMO[0], "--preset", DEMO[1]])
     try:
         return _run(args)
     except (ValueError, FloatingPointError) as err:       # RunFolderError, bad settings, a non-finite metric
         raise SystemExit(f"gradmetanet: {err}") from None
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from .zoos import default_cache_dir, list_zoos, verify_zoo_folder
+    if args.zoo_command == "list":
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        rows = list_zoos(cache)
+        print(f"{len(rows)} zoo(s) in {cache}\n\n| folder | zoo | MiB | written by | summary | status |\n|---|---|---:|---|---|---|")
+        for r in rows:
+            summary = ", ".join(f"{k} {v}" for k, v in r["summary"].items() if not isinstance(v, (dict, list)))
+            print(f"| {Path(r['folder']).name} | {r['zoo']} | {r['bytes'] / 2 ** 20:.1f} | {r['package_version']} | "
+                  f"{summary} | {'ok' if r['problem'] is None else r['problem']} |")
+        return 0
+    failed = 0
+    for folder in args.folders:
+        problem = verify_zoo_folder(folder)
+        print(f"{folder}: {'ok' if problem is None else problem}")
+        failed += problem is not None
+    return 1 if failed else 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_replace, atomic_write_text
 from ..provenance import package_version
 
-__all__ = ["cached_zoo", "verify_zoo_folder", "file_digest"]
+__all__ = ["cached_zoo", "verify_zoo_folder", "file_digest", "default_cache_dir", "list_zoos"]
 
 Zoo = TypeVar("Zoo")
 _TENSORS = "zoo.safetensors"
@@ -71,6 +71,27 @@ def verify_zoo_folder(folder: str | os.PathLike, config: Any = None, depends: di
     if file_digest(tensors) != expected.get("sha256"):
         return f"{_TENSORS} does not match its SHA-256 in the manifest (its bytes were changed)"
     return None
+
+
+def default_cache_dir() -> Path:
+    """Where zoos are cached unless a config says otherwise: ``$GRADMETANET_CACHE``, else ``~/.cache/gradmetanet``."""
+    return Path(os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet")))
+
+
+def list_zoos(cache_dir: str | os.PathLike) -> list[dict]:
+    """Every zoo folder under ``cache_dir``, each as ``{"folder", "zoo", "bytes", "package_version", "summary",
+    "problem"}`` (``problem`` is ``None`` for an intact zoo; checksums are verified, so this reads every file)."""
+    rows = []
+    for folder in sorted(p for p in Path(cache_dir).iterdir() if p.is_dir()) if Path(cache_dir).is_dir() else []:
+        try:
+            manifest = json.loads((folder / _MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        rows.append({"folder": str(folder), "zoo": manifest.get("zoo", "?"),
+                     "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+                     "package_version": manifest.get("package_version", "?"), "summary": manifest.get("summary", {}),
+                     "problem": verify_zoo_folder(folder)})
+    return rows
 
 
 def cached_zoo(name: str, config: Any, generate: Callable[[], Zoo], to_tensors: Callable[[Zoo], dict[str, torch.Tensor]],
