@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "lora": ("lora", "properties of LoRA fine-tunes predicted from their adapters (LoL)"),
     "inr-edit": ("inr_edit", "dilate images by editing their INRs' weights in one pass (paper 7.3)"),
     "amortize": ("amortize", "fine-tune every network of a zoo in one pass, against SGD (ScaleGMN)"),
+    "ws-bench": ("ws_bench", "INR classification by every backbone, and under function-preserving changes"),
 }
 DEMO = ("curvature", "quick")
 

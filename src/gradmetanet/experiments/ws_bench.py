@@ -1,0 +1,208 @@
+"""The field's standard weight-space benchmark, INR classification, with a robustness test beside it.
+
+Every backbone (DWSNet, GMN, ScaleGMN; invariant readout) learns the class of the digit an INR of the INR zoo
+represents from the INR's weights (each tensor divided by its root mean square over the training INRs), by
+cross-entropy, keeping its best-validation epoch. Its test accuracy is then read on the test INRs as they are
+and on three function-preserving changes of them (:mod:`gradmetanet.weightspace.transforms`):
+
+- **symmetry**: a random element of the spec's groups (permutations and sign flips of the sine neurons); an
+  equivariant backbone must score exactly as on the originals;
+- **widened, zero**: ``widen_by`` neurons added to each hidden space with zero outgoing weights;
+- **widened, split**: ``widen_by`` neurons of each hidden space duplicated, outgoing weights split.
+
+Widened INRs compute the same image but have more neurons than any training INR: a backbone that aggregates
+by means over neurons sees them diluted. Published figures (ScaleGMN paper, MNIST INRs, 70,000 images of
+28 x 28): ScaleGMN-B 96.59%, DWSNets 85.71%, NFN-NP 78.50%. Our default zoo holds the 1,797 scikit-learn digits
+upsampled to 28 x 28 (``data_dir`` reads MNIST IDX files instead): fewer and easier images, so the numbers are
+a check of the pipeline and of the ordering, not comparable to the published ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_text
+from ..core.spec import NetworkSpec
+from ..data.inr_zoo import InrZooConfig, load_or_generate_inr_zoo
+from ..plots import figure, learning_curves
+from ..training import fit_regression
+from ..weightspace import DWSNet, GMN, ScaleGMN, random_symmetry, widen
+from . import apply_preset, format_mean_std, mean_std
+from .inr_edit import inr_spec
+from .store import RunFolder, require_finite, settings_of
+
+__all__ = ["WsBenchConfig", "PRESETS", "run", "config_from_preset", "BACKBONES", "VARIANTS"]
+
+BACKBONES = ("dws", "gmn", "scalegmn")
+VARIANTS = ("original", "symmetry", "widened_zero", "widened_split")
+LABELS = {"dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN", "original": "test INRs",
+          "symmetry": "random symmetry", "widened_zero": "widened (zero)", "widened_split": "widened (split)"}
+PUBLISHED_MNIST = {"scalegmn": 96.59, "dws": 85.71}      # ScaleGMN paper, MNIST INRs (ScaleGMN-B, DWSNets)
+CLASSES = 10
+
+
+@dataclass
+class WsBenchConfig:
+    n_images: int | None = None           # INRs of the zoo (all 1,797 digits by default)
+    data_dir: str | None = None           # MNIST-style IDX files instead of the digits
+    fit_steps: int = 300                  # steps fitting each INR (the INR zoo's setting)
+    backbones: tuple[str, ...] = BACKBONES
+    hidden: int = 32
+    layers: int = 3
+    epochs: int = 60
+    patience: int | None = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    widen_by: int = 8                     # neurons added to each hidden space in the widened variants
+    seeds: int = 3
+    cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.backbones if b not in BACKBONES]
+        if bad:
+            raise ValueError(f"unknown backbones {bad}; choose from {list(BACKBONES)}")
+
+
+PRESETS = {
+    "paper": WsBenchConfig(hidden=64, layers=4, epochs=150, patience=20),
+    "cpu": WsBenchConfig(),
+    "quick": WsBenchConfig(n_images=600, epochs=20, patience=5, seeds=1, layers=2),
+    "tiny": WsBenchConfig(n_images=40, fit_steps=30, epochs=2, patience=None, seeds=1, hidden=8, layers=1,
+                          widen_by=2, cache_dir=None),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> WsBenchConfig:
+    return apply_preset(PRESETS, preset, overrides)
+
+
+def _backbone(name: str, spec: NetworkSpec, config: WsBenchConfig) -> nn.Module:
+    kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
+    options = {} if name == "dws" else {"bidirectional": True}
+    return kinds[name](spec, 1, CLASSES, hidden=config.hidden, layers=config.layers, readout="invariant", **options)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, one_hot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits, one_hot, reduction=reduction)
+
+
+def changed_test_networks(params: dict[str, torch.Tensor], spec: NetworkSpec, widen_by: int, seed: int
+                  ) -> dict[str, tuple[dict[str, torch.Tensor], NetworkSpec]]:
+    """The test INRs ``{name: [M, *shape]}`` as they are and changed in each function-preserving way, with the
+    spec each is read with."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    hidden = [s.name for s in spec.spaces if s.permutable]
+    out = {"original": (params, spec), "symmetry": (random_symmetry(params, spec, gen, leading=1), spec)}
+    for how in ("zero", "split"):
+        wide, wide_spec = params, spec
+        for space in hidden:
+            wide, wide_spec = widen(wide, wide_spec, space, widen_by, how, gen, leading=1)
+        out[f"widened_{how}"] = (wide, wide_spec)
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, params: dict[str, torch.Tensor], labels: torch.Tensor, rms: dict[str, torch.Tensor],
+             batch: int = 128) -> float:
+    """Share of the networks ``params`` whose class the model gets right."""
+    model.eval()
+    right = 0
+    for start in range(0, len(labels), batch):
+        x = {n: (v[start:start + batch] / rms[n]).unsqueeze(-1) for n, v in params.items()}
+        right += (model(x).argmax(-1) == labels[start:start + batch]).sum().item()
+    return right / len(labels)
+
+
+def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
+    """Every backbone over ``seeds`` seeds: ``results.json``, ``table.md``, ``accuracy.png``, ``learning_curves.png``.
+    Finished cells are kept (a rerun resumes, also mid-fit)."""
+    folder = RunFolder(out_dir, "ws-bench", settings_of(config), overwrite)
+    store = folder.cells()
+    settings = settings_of(config, ignore=("backbones", "seeds"))
+    zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=config.n_images, data_dir=config.data_dir,
+                                                steps=config.fit_steps), config.cache_dir, progress)
+    spec = inr_spec()
+    train = zoo.splits["train"]
+    rms = {n: zoo.params[n][train].square().mean().sqrt() for n in spec.param_shapes()}
+    x = {n: (v / rms[n]).unsqueeze(-1) for n, v in zoo.params.items()}
+    one_hot = F.one_hot(zoo.labels.long(), CLASSES).float()
+    test = zoo.splits["test"]
+    test_params = {n: v[test] for n, v in zoo.params.items()}
+    bar = tqdm(total=len(config.backbones) * config.seeds, desc="ws-bench", unit="fit", disable=not progress)
+    for name in config.backbones:
+        for seed in range(config.seeds):
+            key = f"{name}/{seed}"
+            if store.get(key, settings) is None:
+                torch.manual_seed(seed)
+                model = _backbone(name, spec, config)
+                start = time.perf_counter()
+                fit = fit_regression(model, lambda m, idx: m({n: v[idx] for n, v in x.items()}), one_hot, train,
+                                     zoo.splits["val"], test, config.epochs, config.batch_size, config.lr, seed,
+                                     loss=_soft_cross_entropy, schedule="cosine", patience=config.patience,
+                                     checkpoint=store.checkpoint(key, settings))
+                scores = {}
+                for variant, (params, variant_spec) in changed_test_networks(test_params, spec, config.widen_by, seed).items():
+                    reader = _backbone(name, variant_spec, config)
+                    reader.load_state_dict(model.state_dict())
+                    scores[variant] = require_finite(f"{name} accuracy ({variant})",
+                                                     accuracy(reader, params, zoo.labels[test], rms))
+                store.put(key, settings, {"accuracy": scores, "best_epoch": fit.best_epoch, "converged": fit.converged,
+                                          "epochs_run": fit.epochs_run, "val_history": fit.val_history,
+                                          "train_history": fit.train_history, "seconds": time.perf_counter() - start})
+            bar.update()
+    bar.close()
+    results = {"experiment": "ws-bench", "config": asdict(config), "published_mnist": PUBLISHED_MNIST,
+               "zoo": {"inrs": len(zoo), "psnr_db": zoo.psnr.mean().item(),
+                       "splits": {k: len(v) for k, v in zoo.splits.items()}}, "models": {}}
+    for name in config.backbones:
+        runs = [store.get(f"{name}/{seed}", settings) for seed in range(config.seeds)]
+        results["models"][name] = {
+            "accuracy": {v: dict(zip(("mean", "std"), mean_std(r["accuracy"][v] for r in runs))) for v in VARIANTS},
+            "runs": [r["accuracy"] for r in runs], "converged": [r["converged"] for r in runs],
+            "best_epochs": [r["best_epoch"] for r in runs],
+            "curve": {"train": runs[0]["train_history"], "val": runs[0]["val_history"]}}
+    report(results, folder)
+    return results
+
+
+def report(results: dict, folder: RunFolder) -> str:
+    """``results.json`` (with provenance), ``table.md``, ``accuracy.png`` and ``learning_curves.png``."""
+    out = folder.path
+    folder.write_json("results.json", results)
+    cfg, z = results["config"], results["zoo"]
+    lines = [f"INR classification, {z['inrs']} INRs (fit PSNR {z['psnr_db']:.1f} dB; test {z['splits']['test']}), "
+             f"test accuracy in %, mean ± std over {cfg['seeds']} seed(s); widened: +{cfg['widen_by']} neurons per "
+             "hidden space.", "",
+             "| backbone | " + " | ".join(LABELS[v] for v in VARIANTS) + " | converged | published (MNIST INRs) |",
+             "|---|" + "---:|" * (len(VARIANTS) + 2)]
+    for name, row in results["models"].items():
+        n = len(row["runs"])
+        cells = [format_mean_std(100 * row["accuracy"][v]["mean"], 100 * row["accuracy"][v]["std"], n, 1)
+                 for v in VARIANTS]
+        published = results["published_mnist"].get(name)
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {sum(row['converged'])}/{n} | "
+                     + (f"{published:.2f}" if published else "-") + " |")
+    lines += ["", "Published numbers are on MNIST INRs (70,000 images); ours by default on the 1,797 scikit-learn "
+              "digits upsampled to 28 x 28: compare orderings, not values."]
+    table = "\n".join(lines)
+    atomic_write_text(out / "table.md", table + "\n")
+    names = list(results["models"])
+    with figure(out / "accuracy.png", "backbone", "test accuracy (%)", "INR classification and function-preserving "
+                "changes", size=(7.5, 4.2)) as ax:
+        width = 0.8 / len(VARIANTS)
+        for i, v in enumerate(VARIANTS):
+            ax.bar([j + i * width for j in range(len(names))],
+                   [100 * results["models"][n]["accuracy"][v]["mean"] for n in names], width, label=LABELS[v])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [LABELS[n] for n in names])
+    learning_curves(out / "learning_curves.png",
+                    {LABELS[n]: (r["curve"]["train"], r["curve"]["val"]) for n, r in results["models"].items()},
+                    "cross-entropy (per class)", "INR classification: learning curves (seed 0)")
+    return table

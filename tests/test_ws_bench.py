@@ -1,0 +1,42 @@
+"""ws-bench: INR classification by every backbone, and the function-preserving test sets it scores them on."""
+
+import json
+
+import torch
+from torch.func import vmap
+
+from gradmetanet.data.inr_zoo import render
+from gradmetanet.experiments import ws_bench
+from gradmetanet.experiments.inr_edit import inr_spec
+
+
+def test_changed_test_networks_draw_the_same_images():
+    """Every variant of a SIREN renders the image the original renders (the changes preserve the function), and
+    the widened ones have the announced widths."""
+    spec = inr_spec()
+    gen = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(3, *s, generator=gen, dtype=torch.float64) * 0.3 for k, s in spec.param_shapes().items()}
+    variants = ws_bench.changed_test_networks(params, spec, widen_by=4, seed=0)
+    assert set(variants) == set(ws_bench.VARIANTS)
+    images = vmap(render)(params)
+    for name, (changed, changed_spec) in variants.items():
+        assert {k: tuple(v.shape[1:]) for k, v in changed.items()} == dict(changed_spec.param_shapes()), name
+        torch.testing.assert_close(vmap(render)(changed), images, atol=1e-10, rtol=0, msg=name)
+    assert variants["widened_zero"][1].space("s1").size == 36 and variants["widened_split"][1].space("s2").size == 36
+    assert not torch.equal(variants["symmetry"][0]["0.weight"], params["0.weight"])
+
+
+def test_tiny_run_writes_its_table_and_equivariant_backbones_keep_their_score_under_symmetry(tmp_path):
+    config = ws_bench.config_from_preset("tiny")
+    results = ws_bench.run(config, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["models"]) == set(ws_bench.BACKBONES) and "provenance" in saved
+    for name, row in saved["models"].items():
+        acc = row["accuracy"]
+        assert all(0.0 <= acc[v]["mean"] <= 1.0 for v in ws_bench.VARIANTS)
+        assert acc["symmetry"]["mean"] == acc["original"]["mean"], name          # equivariant: the same answers
+    table = (tmp_path / "table.md").read_text()
+    assert "random symmetry" in table and "widened (split)" in table and "96.59" in table
+    for png in ("accuracy.png", "learning_curves.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    assert results["zoo"]["inrs"] == 40
