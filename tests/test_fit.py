@@ -130,3 +130,15 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other settings \\(differing: lr\\)"):
         fit_regression(torch.nn.Linear(4, 1), lambda m, idx: m(x[idx]), y, train, val, test, epochs=4, batch_size=16,
                        lr=2e-2, seed=0, checkpoint=path)
+
+
+def test_has_converged_reads_a_plateau_as_converged_and_a_descent_as_not():
+    from gradmetanet.training import has_converged
+
+    descent = [1.0 / (1 + e) for e in range(20)]                   # still falling fast at the end
+    assert not has_converged(descent, window=5)
+    stopped = descent[:10] + [descent[9] * 1.01] * 10             # best epoch 9, ten epochs before the end
+    assert has_converged(stopped, window=5)
+    plateau = [1.0 - 0.5 * (1 - 0.5 ** e) for e in range(30)]      # creeping down by < 1% over the last epochs
+    assert plateau[-1] < plateau[-2] and has_converged(plateau, window=5)
+    assert not has_converged(plateau[:3], window=5)                # too short to tell

@@ -22,7 +22,7 @@ from .atomic import atomic_replace
 from .batch import GradientBatch
 from .weightspace.features import WeightSpaceFeatures, flatten_weights
 
-__all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse"]
+__all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse", "has_converged"]
 
 #: ``predict(model, indices) -> [len(indices), P]`` predictions in normalised target units.
 Predictor = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -32,9 +32,9 @@ Predictor = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 class FitResult:
     """Outcome of :func:`fit_regression`; errors are mean losses in the caller's units.
 
-    ``converged``: the validation loss stopped improving: its best epoch lies at least ``window`` epochs before
-    the last epoch run (``window`` = the patience, or a fifth of the epochs without one). A run that ends at its
-    epoch cap while still improving is not converged; its numbers are those of a model stopped early.
+    ``converged``: the validation loss stopped improving (:func:`has_converged`, ``window`` = the patience, or a
+    fifth of the epochs without one). A run that ends at its epoch cap while still improving is not converged;
+    its numbers are those of a model stopped early.
     """
 
     best_epoch: int
@@ -44,6 +44,19 @@ class FitResult:
     train_history: list[float] = field(default_factory=list)
     epochs_run: int = 0
     converged: bool = False
+
+
+def has_converged(val_history: list[float], window: int, tolerance: float = 0.01) -> bool:
+    """Whether a validation curve stopped improving: its best epoch lies at least ``window`` epochs before the last,
+    or the last ``window`` epochs improved the best value by less than ``tolerance`` (relative) - the plateau a
+    cosine schedule ends on, where the rate decays to zero and the last epochs still gain a little."""
+    if len(val_history) <= window:
+        return False
+    best = min(range(len(val_history)), key=val_history.__getitem__)
+    if len(val_history) - 1 - best >= window:
+        return True
+    before = min(val_history[:-window])
+    return before > 0 and (before - val_history[best]) / before < tolerance
 
 
 #: ``loss(prediction, target, reduction=...)``, as ``F.mse_loss`` or ``F.binary_cross_entropy_with_logits``
@@ -137,7 +150,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     model.load_state_dict(best_state)
     result.best_epoch, result.best_val = best_epoch, best_val
     result.epochs_run = len(result.val_history)
-    result.converged = result.epochs_run - 1 - best_epoch >= window
+    result.converged = has_converged(result.val_history, window)
     result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
     if checkpoint is not None and Path(checkpoint).exists():
         os.remove(checkpoint)

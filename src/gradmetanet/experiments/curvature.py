@@ -29,7 +29,7 @@ from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, N
 from ..core.spec import NetworkSpec
 from ..nn.baselines import weight_space_inputs
 from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
-from ..training import Predictor, fit_regression
+from ..training import Predictor, fit_regression, has_converged
 from ..weightspace.features import flatten_weights
 from . import apply_preset, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
@@ -335,7 +335,8 @@ def _summarise(config: CurvatureConfig, cells: dict[str, dict], references: dict
             models[key][n] = {"mean": mean, "std": std, "runs": [run["test"] for run in runs], "per_layer": per_layer}
             improvement[key][n] = 1.0 - mean / standard
             best_epochs[key][n] = [run["best_epoch"] for run in runs]
-            converged[key][n] = [run.get("converged", False) for run in runs]
+            converged[key][n] = [has_converged(run["val_history"], config.patience or max(1, config.epochs // 5))
+                                 if "val_history" in run else False for run in runs]
         last = cells[_cell_key(key, config.train_sizes[-1], 0)]
         if "val_history" in last:
             curves[key] = {"train": last["train_history"], "val": last["val_history"]}
@@ -408,8 +409,8 @@ def render_table(results: dict) -> str:
 def _convergence_line(results: dict) -> str:
     """Which fits stopped improving on validation before their epoch cap (``FitResult.converged``)."""
     patience = results["config"].get("patience")
-    rule = (f"stopped after {patience} epochs without a better validation error" if patience else
-            "best validation epoch at least a fifth of the epochs before the last")
+    window = f"{patience} epochs" if patience else "a fifth of the epochs"
+    rule = f"no better validation error, or less than 1% better, over the last {window}"
     parts = []
     for key, per_size in results.get("converged", {}).items():
         flags = [flag for runs in per_size.values() for flag in runs]

@@ -268,8 +268,8 @@ def report(results: dict, folder: RunFolder) -> str:
     for backbone, row in results["models"].items():
         cells = [format_mean_std(100 * row[v]["mean"], 100 * row[v]["std"], len(row[v]["runs"]), 3) for v in variants]
         lines.append(f"| {LABELS[backbone]} | " + " | ".join(cells) + " |")
-    rule = (f"stopped after {cfg['patience']} epochs without a better validation MSE" if cfg.get("patience") else
-            "best validation epoch at least a fifth of the epochs before the last")
+    window = f"{cfg['patience']} epochs" if cfg.get("patience") else "a fifth of the epochs"
+    rule = f"no better validation MSE, or less than 1% better, over the last {window}"
     counts = [f"{LABELS[b]} {LABELS[v]} {sum(r['converged'])}/{len(r['converged'])}"
               for b, row in results["models"].items() for v, r in row.items()]
     lines += ["", f"Converged ({rule}; seeds): " + ", ".join(counts) + "."]
