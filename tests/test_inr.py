@@ -85,3 +85,15 @@ def test_inr_zoo_from_idx_files_fits_splits_and_caches(tmp_path):
     assert '"inrs": 6' in manifest
     again = load_or_generate_inr_zoo(config, cache_dir=tmp_path / "cache", progress=False)
     assert all(torch.equal(again.params[k], zoo.params[k]) for k in zoo.params)
+
+
+def test_a_shared_initialisation_zoo_starts_every_inr_from_the_same_weights():
+    """One Adam step moves each weight by at most about lr: INRs of a shared-init zoo stay within 2 lr of each
+    other after one step, those of the default zoo (one draw each) do not."""
+    shared = load_or_generate_inr_zoo(InrZooConfig(n_images=4, steps=1, chunk=2, shared_init=True), cache_dir=None,
+                                      progress=False)
+    own = load_or_generate_inr_zoo(InrZooConfig(n_images=4, steps=1, chunk=2), cache_dir=None, progress=False)
+    lr = InrZooConfig().lr
+    for name, w in shared.params.items():
+        assert (w - w[0]).abs().max() <= 2 * lr + 1e-6, name                  # across chunks too
+    assert (own.params["2.weight"] - own.params["2.weight"][0]).abs().max() > 10 * lr

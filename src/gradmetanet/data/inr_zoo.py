@@ -55,6 +55,7 @@ class InrZooConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    shared_init: bool = False            # every INR starts from the same initial weights (else each its own draw)
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -93,8 +94,14 @@ def _init(m: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _fit(targets: torch.Tensor, config: InrZooConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Fit one SIREN to each of ``targets [m, 784]`` (values in ``[0, 1]``) with Adam."""
-    params = _init(targets.shape[0], gen)
+    """Fit one SIREN to each of ``targets [m, 784]`` (values in ``[0, 1]``) with Adam, from one initialisation
+    per INR or, with ``config.shared_init``, from the zoo's one initialisation (drawn from the zoo's seed)."""
+    m = targets.shape[0]
+    if config.shared_init:
+        params = {k: v.expand(m, *v.shape[1:]).clone()
+                  for k, v in _init(1, torch.Generator().manual_seed(config.seed)).items()}
+    else:
+        params = _init(m, gen)
 
     def loss(p: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         return (render(p) - target).square().mean()

@@ -54,6 +54,7 @@ class WsBenchConfig:
     n_images: int | None = None           # INRs of the zoo (all 1,797 digits by default)
     data_dir: str | None = None           # MNIST-style IDX files instead of the digits
     fit_steps: int = 300                  # steps fitting each INR (the INR zoo's setting)
+    shared_init: bool = False             # INRs fitted from one shared initialisation (InrZooConfig.shared_init)
     backbones: tuple[str, ...] = BACKBONES
     hidden: int = 32
     layers: int = 3
@@ -128,7 +129,8 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     store = folder.cells()
     settings = settings_of(config, ignore=("backbones", "seeds"))
     zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=config.n_images, data_dir=config.data_dir,
-                                                steps=config.fit_steps), config.cache_dir, progress)
+                                                steps=config.fit_steps, shared_init=config.shared_init),
+                                   config.cache_dir, progress)
     spec = inr_spec()
     train = zoo.splits["train"]
     rms = {n: zoo.params[n][train].square().mean().sqrt() for n in spec.param_shapes()}
