@@ -129,6 +129,7 @@ def test_fisher_trace_targets_and_tiny_run(tmp_path):
     assert set(results["models"]) == {"gradmetanet", "mlp"}
     assert all(r["normalised_mae"] > 0 for r in results["models"].values())
     assert "normalised MAE" in (tmp_path / "table.md").read_text()
+    assert "Converged (" in (tmp_path / "table.md").read_text() and (tmp_path / "learning_curves.png").exists()
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 
 def test_lora_tiny_run_writes_its_report(tmp_path):
@@ -18,6 +19,7 @@ def test_lora_tiny_run_writes_its_report(tmp_path):
     assert results["speed"]["speedup"] > 1
     table = (tmp_path / "table.md").read_text()
     assert "GL-net" in table and "rank-8" in table
+    assert re.search(r"Converged \(.*GL-net \d/\d", table)
 
 
 def test_language_model_lora_zoo_and_experiment(tmp_path):

@@ -109,3 +109,15 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
 def format_mean_std(mean: float, std: float, runs: int, digits: int = 4) -> str:
     """``mean ± std`` over several runs; the mean alone for one run (whose spread is unknown, not zero)."""
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if runs > 1 else f"{mean:.{digits}f}"
+
+
+def convergence_line(converged: Mapping[str, Iterable[bool]], patience: int | None, unit: str = "fits") -> str:
+    """The sentence every table ends with: how many fits of each model stopped improving on validation
+    (:func:`gradmetanet.training.has_converged`), ``converged {label: [flag per fit]}``."""
+    window = f"{patience} epochs" if patience else "a fifth of the epochs"
+    counts = []
+    for label, flags in converged.items():
+        flags = list(flags)
+        counts.append(f"{label} {sum(flags)}/{len(flags)}")
+    return (f"Converged (no better validation loss, or less than 1% better, over the last {window}; {unit} per "
+            f"model): " + (", ".join(counts) if counts else "no learned model run") + ".")

@@ -31,7 +31,7 @@ from ..nn.baselines import weight_space_inputs
 from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from ..training import Predictor, fit_regression, has_converged
 from ..weightspace.features import flatten_weights
-from . import apply_preset, format_mean_std, mean_std
+from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
 
@@ -386,7 +386,9 @@ def render_table(results: dict) -> str:
                            for n in sizes)
         gain = results["relative_improvement_over_standard"][key][largest]
         lines.append(f"| {LABELS[key]} | {results['parameters'][key]:,} | {cells} | {100 * gain:+.1f}% |")
-    lines += ["", _convergence_line(results)]
+    lines += ["", convergence_line({LABELS[k]: [f for runs in per_size.values() for f in runs]
+                                    for k, per_size in results.get("converged", {}).items()},
+                                   results["config"].get("patience"))]
     learned = [k for k in keys if k != "standard" and k not in REFERENCE_KEYS]
     if learned and all(results["relative_improvement_over_standard"][k][largest] <= 0 for k in learned):
         lines += ["", f"No learned model beats the standard estimator at n={largest} in this run. Small presets check "
@@ -404,18 +406,6 @@ def render_table(results: dict) -> str:
         lines.append(f"| {LABELS[key]} | {cell['mean']:.4f} | "
                      + " | ".join(f"{100 * cell['per_layer'][n]:.1f}%" for n in names) + " |")
     return "\n".join(lines)
-
-
-def _convergence_line(results: dict) -> str:
-    """Which fits stopped improving on validation before their epoch cap (``FitResult.converged``)."""
-    patience = results["config"].get("patience")
-    window = f"{patience} epochs" if patience else "a fifth of the epochs"
-    rule = f"no better validation error, or less than 1% better, over the last {window}"
-    parts = []
-    for key, per_size in results.get("converged", {}).items():
-        flags = [flag for runs in per_size.values() for flag in runs]
-        parts.append(f"{LABELS[key]} {sum(flags)}/{len(flags)}")
-    return f"Converged ({rule}; fits per model): " + (", ".join(parts) if parts else "no learned model run") + "."
 
 
 _LINE_STYLES = {"standard": ("black", "--"), "product_of_means": ("grey", ":"), "quadrature": ("grey", "-."),

@@ -29,8 +29,9 @@ from ..nn import GradMetaNet
 from ..nn.layers import MLP
 from ..nn.normalise import NeuronNormaliser
 from ..core.spec import NetworkSpec
+from ..plots import learning_curves
 from ..training import fit_regression
-from . import apply_preset
+from . import apply_preset, convergence_line
 from .store import RunFolder, settings_of, write_results
 
 __all__ = ["FisherTraceConfig", "PRESETS", "run", "config_from_preset"]
@@ -48,6 +49,7 @@ class FisherTraceConfig:
     set_size: int = 32
     target_points: int = 512
     epochs: int = 30
+    patience: int | None = None           # stop a fit after this many epochs without a better validation error
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0
@@ -139,12 +141,14 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
         start = time.perf_counter()
         with tqdm(total=config.epochs, desc=f"train {name}", unit="epoch", disable=not progress) as bar:
             fit = fit_regression(model, predict, y, train, val, test, config.epochs, config.batch_size, config.lr,
-                                 config.seed, on_epoch=lambda epoch, val_mse: (bar.update(), bar.set_postfix(val=val_mse)))
+                                 config.seed, on_epoch=lambda epoch, val_mse: (bar.update(), bar.set_postfix(val=val_mse)),
+                                 patience=config.patience)
         model.eval()
         with torch.no_grad():
             pred = torch.cat([predict(model, test[i:i + 64]) for i in range(0, len(test), 64)])[:, 0]
         mae = (pred * t_std + t_mean - targets[test]).abs().mean().item()
         rows[name] = {"normalised_mae": mae / constant_mae, "mae": mae, "best_epoch": fit.best_epoch,
+                      "converged": fit.converged, "val_history": fit.val_history, "train_history": fit.train_history,
                       "parameters": sum(p.numel() for p in model.parameters()),
                       "seconds": time.perf_counter() - start}
     results = {"experiment": "fisher_trace", "metric": METRIC, "config": asdict(config),
@@ -157,5 +161,8 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
              "| model | params | normalised MAE | paper |", "|---|---:|---:|---:|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {row['parameters']:,} | {row['normalised_mae']:.3f} | {results['paper'][name]} |")
+    lines += ["", convergence_line({name: [row["converged"]] for name, row in rows.items()}, config.patience)]
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
+    learning_curves(out / "learning_curves.png", {n: (r["train_history"], r["val_history"]) for n, r in rows.items()},
+                    "MSE (normalised log trace)", "Fisher trace: learning curves")
     return results

@@ -42,7 +42,7 @@ from ..nn import GradMetaNet, GradMetaNetPlusPlus
 from ..training import fit_regression
 from ..plots import learning_curves
 from ..weightspace import DWSNet, GMN, ScaleGMN
-from . import apply_preset, format_mean_std, mean_std
+from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 
 __all__ = ["InrEditConfig", "PRESETS", "run", "config_from_preset", "InrEditor", "BACKBONES", "VARIANTS"]
@@ -268,11 +268,8 @@ def report(results: dict, folder: RunFolder) -> str:
     for backbone, row in results["models"].items():
         cells = [format_mean_std(100 * row[v]["mean"], 100 * row[v]["std"], len(row[v]["runs"]), 3) for v in variants]
         lines.append(f"| {LABELS[backbone]} | " + " | ".join(cells) + " |")
-    window = f"{cfg['patience']} epochs" if cfg.get("patience") else "a fifth of the epochs"
-    rule = f"no better validation MSE, or less than 1% better, over the last {window}"
-    counts = [f"{LABELS[b]} {LABELS[v]} {sum(r['converged'])}/{len(r['converged'])}"
-              for b, row in results["models"].items() for v, r in row.items()]
-    lines += ["", f"Converged ({rule}; seeds): " + ", ".join(counts) + "."]
+    lines += ["", convergence_line({f"{LABELS[b]} {LABELS[v]}": r["converged"] for b, row in results["models"].items()
+                                    for v, r in row.items()}, cfg.get("patience"), "seeds")]
     table = "\n".join(lines)
     curves = {f"{LABELS[b]}, {LABELS[v]}": (r["curve"]["train_history"], r["curve"]["val_history"])
               for b, row in results["models"].items() for v, r in row.items() if r.get("curve")}

@@ -38,7 +38,7 @@ from ..data.lora_zoo import AdapterZoo, LoraZooConfig, load_or_generate_lora_zoo
 from ..data.text import corpus_version
 from ..lora.models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
 from ..training import fit_regression
-from . import apply_preset
+from . import apply_preset, convergence_line
 from .store import RunFolder, settings_of, write_results
 
 __all__ = ["LoraConfig", "PRESETS", "run", "config_from_preset", "MODELS", "TARGETS"]
@@ -64,6 +64,7 @@ class LoraConfig:
     models: tuple[str, ...] = MODELS
     targets: tuple[str, ...] = ()         # default: the zoo's (membership, accuracy or loss, data_size)
     epochs: int = 40
+    patience: int | None = None           # stop a fit after this many epochs without a better validation loss
     batch_size: int = 32
     lr: float = 1e-3
     hidden: int = 64
@@ -154,11 +155,11 @@ def _train(name: str, target: str, zoo: AdapterZoo, split: dict[str, torch.Tenso
     start = time.perf_counter()
     fit = fit_regression(model, predict, y_norm, split["train"], split["val"], split["test"], config.epochs,
                          config.batch_size, config.lr, config.seed, loss=loss,
-                         train_predict=augmented if name == "raw_mlp_gl_aug" else None)
+                         train_predict=augmented if name == "raw_mlp_gl_aug" else None, patience=config.patience)
     model.eval()
     with torch.no_grad():
         pred = predict(model, split["test"]) * std + mean
-    row = {"best_epoch": fit.best_epoch, "seconds": time.perf_counter() - start,
+    row = {"best_epoch": fit.best_epoch, "converged": fit.converged, "seconds": time.perf_counter() - start,
            "parameters": sum(p.numel() for p in model.parameters()),
            **_metrics(target, pred, y[split["test"]])}
     return model, row, mean, std
@@ -259,6 +260,9 @@ def report(results: dict, scatter: dict, out: Path) -> str:
         lines += ["", f"Predicting a fine-tune's {words} with GL-net takes {1e6 * s['predict_seconds']:.1f} µs; "
                   f"evaluating the merged network on the {s['test_examples']} {evaluated} takes "
                   f"{1e6 * s['evaluate_seconds']:.1f} µs: {s['speedup']:.0f}× faster."]
+    lines += ["", convergence_line({LABELS[n]: [t[target][n].get("converged", False) for target in t if n in t[target]]
+                                    for n in results["config"]["models"]}, results["config"].get("patience"),
+                                   "targets")]
     table = "\n".join(lines)
     atomic_write_text(out / "table.md", table + "\n")
     if scatter:
