@@ -196,6 +196,7 @@ def test_amortize_tiny_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     assert set(saved["mlp-tanh"]) == {"lambda=0", "lambda=0.001"}
     assert (tmp_path / "accuracies.png").stat().st_size > 1000
     table = (tmp_path / "table.md").read_text()
+    assert "Converged (" in table
     assert "ScaleGMN-B (1 pass)" in table
     assert all(f"lr {cell['lr']:g}, grid edge)" in table for cell in entry["sgd"].values())   # a two-point grid
     monkeypatch.setattr(amortize, "train_finetuner", lambda *a, **k: pytest.fail("a finished cell was recomputed"))

@@ -36,7 +36,8 @@ from ..amortize.model import MODELS
 from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
 from ..data.classifier_zoo import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
-from . import apply_preset
+from ..training import has_converged
+from . import apply_preset, convergence_line
 from .store import CellStore, RunFolder, settings_of
 
 __all__ = ["AmortizeConfig", "PRESETS", "config_from_preset", "run", "zoo_config"]
@@ -148,7 +149,7 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
                     l1: float, config: AmortizeConfig, progress: bool = True, inputs: _Inputs | None = None
                     ) -> tuple[OnePassFineTuner, dict]:
     """A one-pass fine-tuner trained on the zoo's training networks and images, kept at its best validation epoch
-    (validation networks on validation images); ``{"val": [...], "best_epoch": e}`` alongside."""
+    (validation networks on validation images); ``{"val": [...], "best_epoch": e, "converged": ...}`` alongside."""
     torch.manual_seed(config.seed)
     inputs = inputs or _Inputs(zoo, x, y, config)
     train, val = zoo.networks["train"], zoo.networks["val"]
@@ -187,6 +188,7 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
         if value < best_val:
             best, best_val, history["best_epoch"] = copy.deepcopy(model.state_dict()), value, epoch
     bar.close()
+    history["converged"] = has_converged(history["val"], max(1, config.epochs // 5))
     model.load_state_dict(best)
     return model, history
 
@@ -355,6 +357,11 @@ def report(results: dict, config: AmortizeConfig, zoos: dict) -> str:
                 lines.append(f"| {lam.split('=')[1]} | {label} | {100 * cell['mean_acc']:.1f} | "
                              f"{100 * cell['max_acc']:.1f} | {cell['test_loss']:.3f} | {cell['sparsity']:.1f} | {secs} |")
         lines.append("")
+    converged = {f"{name} {lam} {LABELS[m]}": [cell["history"]["converged"]]
+                 for name, by_lambda in results.items() for lam, entry in by_lambda.items()
+                 for m, cell in entry.items() if isinstance(cell, dict) and "converged" in cell.get("history", {})}
+    if converged:
+        lines.append(convergence_line(converged, None))
     return "\n".join(lines).rstrip()
 
 
