@@ -24,11 +24,13 @@ class Sine(nn.Module):
         return f"omega_0={self.omega_0}"
 
 
+#: the one registry of activation names (base networks, zoos and metanetworks): name -> a module factory
 ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
     "relu_inplace": lambda: nn.ReLU(inplace=True),
     "tanh": lambda: nn.Tanh(),
     "gelu": lambda: nn.GELU(),
+    "silu": lambda: nn.SiLU(),
     "sine": lambda: Sine(),
 }
 

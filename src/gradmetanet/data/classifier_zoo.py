@@ -31,7 +31,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..zoos.cache import cached_zoo
-from ..basenets import make_mlp
+from ..basenets import ACTIVATIONS, make_mlp
 from .classification import mnist1d_arrays
 
 __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zoo_template", "zoo_images",
@@ -40,13 +40,13 @@ __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zo
 
 ARCHITECTURES = ("cnn", "mlp")
 DATASETS = ("digits", "mnist1d")
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+ZOO_ACTIVATIONS = ("tanh", "relu")      # what the zoos' networks are trained with (names of basenets.ACTIVATIONS)
 
 
 def small_cnn_zoo_template(activation: str = "tanh", channels: int = 16, classes: int = 10) -> nn.Sequential:
     """The Small CNN Zoo network (layout ``[1, 16, 16, 16, 10]``, 4,970 parameters): three 3 x 3 stride-2
     convolutions without padding, global average pooling, a dense layer. Input ``[B, 1, H, W]``."""
-    act = _ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
     return nn.Sequential(nn.Conv2d(1, channels, 3, 2), act(), nn.Conv2d(channels, channels, 3, 2), act(),
                          nn.Conv2d(channels, channels, 3, 2), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(channels, classes))
@@ -69,9 +69,9 @@ class ClassifierZooConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES or self.dataset not in DATASETS or \
-                self.activation not in _ACTIVATIONS:
+                self.activation not in ZOO_ACTIVATIONS:
             raise ValueError(f"unknown zoo {self.architecture}/{self.activation}/{self.dataset}: architectures "
-                             f"{ARCHITECTURES}, activations {tuple(_ACTIVATIONS)}, datasets {DATASETS}")
+                             f"{ARCHITECTURES}, activations {ZOO_ACTIVATIONS}, datasets {DATASETS}")
         if self.architecture == "cnn" and self.dataset != "digits":
             raise ValueError("the CNN zoo reads images: dataset 'digits' (MNIST-1D sequences go to the MLP zoo)")
 

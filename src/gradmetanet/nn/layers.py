@@ -13,16 +13,17 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from ..basenets import ACTIVATIONS
+
 __all__ = ["SetNeuronLayer", "SetPool", "NeuronLayer", "MLP", "make_activation", "Reduction"]
 
 Reduction = Literal["mean", "sum"]
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 def make_activation(name: str) -> nn.Module:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose from {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
 
 
 def _reduce(x: torch.Tensor, dims: tuple[int, ...], reduction: Reduction) -> torch.Tensor:
