@@ -40,3 +40,20 @@ def test_attend_dispatch_and_errors(monkeypatch):
         attention.attend(torch.randn(1, 2, 3, 24), heads=1, seq_dim=3)
     with pytest.raises(ValueError, match="3 \\* heads"):
         attention.attend(torch.randn(1, 2, 3, 25), heads=1, seq_dim=1)
+
+
+def test_attend_under_torch_func_and_a_second_derivative():
+    """Under vmap and grad the fused kernel answers (the chunked one is no functorch Function); a second derivative
+    through the chunked kernel raises instead of returning a wrong one."""
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 2, 4, 5, 24, dtype=torch.float64)
+    batched = torch.vmap(lambda t: attention.attend(t, 2, 1))(qkv)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], attention.attend(qkv[i], 2, 1), atol=1e-12, rtol=1e-12)
+    by_func = torch.func.grad(lambda t: attention.attend(t, 2, 1).square().sum())(qkv[0])
+    x = qkv[0].clone().requires_grad_()
+    by_autograd, = torch.autograd.grad(attention.attend(x, 2, 1).square().sum(), x)
+    torch.testing.assert_close(by_func, by_autograd, atol=1e-12, rtol=1e-12)
+    first, = torch.autograd.grad(attention.attend(x, 2, 1).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        first.sum().backward()

@@ -9,15 +9,17 @@ cache), and recomputes the scores in the backward pass as flash attention does, 
 ``L x L`` per sequence is kept. It reads the packed ``[q | k | v]`` projection where it lies and writes
 the output in the input's layout, so neither axis needs a transposed copy.
 
-On CUDA, and for heads wider than :data:`SMALL_HEAD`, :func:`F.scaled_dot_product_attention` is used (measured
-on one CPU thread, 32 x 66 sequences of 128: the chunked kernel takes 0.64x its time at 4 features per head,
-0.68x at 8, 1.36x at 16).
+On CUDA, for heads wider than :data:`SMALL_HEAD` (measured on one CPU thread, 32 x 66 sequences of 128: the
+chunked kernel takes 0.64x the fused kernel's time at 4 features per head, 0.68x at 8, 1.36x at 16) and under
+``torch.func`` transforms (``vmap``, ``grad``), :func:`F.scaled_dot_product_attention` is used. The chunked
+kernel's backward is not differentiable again: a second derivative through it raises.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["attend", "SMALL_HEAD"]
 
@@ -37,7 +39,7 @@ def attend(qkv: torch.Tensor, heads: int, seq_dim: int) -> torch.Tensor:
                          f"heads={heads}, seq_dim={seq_dim}")
     B, X, Y, f3 = qkv.shape
     d = f3 // (3 * heads)
-    if qkv.is_cuda or d > SMALL_HEAD:
+    if qkv.is_cuda or d > SMALL_HEAD or torch._C._are_functorch_transforms_active():
         return _sdpa(qkv, heads, seq_dim)
     return _ChunkedAttention.apply(qkv, heads, seq_dim)
 
@@ -91,6 +93,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out.view(B, X, Y, heads * d)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         qkv, out = ctx.saved_tensors
         heads, seq_dim = ctx.heads, ctx.seq_dim
