@@ -167,3 +167,16 @@ def test_vit_cls_token_position_table_and_patches_per_example():
         torch.testing.assert_close(functional_call(model, moved, (x,)).logits, model(x).logits, atol=1e-9, rtol=1e-9)
         out = GradMetaNet(hidden=8, out_features=1).double()(GradientBatch.from_gradient_sets([gs]))
     assert out["vit.embeddings.position_embeddings"].shape == (1, 1, 5, 16, 1)
+
+
+def test_vit_with_an_interpolated_position_table_is_refused_by_name():
+    """Interpolating the position table (another image size) or masking patches changes what each token reads from
+    the table: refused, naming the option, instead of captured as if the table were read row by row."""
+    from gradmetanet.core.spec import UnsupportedModuleError
+
+    model = vit()
+    x = torch.randn(B, 1, 12, 12, dtype=torch.float64)
+    with pytest.raises(UnsupportedModuleError, match="interpolate_pos_encoding"):
+        with GradientCapture(model) as cap:
+            model(x, interpolate_pos_encoding=True).logits.sum().backward()
+        cap.gradients
