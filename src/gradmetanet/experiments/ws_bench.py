@@ -91,10 +91,6 @@ def _backbone(name: str, spec: NetworkSpec, config: WsBenchConfig) -> nn.Module:
     return kinds[name](spec, 1, CLASSES, hidden=config.hidden, layers=config.layers, readout="invariant", **options)
 
 
-def _soft_cross_entropy(logits: torch.Tensor, one_hot: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(logits, one_hot, reduction=reduction)
-
-
 def changed_test_networks(params: dict[str, torch.Tensor], spec: NetworkSpec, widen_by: int, seed: int
                   ) -> dict[str, tuple[dict[str, torch.Tensor], NetworkSpec]]:
     """The test INRs ``{name: [M, *shape]}`` as they are and changed in each function-preserving way, with the
@@ -148,7 +144,7 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
                 start = time.perf_counter()
                 fit = fit_regression(model, lambda m, idx: m({n: v[idx] for n, v in x.items()}), one_hot, train,
                                      zoo.splits["val"], test, config.epochs, config.batch_size, config.lr, seed,
-                                     loss=_soft_cross_entropy, schedule="cosine", patience=config.patience,
+                                     loss=F.cross_entropy, schedule="cosine", patience=config.patience,
                                      checkpoint=store.checkpoint(key, settings))
                 scores = {}
                 for variant, (params, variant_spec) in changed_test_networks(test_params, spec, config.widen_by, seed).items():
