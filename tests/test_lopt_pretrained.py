@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,41 @@ def test_rule_files_round_trip(tmp_path, name):
     assert type(loaded.per_parameter) is type(rule.per_parameter)
     for (k, a), (k2, b) in zip(rule.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("ds", {"hidden": 48, "layers": 2}),
+    ("gradmetanet_ds", {"hidden": 24, "gmn_hidden": 8, "gmn_features": 6, "set_size": None}),
+    ("gradmetanet_unf", {"hidden": 16, "set_size": 8, "signatures": "transformer"}),
+])
+def test_rule_files_describe_themselves(tmp_path, name, arguments):
+    """A rule of non-default sizes loads from its file alone (0.8 rebuilt the default sizes and failed, or read a
+    rule of whole batches as one of 32 examples): same meta-parameters, same set size, same signatures."""
+    torch.manual_seed(0)
+    rule = make_rule(name, **arguments)
+    save_rule(rule, name, tmp_path / "r.safetensors")
+    loaded = load_rule(tmp_path / "r.safetensors")
+    assert loaded.recipe == rule.recipe and loaded.set_size == rule.set_size
+    assert list(loaded.state_dict()) == list(rule.state_dict())
+    for key, value in rule.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    if rule.equivariant is not None:
+        assert loaded.equivariant.signatures == rule.equivariant.signatures
+
+
+def test_rule_files_refuse_rules_they_could_not_rebuild(tmp_path):
+    from gradmetanet.lopt.optimizers import UpdateRule
+    from gradmetanet.nn.layers import MLP
+    from gradmetanet.weightspace import LINEAR_SIGNATURES
+
+    with pytest.raises(ValueError, match="composed by hand"):
+        save_rule(UpdateRule(MLP([19, 4, 1], "relu")), "ds", tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="built as 'ds', not 'unf'"):
+        save_rule(make_rule("ds"), "unf", tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="custom signatures"):
+        save_rule(make_rule("unf", LINEAR_SIGNATURES[:1]), "unf", tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="does not take"):
+        make_rule("ds", widths=3)
 
 
 def test_rule_file_errors(tmp_path):
@@ -76,8 +113,9 @@ def test_ship_records_provenance_and_pretrained_binds_a_model(tmp_path, monkeypa
     save_rule(make_rule("gradmetanet_ds"), "gradmetanet_ds", tmp_path / "run.safetensors", {"config": "{}"})
     shipped.ship(tmp_path / "run.safetensors", "toy", "gradmetanet run lopt --preset tiny")
     assert shipped.available() == ["toy"]
-    assert shipped.describe("toy") == {"optimizer": "gradmetanet_ds", "config": "{}",
-                                       "command": "gradmetanet run lopt --preset tiny"}
+    described = shipped.describe("toy")
+    assert json.loads(described.pop("rule"))["set_size"] == 32
+    assert described == {"optimizer": "gradmetanet_ds", "config": "{}", "command": "gradmetanet run lopt --preset tiny"}
     model = make_mlp([5, 4, 3], "relu")
     opt = shipped.pretrained("toy", model)
     assert not any(p.requires_grad for p in opt.rule.parameters())

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .groups import GL, Blocks, Group, Perm, ScalePerm, SignPerm, Trivial
+from .heads import HeadRules, resolve_heads
 from .spec import NetworkSpec, Space, UnsupportedModuleError
 
 __all__ = ["Trace", "trace", "explain", "InputGuessError"]
@@ -83,6 +84,7 @@ class _Graph:
         self.blocks: dict[int, Group] = {}     # node -> its Blocks group (a module's per-head space)
         self.context = ""                      # what the tracer is looking at: the reason of a restriction
         self.why: dict[int, list[str]] = {}    # root -> what removed symmetries from it
+        self.splits: list[tuple[int, int, int]] = []   # (parent, per-head node, heads): see core.heads
 
     def new(self, size: int, allowed: frozenset[str] = _ALL) -> int:
         self.parent.append(len(self.parent))
@@ -138,8 +140,10 @@ def _norm_dim(dim: Any, ndim: int) -> int | None:
     return dim % ndim if isinstance(dim, int) and ndim else None
 
 
-class _Tracer(TorchFunctionMode):
+class _Tracer(HeadRules, TorchFunctionMode):
     """Records which node every traced tensor's last axis lives on (see the module docstring)."""
+
+    ALL, ADD, MUL, RESHAPE = _ALL, _ADD, _MUL, _RESHAPE
 
     def __init__(self, site_modules: dict[int, tuple[str, nn.Module, Any]]) -> None:
         super().__init__()
@@ -155,6 +159,7 @@ class _Tracer(TorchFunctionMode):
         self.couplings: list[str] = []
         self.batch_size: int | None = None
         self.where: list[str] = []                   # the stack of modules running (their paths)
+        self.heads: dict[int, int] = {}              # id(head tensor) -> its head axis (see core.heads)
 
     # ------------------------------------------------------------------ bookkeeping
     def mark(self, t: torch.Tensor, node: int, axis: int = -1) -> None:
@@ -291,13 +296,15 @@ class _Tracer(TorchFunctionMode):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else traced[0]
         if not x.dim() or not outs:
             return self.fix_all(traced, outs)
+        if any(self.head_axis(t) is not None for t in traced):
+            return self.head_rule(name, args, kwargs, traced, outs)
         if self.node_of(x) is not None and self.feature_axis(x) != -1:
             return self.channel_rule(name, args, kwargs, x, traced, outs)
         allowed = _elementwise(name, args, kwargs)
         if allowed is not None:
             return self.keep_node(x, outs, allowed)
         if name in _RESHAPE:
-            return self.keep_node(x, outs, _ALL)
+            return None if self.split_heads(name, x, outs) else self.keep_node(x, outs, _ALL)
         if name in _ADD or name in _MUL:
             return self.binary(name, args, traced, outs)
         if name in ("transpose", "swapaxes", "swapdims", "transpose_", "permute", "movedim", "moveaxis"):
@@ -431,6 +438,9 @@ def _elementwise(name: str, args: tuple, kwargs: dict) -> frozenset[str] | None:
     return None
 
 
+_Tracer.elementwise = staticmethod(_elementwise)
+
+
 def _last_axis_stays_last(name: str, args: tuple, kwargs: dict, ndim: int) -> bool:
     """Whether a transpose / permute / movedim leaves the last axis where it is."""
     last = ndim - 1
@@ -559,6 +569,7 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
                                       weight=canonical(module, path, site.weight),
                                       bias=None if site.bias is None else canonical(module, path, site.bias)))
     _tie_shared_parameters(graph, node_sites)
+    resolve_heads(graph, {graph.find(int(n)) for site in node_sites for n in (site.in_space, site.out_space)})
     names: dict[int, str] = {}
     for site in node_sites:
         for node in (int(site.in_space), int(site.out_space)):

@@ -29,7 +29,7 @@ from ..capture import CaptureError, GradientCapture
 from ..nn.gradmetanet import GradMetaNet
 from ..nn.layers import MLP
 from ..core.spec import NetworkSpec
-from ..weightspace import LINEAR_SIGNATURES, Signature, WeightSpaceLayer
+from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, WeightSpaceLayer
 from .distributed import gather_examples
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
 from .layout import FlatLayout, Segments
@@ -169,9 +169,25 @@ class UpdateRule(nn.Module):
         return layout.unflatten(new), new_state
 
 
+#: The weight-space layer's parameter kinds, by the name a rule file records.
+SIGNATURE_SETS: dict[str, tuple[Signature, ...]] = {"linear": LINEAR_SIGNATURES, "transformer": TRANSFORMER_SIGNATURES}
+
+
+def _with_recipe(rule: UpdateRule, name: str, **arguments: Any) -> UpdateRule:
+    """Record how ``rule`` was built (``rule.recipe``: the factory's name and arguments), so a rule file can rebuild
+    it with any sizes (:func:`make_rule` takes the same arguments)."""
+    signatures = arguments.pop("signatures", None)
+    if signatures is not None:
+        known = [k for k, v in SIGNATURE_SETS.items() if tuple(v) == tuple(signatures)]
+        arguments["signatures"] = known[0] if known else None
+    rule.recipe = {"optimizer": name, **arguments}
+    return rule
+
+
 def deepsets_rule(hidden: int = 32, layers: int = 3, **scalars: float) -> UpdateRule:
     """"DS": a per-parameter MLP (3 hidden layers of 32, as the paper) on the 19 features."""
-    return UpdateRule(MLP([N_FEATURES] + [hidden] * layers + [1], "relu"), **scalars)
+    rule = UpdateRule(MLP([N_FEATURES] + [hidden] * layers + [1], "relu"), **scalars)
+    return _with_recipe(rule, "ds", hidden=hidden, layers=layers, **scalars)
 
 
 def unf_rule(hidden: int = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES, **scalars: float
@@ -179,8 +195,9 @@ def unf_rule(hidden: int = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNAT
     """"UNF": a per-parameter MLP (2 hidden layers of 32, output 32) then one equivariant weight-space layer
     (whose weights are shared by parameter kind, so the rule runs on MLPs of any depth; ``signatures``
     names the kinds, :data:`~gradmetanet.weightspace.TRANSFORMER_SIGNATURES` for transformers)."""
-    return UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"),
+    rule = UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"),
                       WeightSpaceLayer(hidden, 1, signatures=signatures), **scalars)
+    return _with_recipe(rule, "unf", hidden=hidden, signatures=signatures, **scalars)
 
 
 def _gradmetanet_branch(features: int, hidden: int) -> GradMetaNet:
@@ -200,17 +217,21 @@ def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 1
     The GradMetaNet reads ``set_size`` examples of each batch (all with ``None``): 32 of the
     paper's 128 keep a CPU step within a small multiple of Adam's.
     """
-    return UpdateRule(MLP([N_FEATURES + gmn_features] + [hidden] * layers + [1], "relu"),
+    rule = UpdateRule(MLP([N_FEATURES + gmn_features] + [hidden] * layers + [1], "relu"),
                       gradmetanet=_gradmetanet_branch(gmn_features, gmn_hidden), set_size=set_size, **scalars)
+    return _with_recipe(rule, "gradmetanet_ds", hidden=hidden, layers=layers, gmn_features=gmn_features,
+                        gmn_hidden=gmn_hidden, set_size=set_size, **scalars)
 
 
 def gradmetanet_unf_rule(hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 16,
                          set_size: int | None = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES,
                          **scalars: float) -> UpdateRule:
     """"GradMetaNet + UNF": GradMetaNet features into the UNF rule's per-parameter MLP."""
-    return UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
+    rule = UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
                       WeightSpaceLayer(hidden, 1, signatures=signatures), _gradmetanet_branch(gmn_features, gmn_hidden),
                       set_size=set_size, **scalars)
+    return _with_recipe(rule, "gradmetanet_unf", hidden=hidden, gmn_features=gmn_features, gmn_hidden=gmn_hidden,
+                        set_size=set_size, signatures=signatures, **scalars)
 
 
 @torch.no_grad()
@@ -240,20 +261,29 @@ def warm_start(target: UpdateRule, source: UpdateRule) -> None:
 RULE_NAMES = ("sgdm", "ds", "unf", "gradmetanet_ds", "gradmetanet_unf")
 
 
-def make_rule(name: str, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES) -> UpdateRule:
-    """A fresh rule by name (``RULE_NAMES``); every rule runs on MLPs of any depth and width (on transformers
-    with ``signatures=TRANSFORMER_SIGNATURES``)."""
-    if name == "sgdm":
-        return UpdateRule()
-    if name == "ds":
-        return deepsets_rule()
-    if name == "unf":
-        return unf_rule(signatures=signatures)
-    if name == "gradmetanet_ds":
-        return gradmetanet_ds_rule()
-    if name == "gradmetanet_unf":
-        return gradmetanet_unf_rule(signatures=signatures)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
+def make_rule(name: str, signatures: tuple[Signature, ...] | str = LINEAR_SIGNATURES, **arguments: Any) -> UpdateRule:
+    """A fresh rule by name (``RULE_NAMES``) with its factory's ``arguments`` (sizes, ``set_size``, initial
+    ``alpha``/``mu``/``beta``); every rule runs on MLPs of any depth and width (on transformers with
+    ``signatures=TRANSFORMER_SIGNATURES`` or ``"transformer"``). The rule's ``recipe`` records all of it."""
+    if isinstance(signatures, str):
+        if signatures not in SIGNATURE_SETS:
+            raise ValueError(f"unknown signatures {signatures!r}; choose from {list(SIGNATURE_SETS)}")
+        signatures = SIGNATURE_SETS[signatures]
+    factories = {"sgdm": _sgdm_rule, "ds": deepsets_rule, "unf": unf_rule, "gradmetanet_ds": gradmetanet_ds_rule,
+                 "gradmetanet_unf": gradmetanet_unf_rule}
+    if name not in factories:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
+    if name in ("unf", "gradmetanet_unf"):
+        arguments["signatures"] = signatures
+    try:
+        return factories[name](**arguments)
+    except TypeError as err:
+        raise ValueError(f"optimizer {name!r} does not take {sorted(arguments)} ({err})") from err
+
+
+def _sgdm_rule(**scalars: float) -> UpdateRule:
+    """Learnable SGD with momentum (no network)."""
+    return _with_recipe(UpdateRule(**scalars), "sgdm", **scalars)
 
 
 class LearnedOptimizer(torch.optim.Optimizer):

@@ -1,10 +1,13 @@
 """Meta-trained optimizers shipped inside the package, and the safetensors format they use.
 
 A rule file holds the rule's meta-parameters (``UpdateRule.state_dict()``) and, as safetensors
-metadata, the rule's name (``"optimizer"``, one of ``RULE_NAMES``) and free-form provenance (the
-meta-training configuration and command). Every rule runs on MLPs of any depth and width, so a
-file does not depend on the network it was meta-trained on (files of version 0.1 also carry an
-``"n_layers"`` entry, which is ignored). :func:`pretrained` builds a drop-in optimizer from a
+metadata, the rule's name (``"optimizer"``, one of ``RULE_NAMES``), its recipe (``"rule"``: the
+factory's arguments as JSON: sizes, ``set_size``, signatures; since version 0.9, so a rule of any
+size loads without the configuration that made it) and free-form provenance (the meta-training
+configuration and command). Every rule runs on MLPs of any depth and width, so a file does not
+depend on the network it was meta-trained on. Files without a recipe (the shipped ones, written
+before 0.9) are rebuilt with the default sizes (files of version 0.1 also carry an ``"n_layers"``
+entry, which is ignored). :func:`pretrained` builds a drop-in optimizer from a
 shipped file::
 
     opt = gradmetanet.lopt.pretrained("mlp-small", model)
@@ -26,7 +29,7 @@ from torch import nn
 
 from ..atomic import atomic_replace
 from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
-from .optimizers import RULE_NAMES, NetworkOptimizer, UpdateRule, make_rule
+from .optimizers import RULE_NAMES, SIGNATURE_SETS, NetworkOptimizer, UpdateRule, make_rule
 
 __all__ = ["PRETRAINED_DIR", "RENAMED", "available", "describe", "load_rule", "pretrained", "read_metadata",
            "save_rule", "ship", "shipped_path"]
@@ -59,11 +62,23 @@ def available() -> list[str]:
 
 
 def save_rule(rule: UpdateRule, name: str, path: str | os.PathLike, provenance: dict[str, str] | None = None) -> None:
-    """Write ``rule`` (built by ``make_rule(name)``) to ``path`` atomically."""
+    """Write ``rule`` (built by ``make_rule(name, ...)`` or a factory such as ``deepsets_rule(hidden=64)``) to
+    ``path`` atomically, with its recipe; a rule the file could not rebuild is refused."""
     if name not in RULE_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; choose from {list(RULE_NAMES)}")
+    recipe = getattr(rule, "recipe", None)
+    if recipe is None and not (name == "sgdm" and rule.per_parameter is None):
+        raise ValueError("this rule was composed by hand (no recipe): a file could not rebuild it; build it with "
+                         "make_rule or a rule factory (deepsets_rule, unf_rule, gradmetanet_ds_rule, ...)")
+    if recipe is not None and recipe["optimizer"] != name:
+        raise ValueError(f"the rule was built as {recipe['optimizer']!r}, not {name!r}")
+    if recipe is not None and "signatures" in recipe and recipe["signatures"] is None:
+        raise ValueError("the rule's weight-space layer has custom signatures, which a rule file cannot name; use "
+                         f"one of {list(SIGNATURE_SETS)}")
     weights = {k: v.detach().contiguous().cpu() for k, v in rule.state_dict().items()}
     metadata = {"optimizer": name, **(provenance or {})}
+    if recipe is not None:
+        metadata["rule"] = json.dumps({k: v for k, v in recipe.items() if k != "optimizer"}, sort_keys=True)
     with atomic_replace(path) as tmp:
         save_file(weights, tmp, metadata=metadata)
 
@@ -83,14 +98,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_rule(path: str | os.PathLike) -> UpdateRule:
-    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment); a rule the lopt
-    experiment meta-trained on the language model (its config's ``task: lm``) reads transformer signatures."""
+    """The rule stored at ``path`` (written by :func:`save_rule` or the lopt experiment), rebuilt from its recipe;
+    a file without one gets the default sizes, and transformer signatures where the lopt experiment's config
+    says ``task: lm``."""
     metadata = read_metadata(path)
     name = metadata.get("optimizer")
     if name not in RULE_NAMES:
         raise ValueError(f"{os.fspath(path)!r} names optimizer {name!r}; this version knows {list(RULE_NAMES)}")
-    task = json.loads(metadata["config"]).get("task") if "config" in metadata else None
-    rule = make_rule(name, TRANSFORMER_SIGNATURES if task == "lm" else LINEAR_SIGNATURES)
+    if "rule" in metadata:
+        rule = make_rule(name, **json.loads(metadata["rule"]))
+    else:
+        task = json.loads(metadata["config"]).get("task") if "config" in metadata else None
+        rule = make_rule(name, TRANSFORMER_SIGNATURES if task == "lm" else LINEAR_SIGNATURES)
     try:
         rule.load_state_dict(load_file(path))
     except RuntimeError as err:
@@ -116,7 +135,7 @@ def ship(source: str | os.PathLike, name: str, command: str) -> Path:
     rule = load_rule(source)
     target = PRETRAINED_DIR / f"{name}.safetensors"
     PRETRAINED_DIR.mkdir(exist_ok=True)
-    provenance = {k: v for k, v in metadata.items() if k not in ("optimizer", "n_layers")} | {"command": command}
+    provenance = {k: v for k, v in metadata.items() if k not in ("optimizer", "n_layers", "rule")} | {"command": command}
     save_rule(rule, metadata["optimizer"], target, provenance)
     return target
 
