@@ -34,6 +34,7 @@ from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
 from gradmetanet.timing import interleaved_median_times
 
 from common import machine, write_json
+from gradmetanet import spec_of
 
 NETWORKS = 32
 CASES = ("gradmetanet-b128", "gradmetanet++-b64", "gradmetanet++-b128", "dws-inr", "gmn-inr", "scalegmn-inr",
@@ -59,7 +60,7 @@ def _backbone_step(name: str, device: str):
         spec, channels = inr_spec(), 9
     else:
         from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
-        spec, channels = NetworkSpec.from_module(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28)), 1
+        spec, channels = spec_of(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28)), 1
     options = {} if kind == "dws" else {"bidirectional": True}
     model = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}[kind](spec, channels, 1, hidden=32, layers=3, **options)
     return model, {n: torch.randn(NETWORKS, *shape, channels).to(device) for n, shape in spec.param_shapes().items()}

@@ -21,11 +21,12 @@ from gradmetanet.data.classifier_zoo import (ClassifierZooConfig, batched_logits
                                              small_cnn_zoo_template)
 from gradmetanet.experiments import amortize
 from gradmetanet.testing import check_symmetry
+from gradmetanet import spec_of
 
 
 def cnn_zoo(activation: str, n: int = 3) -> tuple[torch.nn.Module, NetworkSpec, dict[str, torch.Tensor]]:
     template = small_cnn_zoo_template(activation).double()
-    spec = NetworkSpec.from_module(template, torch.randn(2, 1, 28, 28, dtype=torch.float64))
+    spec = spec_of(template, torch.randn(2, 1, 28, 28, dtype=torch.float64))
     gen = torch.Generator().manual_seed(0)
     params = {k: v.detach() + 0.1 * torch.randn(n, *v.shape, generator=gen, dtype=torch.float64)
               for k, v in template.named_parameters()}
@@ -179,7 +180,7 @@ def test_the_fine_tuner_learns_on_a_zoo():
                                          net_batch=8, image_batch=64, lr=1e-2, out_scale=1.0)
     zoo = generate_classifier_zoo(amortize.zoo_config(config, "mlp-tanh"), progress=False)
     x, y = zoo.data()
-    spec = NetworkSpec.from_module(zoo.template(), x[:2])
+    spec = spec_of(zoo.template(), x[:2])
     _, history = amortize.train_finetuner(zoo, spec, x, y, "scalegmn", 0.0, config, progress=False)
     assert min(history["val"]) < 0.9 * history["before_val"], history
 

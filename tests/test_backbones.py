@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from gradmetanet import NetworkSpec
 from gradmetanet.basenets import make_mlp
 from gradmetanet.core import Monomial
 from gradmetanet.data.siren_zoo import siren_template
 from gradmetanet.weightspace import DWSNet, GMN, NetworkGraph, ScaleGMN
 from gradmetanet.testing import check_symmetry
+from gradmetanet import spec_of
 
 
 def network(kind: str) -> torch.nn.Module:
@@ -48,7 +48,7 @@ MODELS = {
 @pytest.mark.parametrize("name", list(MODELS))
 def test_backbones_are_equivariant_to_the_symmetries_they_declare(name, kind):
     model = network(kind)
-    spec = NetworkSpec.from_module(model, torch.randn(4, 2 if kind == "siren" else 3, dtype=torch.float64))
+    spec = spec_of(model, torch.randn(4, 2 if kind == "siren" else 3, dtype=torch.float64))
     expected = {"relu": "scale_perm", "tanh": "sign_perm", "siren": "sign_perm"}[kind]
     assert [s.group.name for s in spec.spaces[1:-1]] == [expected, expected]
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def test_scalegmn_at_extreme_positive_scales_and_a_scale_on_a_sign_space(bidirec
     """Scales 0.1 and 10 on ReLU neurons (the backward messages read 1 / W, so they move right); a positive
     scale on a tanh space is not a symmetry of tanh and changes the output."""
     model = network("relu")
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     torch.manual_seed(0)
     metanet = ScaleGMN(spec, 1, 1, hidden=8, layers=2, bidirectional=bidirectional).double()
     x = zoo_features(model)
@@ -76,7 +76,7 @@ def test_scalegmn_at_extreme_positive_scales_and_a_scale_on_a_sign_space(bidirec
         torch.testing.assert_close(got[k], want[k], atol=1e-9, rtol=1e-9)
 
     tanh = network("tanh")
-    tspec = NetworkSpec.from_module(tanh)
+    tspec = spec_of(tanh)
     metanet = ScaleGMN(tspec, 1, 1, hidden=8, layers=2, bidirectional=bidirectional).double()
     x = zoo_features(tanh)
     space = tspec.spaces[1]
@@ -87,7 +87,7 @@ def test_scalegmn_at_extreme_positive_scales_and_a_scale_on_a_sign_space(bidirec
 
 def test_invariant_readouts_are_invariant():
     model = network("relu")
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     x = zoo_features(model)
     for name, metanet in (("dws", DWSNet(spec, 1, 3, hidden=8, readout="invariant")),
                           ("gmn", GMN(spec, 1, 3, hidden=8, readout="invariant", bidirectional=True)),
@@ -100,7 +100,7 @@ def test_invariant_readouts_are_invariant():
 
 def test_the_graph_view_round_trips_and_moves_with_the_network():
     model = network("tanh")
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     graph = NetworkGraph.of(spec)
     assert graph.n_edges == sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
     x = zoo_features(model)
@@ -122,7 +122,7 @@ def test_transformed_networks_compute_the_same_function():
     for kind in ("relu", "siren"):
         model = network(kind)
         x_in = torch.randn(16, 2 if kind == "siren" else 3, dtype=torch.float64)
-        spec = NetworkSpec.from_module(model, x_in)
+        spec = spec_of(model, x_in)
         params = {k: v.detach() for k, v in model.named_parameters()}
         moved = spec.transform_parameters(params, spec.sample(torch.Generator().manual_seed(3)))
         torch.testing.assert_close(functional_call(model, moved, (x_in,)), model(x_in), atol=1e-9, rtol=1e-9)
@@ -132,7 +132,7 @@ def test_the_graph_view_refuses_what_it_cannot_describe():
     from gradmetanet.models import CausalTransformer
 
     with pytest.raises(ValueError, match="whole linear and convolution sites"):
-        NetworkGraph.of(NetworkSpec.from_module(CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4)))
+        NetworkGraph.of(spec_of(CausalTransformer(vocab=5, d=8, heads=2, blocks=1, max_len=4)))
 
 
 def test_backward_messages_from_the_raw_weight_break_scale_equivariance(monkeypatch):
@@ -143,7 +143,7 @@ def test_backward_messages_from_the_raw_weight_break_scale_equivariance(monkeypa
     monkeypatch.setattr(backbones, "_reciprocal", lambda e, eps: e)
     for kind, breaks in (("relu", True), ("tanh", False)):
         model = network(kind)
-        spec = NetworkSpec.from_module(model)
+        spec = spec_of(model)
         torch.manual_seed(0)
         metanet = ScaleGMN(spec, 1, 1, hidden=8, layers=2, bidirectional=True).double()
         x = zoo_features(model)
@@ -168,7 +168,7 @@ def test_graph_backbones_on_convolutions(name, activation):
     """Kernels are edges: GMN is permutation-equivariant on channels, ScaleGMN also to the channel signs (tanh) or
     positive scales (ReLU); with its canonicalisation removed (the GMN-B ablation) sign flips and scales change it."""
     model = small_cnn(activation)
-    spec = NetworkSpec.from_module(model, torch.randn(2, 1, 9, 9, dtype=torch.float64))
+    spec = spec_of(model, torch.randn(2, 1, 9, 9, dtype=torch.float64))
     torch.manual_seed(0)
     metanet = {"gmn_bidirectional": MODELS["gmn_bidirectional"],
                "scalegmn_bidirectional": MODELS["scalegmn_bidirectional"],
@@ -186,7 +186,7 @@ def test_graph_backbones_on_convolutions(name, activation):
 
 def test_the_graph_of_a_cnn_pads_kernels_around_their_centre():
     model = small_cnn("tanh")
-    spec = NetworkSpec.from_module(model, torch.randn(2, 1, 9, 9, dtype=torch.float64))
+    spec = spec_of(model, torch.randn(2, 1, 9, 9, dtype=torch.float64))
     graph = NetworkGraph.of(spec)
     assert graph.kernel == (3, 3) and graph.n_vertices == 1 + 3 + 4 + 2 and graph.n_edges == 3 + 12 + 8
     x = zoo_features(model)
@@ -207,7 +207,7 @@ def test_the_small_cnn_zoo_graph_has_the_published_size():
     """Layout [1, 16, 16, 16, 10]: 59 vertices and 688 edges of 9 taps, as in ScaleGMN's CNN loader."""
     from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
 
-    spec = NetworkSpec.from_module(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28))
+    spec = spec_of(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28))
     graph = NetworkGraph.of(spec)
     assert (graph.n_vertices, graph.n_edges, graph.taps) == (59, 688, 9)
     assert sum(p.numel() for p in small_cnn_zoo_template("relu").parameters()) == 4970

@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
 from gradmetanet.testing import check_symmetry
+from gradmetanet import spec_of
 
 
 def per_example_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_kind: str) -> dict:
@@ -114,7 +115,7 @@ def test_chunked_fisher_matches_brute_force(monkeypatch):
 
 def test_spec_of_an_mlp():
     model = make_mlp([5, 7, 9, 3])
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     assert [s.size for s in spec.spaces] == [5, 7, 9, 3]
     assert [s.permutable for s in spec.spaces] == [False, True, True, False]
     assert spec.fixed_neurons() == [0, 1, 2, 3, 4, 21, 22, 23]
@@ -133,7 +134,7 @@ def test_capture_moves_with_every_group_element(activation):
     torch.manual_seed(0)
     model = make_mlp(sizes, activation).double()
     x, y = make_batch(sizes, "ce", None, b=8)
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     assert {s.group.name for s in spec.spaces[1:-1]} == {"scale_perm" if activation == "relu" else "sign_perm"}
 
     def captured(params):
@@ -295,7 +296,7 @@ def test_subset_of_layers_and_unsupported_modules():
     with pytest.raises(ValueError, match=r"no layer 'fc9'; capturable layers: \['0', '3'\]"):
         GradientCapture(model, layers=["fc9"])
     with pytest.raises(UnsupportedModuleError, match="pass example_inputs"):
-        NetworkSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
+        spec_of(nn.Sequential(nn.Linear(3, 4), nn.Linear(5, 2)))
 
 
 def test_error_paths():

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
+from gradmetanet import CaptureError, GradientCapture, GradientSet, UnsupportedModuleError
 from gradmetanet.basenets import make_mlp
 from gradmetanet.capture import functional_factors
 from gradmetanet.testing import check_symmetry
+from gradmetanet import spec_of
 
 
 def reference(model: nn.Module, x: torch.Tensor, loss_one, batch_dim: int = 0) -> dict[str, torch.Tensor]:
@@ -132,7 +133,7 @@ def test_hooks_functional_and_torch_func_agree(tokens):
     """Every registered kind (nn.Linear today): hooks == functional extractor == torch.func, float64."""
     torch.manual_seed(0)
     model = make_mlp([4, 6, 5, 3], "tanh").double()
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     x = torch.randn(7, 4, dtype=torch.float64) if tokens is None else torch.randn(7, tokens, 4, dtype=torch.float64)
     y = torch.randn(*x.shape[:-1], 3, dtype=torch.float64)
 
@@ -175,7 +176,7 @@ class BatchSoftmax(nn.Module):
 def test_a_forward_that_mixes_the_examples_is_refused():
     with pytest.raises(CaptureError, match="softmax over dim 0"):
         GradientCapture(BatchSoftmax(0))
-    spec = NetworkSpec.from_module(BatchSoftmax(-1))        # over the neurons: a permutation symmetry, no coupling
+    spec = spec_of(BatchSoftmax(-1))        # over the neurons: a permutation symmetry, no coupling
     assert spec.space("s1").group.name == "perm"
     model = BatchSoftmax(-1).double()
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -190,7 +191,7 @@ def test_functional_extractor_moves_with_every_group_element():
     """The symmetry harness on the functional capture path (ReLU: permutations and positive scales)."""
     torch.manual_seed(0)
     model = make_mlp([4, 7, 6, 3], "relu").double()
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
 
     def factors(params):

@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradmetanet import CaptureError, GradientCapture, NetworkSpec
 from gradmetanet.capture import functional_factors
+from gradmetanet import spec_of
 
 
 def cnn() -> nn.Module:
@@ -74,7 +75,7 @@ def test_a_cnn_spec_is_traced_and_true():
     torch.manual_seed(0)
     model = CNN().double()
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
-    spec = NetworkSpec.from_module(model, x)
+    spec = spec_of(model, x)
     groups = {s.name: spec.space(s.out_space).group.name for s in spec.sites}
     assert groups["c1"] == "scale_perm" and groups["head"] == "trivial"
     assert spec.site("c3").in_space == spec.site("c3").out_space == spec.site("head").in_space   # residual, tied

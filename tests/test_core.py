@@ -13,6 +13,7 @@ from gradmetanet.basenets import make_mlp
 from gradmetanet.core import GL, Axis, Blocks, Parameter, Perm, ScalePerm, SignPerm, Site, Space, Trivial
 from gradmetanet.core.groups import group_from_json
 from gradmetanet.testing import check_symmetry
+from gradmetanet import spec_of
 
 GROUPS = [Trivial(), Perm(), SignPerm(), ScalePerm(), GL(), Blocks(3, Perm()), Blocks(3, GL())]
 
@@ -74,16 +75,16 @@ class Linear2(nn.Module):
 
 
 def test_from_module_follows_data_flow():
-    spec = NetworkSpec.from_module(Residual())
+    spec = spec_of(Residual())
     assert [s.name for s in spec.sites] == ["l0", "l1", "l2", "l3"]          # run order, not registration order
     assert spec.site("l0").out_space == spec.site("l2").out_space == spec.site("l3").in_space   # tied stream
     # the stream is read by ReLU (after l0) and added to: positive scales survive; l1's output is ReLU-read
     assert [(s.size, s.group.name) for s in spec.spaces] == [(3, "trivial"), (6, "scale_perm"),
                                                              (5, "scale_perm"), (2, "trivial")]
-    assert NetworkSpec.from_module(Linear2()).space("s1").group.name == "gl"
+    assert spec_of(Linear2()).space("s1").group.name == "gl"
     for act, group in [(nn.ReLU(), "scale_perm"), (nn.Tanh(), "sign_perm"), (nn.GELU(), "perm"),
                        (nn.Softmax(-1), "perm"), (nn.Sigmoid(), "perm")]:
-        spec = NetworkSpec.from_module(nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2)))
+        spec = spec_of(nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2)))
         assert spec.space("s1").group.name == group, act
 
 
@@ -108,7 +109,7 @@ class ConstantBias(nn.Module):
 
 @pytest.mark.parametrize("model", [Cumsum(), ConstantBias()], ids=lambda m: type(m).__name__)
 def test_unknown_or_neuron_specific_operations_fix_the_space(model):
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     assert spec.space("s1").group.name == "trivial"
     params = {k: v.detach().double() for k, v in model.state_dict().items()}
     x = torch.randn(5, 3, dtype=torch.float64)
@@ -130,7 +131,7 @@ def test_functional_use_of_a_captured_weight_is_refused():
             return F.linear(torch.tanh(self.a(x)), self.a.weight.T)
 
     with pytest.raises(UnsupportedModuleError, match="used outside that module's forward"):
-        NetworkSpec.from_module(Tied())
+        spec_of(Tied())
 
 
 def test_json_round_trip_keeps_groups_and_extra_parameters():
@@ -186,7 +187,7 @@ def test_specs_are_true_for_every_group_element(name):
         breakers = ("fixed", "negative_scale") if name == "relu" else ("fixed",)
     model = model.double()
     if name in ("relu", "tanh", "sine"):          # the traced spec of the chain is the hand-written one
-        assert NetworkSpec.from_module(model) == spec
+        assert spec_of(model) == spec
     x = torch.randn(9, spec.spaces[0].size, dtype=torch.float64)
     params = {k: v.detach() for k, v in model.state_dict().items()}
     check_symmetry(spec, model_function(model, x), params, move_params, lambda y, g, sp: y, trials=3,
@@ -195,7 +196,7 @@ def test_specs_are_true_for_every_group_element(name):
 
 def test_traced_spec_of_a_residual_model_is_true():
     model = Residual().double()
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     x = torch.randn(9, 3, dtype=torch.float64)
     check_symmetry(spec, model_function(model, x), {k: v.detach() for k, v in model.state_dict().items()},
                    move_params, lambda y, g, sp: y, trials=3, sensitivity=("fixed", "negative_scale", "untie"))
@@ -225,7 +226,7 @@ def test_traced_groups_are_true_symmetries(activation):
     traced group true, and where the group is only Perm, a scale is shown not to be a symmetry."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), activation, nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     x = torch.randn(9, 3, dtype=torch.float64)
     params = {k: v.detach() for k, v in model.state_dict().items()}
     # a space only dropout reads keeps every non-zero scale (we declare ScalePerm, a subgroup): a negative

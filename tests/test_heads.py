@@ -15,8 +15,9 @@ from torch import nn
 from torch.func import functional_call
 
 from gradmetanet.core import NetworkSpec
-from gradmetanet.core.dataflow import trace
+from gradmetanet.capture.trace import trace
 from gradmetanet.core.groups import Blocks, Perm
+from gradmetanet import spec_of
 
 HEADS, WIDTH, T, B = 4, 16, 5, 3
 
@@ -67,7 +68,7 @@ def test_heads_of_a_user_attention_are_blocks_true_and_no_larger(how):
     torch.manual_seed(0)
     model = Block(how).double()
     x = torch.randn(B, T, 3, dtype=torch.float64)
-    spec = NetworkSpec.from_module(model, (x,))
+    spec = spec_of(model, (x,))
     qk, k, vo = spaces_of(spec, "attn.q", "attn.k", "attn.v")
     assert qk is k and qk is not vo, "Q and K share one space, V (and O's input) another"
     assert spec.space(spec.site("attn.o").in_space) is vo

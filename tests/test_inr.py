@@ -8,11 +8,11 @@ import struct
 import numpy as np
 import torch
 
-from gradmetanet import NetworkSpec
 from gradmetanet.data.image_edits import dilate
 from gradmetanet.data.inr_zoo import (INR_WIDTHS, InrZooConfig, digits_images, grid_coordinates,
                                       load_or_generate_inr_zoo, render)
 from gradmetanet.data.siren_zoo import siren_template
+from gradmetanet import spec_of
 
 
 def brute_force_dilation(img: np.ndarray, size: int = 3) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_siren_sign_symmetry_holds_for_the_benchmark_inrs():
     """A random element of the spec's group (permutations and sign flips of both hidden layers) leaves the
     rendered image unchanged: the symmetry ScaleGMN uses is true for these SIRENs (omega_0 = 30, +0.5)."""
     zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=3, steps=20), cache_dir=None, progress=False)
-    spec = NetworkSpec.from_module(siren_template(INR_WIDTHS, 30.0), grid_coordinates()[:4])
+    spec = spec_of(siren_template(INR_WIDTHS, 30.0), grid_coordinates()[:4])
     assert [s.group.name for s in spec.spaces] == ["trivial", "sign_perm", "sign_perm", "trivial"]
     params = {k: v[0].double() for k, v in zoo.params.items()}
     moved = spec.transform_parameters(params, spec.sample(torch.Generator().manual_seed(0)))

@@ -14,6 +14,7 @@ from gradmetanet.lopt import (LearnedOptimizer, N_FEATURES, NetworkOptimizer, de
                               gradmetanet_unf_rule, learnable_sgdm, parameter_features, unf_rule)
 from gradmetanet.lopt.features import time_features
 from gradmetanet.testing import check_symmetry, distance
+from gradmetanet import spec_of
 
 
 def test_features_shape_time_and_scale_invariance():
@@ -190,11 +191,10 @@ def test_learned_updates_are_permutation_equivariant(rule_name):
 
     Rules that read the network's structure (UNF, GradMetaNet) must also notice an input-neuron permutation
     (DS works entry by entry with per-tensor statistics, so every axis permutation commutes with it)."""
-    from gradmetanet import NetworkSpec
     torch.manual_seed(0)
     sizes = [5, 7, 9, 3]
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(3, (16,))
-    spec = NetworkSpec.from_module(make_mlp(sizes, "tanh"))
+    spec = spec_of(make_mlp(sizes, "tanh"))
     initial = make_mlp(sizes, "tanh").double().state_dict()
 
     def two_steps(params, rule=None):

@@ -12,6 +12,7 @@ from torch.func import functional_call, jacrev
 from gradmetanet import GradientCapture, NetworkSpec
 from gradmetanet.core.groups import Blocks
 from gradmetanet.models import CausalTransformer
+from gradmetanet import spec_of
 
 pytestmark = [pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
               pytest.mark.filterwarnings("ignore:There is a performance drop"),
@@ -187,7 +188,7 @@ def test_the_traced_transformer_spec_is_true():
     torch.manual_seed(0)
     for norm, tie in (("pre", False), ("post", True)):
         model = CausalTransformer(vocab=7, d=8, heads=2, blocks=2, max_len=5, norm=norm, tie=tie).double()
-        spec = NetworkSpec.from_module(model)
+        spec = spec_of(model)
         residual = spec.site("embed").out_space
         assert spec.site("blocks.1.ffn_out").out_space == residual == spec.site("unembed").in_space
         assert spec.site("blocks.0.ln2").in_space == residual
@@ -249,7 +250,7 @@ def test_metanetworks_on_transformer_gradients_are_equivariant_end_to_end(kind):
     metanet = {"gradmetanet": lambda: GradMetaNet(hidden=16, set_layers=1, neuron_layers=1),
                "set_product": lambda: GradMetaNet(hidden=16, set_layers=1, neuron_layers=1, head="set_product"),
                "gradmetanet++": lambda: GradMetaNetPlusPlus(hidden=16, blocks=1, heads=2)}[kind]().double()
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     fn = _lm_gradient_fn(model, ids, targets, metanet)
     out = fn(params)
@@ -295,7 +296,7 @@ def test_weight_space_layer_on_transformer_weights_is_equivariant():
 
     torch.manual_seed(0)
     model = CausalTransformer(vocab=5, d=8, heads=2, blocks=2, max_len=4, ffn_mult=2, tie=True).double()
-    spec = NetworkSpec.from_module(model)
+    spec = spec_of(model)
     layer = WeightSpaceLayer(3, 2, signatures=TRANSFORMER_SIGNATURES).double()
     x = {k: torch.randn(2, *v.shape, 3, dtype=torch.float64) for k, v in model.named_parameters()}
     out = layer(x, spec)
@@ -332,7 +333,6 @@ def test_a_transformer_gradient_set_saves_and_loads(tmp_path):
 def test_the_transformer_encoder_container_keeps_the_residual_stream_permutable():
     """``nn.TransformerEncoder`` asks ``is_nested`` of its input (0.6.1 traced that query as an operation and
     fixed the stream); the container and a ModuleList of the same layers give one spec."""
-    from gradmetanet import NetworkSpec
 
     def layer():
         return nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
@@ -354,7 +354,7 @@ def test_the_transformer_encoder_container_keeps_the_residual_stream_permutable(
             return self.head(x)
 
     x = torch.randn(3, 5, 8)
-    specs = [NetworkSpec.from_module(Net(c), (x,)) for c in (True, False)]
+    specs = [spec_of(Net(c), (x,)) for c in (True, False)]
     assert [(s.group.name, s.size) for s in specs[0].spaces] == [(s.group.name, s.size) for s in specs[1].spaces]
     assert ("perm", 16) in [(s.group.name, s.size) for s in specs[0].spaces]
 

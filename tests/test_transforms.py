@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradmetanet import NetworkSpec
 from gradmetanet.basenets import make_mlp
 from gradmetanet.weightspace import random_symmetry, widen
+from gradmetanet import spec_of
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def test_widening_an_mlp_keeps_its_function(activation, how):
     torch.manual_seed(0)
     model = make_mlp([3, 5, 4, 2], activation).double()
     x = torch.randn(16, 3, dtype=torch.float64)
-    spec = NetworkSpec.from_module(model, x[:2])
+    spec = spec_of(model, x[:2])
     hidden = spec.sites[0].out_space
     params, wider = widen(_params(model), spec, hidden, 3, how, torch.Generator().manual_seed(1))
     assert wider.space(hidden).size == 8 and params["0.weight"].shape == (8, 3) and params["2.weight"].shape == (4, 8)
@@ -42,7 +42,7 @@ def test_widening_a_cnn_channel_space_keeps_its_function(how):
                              nn.Flatten(), nn.Linear(mid, 3)).double()
     model = cnn(5)
     x = torch.randn(4, 1, 9, 9, dtype=torch.float64)
-    spec = NetworkSpec.from_module(model, x[:2])
+    spec = spec_of(model, x[:2])
     space = spec.site("2").out_space
     params, wider = widen(_params(model), spec, space, 2, how, torch.Generator().manual_seed(2))
     assert dict(wider.param_shapes())["2.weight"] == (7, 4, 3, 3)
@@ -53,7 +53,7 @@ def test_widening_a_zoo_of_networks_and_a_random_symmetry_keep_every_function():
     torch.manual_seed(0)
     models = [make_mlp([3, 6, 2], "relu").double() for _ in range(3)]
     x = torch.randn(8, 3, dtype=torch.float64)
-    spec = NetworkSpec.from_module(models[0], x[:2])
+    spec = spec_of(models[0], x[:2])
     zoo = {k: torch.stack([_params(m)[k] for m in models]) for k in _params(models[0])}
     moved = random_symmetry(zoo, spec, torch.Generator().manual_seed(3), leading=1)
     wide, _ = widen(moved, spec, spec.sites[0].out_space, 2, "split", torch.Generator().manual_seed(4), leading=1)
@@ -65,12 +65,12 @@ def test_widening_a_zoo_of_networks_and_a_random_symmetry_keep_every_function():
 
 def test_changes_that_would_alter_the_function_are_refused():
     model = make_mlp([3, 5, 2], "relu")
-    spec = NetworkSpec.from_module(model, torch.randn(2, 3))
+    spec = spec_of(model, torch.randn(2, 3))
     with pytest.raises(ValueError, match="inputs or outputs"):
         widen(_params(model), spec, spec.sites[0].in_space, 1)
     with pytest.raises(ValueError, match="extra must be"):
         widen(_params(model), spec, spec.sites[0].out_space, 6, "split")
     normed = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Linear(6, 2))
-    spec = NetworkSpec.from_module(normed, torch.randn(2, 3))
+    spec = spec_of(normed, torch.randn(2, 3))
     with pytest.raises(ValueError, match="LayerNorm"):
         widen(_params(normed), spec, spec.sites[0].out_space, 1)

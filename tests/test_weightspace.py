@@ -12,6 +12,7 @@ from gradmetanet.basenets import make_mlp
 from gradmetanet.nn import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from gradmetanet.weightspace import WeightSpaceFeatures, WeightSpaceLayer, flatten_weights, unflatten_weights
 from gradmetanet.testing import check_symmetry, move_weight_space as move_ws
+from gradmetanet import spec_of
 
 
 def random_features(spec: NetworkSpec, B: int = 3, C: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,7 +41,7 @@ def test_one_weight_space_layer_runs_at_depth_2_and_5_and_is_equivariant(sizes):
 
 
 def test_weight_space_features_convert_and_move():
-    spec = NetworkSpec.from_module(make_mlp([3, 5, 2]))
+    spec = spec_of(make_mlp([3, 5, 2]))
     nets = [make_mlp([3, 5, 2]) for _ in range(4)]
     dicts = [dict(reversed(list(n.state_dict().items()))) for n in nets]       # any key order
     feats = WeightSpaceFeatures.from_state_dicts(spec, dicts)

@@ -5,6 +5,7 @@ from .functional import functional_factors
 from ..errors import CaptureError
 from .hooks import GradientCapture
 from .registry import Extractor, LinearExtractor, extractor_for, register_extractor, registered_types
+from .trace import Trace, explain, spec_of
 
 __all__ = ["CaptureError", "Extractor", "GradientCapture", "LinearExtractor", "extractor_for", "functional_factors",
-           "register_extractor", "registered_types"]
+           "register_extractor", "registered_types", "Trace", "explain", "spec_of"]

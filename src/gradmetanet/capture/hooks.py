@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..core.dataflow import InputGuessError, Trace, canonical_parameter_names, trace
+from .trace import InputGuessError, Trace, canonical_parameter_names, trace
 from ..core.spec import NetworkSpec, Space, UnsupportedModuleError
 from ..errors import CaptureError
 from ..gradients import GradientSet, LossReduction
@@ -85,7 +85,7 @@ def _structure(model: nn.Module) -> tuple:
 
 
 def _traced(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Trace:
-    """:func:`~gradmetanet.core.dataflow.trace` of ``model`` (on ``args`` if given); refuses a forward that mixes
+    """:func:`~gradmetanet.capture.trace.trace` of ``model`` (on ``args`` if given); refuses a forward that mixes
     the examples."""
     found = trace(model, args, kwargs)
     if found.couplings:
@@ -132,7 +132,7 @@ class GradientCapture:
             ``F.cross_entropy``), ``"sum"`` if it sums; with ``"mean"`` the recorded gradients are
             rescaled by the batch size so that each row is the gradient of that example's own loss.
         spec: a hand-written :class:`NetworkSpec` whose site names are module paths; default:
-            :meth:`NetworkSpec.from_module` (the data flow of one dry run).
+            :func:`~gradmetanet.capture.trace.spec_of` (the data flow of one dry run).
         layers: optional subset to capture (module paths or the modules themselves); the spec
             then gives every site its own fixed spaces, as the symmetry of a part is unknown.
         batch_dim: the batch axis of every site's input (default: inferred per site, see module docstring).
@@ -198,7 +198,7 @@ class GradientCapture:
         if self._spec is None:
             raise CaptureError(f"{type(self.model).__name__} did not run on a guessed input, so its spec is traced "
                                "on the first forward inside the capture; read the spec after it (or build it with "
-                               "NetworkSpec.from_module(model, example_inputs) and pass spec=)")
+                               "spec_of(model, example_inputs) and pass spec=)")
         return self._spec
 
     @classmethod

@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .axes import Axis, Parameter
+from .groups import Element
+
 if TYPE_CHECKING:                                                  # pragma: no cover
-    from .groups import Element
-    from .spec import Parameter, Site
+    from .spec import Site
 
 __all__ = ["SiteKind", "site_kind", "SITE_KINDS"]
 
@@ -42,8 +44,6 @@ class SiteKind:
 
     def parameters(self, site: "Site") -> tuple["Parameter", ...]:
         """The parameters the site declares: weight ``(row out, col in)`` and bias ``(row out)``."""
-        from .spec import Axis, Parameter
-
         params = [Parameter(site.weight, (Axis("row", site.out_space), Axis("col", site.in_space)), site.rows)]
         if site.bias is not None:
             params.append(Parameter(site.bias, (Axis("row", site.out_space),), site.rows))
@@ -98,8 +98,6 @@ class TransposedLinearKind(SiteKind):
     name = "linear_t"
 
     def parameters(self, site: "Site") -> tuple["Parameter", ...]:
-        from .spec import Axis, Parameter
-
         params = [Parameter(site.weight, (Axis("col", site.in_space), Axis("row", site.out_space)))]
         if site.bias is not None:
             params.append(Parameter(site.bias, (Axis("row", site.out_space),)))
@@ -122,8 +120,6 @@ class LayerNormKind(SiteKind):
     name = "layernorm"
 
     def parameters(self, site: "Site") -> tuple["Parameter", ...]:
-        from .spec import Axis, Parameter
-
         params = [Parameter(site.weight, (Axis("diag", site.out_space),))]
         if site.bias is not None:
             params.append(Parameter(site.bias, (Axis("row", site.out_space),)))
@@ -153,8 +149,6 @@ class EmbeddingKind(SiteKind):
     name = "embedding"
 
     def parameters(self, site: "Site") -> tuple["Parameter", ...]:
-        from .spec import Axis, Parameter
-
         return (Parameter(site.weight, (Axis("col", site.in_space), Axis("row", site.out_space))),)
 
     def a_width(self, site, d_in):
@@ -209,8 +203,6 @@ class TableKind(EmbeddingKind):
     name = "table"
 
     def parameters(self, site):
-        from .spec import Axis, Parameter
-
         return (Parameter(site.weight, (Axis("fixed", size=1), Axis("col", site.in_space), Axis("row", site.out_space))),)
 
     def per_example(self, site, a, g, d_in):
@@ -228,8 +220,6 @@ class ConvKind(SiteKind):
     name = "conv"
 
     def parameters(self, site):
-        from .spec import Axis, Parameter
-
         params = [Parameter(site.weight, (Axis("row", site.out_space), Axis("col", site.in_space),
                                           *(Axis("fixed", size=k) for k in site.kernel)))]
         if site.bias is not None:

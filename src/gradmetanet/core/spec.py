@@ -25,6 +25,7 @@ import torch
 
 from .groups import (GL, Blocks, Element, Group, Identity, Monomial, Perm, ScalePerm, SignPerm, Trivial,
                      group_from_json)
+from .axes import Axis, Parameter
 from .kinds import site_kind
 
 __all__ = ["Space", "Axis", "Parameter", "Site", "NetworkSpec", "SpecElement", "UnsupportedModuleError",
@@ -52,38 +53,6 @@ class Space:
     def permutable(self) -> bool:
         """Whether the group moves neurons at all (everything but ``Trivial``)."""
         return self.group.name != "trivial"
-
-
-@dataclass(frozen=True)
-class Axis:
-    """One axis of a parameter: ``role`` is ``row``, ``col`` or ``diag`` of ``space``, or ``fixed`` of ``size``."""
-
-    role: Literal["row", "col", "diag", "fixed"]
-    space: str | None = None
-    size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.role == "fixed":
-            if self.size is None or self.space is not None:
-                raise ValueError("a fixed axis has a size and no space")
-        elif self.role in ("row", "col", "diag"):
-            if self.space is None:
-                raise ValueError(f"a {self.role} axis names its space")
-        else:
-            raise ValueError(f"unknown axis role {self.role!r}; choose row, col, diag or fixed")
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """A tensor of the network (``name`` as in ``model.named_parameters()``) and its axis labels.
-
-    ``rows = (start, stop)`` makes it a block of rows (axis 0) of the named tensor: the packed
-    ``in_proj_weight`` of an ``nn.MultiheadAttention`` is three such parts, one per Q, K, V site.
-    """
-
-    name: str
-    axes: tuple[Axis, ...]
-    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,14 +195,6 @@ class NetworkSpec:
             for l, (name, has_bias) in enumerate(zip(names, biases))
         )
         return cls(spaces, sites)
-
-    @classmethod
-    def from_module(cls, model: torch.nn.Module, example_inputs: tuple | torch.Tensor | None = None
-                    ) -> "NetworkSpec":
-        """Describe ``model`` by following its data flow in one dry run (see :mod:`gradmetanet.core.dataflow`)."""
-        from .dataflow import trace
-
-        return trace(model, example_inputs).spec
 
     # ------------------------------------------------------------------ queries
     def space(self, name: str) -> Space:

@@ -39,6 +39,7 @@ from ..data.classifier_zoo import ClassifierZoo, ClassifierZooConfig, load_or_ge
 from ..training import has_converged
 from . import apply_preset, convergence_line
 from .store import CellStore, RunFolder, settings_of
+from ..capture import spec_of
 
 __all__ = ["AmortizeConfig", "PRESETS", "config_from_preset", "run", "zoo_config"]
 
@@ -275,7 +276,7 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
         zoo = load_or_generate_classifier_zoo(zoo_config(config, name), config.cache_dir, progress)
         x, y = zoo.data()
         template = zoo.template()
-        spec = NetworkSpec.from_module(template, x[:2])
+        spec = spec_of(template, x[:2])
         test = zoo.networks["test"][:config.eval_networks]
         inputs = _Inputs(zoo, x, y, config)
         nets = _take(zoo.params, test)

@@ -33,6 +33,7 @@ from ..plots import learning_curves
 from ..training import fit_regression
 from . import apply_preset, convergence_line
 from .store import RunFolder, settings_of, write_results
+from ..capture import spec_of
 
 __all__ = ["FisherTraceConfig", "PRESETS", "run", "config_from_preset"]
 
@@ -100,7 +101,7 @@ def make_zoo(config: FisherTraceConfig, progress: bool = True) -> tuple[NetworkS
         feats.append(cap.gradients.neuron_tensor())
         x_target = torch.randn(config.target_points, config.input_dim, generator=gen) * input_scale
         targets.append(_log_trace(model, x_target))
-    return NetworkSpec.from_module(make_mlp(sizes, "tanh")), torch.stack(feats), torch.tensor(targets)
+    return spec_of(make_mlp(sizes, "tanh")), torch.stack(feats), torch.tensor(targets)
 
 
 class _FlatMLP(nn.Module):

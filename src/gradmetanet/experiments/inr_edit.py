@@ -44,6 +44,7 @@ from ..plots import learning_curves
 from ..weightspace import DWSNet, GMN, ScaleGMN
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
+from ..capture import spec_of
 
 __all__ = ["InrEditConfig", "PRESETS", "run", "config_from_preset", "InrEditor", "BACKBONES", "VARIANTS"]
 
@@ -98,7 +99,7 @@ def config_from_preset(preset: str, **overrides) -> InrEditConfig:
 
 def inr_spec() -> NetworkSpec:
     """The SIRENs' spec: inputs and output fixed, both hidden spaces ``SignPerm`` (sine is odd)."""
-    return NetworkSpec.from_module(siren_template(INR_WIDTHS, OMEGA_0), grid_coordinates()[:4])
+    return spec_of(siren_template(INR_WIDTHS, OMEGA_0), grid_coordinates()[:4])
 
 
 def preactivations(params: dict[str, torch.Tensor], coords: torch.Tensor, spec: NetworkSpec) -> dict[str, torch.Tensor]:

@@ -20,10 +20,10 @@ from torch.func import functional_call
 
 from ..capture.functional import functional_factors
 from ..core.incidence import neuron_tensor
-from ..core.spec import NetworkSpec
 from ..data.text import CharTokenizer, next_token_batch, pydoc_topics_text
 from ..models import CausalTransformer
 from .tasks import Params, Task
+from ..capture import spec_of
 
 __all__ = ["LanguageModelTask"]
 
@@ -67,7 +67,7 @@ class LanguageModelTask(Task):
         self.x_test, self.y_test = next_token_batch(self.test_ids, test_windows, seq_len,
                                                     torch.Generator().manual_seed(seed))
         self.model = self.make_model()                 # the structure; parameters come from each run
-        self.spec = NetworkSpec.from_module(self.model)
+        self.spec = spec_of(self.model)
 
     def make_model(self) -> CausalTransformer:
         return CausalTransformer(self.vocab, d=self.hidden, heads=self.heads, blocks=self.blocks,

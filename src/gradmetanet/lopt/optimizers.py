@@ -33,6 +33,7 @@ from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, 
 from .distributed import gather_examples
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
 from .layout import FlatLayout, Segments
+from ..capture import spec_of
 
 __all__ = ["UpdateRule", "LearnedOptimizer", "NetworkOptimizer", "learnable_sgdm", "deepsets_rule", "unf_rule",
            "gradmetanet_ds_rule", "gradmetanet_unf_rule", "make_rule", "RULE_NAMES", "warm_start"]
@@ -447,7 +448,7 @@ class NetworkOptimizer(LearnedOptimizer):
         self.capture = None
         self._process_group = None
         if not rule.needs_decomposed:
-            self.spec = NetworkSpec.from_module(model) if rule.needs_spec else None
+            self.spec = spec_of(model) if rule.needs_spec else None
             return
         spec = GradientCapture(model, loss_reduction="mean", ignore_no_grad=True).spec
         frozen = [s for s in spec.sites if not all(

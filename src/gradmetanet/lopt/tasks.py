@@ -21,7 +21,7 @@ from ..data import load_classification_split, load_digits_split
 from ..data.image_files import load_cifar, load_fashion_mnist
 from ..capture.functional import functional_factors
 from ..core.incidence import neuron_tensor
-from ..core.spec import NetworkSpec
+from ..capture import spec_of
 
 __all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
            "cifar_task", "tabular_task", "classification_task"]
@@ -101,7 +101,7 @@ class MLPClassificationTask(Task):
         self.in_dim = x_train.shape[1]
         self.classes = int(max(y_train.max(), y_test.max())) + 1
         self.model = self.make_model()                   # the structure; parameters come from each run
-        self.spec = NetworkSpec.from_module(self.model)
+        self.spec = spec_of(self.model)
 
     def make_model(self) -> torch.nn.Sequential:
         """The ``nn.Sequential`` this task trains, for ordinary (non-functional) training loops."""

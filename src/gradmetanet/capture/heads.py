@@ -1,4 +1,4 @@
-"""Attention heads in the data-flow tracer (:mod:`gradmetanet.core.dataflow`).
+"""Attention heads in the data-flow tracer (:mod:`gradmetanet.capture.trace`).
 
 A feature axis viewed as ``[..., heads, d]`` (``q_proj(x).view(b, T, h, d)``) becomes a *head
 tensor*: its last axis gets a per-head node ``d`` and the tracer remembers where the head axis is.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .groups import Blocks, Perm
+from ..core.groups import Blocks, Perm
 
 PERM = frozenset({"perm"})
 NONE: frozenset[str] = frozenset()

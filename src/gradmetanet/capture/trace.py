@@ -16,6 +16,7 @@ both scales and signs; we declare ``ScalePerm``, a subgroup, which is allowed).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -24,11 +25,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .groups import GL, Blocks, Group, Perm, ScalePerm, SignPerm, Trivial
+from ..core.groups import GL, Blocks, Group, Perm, ScalePerm, SignPerm, Trivial
+from ..core.spec import NetworkSpec, Space, UnsupportedModuleError
 from .heads import HeadRules, resolve_heads
-from .spec import NetworkSpec, Space, UnsupportedModuleError
+from .registry import capturable_modules, registered_types
 
-__all__ = ["Trace", "trace", "explain", "InputGuessError"]
+__all__ = ["Trace", "trace", "explain", "spec_of", "InputGuessError"]
 
 
 class InputGuessError(UnsupportedModuleError):
@@ -500,11 +502,26 @@ def explain(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None
     return trace(model, example_inputs, example_kwargs).explain()
 
 
+def spec_of(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
+            example_kwargs: dict | None = None) -> NetworkSpec:
+    """``model``'s spec, traced from its data flow in one dry run on ``example_inputs`` (see :func:`trace`)."""
+    return trace(model, example_inputs, example_kwargs).spec
+
+
+def _deprecated_from_module(cls: type[NetworkSpec], model: nn.Module,
+                            example_inputs: tuple | torch.Tensor | None = None) -> NetworkSpec:
+    """Deprecated alias of :func:`spec_of` (``core`` no longer reaches up into ``capture``)."""
+    warnings.warn("NetworkSpec.from_module is deprecated; use gradmetanet.spec_of(model, example_inputs)",
+                  DeprecationWarning, stacklevel=2)
+    return spec_of(model, example_inputs)
+
+
+NetworkSpec.from_module = classmethod(_deprecated_from_module)        # kept for one release (0.9)
+
+
 def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
     """``id(module) -> (path, module, extractor)`` of every module that forms sites; raises
     :class:`UnsupportedModuleError` for a module with parameters that no extractor covers."""
-    from ..capture.registry import capturable_modules
-
     found = {id(m): (p, m, e) for p, m, e in capturable_modules(model)}
     covered = {id(p) for _, m, _ in found.values() for p in m.parameters()}
     for path, module in model.named_modules():
@@ -516,7 +533,7 @@ def site_modules_of(model: nn.Module) -> dict[int, tuple[str, nn.Module, Any]]:
             raise UnsupportedModuleError(
                 f"module {path or '<root>'!r} ({type(module).__name__}) has parameters {own} that gradmetanet "
                 "cannot describe; supported parameterised modules: "
-                f"{', '.join(t.__name__ for t in _registered_types())}. Capture a subset with "
+                f"{', '.join(t.__name__ for t in registered_types())}. Capture a subset with "
                 "GradientCapture(model, layers=[...]) to ignore it, or register an extractor for it.")
     if not found:
         raise UnsupportedModuleError(f"{type(model).__name__} contains no capturable layer (nn.Linear, or a "
@@ -552,7 +569,7 @@ def trace(model: nn.Module, example_inputs: tuple | torch.Tensor | None = None,
                 errors.append(f"{[list(t.shape) for t in guess]}: {err}")
         else:
             raise InputGuessError(f"could not run {type(model).__name__} on a guessed input ({'; '.join(errors)});"
-                                         " pass example_inputs= to NetworkSpec.from_module")
+                                         " pass example_inputs= to spec_of")
     graph = tracer.graph
     graph.context = "the model's output"
     for o in tree_flatten(output)[0]:
@@ -640,8 +657,3 @@ def _trace(model: nn.Module, site_modules: dict[int, tuple[str, nn.Module, Any]]
             h.remove()
     return tracer, output
 
-
-def _registered_types() -> list[type]:
-    from ..capture.registry import registered_types
-
-    return registered_types()
