@@ -18,7 +18,7 @@ REFERENCE = Path(__file__).parent / "data" / "metanet_reference_0_6_1.safetensor
 
 
 def _models():
-    from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
+    from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus
     return {
         "gmn-product-fixed": lambda: GradMetaNet(hidden=16, set_layers=2, neuron_layers=1, fixed_neurons=5),
         "gmn-set-product": lambda: GradMetaNet(hidden=16, head="set_product", bias_product=True, out_features=2),

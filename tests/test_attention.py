@@ -1,9 +1,9 @@
-"""The chunked CPU attention of GradMetaNet++ (nn/attention.py) against PyTorch's fused attention."""
+"""The chunked CPU attention of GradMetaNet++ (metanets/attention.py) against PyTorch's fused attention."""
 
 import pytest
 import torch
 
-import gradmetanet.nn.attention as attention
+import gradmetanet.metanets.attention as attention
 
 
 @pytest.mark.parametrize("seq_dim", [1, 2])

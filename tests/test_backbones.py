@@ -12,7 +12,8 @@ from torch.func import functional_call
 from gradmetanet.basenets import make_mlp
 from gradmetanet.core import Monomial
 from gradmetanet.data.siren_zoo import siren_template
-from gradmetanet.weightspace import DWSNet, GMN, NetworkGraph, ScaleGMN
+from gradmetanet.features import NetworkGraph
+from gradmetanet.metanets import DWSNet, GMN, ScaleGMN
 from gradmetanet.testing import check_symmetry
 from gradmetanet import spec_of
 
@@ -138,7 +139,7 @@ def test_the_graph_view_refuses_what_it_cannot_describe():
 def test_backward_messages_from_the_raw_weight_break_scale_equivariance(monkeypatch):
     """The released bidirectional ScaleGMN starts backward messages from ``W`` instead of ``1/W``; made so here, the
     symmetry harness catches it at positive scales (the test above can fail) but not at sign flips (q = ±1)."""
-    from gradmetanet.weightspace import backbones
+    from gradmetanet.metanets import backbones
 
     monkeypatch.setattr(backbones, "_reciprocal", lambda e, eps: e)
     for kind, breaks in (("relu", True), ("tanh", False)):

@@ -7,7 +7,8 @@ import torch
 
 from gradmetanet import NetworkSpec
 from gradmetanet.training import fit, fit_regression
-from gradmetanet.weightspace import DWSNet, WeightSpaceFeatures
+from gradmetanet.features import WeightSpaceFeatures
+from gradmetanet.metanets import DWSNet
 
 
 def weight_space_task(m: int = 200):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gradmetanet.weightspace.gauge import (conv_matrix, conv_matrix_basis, conv_scaling_freedom,
-                                           dense_scaling_freedom, scaling_freedom)
+from gradmetanet.features.gauge import conv_matrix, conv_matrix_basis, conv_scaling_freedom, dense_scaling_freedom, scaling_freedom
 
 
 def test_conv_matrix_is_the_convolution():

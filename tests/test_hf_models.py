@@ -144,7 +144,7 @@ def test_vit_cls_token_position_table_and_patches_per_example():
     patch projection a convolution whose output positions are the tokens; all equal torch.func in float64, the
     traced spec is true, and GradMetaNet reads the gradient set."""
     from gradmetanet import GradientBatch
-    from gradmetanet.nn import GradMetaNet
+    from gradmetanet.metanets import GradMetaNet
 
     model = vit()
     x, y = torch.randn(B, 1, 8, 8, dtype=torch.float64), torch.randint(3, (B,))

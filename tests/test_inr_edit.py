@@ -27,7 +27,7 @@ def test_editors_render_the_same_edit_for_a_transformed_inr(data, backbone, vari
     rendered image is unchanged. Sign flips do change the permutation-only editors' output."""
     config, d = data
     torch.manual_seed(0)
-    model = inr_edit.InrEditor(d.spec, backbone, variant, config, d.rms).double()
+    model = inr_edit.inr_editor(d.spec, backbone, variant, config, d.rms).double()
     with torch.no_grad():
         for p in model.parameters():                 # not the near-identity start: a real edit
             p.add_(0.3 * torch.randn_like(p))
@@ -40,7 +40,7 @@ def test_editors_render_the_same_edit_for_a_transformed_inr(data, backbone, vari
     def edit(p):
         probes = inr_edit.preactivations(p, probe_coords, d.spec)
         grads = inr_edit.gradient_features(p, grad_coords, d.spec)
-        return vmap(render)(model(p, probes, grads))
+        return vmap(render)(inr_edit.edit(model, variant, p, probes, grads))
 
     sign_aware = backbone == "scalegmn" and variant in ("ws", "probing")
     element = d.spec.sample(torch.Generator().manual_seed(2))

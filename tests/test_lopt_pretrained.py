@@ -48,8 +48,8 @@ def test_rule_files_describe_themselves(tmp_path, name, arguments):
 
 def test_rule_files_refuse_rules_they_could_not_rebuild(tmp_path):
     from gradmetanet.lopt.optimizers import UpdateRule
-    from gradmetanet.nn.layers import MLP
-    from gradmetanet.weightspace import LINEAR_SIGNATURES
+    from gradmetanet.metanets.layers import MLP
+    from gradmetanet.metanets import LINEAR_SIGNATURES
 
     with pytest.raises(ValueError, match="composed by hand"):
         save_rule(UpdateRule(MLP([19, 4, 1], "relu")), "ds", tmp_path / "x.safetensors")

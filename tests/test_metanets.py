@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from gradmetanet import GradientBatch, GradientCapture, NetworkSpec
 from gradmetanet.basenets import make_mlp
-from gradmetanet.nn import (BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric,
-                            WeightSpaceNet)
+from gradmetanet.metanets import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
 from gradmetanet.testing import check_symmetry, distance
 from gradmetanet.testing import move_gradient_batch as move_batch, move_outputs as move_output
 
@@ -204,7 +203,7 @@ def test_gradmetanet_learns_the_fisher_diagonal():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_set_layer_with_codes_equals_concatenated_codes(reduction):
     """The split first layer (codes [N, c] never expanded over the set) is the same function."""
-    from gradmetanet.nn.layers import SetNeuronLayer
+    from gradmetanet.metanets.layers import SetNeuronLayer
     torch.manual_seed(0)
     layer = SetNeuronLayer(5 + 3, 7, reduction).double()
     x, codes = torch.randn(2, 4, 6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)

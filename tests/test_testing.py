@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gradmetanet import GradientBatch, NetworkSpec
-from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
+from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus
 from gradmetanet.testing import check_metanetwork
 
 SPEC = NetworkSpec.chain([3, 6, 6, 2], activation="tanh")

@@ -241,7 +241,7 @@ def test_metanetworks_on_transformer_gradients_are_equivariant_end_to_end(kind):
     """Permute a base transformer function-preservingly (residual stream, per-head Q/K and V/O, FFN hidden),
     capture again: the per-parameter outputs (LayerNorm, embeddings, packed in_proj included) move alike;
     permuting the vocabulary or the positions, or untying the residual stream, changes them."""
-    from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
+    from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus
     from gradmetanet.testing import check_symmetry
 
     torch.manual_seed(0)
@@ -291,7 +291,7 @@ def test_hooks_equal_the_functional_extractor_on_a_transformer():
 def test_weight_space_layer_on_transformer_weights_is_equivariant():
     """The UNF rule's layer runs on every transformer parameter kind (tables, gains, packed Q/K/V) and moves
     with the spec's permutations; permuting the vocabulary changes its output."""
-    from gradmetanet.weightspace import TRANSFORMER_SIGNATURES, WeightSpaceLayer
+    from gradmetanet.metanets import TRANSFORMER_SIGNATURES, WeightSpaceLayer
     from gradmetanet.testing import check_symmetry
 
     torch.manual_seed(0)

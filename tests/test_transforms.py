@@ -1,11 +1,11 @@
-"""Function-preserving changes of networks (weightspace/transforms.py): the function stays, the refusals name why."""
+"""Function-preserving changes of networks (features/transforms.py): the function stays, the refusals name why."""
 
 import pytest
 import torch
 from torch import nn
 
 from gradmetanet.basenets import make_mlp
-from gradmetanet.weightspace import random_symmetry, widen
+from gradmetanet.features import random_symmetry, widen
 from gradmetanet import spec_of
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import test_hf_models as hf
 from gradmetanet import GradientBatch, GradientCapture
-from gradmetanet.nn import GradMetaNet
+from gradmetanet.metanets import GradMetaNet
 from gradmetanet.testing import check_symmetry
 from gradmetanet.testing import move_outputs as move_output
 

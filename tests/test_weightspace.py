@@ -9,8 +9,9 @@ import torch
 
 from gradmetanet import NetworkSpec
 from gradmetanet.basenets import make_mlp
-from gradmetanet.nn import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
-from gradmetanet.weightspace import WeightSpaceFeatures, WeightSpaceLayer, flatten_weights, unflatten_weights
+from gradmetanet.features import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
+from gradmetanet.features import WeightSpaceFeatures, flatten_weights, unflatten_weights
+from gradmetanet.metanets import WeightSpaceLayer
 from gradmetanet.testing import check_symmetry, move_weight_space as move_ws
 from gradmetanet import spec_of
 
@@ -143,7 +144,7 @@ def test_unf_rule_and_its_file_run_at_any_depth(tmp_path):
 def test_no_cached_tensors_survive_inference_mode():
     """Constants are built per call: evaluating under inference_mode, then training, works."""
     from gradmetanet import GradientBatch
-    from gradmetanet.nn import GradMetaNet
+    from gradmetanet.metanets import GradMetaNet
 
     spec = NetworkSpec.chain([3, 5, 2])
     batch = GradientBatch(spec, torch.randn(2, 4, spec.n_neurons, 2))
@@ -178,7 +179,7 @@ def test_gradient_scale_is_equivariant_homogeneous_and_per_space():
     """Dividing out each network's per-space gradient scale commutes with permutations and sign flips,
     removes any rescaling of g, scales the output back with degree 2, and keeps the spaces apart."""
     from gradmetanet.data.siren_zoo import siren_spec
-    from gradmetanet.nn import GradientScale
+    from gradmetanet.features import GradientScale
 
     spec = siren_spec((1, 6, 5, 1))                                # SignPerm hidden spaces
     gen = torch.Generator().manual_seed(0)

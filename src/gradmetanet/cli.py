@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "inr-edit": ("inr_edit", "dilate images by editing their INRs' weights in one pass (paper 7.3)"),
     "amortize": ("amortize", "fine-tune every network of a zoo in one pass, against SGD (ScaleGMN)"),
     "ws-bench": ("ws_bench", "INR classification by every backbone, and under function-preserving changes"),
+    "generalisation": ("generalisation", "predict each classifier's test accuracy from its weights (Kendall tau)"),
 }
 DEMO = ("curvature", "quick")
 

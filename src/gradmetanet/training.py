@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_replace
 from .batch import GradientBatch
-from .weightspace.features import WeightSpaceFeatures, flatten_weights
+from .features.weightspace import WeightSpaceFeatures, flatten_weights
 
 __all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse", "has_converged"]
 
@@ -206,14 +206,14 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
     """Train ``model`` to map network ``i`` of ``inputs`` to ``targets[i]`` (``[M, K]``) by MSE with Adam.
 
     ``inputs``: a :class:`~gradmetanet.GradientBatch` (GradMetaNet, GradMetaNet++), a
-    :class:`~gradmetanet.weightspace.WeightSpaceFeatures` or a dict ``{param: [M, *shape, C]}`` (the weight-space
+    :class:`~gradmetanet.features.WeightSpaceFeatures` or a dict ``{param: [M, *shape, C]}`` (the weight-space
     backbones, called with the dict), or a tensor ``[M, ...]``. A weight-space output ``{param: [B, *shape, C]}``
-    is compared flattened in the spec's parameter order (:func:`~gradmetanet.weightspace.flatten_weights`, so
+    is compared flattened in the spec's parameter order (:func:`~gradmetanet.features.flatten_weights`, so
     build targets with it), an invariant output ``[B, K]`` as it is. The networks are split once, seeded:
     ``val_fraction`` selects the epoch (the model keeps its best-validation weights), ``test_fraction`` is read
     once at the end (``FitResult.test``), the rest trains. ``patience``: stop once validation has not improved
     for that many epochs (``epochs`` is then a cap); ``FitResult.converged`` says whether validation stopped
-    improving. Normalise inputs and targets first (:class:`~gradmetanet.nn.NeuronNormaliser`).
+    improving. Normalise inputs and targets first (:class:`~gradmetanet.features.NeuronNormaliser`).
     """
     m = _rows(inputs)
     if targets.dim() != 2 or targets.shape[0] != m:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..core.spec import NetworkSpec
-from ..weightspace import GMN, ScaleGMN
+from ..metanets import GMN, ScaleGMN, WeightEditor
 
 __all__ = ["OnePassFineTuner", "MODELS", "gradient_features"]
 
@@ -39,8 +39,9 @@ def gradient_features(template: nn.Module, params: dict[str, torch.Tensor], x: t
     return {k: params[k].detach().square() * g for k, g in grads.items()}
 
 
-class OnePassFineTuner(nn.Module):
-    """Maps networks ``{name: [N, *shape]}`` to fine-tuned networks in one forward pass.
+class OnePassFineTuner(WeightEditor):
+    """Maps networks ``{name: [N, *shape]}`` to fine-tuned networks in one forward pass: a
+    :class:`~gradmetanet.metanets.WeightEditor` whose backbone is one of :data:`MODELS`.
 
     ``rms``: one positive scalar per parameter tensor (its root mean square over the training zoo); dividing by a
     constant commutes with every sign flip, positive scale and permutation, so the map stays equivariant.
@@ -50,22 +51,19 @@ class OnePassFineTuner(nn.Module):
 
     def __init__(self, spec: NetworkSpec, rms: dict[str, torch.Tensor], model: str = "scalegmn", hidden: int = 32,
                  layers: int = 3, out_scale: float = 1.0, gradient_rms: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__()
         if model not in MODELS:
             raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
         if (gradient_rms is not None) != model.endswith("_grad"):
             raise ValueError(f"{model!r}: pass gradient_rms exactly when the model reads gradients (scalegmn_grad)")
-        self.spec, self.names = spec, list(spec.param_shapes())
         channels = 1 if gradient_rms is None else 2
         if model == "gmn":
-            self.backbone = GMN(spec, channels, 1, hidden=hidden, layers=layers, bidirectional=True)
+            backbone = GMN(spec, channels, 1, hidden=hidden, layers=layers, bidirectional=True)
         else:
-            self.backbone = ScaleGMN(spec, channels, 1, hidden=hidden, layers=layers, bidirectional=True,
-                                     symmetry=model != "gmn_broken")
-        self.register_buffer("rms", torch.stack([rms[n].reshape(()) for n in self.names]))
+            backbone = ScaleGMN(spec, channels, 1, hidden=hidden, layers=layers, bidirectional=True,
+                                symmetry=model != "gmn_broken")
+        super().__init__(spec, backbone, rms, out_scale)
         self.register_buffer("gradient_rms", None if gradient_rms is None else
                              torch.stack([gradient_rms[n].reshape(()) for n in self.names]))
-        self.scales = nn.Parameter(torch.full((len(self.names),), float(out_scale)))
 
     @property
     def reads_gradients(self) -> bool:
@@ -74,11 +72,9 @@ class OnePassFineTuner(nn.Module):
     def forward(self, params: dict[str, torch.Tensor], gradients: dict[str, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
         """``params``, and for ``scalegmn_grad`` their :func:`gradient_features`, ``{name: [N, *shape]}``."""
-        x = {n: (params[n] / self.rms[i]).unsqueeze(-1) for i, n in enumerate(self.names)}
+        extra = None
         if self.reads_gradients:
             if gradients is None:
                 raise ValueError("this fine-tuner reads gradient features: pass gradient_features(...) of the networks")
-            x = {n: torch.cat([x[n], (gradients[n] / self.gradient_rms[i]).unsqueeze(-1)], -1)
-                 for i, n in enumerate(self.names)}
-        delta = self.backbone(x)
-        return {n: params[n] + self.scales[i] * self.rms[i] * delta[n][..., 0] for i, n in enumerate(self.names)}
+            extra = {n: (gradients[n] / self.gradient_rms[i]).unsqueeze(-1) for i, n in enumerate(self.names)}
+        return super().forward(params, extra)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..zoos.cache import cached_zoo
 from ..basenets import ACTIVATIONS, make_mlp
 from .classification import mnist1d_arrays
+from .inr_zoo import digits_images
 
 __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zoo_template", "zoo_images",
            "batched_logits", "heavy_ball_step", "load_or_generate_classifier_zoo", "generate_classifier_zoo", "ARCHITECTURES",
@@ -88,8 +89,6 @@ def zoo_images(dataset: str, architecture: str) -> tuple[torch.Tensor, torch.Ten
     for MLPs on digits, ``[n, 40]`` for MNIST-1D, standardised as the generator makes it) and labels ``[n]``."""
     if dataset == "mnist1d":
         return mnist1d_arrays()
-    from .inr_zoo import digits_images
-
     if architecture == "cnn":
         images, labels = digits_images()
         return (images.float() / 127.5 - 1).unsqueeze(1), labels

@@ -25,12 +25,12 @@ from ..atomic import atomic_write_text
 from ..plots import figure, learning_curves
 from ..batch import GradientBatch
 from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
-from ..nn import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
+from ..metanets import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
 from ..core.spec import NetworkSpec
-from ..nn.baselines import weight_space_inputs
-from ..nn.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
+from ..metanets.baselines import weight_space_inputs
+from ..features.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from ..training import Predictor, fit_regression, has_converged
-from ..weightspace.features import flatten_weights
+from ..features.weightspace import flatten_weights
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 from .curvature_reference import per_layer_shares, product_of_means, quadrature, target_noise
@@ -160,7 +160,7 @@ class Prepared:
     def inputs(self, mode: InputMode) -> torch.Tensor:
         """``[M, b, N, 2 or 4]`` neuron features normalised per space and channel: ``"raw"`` ``(a, g)``,
         ``"squares"`` ``(a, g, a^2, g^2)``, ``"scale_free"`` the same after dividing each network's ``g``
-        by its per-space scale (:class:`~gradmetanet.nn.GradientScale`)."""
+        by its per-space scale (:class:`~gradmetanet.features.GradientScale`)."""
         if mode not in self._inputs:
             if mode == "scale_free":
                 x = input_channels(GradientScale(self.spec)(self.raw)[0], squared=True)

@@ -25,9 +25,8 @@ from ..atomic import atomic_write_text
 from ..basenets import make_mlp
 from ..batch import GradientBatch
 from ..capture import GradientCapture
-from ..nn import GradMetaNet
-from ..nn.layers import MLP
-from ..nn.normalise import NeuronNormaliser
+from ..metanets import FlatMLP, GradMetaNet
+from ..features.normalise import NeuronNormaliser
 from ..core.spec import NetworkSpec
 from ..plots import learning_curves
 from ..training import fit_regression
@@ -104,17 +103,6 @@ def make_zoo(config: FisherTraceConfig, progress: bool = True) -> tuple[NetworkS
     return spec_of(make_mlp(sizes, "tanh")), torch.stack(feats), torch.tensor(targets)
 
 
-class _FlatMLP(nn.Module):
-    """The baseline: an MLP on the flattened ``[b N f]`` decomposed gradients."""
-
-    def __init__(self, n_inputs: int, hidden: int = 64) -> None:
-        super().__init__()
-        self.mlp = MLP([n_inputs, hidden, hidden, 1])
-
-    def forward(self, batch: GradientBatch) -> torch.Tensor:
-        return self.mlp(batch.features.flatten(1))
-
-
 def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False
         ) -> dict:
     """Train both models, write ``results.json`` and ``table.md`` into ``out_dir`` (checked before any compute)."""
@@ -129,7 +117,7 @@ def run(config: FisherTraceConfig, out_dir: str | os.PathLike, progress: bool = 
     constant_mae = (targets[test] - t_mean).abs().mean().item()
     models = {
         "gradmetanet": lambda: GradMetaNet(hidden=32, set_layers=2, neuron_layers=1, head="invariant"),
-        "mlp": lambda: _FlatMLP(config.set_size * spec.n_neurons * 2),
+        "mlp": lambda: FlatMLP(config.set_size * spec.n_neurons * 2),
     }
     rows = {}
     for name, build in models.items():

@@ -26,27 +26,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.func import vmap
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..batch import GradientBatch
 from ..capture.functional import functional_factors
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 from ..data.image_edits import dilate
 from ..data.inr_zoo import INR_WIDTHS, OMEGA_0, InrZoo, InrZooConfig, grid_coordinates, load_or_generate_inr_zoo, render
 from ..data.siren_zoo import siren_template
-from ..nn import GradMetaNet, GradMetaNetPlusPlus
-from ..training import fit_regression
+from ..metanets import GMN, DWSNet, GradMetaNet, GradMetaNetPlusPlus, ScaleGMN, WeightEditor
 from ..plots import learning_curves
-from ..weightspace import DWSNet, GMN, ScaleGMN
+from ..training import fit_regression
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 from ..capture import spec_of
 
-__all__ = ["InrEditConfig", "PRESETS", "run", "config_from_preset", "InrEditor", "BACKBONES", "VARIANTS"]
+__all__ = ["InrEditConfig", "PRESETS", "run", "config_from_preset", "inr_editor", "edit", "BACKBONES", "VARIANTS"]
 
 BACKBONES = ("dws", "gmn", "scalegmn")
 VARIANTS = ("ws", "probing", "gradmetanet", "gradmetanet++")
@@ -133,40 +130,33 @@ def gradient_features(params: dict[str, torch.Tensor], coords: torch.Tensor, spe
     return feats
 
 
-class InrEditor(nn.Module):
-    """``theta -> theta + s * delta`` with ``delta`` from a weight-space backbone on the weights (and, by variant,
-    probe features or GradMetaNet features); ``s`` one scale per layer for weights and one for biases."""
+def inr_editor(spec: NetworkSpec, backbone: str, variant: str, config: InrEditConfig,
+               rms: dict[str, torch.Tensor]) -> WeightEditor:
+    """The editor of one backbone and input variant: the weights alone (``ws``), with probe values on the biases
+    (``probing``), or with the features of a GradMetaNet (``gradmetanet``) or GradMetaNet++ (``gradmetanet++``) on
+    the INRs' decomposed gradients; ``s`` starts at 0.01 (a near-identity edit)."""
+    extra = {"ws": 0, "probing": config.probe_points}.get(variant, config.gmn_features)
+    kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
+    options = {"bidirectional": True} if backbone != "dws" else {}
+    net = kinds[backbone](spec, 1 + extra, 1, hidden=config.hidden, layers=config.layers, **options)
+    gradient_net = None
+    if variant == "gradmetanet":
+        gradient_net = GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=config.gmn_features)
+    elif variant == "gradmetanet++":
+        gradient_net = GradMetaNetPlusPlus(hidden=config.gmnpp_hidden, blocks=config.gmnpp_blocks,
+                                           heads=config.gmnpp_heads, out_features=config.gmn_features)
+    return WeightEditor(spec, net, rms, out_scale=0.01, gradient_net=gradient_net)
 
-    def __init__(self, spec: NetworkSpec, backbone: str, variant: str, config: InrEditConfig,
-                 rms: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.spec, self.variant, self.probe_points = spec, variant, config.probe_points
-        extra = {"ws": 0, "probing": config.probe_points}.get(variant, config.gmn_features)
-        kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
-        options = {"bidirectional": True} if backbone != "dws" else {}
-        self.backbone = kinds[backbone](spec, 1 + extra, 1, hidden=config.hidden, layers=config.layers, **options)
-        self.gradient_net = None
-        if variant == "gradmetanet":
-            self.gradient_net = GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1,
-                                            out_features=config.gmn_features)
-        elif variant == "gradmetanet++":
-            self.gradient_net = GradMetaNetPlusPlus(hidden=config.gmnpp_hidden, blocks=config.gmnpp_blocks,
-                                                    heads=config.gmnpp_heads, out_features=config.gmn_features)
-        self.names = list(spec.param_shapes())
-        self.scales = nn.Parameter(torch.full((len(self.names),), 0.01))
-        self.register_buffer("rms", torch.stack([rms[n] for n in self.names]))
 
-    def forward(self, params: dict[str, torch.Tensor], probes: dict[str, torch.Tensor] | None = None,
-                gradients: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        x = {n: (params[n] / self.rms[i]).unsqueeze(-1) for i, n in enumerate(self.names)}
-        if self.variant == "probing":            # probe values on the biases (vertices), zeros on the weights
-            x = {n: torch.cat([t, probes[n] if n in probes else t.new_zeros(*t.shape[:-1], self.probe_points)], -1)
-                 for n, t in x.items()}
-        elif self.gradient_net is not None:
-            feats = self.gradient_net(GradientBatch(self.spec, gradients))
-            x = {n: torch.cat([t, feats[n]], -1) for n, t in x.items()}
-        delta = self.backbone(x)
-        return {n: params[n] + self.scales[i] * self.rms[i] * delta[n][..., 0] for i, n in enumerate(self.names)}
+def edit(model: WeightEditor, variant: str, params: dict[str, torch.Tensor], probes: dict[str, torch.Tensor],
+         gradients: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``model`` on INRs ``params {name: [M, *shape]}`` with the inputs its ``variant`` reads: probe values
+    ``{bias name: [M, d_out, P]}`` on the biases (zeros on the weights), or decomposed gradients ``[M, K, N, 2]``."""
+    extra = None
+    if variant == "probing":
+        extra = {n: probes[n] if n in probes else t.new_zeros(*t.shape, next(iter(probes.values())).shape[-1])
+                 for n, t in params.items()}
+    return model(params, extra, gradients if model.gradient_net is not None else None)
 
 
 @dataclass
@@ -196,16 +186,16 @@ def prepare(config: InrEditConfig, progress: bool = True) -> _Data:
     return _Data(zoo, spec, targets, probes, gradients, rms)
 
 
-def _predict(model: InrEditor, data: _Data, idx: torch.Tensor) -> torch.Tensor:
+def _predict(model: WeightEditor, variant: str, data: _Data, idx: torch.Tensor) -> torch.Tensor:
     """``[n, 784]``: the edited INRs ``idx`` rendered on the full grid."""
     params = {k: v[idx] for k, v in data.zoo.params.items()}
-    edited = model(params, {k: v[idx] for k, v in data.probes.items()}, data.gradients[idx])
+    edited = edit(model, variant, params, {k: v[idx] for k, v in data.probes.items()}, data.gradients[idx])
     return vmap(render)(edited)
 
 
 def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
     """Every backbone with every variant over ``seeds`` seeds; ``results.json``, ``table.md``, ``edits.png`` (the
-    best model trained by this call). The run folder is checked before any compute; finished cells are kept in
+    model trained by this call that is best on validation). The run folder is checked before any compute; finished cells are kept in
     ``cells.json`` with their settings and code version (:mod:`~gradmetanet.experiments.store`): a rerun of the
     same configuration resumes."""
     settings = settings_of(config, ignore=("examples",))
@@ -219,7 +209,7 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
     results = {"experiment": "inr-edit", "config": asdict(config), "zoo": {
         "inrs": len(data.zoo), "psnr_db": data.zoo.psnr.mean().item(),
         "splits": {k: len(v) for k, v in splits.items()}}, "unedited_mse": unedited, "models": {}}
-    best, best_mse = None, float("inf")
+    best, best_val = None, float("inf")
     bar = tqdm(total=len(config.backbones) * len(config.variants) * config.seeds, desc="INR editors",
                disable=not progress)
     for backbone in config.backbones:
@@ -229,9 +219,9 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
                 key = f"{backbone}/{variant}/{seed}"
                 if store.get(key, settings) is None:
                     torch.manual_seed(seed)
-                    model = InrEditor(data.spec, backbone, variant, config, data.rms)
+                    model = inr_editor(data.spec, backbone, variant, config, data.rms)
                     start = time.perf_counter()
-                    fit = fit_regression(model, lambda m, idx: _predict(m, data, idx), data.targets,
+                    fit = fit_regression(model, lambda m, idx: _predict(m, variant, data, idx), data.targets,
                                          splits["train"], splits["val"], splits["test"], config.epochs,
                                          config.batch_size, config.lr, seed, schedule="cosine",
                                          patience=config.patience, checkpoint=store.checkpoint(key, settings))
@@ -240,8 +230,8 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
                                               "seconds": time.perf_counter() - start, "best_epoch": fit.best_epoch,
                                               "epochs_run": fit.epochs_run, "converged": fit.converged,
                                               "val_history": fit.val_history, "train_history": fit.train_history})
-                    if fit.test < best_mse:
-                        best, best_mse = model, fit.test
+                    if fit.best_val < best_val:              # the picture shows the best model on validation
+                        best, best_val = (model, variant), fit.best_val
                 bar.update()
             runs = [store.get(f"{backbone}/{variant}/{seed}", settings) for seed in range(config.seeds)]
             mean, std = mean_std([r["test"] for r in runs])
@@ -280,17 +270,18 @@ def report(results: dict, folder: RunFolder) -> str:
     return table
 
 
-def _plot_edits(model: InrEditor | None, data: _Data, n: int, path: Path) -> None:
-    """Original, target and edited images of the first ``n`` test INRs (the best model of the run)."""
+def _plot_edits(best: tuple[WeightEditor, str] | None, data: _Data, n: int, path: Path) -> None:
+    """Original, target and edited images of the first ``n`` test INRs (the run's best model on validation and its
+    variant)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if model is None:
+    if best is None:
         return
     idx = data.zoo.splits["test"][:n]
     with torch.no_grad():
-        edited = _predict(model, data, idx).reshape(-1, 28, 28)
+        edited = _predict(*best, data, idx).reshape(-1, 28, 28)
     rows = [("original INR", vmap(render)({k: v[idx] for k, v in data.zoo.params.items()}).reshape(-1, 28, 28)),
             ("dilated target", data.targets[idx].reshape(-1, 28, 28)), ("edited INR", edited)]
     fig, axes = plt.subplots(3, len(idx), figsize=(1.4 * len(idx), 4.4), dpi=130, squeeze=False)

@@ -41,7 +41,7 @@ from ..data.text import corpus_version, read_line_corpus
 from ..lopt.lm_task import LanguageModelTask
 from ..lopt.task_family import TaskFamily, task_family
 from ..lopt.tasks import MLPClassificationTask, classification_task, tabular_task
-from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
+from ..metanets import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
 from . import apply_preset, mean_std
 from .store import RunFolder, settings_of, write_results
 

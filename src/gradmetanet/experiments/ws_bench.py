@@ -3,7 +3,7 @@
 Every backbone (DWSNet, GMN, ScaleGMN; invariant readout) learns the class of the digit an INR of the INR zoo
 represents from the INR's weights (each tensor divided by its root mean square over the training INRs), by
 cross-entropy, keeping its best-validation epoch. Its test accuracy is then read on the test INRs as they are
-and on three function-preserving changes of them (:mod:`gradmetanet.weightspace.transforms`):
+and on three function-preserving changes of them (:mod:`gradmetanet.features.transforms`):
 
 - **symmetry**: a random element of the spec's groups (permutations and sign flips of the sine neurons); an
   equivariant backbone must score exactly as on the originals;
@@ -34,7 +34,8 @@ from ..core.spec import NetworkSpec
 from ..data.inr_zoo import InrZooConfig, load_or_generate_inr_zoo
 from ..plots import figure, learning_curves
 from ..training import fit_regression
-from ..weightspace import DWSNet, GMN, ScaleGMN, random_symmetry, widen
+from ..features import random_symmetry, widen
+from ..metanets import DWSNet, GMN, ScaleGMN
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .inr_edit import inr_spec
 from .store import RunFolder, require_finite, settings_of

@@ -26,10 +26,10 @@ from torch import nn
 
 from ..batch import GradientBatch
 from ..capture import CaptureError, GradientCapture
-from ..nn.gradmetanet import GradMetaNet
-from ..nn.layers import MLP
+from ..metanets.gradmetanet import GradMetaNet
+from ..metanets.layers import MLP
 from ..core.spec import NetworkSpec
-from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, WeightSpaceLayer
+from ..metanets import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, WeightSpaceLayer
 from .distributed import gather_examples
 from .features import MOMENTUM_DECAYS, N_FEATURES, parameter_features, update_momenta
 from .layout import FlatLayout, Segments
@@ -51,7 +51,7 @@ class UpdateRule(nn.Module):
       features when there is a ``gradmetanet``), applied entry by entry;
     - ``equivariant``: a hidden-neuron-permutation-equivariant weight-space layer applied to the
       per-parameter outputs of all tensors together (the UNF-style optimizer);
-    - ``gradmetanet``: a :class:`~gradmetanet.nn.GradMetaNet` on the decomposed gradients of the
+    - ``gradmetanet``: a :class:`~gradmetanet.metanets.GradMetaNet` on the decomposed gradients of the
       batch and their six momenta (``[b, N, 14]``), giving features to every parameter; with
       ``set_size`` it reads only the first ``set_size`` examples of each batch (a random subset
       when batches are shuffled), which divides its cost by ``b / set_size``.
@@ -195,7 +195,7 @@ def unf_rule(hidden: int = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNAT
              ) -> UpdateRule:
     """"UNF": a per-parameter MLP (2 hidden layers of 32, output 32) then one equivariant weight-space layer
     (whose weights are shared by parameter kind, so the rule runs on MLPs of any depth; ``signatures``
-    names the kinds, :data:`~gradmetanet.weightspace.TRANSFORMER_SIGNATURES` for transformers)."""
+    names the kinds, :data:`~gradmetanet.metanets.TRANSFORMER_SIGNATURES` for transformers)."""
     rule = UpdateRule(MLP([N_FEATURES, hidden, hidden, hidden], "relu"),
                       WeightSpaceLayer(hidden, 1, signatures=signatures), **scalars)
     return _with_recipe(rule, "unf", hidden=hidden, signatures=signatures, **scalars)

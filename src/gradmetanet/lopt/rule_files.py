@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_replace
-from ..weightspace import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
+from ..metanets import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
 from .optimizers import RULE_NAMES, SIGNATURE_SETS, NetworkOptimizer, UpdateRule, make_rule
 
 __all__ = ["PRETRAINED_DIR", "RENAMED", "available", "describe", "load_rule", "pretrained", "read_metadata",

@@ -1,10 +1,11 @@
-"""Metanetworks on gradients: GradMetaNet, GradMetaNet++, their blocks, heads and baselines."""
+"""Deprecated alias (until 1.0) of the package layout before version 0.9: GradMetaNet and its baselines now live in
+:mod:`gradmetanet.metanets`, the normalisers in :mod:`gradmetanet.features`. Imports of the names below keep
+working; submodules (``gradmetanet.nn.layers``) moved with them."""
 
-from .baselines import BatchAsymmetric, MLPConcat, NeuronAsymmetric, WeightSpaceNet, weight_space_inputs
-from .normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
-from .gradmetanet import GradMetaNet, GradMetaNetPlusPlus, as_gradient_batch
-from .heads import InvariantHead, ProductHead, SetProductHead
-from .layers import MLP, NeuronLayer, SetNeuronLayer, SetPool
+from ..features import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
+from ..metanets import (MLP, BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, InvariantHead, MLPConcat,
+                        NeuronAsymmetric, NeuronLayer, ProductHead, SetNeuronLayer, SetPool, SetProductHead,
+                        WeightSpaceNet, as_gradient_batch, weight_space_inputs)
 
 __all__ = [
     "BatchAsymmetric", "GradMetaNet", "GradMetaNetPlusPlus", "InvariantHead", "MLP", "MLPConcat", "NeuronNormaliser",

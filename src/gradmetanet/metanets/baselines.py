@@ -22,11 +22,12 @@ from torch import nn
 
 from ..batch import GradientBatch
 from ..core.spec import NetworkSpec
-from ..weightspace.features import unflatten_weights
+from ..features.weightspace import unflatten_weights
+from .backbones import DWSNet
 from .gradmetanet import GradientInput, GradMetaNet, _unbatch, as_gradient_batch
 from .layers import MLP, make_activation
 
-__all__ = ["MLPConcat", "NeuronAsymmetric", "BatchAsymmetric", "WeightSpaceNet", "weight_space_inputs"]
+__all__ = ["FlatMLP", "FlatWeightMLP", "MLPConcat", "NeuronAsymmetric", "BatchAsymmetric", "WeightSpaceNet", "weight_space_inputs"]
 
 
 def _check_spec(model_spec: NetworkSpec, batch: GradientBatch, name: str) -> None:
@@ -50,6 +51,31 @@ class MLPConcat(nn.Module):
         _check_spec(self.spec, batch, "MLPConcat")
         flat = self.mlp(batch.features.flatten(1))
         return _unbatch(unflatten_weights(flat, self.spec, self.out_features), single)
+
+
+class FlatMLP(nn.Module):
+    """An MLP on the flattened ``[b * N * f]`` features of a gradient set, one ``[out_features]`` vector per set:
+    the invariant baseline with no symmetry (it runs on the set size and widths it was built for)."""
+
+    def __init__(self, n_inputs: int, hidden: int = 64, out_features: int = 1) -> None:
+        super().__init__()
+        self.mlp = MLP([n_inputs, hidden, hidden, out_features])
+
+    def forward(self, batch: GradientBatch) -> torch.Tensor:
+        """``[M, b, N, f]`` features -> ``[M, out_features]``."""
+        return self.mlp(batch.features.flatten(1))
+
+
+class FlatWeightMLP(nn.Module):
+    """An MLP on all weights of a network, flattened: weight-space features ``{name: [M, *shape, C]}`` ->
+    ``[M, out_features]`` (no symmetry: the baseline of every invariant weight-space task)."""
+
+    def __init__(self, n_inputs: int, hidden: int = 128, layers: int = 3, out_features: int = 1) -> None:
+        super().__init__()
+        self.mlp = MLP([n_inputs] + [hidden] * layers + [out_features])
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.mlp(torch.cat([v.flatten(1) for v in x.values()], 1))
 
 
 class NeuronAsymmetric(nn.Module):
@@ -111,8 +137,6 @@ class WeightSpaceNet(nn.Module):
                  out_features: int = 1, mode: Literal["concat", "average"] = "concat", pe_dim: int = 8,
                  activation: str = "gelu") -> None:
         super().__init__()
-        from ..weightspace.backbones import DWSNet        # the backbones import nn.layers: import on use
-
         self.spec, self.mode = spec, mode
         self.net = DWSNet(spec, in_channels, out_features, hidden=hidden, layers=layers, pe_dim=pe_dim,
                           activation=activation)

@@ -5,7 +5,7 @@ same keys with ``out_features`` channels (``readout="equivariant"``) or ``[B, ou
 (``readout="invariant"``):
 
 - :class:`DWSNet`: DWS / NFN-style equivariant linear layers generated from the axis labels
-  (:class:`~gradmetanet.weightspace.WeightSpaceLayer`), permutation-equivariant.
+  (:class:`~gradmetanet.metanets.WeightSpaceLayer`), permutation-equivariant.
 - :class:`GMN`: a graph metanetwork on the spec's graph (:class:`NetworkGraph`: neurons as
   vertices with their biases, weights as edges): message passing along the edges (forward, or
   forward and backward), permutation-equivariant; vertex codes single out fixed neurons.
@@ -34,9 +34,9 @@ from torch import nn
 
 from ..core.codes import neuron_codes
 from ..core.spec import NetworkSpec
-from ..nn.layers import MLP, make_activation
-from .graph import NetworkGraph
-from .layers import WeightSpaceLayer
+from .layers import MLP, make_activation
+from ..features.graph import NetworkGraph
+from .weightspace_layers import WeightSpaceLayer
 
 __all__ = ["DWSNet", "GMN", "ScaleGMN", "Readout"]
 

@@ -1,0 +1,18 @@
+"""Metanetworks: GradMetaNet and GradMetaNet++ (set and neuron layers, heads, attention) and their baselines on
+gradients; the weight-space layers generated from a spec's axis labels and the weight-space backbones (DWSNet, GMN,
+ScaleGMN)."""
+
+from .backbones import DWSNet, GMN, ScaleGMN
+from .editor import WeightEditor
+from .baselines import BatchAsymmetric, FlatMLP, FlatWeightMLP, MLPConcat, NeuronAsymmetric, WeightSpaceNet, weight_space_inputs
+from .gradmetanet import GradMetaNet, GradMetaNetPlusPlus, as_gradient_batch
+from .heads import InvariantHead, ProductHead, SetProductHead
+from .layers import MLP, NeuronLayer, SetNeuronLayer, SetPool
+from .weightspace_layers import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, WeightSpaceLayer
+
+__all__ = [
+    "BatchAsymmetric", "DWSNet", "FlatMLP", "FlatWeightMLP", "GMN", "GradMetaNet", "GradMetaNetPlusPlus", "InvariantHead", "LINEAR_SIGNATURES",
+    "MLP", "MLPConcat", "NeuronAsymmetric", "NeuronLayer", "ProductHead", "ScaleGMN", "SetNeuronLayer", "SetPool",
+    "SetProductHead", "Signature", "TRANSFORMER_SIGNATURES", "WeightEditor", "WeightSpaceLayer", "WeightSpaceNet", "as_gradient_batch",
+    "weight_space_inputs",
+]
