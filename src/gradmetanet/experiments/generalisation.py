@@ -14,7 +14,13 @@ Models:
 - **loss probe**: a ridge regression on each network's own cross-entropy and accuracy over ``probe_images``
   training images (what a gradient-reading metanetwork sees), its penalty chosen on validation;
 - **flat MLP**: an MLP on all weights, each tensor divided by its root mean square over the training networks;
-- **DWSNet, GMN, ScaleGMN**: the weight-space backbones with an invariant readout, same inputs.
+- **DWSNet, GMN, ScaleGMN**: the weight-space backbones with an invariant readout, same inputs;
+- **GradMetaNet** (invariant head) on each network's decomposed per-example gradients of its own loss over the
+  same ``probe_images`` images, normalised two ways: ``gradmetanet`` with one statistic per space and channel
+  pooled over the training networks (what a user does first), and ``gradmetanet_scaled`` with each network's
+  channels divided by its own root mean square per space, the logarithm of that scale given as two more channels
+  (a per-space constant: it moves with no permutation). The pair tests whether pooled statistics hide the small
+  gradients of well-trained networks.
 
 Published (Small CNN Zoo, Kendall tau, CIFAR-10-GS / SVHN-GS): NFN-HNP 0.934 / 0.931, StatNN 0.915 / 0.843.
 Our zoos are smaller networks on the digits (a different task): compare orderings, not values.
@@ -27,6 +33,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +41,17 @@ from scipy.stats import kendalltau
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.linear_model import Ridge
 from torch import nn
+from torch.func import vmap
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..capture import spec_of
+from ..batch import GradientBatch
+from ..capture import functional_factors, spec_of
+from ..core.incidence import neuron_tensor
+from ..core.spec import NetworkSpec
 from ..data.classifier_zoo import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo)
-from ..metanets import GMN, DWSNet, FlatWeightMLP, ScaleGMN
+from ..features import NeuronNormaliser
+from ..metanets import GMN, DWSNet, FlatWeightMLP, GradMetaNet, ScaleGMN
 from ..plots import figure
 from ..training import fit_regression
 from . import apply_preset, convergence_line, format_mean_std, mean_std
@@ -48,10 +60,12 @@ from .store import RunFolder, settings_of
 __all__ = ["GeneralisationConfig", "PRESETS", "config_from_preset", "run", "MODELS", "weight_statistics",
            "kendall_tau"]
 
-MODELS = ("statnn", "loss_probe", "flat_mlp", "dws", "gmn", "scalegmn")
-TRAINED = ("flat_mlp", "dws", "gmn", "scalegmn")
+MODELS = ("statnn", "loss_probe", "flat_mlp", "dws", "gmn", "scalegmn", "gradmetanet", "gradmetanet_scaled")
+CLASSICAL = ("statnn", "loss_probe")
+GRADIENT_MODELS = ("gradmetanet", "gradmetanet_scaled")
 LABELS = {"statnn": "StatNN (boosted trees)", "loss_probe": "loss probe (ridge)", "flat_mlp": "flat MLP",
-          "dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN"}
+          "dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN", "gradmetanet": "GradMetaNet (pooled statistics)",
+          "gradmetanet_scaled": "GradMetaNet (per-network scale)"}
 PUBLISHED = {"NFN-HNP": (0.934, 0.931), "StatNN": (0.915, 0.843)}   # Kendall tau, CIFAR-10-GS / SVHN-GS
 
 
@@ -174,14 +188,65 @@ def _trained(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: 
     splits = zoo.networks
     rms = {n: v[splits["train"]].square().mean().sqrt() for n, v in zoo.params.items()}
     x = {n: (v / rms[n]).unsqueeze(-1) for n, v in zoo.params.items()}
-    mean, std = zoo.accuracy[splits["train"]].mean(), zoo.accuracy[splits["train"]].std().clamp_min(1e-6)
-    targets = ((zoo.accuracy - mean) / std).unsqueeze(1)
     torch.manual_seed(seed)
     model = _network_model(name, zoo, config)
 
     def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return m({n: v[idx] for n, v in x.items()})
 
+    return _fit_and_predict(model, predict, zoo, config, seed, checkpoint)
+
+
+def gradient_sets(zoo: ClassifierZoo, images: int, chunk: int = 50) -> tuple[NetworkSpec, torch.Tensor]:
+    """The zoo's spec and ``[M, images, N, 2]``: each network's decomposed per-example gradients of its own
+    cross-entropy on the first ``images`` training images (activation and output-gradient channels)."""
+    template, (x, y) = zoo.template(), zoo.data()
+    idx = zoo.images["train"][:images]
+    spec = spec_of(template, x[:2])
+
+    def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        _, _, acts, grads, outs = functional_factors(template, spec, p, (x[idx],), lambda out: F.cross_entropy(out, y[idx]))
+        return neuron_tensor(spec, acts, grads, outs)
+
+    parts = [vmap(one)({k: v[i:i + chunk] for k, v in zoo.params.items()}) for i in range(0, len(zoo), chunk)]
+    return spec, torch.cat(parts).detach()
+
+
+def per_network_scaled(features: torch.Tensor, spec: NetworkSpec, eps: float = 1e-20) -> torch.Tensor:
+    """``[M, b, N, 2 f]``: each network's channels divided by their root mean square over the set and each space's
+    neurons, and the logarithm of that scale (a constant over the space) as ``f`` more channels."""
+    scale = torch.ones(features.shape[0], 1, features.shape[2], features.shape[3], dtype=features.dtype)
+    for sl in spec.space_slices().values():
+        rms = features[:, :, sl].square().mean((1, 2), keepdim=True).sqrt().clamp_min(eps)
+        scale[:, :, sl] = rms
+    return torch.cat([features / scale, scale.log().expand_as(features)], -1)
+
+
+def _gradient_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int, checkpoint: Path
+                    ) -> tuple[torch.Tensor, dict]:
+    """Test predictions ``[n_test]`` of GradMetaNet (invariant head) on the networks' gradient sets."""
+    spec, feats = gradient_sets(zoo, config.probe_images)
+    if name == "gradmetanet":
+        feats = NeuronNormaliser(spec, per_fixed_neuron=True).fit(feats[zoo.networks["train"]])(feats)
+    else:
+        feats = per_network_scaled(feats, spec)
+    torch.manual_seed(seed)
+    model = GradMetaNet(in_features=feats.shape[-1], hidden=config.hidden, set_layers=2, neuron_layers=1,
+                        head="invariant")
+
+    def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return m(GradientBatch(spec, feats[idx]))
+
+    return _fit_and_predict(model, predict, zoo, config, seed, checkpoint)
+
+
+def _fit_and_predict(model: nn.Module, predict: Callable, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int,
+                     checkpoint: Path) -> tuple[torch.Tensor, dict]:
+    """Train ``model`` by MSE on the standardised accuracies (best validation epoch); predictions on the test
+    networks in accuracy units."""
+    splits = zoo.networks
+    mean, std = zoo.accuracy[splits["train"]].mean(), zoo.accuracy[splits["train"]].std().clamp_min(1e-6)
+    targets = ((zoo.accuracy - mean) / std).unsqueeze(1)
     fit = fit_regression(model, predict, targets, splits["train"], splits["val"], splits["test"], config.epochs,
                          config.batch_size, config.lr, seed, schedule="cosine", patience=config.patience,
                          checkpoint=checkpoint)
@@ -210,8 +275,10 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
                 key = f"{zoo_name}/{name}/{seed}"
                 if store.get(key, settings) is None:
                     start = time.perf_counter()
-                    predicted, info = (_classical(name, zoo, config, seed) if name not in TRAINED else
-                                       _trained(name, zoo, config, seed, store.checkpoint(key, settings)))
+                    checkpoint = store.checkpoint(key, settings)
+                    predicted, info = (_classical(name, zoo, config, seed) if name in CLASSICAL else
+                                       _gradient_model(name, zoo, config, seed, checkpoint) if name in GRADIENT_MODELS
+                                       else _trained(name, zoo, config, seed, checkpoint))
                     store.put(key, settings, {**scores(predicted, true), **info,
                                               "seconds": time.perf_counter() - start})
                 bar.update()
