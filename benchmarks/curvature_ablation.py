@@ -8,7 +8,7 @@ target, 500 test and 250 validation networks), the first ``--train`` networks of
 Every variant is a GradMetaNet of about the experiment's size, trained with Adam 1e-3 (batch 32)
 on the same loss; the error is the experiment's metric at the best-validation epoch. Variants add
 one change at a time: the squared channels ``a^2, g^2``, the per-example path from the fixed
-neurons into every set layer, per-network gradient scaling (:class:`~gradmetanet.nn.GradientScale`),
+neurons into every set layer, per-network gradient scaling (:class:`~gradmetanet.features.GradientScale`),
 a cosine schedule, the same-example (set product) head, and a loss in which every network weighs
 the same (the others weigh networks by their size, as the metric does). Prints a Markdown table and writes JSON;
 finished variants are kept in the JSON and skipped when it is run again.
@@ -25,10 +25,10 @@ import torch
 
 from gradmetanet.data.siren_zoo import load_or_generate_siren_zoo
 from gradmetanet.experiments import curvature
-from gradmetanet.nn import GradMetaNet
+from gradmetanet.metanets import GradMetaNet
 from gradmetanet import GradientBatch
 from gradmetanet.training import evaluate_mse, fit_regression
-from gradmetanet.weightspace import flatten_weights
+from gradmetanet.features import flatten_weights
 
 from common import machine, write_json
 

@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from gradmetanet import GradientBatch, NetworkSpec
-from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus, WeightSpaceNet
+from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus, WeightSpaceNet
 from gradmetanet.timing import interleaved_median_times
 
 from common import machine, peak_extra_bytes, run_child, slope, write_json

@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradmetanet import GradientBatch, NetworkSpec
-from gradmetanet.nn import GradMetaNet, GradMetaNetPlusPlus
+from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus
 from gradmetanet.timing import interleaved_median_times
 
 from common import machine, write_json
@@ -53,7 +53,7 @@ def _gradient_step(name: str, device: str):
 
 def _backbone_step(name: str, device: str):
     """Model and input of a weight-space backbone case."""
-    from gradmetanet.weightspace import DWSNet, GMN, ScaleGMN
+    from gradmetanet.metanets import DWSNet, GMN, ScaleGMN
     kind, zoo = name.split("-")
     if zoo == "inr":
         from gradmetanet.experiments.inr_edit import inr_spec

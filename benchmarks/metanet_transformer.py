@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gradmetanet import GradientBatch, GradientCapture
 from gradmetanet.models import CausalTransformer
-from gradmetanet.nn import GradMetaNet
+from gradmetanet.metanets import GradMetaNet
 from gradmetanet.timing import interleaved_median_times
 
 from common import machine, slope, write_json
