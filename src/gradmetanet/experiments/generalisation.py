@@ -182,8 +182,8 @@ def _network_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig) 
     return kinds[name](spec, 1, 1, hidden=config.hidden, layers=config.layers, readout="invariant", **options)
 
 
-def _trained(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int, checkpoint: Path
-             ) -> tuple[torch.Tensor, dict]:
+def _trained(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int, checkpoint: Path,
+             on_epoch: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Test predictions ``[n_test]`` of a network trained by MSE on the standardised accuracies."""
     splits = zoo.networks
     rms = {n: v[splits["train"]].square().mean().sqrt() for n, v in zoo.params.items()}
@@ -194,7 +194,7 @@ def _trained(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: 
     def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return m({n: v[idx] for n, v in x.items()})
 
-    return _fit_and_predict(model, predict, zoo, config, seed, checkpoint)
+    return _fit_and_predict(model, predict, zoo, config, seed, checkpoint, on_epoch)
 
 
 def gradient_sets(zoo: ClassifierZoo, images: int, chunk: int = 50) -> tuple[NetworkSpec, torch.Tensor]:
@@ -222,8 +222,8 @@ def per_network_scaled(features: torch.Tensor, spec: NetworkSpec, eps: float = 1
     return torch.cat([features / scale, scale.log().expand_as(features)], -1)
 
 
-def _gradient_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int, checkpoint: Path
-                    ) -> tuple[torch.Tensor, dict]:
+def _gradient_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int, checkpoint: Path,
+                    on_epoch: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Test predictions ``[n_test]`` of GradMetaNet (invariant head) on the networks' gradient sets."""
     spec, feats = gradient_sets(zoo, config.probe_images)
     if name == "gradmetanet":
@@ -237,11 +237,12 @@ def _gradient_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig,
     def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return m(GradientBatch(spec, feats[idx]))
 
-    return _fit_and_predict(model, predict, zoo, config, seed, checkpoint)
+    return _fit_and_predict(model, predict, zoo, config, seed, checkpoint, on_epoch)
 
 
 def _fit_and_predict(model: nn.Module, predict: Callable, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int,
-                     checkpoint: Path) -> tuple[torch.Tensor, dict]:
+                     checkpoint: Path, on_epoch: Callable[[int, float], None] | None = None
+                     ) -> tuple[torch.Tensor, dict]:
     """Train ``model`` by MSE on the standardised accuracies (best validation epoch); predictions on the test
     networks in accuracy units."""
     splits = zoo.networks
@@ -249,7 +250,7 @@ def _fit_and_predict(model: nn.Module, predict: Callable, zoo: ClassifierZoo, co
     targets = ((zoo.accuracy - mean) / std).unsqueeze(1)
     fit = fit_regression(model, predict, targets, splits["train"], splits["val"], splits["test"], config.epochs,
                          config.batch_size, config.lr, seed, schedule="cosine", patience=config.patience,
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, on_epoch=on_epoch)
     model.eval()
     with torch.no_grad():
         predicted = predict(model, splits["test"])[:, 0] * std + mean
@@ -276,9 +277,13 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
                 if store.get(key, settings) is None:
                     start = time.perf_counter()
                     checkpoint = store.checkpoint(key, settings)
+
+                    def on_epoch(epoch: int, val: float, key: str = key) -> None:
+                        bar.set_postfix_str(f"{key} epoch {epoch + 1}/{config.epochs} val {val:.3f}")
                     predicted, info = (_classical(name, zoo, config, seed) if name in CLASSICAL else
-                                       _gradient_model(name, zoo, config, seed, checkpoint) if name in GRADIENT_MODELS
-                                       else _trained(name, zoo, config, seed, checkpoint))
+                                       _gradient_model(name, zoo, config, seed, checkpoint, on_epoch)
+                                       if name in GRADIENT_MODELS else
+                                       _trained(name, zoo, config, seed, checkpoint, on_epoch))
                     store.put(key, settings, {**scores(predicted, true), **info,
                                               "seconds": time.perf_counter() - start})
                 bar.update()
