@@ -7,6 +7,7 @@ import argparse
 import ast
 import dataclasses
 import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -76,12 +77,23 @@ def build_parser(with_experiments: bool = False) -> argparse.ArgumentParser:
                      help="override a setting, e.g. --set epochs=20 --set 'train_sizes=[10,100]'")
     commands.add_parser("demo", help=f"what `make demo` runs: `run {DEMO[0]} --preset {DEMO[1]}` into "
                                      f"runs/{DEMO[0]}-{DEMO[1]}")
-    zoo = commands.add_parser("zoo", help="the zoo cache: list the cached zoos or verify zoo folders")
+    zoo = commands.add_parser("zoo", help="zoos on disk: make a sharded zoo, describe it, list the cache, verify")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True)
     listing = zoo_commands.add_parser("list", help="every cached zoo with its size, version and checksum status")
     listing.add_argument("--cache-dir", default=None, help="default $GRADMETANET_CACHE or ~/.cache/gradmetanet")
-    verify = zoo_commands.add_parser("verify", help="check zoo folders against their manifests (exit 1 if any fails)")
+    verify = zoo_commands.add_parser("verify", help="check zoo folders (cached or sharded) against their checksums "
+                                                    "(exit 1 if any fails)")
     verify.add_argument("folders", nargs="+")
+    make = zoo_commands.add_parser("make", help="make (or finish) a sharded classifier zoo; under torchrun each "
+                                                "process makes its share of the shards")
+    make.add_argument("kind", choices=["classifier"])
+    make.add_argument("--out", required=True, help="the zoo folder (an unfinished one resumes)")
+    make.add_argument("--shard-size", type=int, default=250, help="networks per shard (default 250)")
+    make.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override,
+                      metavar="KEY=VALUE", help="a ClassifierZooConfig field, e.g. --set networks=100000 "
+                                                "--set architecture=mlp")
+    info = zoo_commands.add_parser("info", help="a sharded zoo folder: its config, size and shards made")
+    info.add_argument("folder")
     capture = commands.add_parser("capture-demo",
                                   help="capture the decomposed gradients of a digits MLP and report the cost")
     capture.add_argument("--batch-size", type=int, default=128)
@@ -111,7 +123,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _zoo(args: argparse.Namespace) -> int:
-    from .zoos import default_cache_dir, list_zoos, verify_zoo_folder
+    from .zoos import ShardedZoo, ZooDamaged, default_cache_dir, list_zoos, verify_zoo_folder
+    if args.zoo_command == "make":
+        return _zoo_make(args)
+    if args.zoo_command == "info":
+        try:
+            zoo = ShardedZoo(args.folder)
+        except ZooDamaged as err:
+            raise SystemExit(f"gradmetanet: {err}") from None
+        m = zoo.manifest
+        print(f"{args.folder}: {m['zoo']}, {m['networks']} networks in {m['shards']} shards of {m['shard_size']} "
+              f"({m['shards'] - len(zoo.missing())} made), written by gradmetanet {m.get('package_version', '?')}")
+        print(json.dumps(m["config"]))
+        return 0
     if args.zoo_command == "list":
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         rows = list_zoos(cache)
@@ -123,10 +147,26 @@ def _zoo(args: argparse.Namespace) -> int:
         return 0
     failed = 0
     for folder in args.folders:
-        problem = verify_zoo_folder(folder)
+        if (Path(folder) / "common.json").exists():                 # a sharded zoo
+            problems = ShardedZoo(folder).verify()
+            problem = "; ".join(problems) if problems else None
+        else:
+            problem = verify_zoo_folder(folder)
         print(f"{folder}: {'ok' if problem is None else problem}")
         failed += problem is not None
     return 1 if failed else 0
+
+
+def _zoo_make(args: argparse.Namespace) -> int:
+    from .data.classifier_zoo import ClassifierZooConfig, make_sharded_classifier_zoo
+    from .experiments import apply_preset
+    try:
+        config = apply_preset({"default": ClassifierZooConfig()}, "default", dict(args.overrides))
+        made = make_sharded_classifier_zoo(config, args.out, args.shard_size)
+    except ValueError as err:
+        raise SystemExit(f"gradmetanet: {err}") from None
+    print(f"{args.out}: made {len(made)} shard(s) in this process")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

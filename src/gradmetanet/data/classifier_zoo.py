@@ -31,16 +31,22 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..zoos.cache import cached_zoo
+from ..zoos.shards import ShardedZoo, ZooDamaged, make_sharded_zoo
 from ..basenets import ACTIVATIONS, make_mlp
 from .classification import mnist1d_arrays
 from .inr_zoo import digits_images
 
 __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zoo_template", "zoo_images",
-           "batched_logits", "heavy_ball_step", "load_or_generate_classifier_zoo", "generate_classifier_zoo", "ARCHITECTURES",
+           "batched_logits", "heavy_ball_step", "load_or_generate_classifier_zoo", "generate_classifier_zoo",
+           "train_classifier_networks", "network_recipe", "network_split", "image_split",
+           "make_sharded_classifier_zoo", "load_sharded_classifier_zoo", "ARCHITECTURES",
            "DATASETS", "load_small_cnn_zoo"]
 
 ARCHITECTURES = ("cnn", "mlp")
 DATASETS = ("digits", "mnist1d")
+#: how networks are drawn: "per-network seeds" (0.9: network i from seed (seed, i) alone; 0.8 drew every recipe from
+#: one stream, so a network depended on the zoo's size): caches of the other way are rebuilt
+GENERATOR = "per-network seeds"
 ZOO_ACTIVATIONS = ("tanh", "relu")      # what the zoos' networks are trained with (names of basenets.ACTIVATIONS)
 
 
@@ -173,17 +179,63 @@ class ClassifierZoo:
         return cls(config, params, t["accuracy"], t["lr"], t["steps"], t["subset"], part("images/"), part("networks/"))
 
 
-def _initial_params(template: nn.Module, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """``{name: [n, *shape]}``: PyTorch's default initialisation of ``n`` networks, network ``i`` from seed
-    ``seed * 1_000_003 + i`` (so a network is the same whatever the size of the zoo)."""
-    states = []
-    for i in range(n):
-        torch.manual_seed(seed * 1_000_003 + i)
+def network_split(config: ClassifierZooConfig) -> dict[str, torch.Tensor]:
+    """The zoo's train / val / test networks (indices), drawn from ``config.seed`` and the zoo's size alone."""
+    return _split(config.networks, config.network_split, torch.Generator().manual_seed(config.seed * 31 + 1))
+
+
+def image_split(config: ClassifierZooConfig, n_images: int) -> dict[str, torch.Tensor]:
+    """The train / val / test images (indices), drawn from ``config.seed`` alone."""
+    return _split(n_images, config.image_split, torch.Generator().manual_seed(config.seed * 31))
+
+
+def network_recipe(config: ClassifierZooConfig, index: int, train_images: torch.Tensor
+                   ) -> tuple[dict[str, torch.Tensor], int, float, float, torch.Tensor]:
+    """Network ``index``'s initial parameters, steps, learning rate, image fraction and batches ``[steps, B]``
+    (indices into the images), all from its own seed ``(config.seed, index)``: a network is the same whatever the
+    zoo's size, its shards or the processes that make it."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+    template = zoo_template(config)
+    with torch.random.fork_rng(devices=[]):                  # PyTorch's default initialisation; the caller's RNG stays
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
         for module in template.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        states.append({k: v.detach().clone() for k, v in template.named_parameters()})
-    return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        params = {k: v.detach().clone() for k, v in template.named_parameters()}
+    lo, hi = config.steps
+    steps = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    lr = math.exp(math.log(config.lr[0]) + float(torch.rand((), generator=gen)) * math.log(config.lr[1] / config.lr[0]))
+    subset = config.subset[0] + float(torch.rand((), generator=gen)) * (config.subset[1] - config.subset[0])
+    size = max(config.batch_size, int(subset * len(train_images)))
+    own = train_images[torch.randperm(len(train_images), generator=gen)[:size]]
+    batches = own[torch.randint(size, (steps, config.batch_size), generator=gen)]
+    return params, steps, lr, subset, batches
+
+
+def train_classifier_networks(config: ClassifierZooConfig, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Networks ``start .. stop - 1`` of the zoo trained together (each by its own :func:`network_recipe`):
+    ``{"params/<name>": [m, *shape], "accuracy", "lr", "steps", "subset": [m]}``."""
+    x, y = zoo_images(config.dataset, config.architecture)
+    images = image_split(config, len(x))
+    template = zoo_template(config)
+    recipes = [network_recipe(config, i, images["train"]) for i in range(start, stop)]
+    params = {k: torch.stack([r[0][k] for r in recipes]) for k in recipes[0][0]}
+    steps = torch.tensor([r[1] for r in recipes])
+    lr = torch.tensor([r[2] for r in recipes])
+    longest = int(steps.max())
+    batches = torch.stack([torch.cat([r[4], r[4].new_zeros(longest - r[1], config.batch_size)]) for r in recipes])
+    velocity = {k: torch.zeros_like(v) for k, v in params.items()}
+    for step in range(longest):
+        idx = batches[:, step]                                              # [m, B]
+        p = {k: v.requires_grad_() for k, v in params.items()}
+        logits = batched_logits(template, p, x[idx], shared=False)
+        loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum") / config.batch_size
+        grads = torch.autograd.grad(loss, list(p.values()))
+        params = heavy_ball_step(p, grads, velocity, (step < steps).float() * lr)
+    params = {k: v.detach() for k, v in params.items()}
+    accuracy = _accuracy(template, params, x[images["test"]], y[images["test"]])
+    return {**{f"params/{k}": v for k, v in params.items()}, "accuracy": accuracy, "lr": lr, "steps": steps,
+            "subset": torch.tensor([r[3] for r in recipes])}
 
 
 def _accuracy(template: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -196,43 +248,19 @@ def _accuracy(template: nn.Module, params: dict[str, torch.Tensor], x: torch.Ten
 
 
 def generate_classifier_zoo(config: ClassifierZooConfig, chunk: int = 250, progress: bool = True) -> ClassifierZoo:
-    """Train ``config.networks`` networks, ``chunk`` at a time, each with its own drawn recipe (see the module)."""
-    x, y = zoo_images(config.dataset, config.architecture)
-    gen = torch.Generator().manual_seed(config.seed)
-    images = _split(len(x), config.image_split, gen)
-    networks = _split(config.networks, config.network_split, gen)
-    n = config.networks
-    lo, hi = config.steps
-    steps = torch.randint(lo, hi + 1, (n,), generator=gen)
-    lr = torch.exp(math.log(config.lr[0]) + torch.rand(n, generator=gen) * math.log(config.lr[1] / config.lr[0]))
-    subset = config.subset[0] + torch.rand(n, generator=gen) * (config.subset[1] - config.subset[0])
-    train = images["train"]
-    template = zoo_template(config)
-    params = {}
-    bar = tqdm(total=n, desc=f"training the {config.name} zoo", disable=not progress)
-    for start in range(0, n, chunk):
-        sl = slice(start, min(start + chunk, n))
-        p = _initial_params(template, sl.stop - sl.start, config.seed * 7919 + start)
-        m = len(p[next(iter(p))])
-        # each network's own training images: a random subset of the image training split
-        sizes = (subset[sl] * len(train)).long().clamp_min(config.batch_size)
-        ranks = torch.rand(m, len(train), generator=gen).argsort(1)
-        own = (ranks < sizes.unsqueeze(1)).float()                     # [m, n_train] membership
-        velocity = {k: torch.zeros_like(v) for k, v in p.items()}
-        for step in range(int(steps[sl].max())):
-            idx = train[torch.multinomial(own, config.batch_size, replacement=True, generator=gen)]   # [m, B]
-            p = {k: v.requires_grad_() for k, v in p.items()}
-            logits = batched_logits(template, p, x[idx], shared=False)
-            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum") / config.batch_size
-            grads = torch.autograd.grad(loss, list(p.values()))
-            p = heavy_ball_step(p, grads, velocity, (step < steps[sl]).float() * lr[sl])
-        for k, v in p.items():
-            params.setdefault(k, []).append(v.detach())
-        bar.update(m)
+    """Train ``config.networks`` networks, ``chunk`` at a time (any chunk gives the same zoo: see
+    :func:`network_recipe`)."""
+    parts = []
+    bar = tqdm(total=config.networks, desc=f"training the {config.name} zoo", disable=not progress)
+    for start in range(0, config.networks, chunk):
+        parts.append(train_classifier_networks(config, start, min(start + chunk, config.networks)))
+        bar.update(len(parts[-1]["accuracy"]))
     bar.close()
-    params = {k: torch.cat(v) for k, v in params.items()}
-    accuracy = _accuracy(template, params, x[images["test"]], y[images["test"]])
-    return ClassifierZoo(config, params, accuracy, lr, steps, subset, images, networks)
+    tensors = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    x, _ = zoo_images(config.dataset, config.architecture)
+    tensors |= {f"images/{k}": v for k, v in image_split(config, len(x)).items()}
+    tensors |= {f"networks/{k}": v for k, v in network_split(config).items()}
+    return ClassifierZoo.from_tensors(config, tensors)
 
 
 def load_or_generate_classifier_zoo(config: ClassifierZooConfig, cache_dir: str | os.PathLike | None,
@@ -246,7 +274,33 @@ def load_or_generate_classifier_zoo(config: ClassifierZooConfig, cache_dir: str 
                 "splits": {"images": {k: len(v) for k, v in zoo.images.items()},
                            "networks": {k: len(v) for k, v in zoo.networks.items()}}}
     return cached_zoo("classifier_zoo", config, lambda: generate_classifier_zoo(config, progress=progress),
-                      ClassifierZoo.tensors, lambda t: ClassifierZoo.from_tensors(config, t), cache_dir, summary)
+                      ClassifierZoo.tensors, lambda t: ClassifierZoo.from_tensors(config, t), cache_dir, summary,
+                      depends={"networks": GENERATOR})
+
+
+def make_sharded_classifier_zoo(config: ClassifierZooConfig, folder: str | os.PathLike, shard_size: int = 250,
+                                 rank: int | None = None, world: int | None = None, progress: bool = True) -> list[int]:
+    """Make (or finish) the zoo of ``config`` as a sharded folder (:func:`~gradmetanet.zoos.make_sharded_zoo`): one
+    shard of ``shard_size`` networks at a time, this process's share of them under ``torchrun``."""
+    def common() -> dict[str, torch.Tensor]:
+        x, _ = zoo_images(config.dataset, config.architecture)
+        return {f"images/{k}": v for k, v in image_split(config, len(x)).items()} | \
+            {f"networks/{k}": v for k, v in network_split(config).items()}
+    return make_sharded_zoo(folder, "classifier_zoo", config, config.networks, shard_size,
+                            lambda start, stop: train_classifier_networks(config, start, stop), common, rank, world,
+                            depends={"networks": GENERATOR}, progress=progress)
+
+
+def load_sharded_classifier_zoo(folder: str | os.PathLike) -> ClassifierZoo:
+    """The classifier zoo of a sharded folder, every shard verified (a missing or damaged one is named)."""
+    zoo = ShardedZoo(folder)
+    if zoo.manifest["zoo"] != "classifier_zoo":
+        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a classifier zoo")
+    if zoo.missing():
+        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
+                         "finish it with `gradmetanet zoo make` (it resumes)")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    return ClassifierZoo.from_tensors(ClassifierZooConfig(**fields), zoo.tensors())
 
 
 def load_small_cnn_zoo(directory: str | os.PathLike, activation: str | None = "tanh", step: int = 86

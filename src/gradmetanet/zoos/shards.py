@@ -1,0 +1,174 @@
+"""Zoos on disk in shards: a folder that any number of processes fill, and that training reads shard by shard.
+
+Layout (``gradmetanet.zoo-sharded/1``)::
+
+    FOLDER/manifest.json           zoo kind, config, depends, package version, networks, shard size
+    FOLDER/common.safetensors      what all networks share (splits), with common.json: its size and SHA-256
+    FOLDER/shard-00000.safetensors networks [0, shard_size): every tensor with a leading network axis
+    FOLDER/shard-00000.json        the shard's network range, size in bytes and SHA-256
+
+A shard counts as written once its ``.json`` exists and matches its bytes: writes are atomic (temporary file,
+fsync, rename), the ``.json`` last, so an interrupted process leaves either a whole shard or none. Generation
+resumes at the shards that are missing; process ``rank`` of ``world`` makes shards ``rank, rank + world, ...``
+(``torchrun`` sets ``RANK`` and ``WORLD_SIZE``; no process group is needed). Every network must depend on its
+index alone (as :func:`~gradmetanet.data.classifier_zoo.network_recipe` does), so the zoo is the same for any
+number of processes. Reading verifies each shard's checksum the first time it is opened and names a damaged
+or missing shard; only the shards asked for are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_replace, atomic_write_text
+from ..provenance import package_version
+from .cache import _as_json, file_digest
+
+__all__ = ["ShardedZoo", "make_sharded_zoo", "ZooDamaged", "LAYOUT"]
+
+LAYOUT = "gradmetanet.zoo-sharded/1"
+_MANIFEST = "manifest.json"
+_COMMON = "common"
+
+
+class ZooDamaged(ValueError):
+    """A shard (or the common file, or the manifest) of a sharded zoo is missing or does not match its checksum."""
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _write_checked(folder: Path, stem: str, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    """``stem.safetensors`` then ``stem.json`` (its size, SHA-256 and ``extra``), each atomically."""
+    path = folder / f"{stem}.safetensors"
+    with atomic_replace(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    record = {"bytes": path.stat().st_size, "sha256": file_digest(path), **extra}
+    atomic_write_text(folder / f"{stem}.json", json.dumps(record, indent=2))
+
+
+def _problem(folder: Path, stem: str) -> str | None:
+    """What is wrong with ``stem`` (``None`` when its bytes match its record)."""
+    path, record_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    if not record_path.exists():
+        return f"{stem} was never finished (no {stem}.json)"
+    if not path.exists():
+        return f"{stem}.safetensors is missing"
+    record = json.loads(record_path.read_text())
+    if path.stat().st_size != record["bytes"]:
+        return f"{stem}.safetensors has {path.stat().st_size} bytes, its record says {record['bytes']}"
+    if file_digest(path) != record["sha256"]:
+        return f"{stem}.safetensors does not match its SHA-256 (its bytes were changed)"
+    return None
+
+
+def make_sharded_zoo(folder: str | os.PathLike, kind: str, config: Any, networks: int, shard_size: int,
+                     generate: Callable[[int, int], dict[str, torch.Tensor]],
+                     common: Callable[[], dict[str, torch.Tensor]], rank: int | None = None, world: int | None = None,
+                     depends: dict[str, str] | None = None, progress: bool = True) -> list[int]:
+    """Make (or finish) the sharded zoo in ``folder``; returns the shards this call wrote.
+
+    ``generate(start, stop)`` trains networks ``start .. stop - 1`` (tensors with a leading network axis);
+    ``common()`` what they share. ``rank`` / ``world`` default to ``$RANK`` / ``$WORLD_SIZE`` (one process).
+    A folder holding another zoo (kind, config, size, shard size or ``depends``) is refused.
+    """
+    folder = Path(folder)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if shard_size < 1 or networks < 1 or not 0 <= rank < world:
+        raise ValueError(f"need networks >= 1, shard_size >= 1 and 0 <= rank < world; got {networks}, {shard_size}, "
+                         f"rank {rank} of {world}")
+    manifest = {"layout": LAYOUT, "zoo": kind, "config": _as_json(asdict(config)), "depends": depends or {},
+                "networks": networks, "shard_size": shard_size, "shards": -(-networks // shard_size)}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / _MANIFEST
+    if path.exists():
+        found = json.loads(path.read_text())
+        differs = [k for k in manifest if found.get(k) != manifest[k]]
+        if differs:
+            raise ValueError(f"{folder} holds another zoo (differing: {', '.join(differs)}); choose another folder")
+    else:
+        atomic_write_text(path, json.dumps(manifest | {"package_version": package_version()}, indent=2))
+    if rank == 0 and _problem(folder, _COMMON) is not None:
+        _write_checked(folder, _COMMON, common(), {})
+    mine = [k for k in range(manifest["shards"]) if k % world == rank and _problem(folder, _shard_name(k))]
+    for k in tqdm(mine, desc=f"{kind} shards (rank {rank}/{world})", unit="shard", disable=not progress):
+        start, stop = k * shard_size, min((k + 1) * shard_size, networks)
+        _write_checked(folder, _shard_name(k), generate(start, stop), {"networks": [start, stop]})
+    return mine
+
+
+class ShardedZoo:
+    """A sharded zoo folder, read lazily (see the module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        path = self.folder / _MANIFEST
+        if not path.exists():
+            raise ZooDamaged(f"{self.folder} has no {_MANIFEST}: not a sharded zoo, or one never started")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("layout") != LAYOUT:
+            raise ZooDamaged(f"{self.folder} is of layout {self.manifest.get('layout')!r}, not {LAYOUT!r}")
+        self._verified: set[str] = set()
+
+    def __len__(self) -> int:
+        return int(self.manifest["networks"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.manifest["shard_size"])
+
+    def missing(self) -> list[int]:
+        """Shards not (completely) written yet."""
+        return [k for k in range(self.manifest["shards"])
+                if not (self.folder / f"{_shard_name(k)}.json").exists()]
+
+    def verify(self) -> list[str]:
+        """Every problem of the folder (reads every byte); empty when the zoo is whole and intact."""
+        stems = [_COMMON] + [_shard_name(k) for k in range(self.manifest["shards"])]
+        return [p for p in (_problem(self.folder, s) for s in stems) if p is not None]
+
+    def _load(self, stem: str) -> dict[str, torch.Tensor]:
+        if stem not in self._verified:
+            problem = _problem(self.folder, stem)
+            if problem is not None:
+                raise ZooDamaged(f"zoo {self.folder}: {problem}; remake it with `gradmetanet zoo make` (it resumes)")
+            self._verified.add(stem)
+        return load_file(self.folder / f"{stem}.safetensors")
+
+    def common(self) -> dict[str, torch.Tensor]:
+        return self._load(_COMMON)
+
+    def shard(self, k: int) -> dict[str, torch.Tensor]:
+        """Shard ``k``: every tensor ``[networks in the shard, ...]``."""
+        return self._load(_shard_name(k))
+
+    def networks(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        """Networks ``indices`` (in that order), reading only the shards that hold them."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"network indices must lie in [0, {len(self)})")
+        shards = indices // self.shard_size
+        out: dict[str, torch.Tensor] = {}
+        for k in shards.unique().tolist():
+            rows = (shards == k).nonzero().squeeze(1)
+            tensors = self.shard(k)
+            for name, t in tensors.items():
+                if name not in out:
+                    out[name] = t.new_empty(len(indices), *t.shape[1:])
+                out[name][rows] = t[indices[rows] - k * self.shard_size]
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The whole zoo in memory: every shard concatenated, and the common tensors."""
+        parts = [self.shard(k) for k in range(self.manifest["shards"])]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | self.common()

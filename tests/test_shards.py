@@ -1,0 +1,78 @@
+"""Sharded zoos (issue 25): any number of processes make the same zoo, an interrupted one resumes, a damaged shard
+is named, and reads touch only the shards they need. Networks depend on their index alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradmetanet.cli import main
+from gradmetanet.data.classifier_zoo import (ClassifierZooConfig, generate_classifier_zoo, load_sharded_classifier_zoo,
+                                             make_sharded_classifier_zoo)
+from gradmetanet.zoos import ShardedZoo, ZooDamaged
+
+CONFIG = ClassifierZooConfig(architecture="mlp", activation="relu", networks=10, steps=(3, 12))
+SETTINGS = ["--set", "networks=10", "--set", "architecture='mlp'", "--set", "activation='relu'", "--set", "steps=[3,12]"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_make_the_zoo_one_process_makes(tmp_path):
+    """Two processes as torchrun starts them (RANK, WORLD_SIZE), at once: every shard is made once, and the zoo is
+    bit for bit the one trained in memory in one chunk."""
+    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "classifier", "--out", str(tmp_path / "z"),
+                               "--shard-size", "3", *SETTINGS],
+                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "made 2 shard(s)" in outs[0][0] and "made 2 shard(s)" in outs[1][0]
+    sharded = load_sharded_classifier_zoo(tmp_path / "z")
+    memory = generate_classifier_zoo(CONFIG, chunk=10, progress=False)
+    assert same(sharded.params, memory.params) and torch.equal(sharded.accuracy, memory.accuracy)
+    assert same(sharded.networks, memory.networks) and same(sharded.images, memory.images)
+
+
+def test_a_network_depends_on_its_index_alone():
+    small = generate_classifier_zoo(ClassifierZooConfig(architecture="mlp", activation="relu", networks=4,
+                                                        steps=(3, 12)), progress=False)
+    big = generate_classifier_zoo(CONFIG, chunk=3, progress=False)
+    assert same(small.params, {k: v[:4] for k, v in big.params.items()})
+
+
+def test_resume_damage_and_lazy_reads(tmp_path, capsys):
+    folder = tmp_path / "z"
+    assert make_sharded_classifier_zoo(CONFIG, folder, 4, progress=False) == [0, 1, 2]
+    stamp = (folder / "shard-00000.safetensors").stat().st_mtime_ns
+    (folder / "shard-00001.json").unlink()                           # as if stopped while writing shard 1
+    assert ShardedZoo(folder).missing() == [1]
+    assert make_sharded_classifier_zoo(CONFIG, folder, 4, progress=False) == [1]
+    assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+
+    zoo = ShardedZoo(folder)
+    opened = []
+    original = zoo._load
+    zoo._load = lambda stem: opened.append(stem) or original(stem)
+    picked = zoo.networks([9, 1])                                    # shards 2 and 0, in the order asked
+    assert opened == ["shard-00000", "shard-00002"]
+    whole = zoo.tensors()
+    assert torch.equal(picked["accuracy"], whole["accuracy"][[9, 1]])
+
+    data = bytearray((folder / "shard-00002.safetensors").read_bytes())
+    data[-5] ^= 0xFF                                                 # one byte of the tensor data, header intact
+    (folder / "shard-00002.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ZooDamaged, match="shard-00002.safetensors does not match its SHA-256"):
+        ShardedZoo(folder).networks([8])
+    assert ShardedZoo(folder).networks([0])["accuracy"].shape == (1,)  # the intact shards still read
+    assert main(["zoo", "verify", str(folder)]) == 1
+    assert "shard-00002" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="holds another zoo .*networks"):
+        make_sharded_classifier_zoo(ClassifierZooConfig(architecture="mlp", activation="relu", networks=11,
+                                                        steps=(3, 12)), folder, 4, progress=False)
