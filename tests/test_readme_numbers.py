@@ -1,0 +1,62 @@
+"""The README's "Results at a glance" quotes figures that a command wrote into a committed results file: each
+figure below is read from its file, formatted as the README prints it, and must appear in the README's row.
+A figure edited by hand, or a results folder rerun without updating the README, fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def results(folder: str) -> dict:
+    return json.loads((ROOT / "results" / folder / "results.json").read_text())
+
+
+def curvature(model: str, n: str = "2000") -> float:
+    return results("curvature-cpu-0.8")["models"][model][n]["mean"]
+
+
+def improvement(model: str) -> float:
+    return 100 * results("curvature-cpu-0.8")["relative_improvement_over_standard"][model]["2000"]
+
+
+def inr(backbone: str, variant: str) -> float:
+    return 100 * results("inr-edit-cpu")["models"][backbone][variant]["mean"]
+
+
+def lora(target: str, model: str, metric: str) -> float:
+    return results("lora-cpu")["targets"][target][model][metric]
+
+
+#: (text that starts the README row, figure read from its results file, format the README prints it in)
+FIGURES = [
+    ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: improvement("gradmetanet_set"), "{:.1f}% better"),
+    ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: improvement("gradmetanet"), "{:.1f}% better"),
+    ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: curvature("gradmetanet_set"), "({:.4f} vs"),
+    ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: curvature("standard"), "vs {:.4f})"),
+    ("| Fisher trace, normalised MAE", lambda: results("fisher-trace-quick-cpu")["models"]["gradmetanet"]
+     ["normalised_mae"], "{:.3f} vs"),
+    ("| Fisher trace, normalised MAE", lambda: results("fisher-trace-quick-cpu")["models"]["mlp"]["normalised_mae"],
+     "vs {:.3f}"),
+    ("| INR editing (3 x 3 dilation)", lambda: inr("dws", "gradmetanet++"), "DWSNet {:.3f}"),
+    ("| INR editing (3 x 3 dilation)", lambda: inr("dws", "probing"), "vs {:.3f}, GMN"),
+    ("| INR editing (3 x 3 dilation)", lambda: inr("scalegmn", "ws"), "alone best: {:.3f}"),
+    ("| GL-net vs non-invariant baselines", lambda: lora("membership", "glnet", "bit_accuracy"), "**{:.3f} /"),
+    ("| GL-net vs non-invariant baselines", lambda: lora("membership", "raw_mlp", "bit_accuracy"), "raw {:.3f} /"),
+]
+
+
+def readme_row(start: str) -> str:
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(start)]
+    assert len(rows) == 1, f"{len(rows)} README rows start with {start!r}"
+    return rows[0]
+
+
+@pytest.mark.parametrize("start, figure, form", FIGURES, ids=[f"{s[2:30]}:{f}" for s, _, f in FIGURES])
+def test_readme_figure_matches_its_results_file(start, figure, form):
+    expected = form.format(figure())
+    assert expected in readme_row(start), f"README row {start!r} should quote {expected!r} (from its results file)"
