@@ -24,6 +24,8 @@ EXPERIMENTS = {
     "generalisation": ("generalisation", "predict each classifier's test accuracy from its weights (Kendall tau)"),
 }
 DEMO = ("curvature", "quick")
+#: experiments trained by fit_regression alone: data-parallel under torchrun (rank 0 writes the run folder)
+DATA_PARALLEL = {"curvature", "inr-edit", "ws-bench", "generalisation", "fisher-trace", "lora"}
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -182,11 +184,13 @@ def _run(args: argparse.Namespace) -> int:
         from .performance import retain_freed_memory
         retain_freed_memory()
     start = time.perf_counter()
-    from .lopt.distributed import init_from_environment, is_main_process, shut_down
+    from .distributed import init_from_environment, is_main_process, shut_down
     distributed = init_from_environment(getattr(config, "device", "cpu"))
-    if distributed and not (args.experiment == "lopt" and args.meta_only):
-        raise SystemExit("gradmetanet: under torchrun only `run lopt --meta-only` is distributed (PES particles "
-                         "are sharded across processes); run the race in one process afterwards")
+    if distributed and args.experiment not in DATA_PARALLEL and not (args.experiment == "lopt" and args.meta_only):
+        shut_down()
+        raise SystemExit(f"gradmetanet: `run {args.experiment}` does not run under torchrun (its training loop is "
+                         f"not data-parallel); these do: {', '.join(sorted(DATA_PARALLEL))}, and `run lopt "
+                         "--meta-only` (PES particles sharded across processes)")
     if args.meta_only:
         if args.experiment != "lopt":
             raise SystemExit("gradmetanet: --meta-only applies to the lopt experiment only")
@@ -195,9 +199,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f"meta-trained {list(config.optimizers)} into {out / 'meta'} in {time.perf_counter() - start:.0f} s")
         shut_down()
         return 0
-    module.run(config, out, overwrite=args.overwrite)
-    print((out / "table.md").read_text())
-    print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
+    main_process = is_main_process()
+    module.run(config, out, progress=main_process, overwrite=args.overwrite)
+    shut_down()                                           # every process is done; rank 0 has written the folder
+    if main_process:
+        print((out / "table.md").read_text())
+        print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

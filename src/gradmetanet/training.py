@@ -16,10 +16,12 @@ from typing import Callable, Mapping, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .atomic import atomic_replace
 from .batch import GradientBatch
+from .distributed import all_reduce_sum, rank_and_world
 from .features.weightspace import WeightSpaceFeatures, flatten_weights
 
 __all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse", "has_converged"]
@@ -92,6 +94,11 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     is refused. The file is removed when the fit ends.
 
     Error values are mean losses in target units; the caller rescales them to its metric.
+
+    Under ``torchrun`` (a process group of several processes) the fit is data-parallel: every process draws the
+    same batches, takes its share of each batch's rows, and ``DistributedDataParallel`` averages the gradients,
+    weighted so that the step is the one-process step on the whole batch (up to the order of floating-point sums);
+    validation and test are evaluated on every process alike, and only rank 0 writes the checkpoint.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
@@ -120,24 +127,29 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
         result.val_history, result.train_history = list(state["val_history"]), list(state["train_history"])
         start = len(result.val_history)
     stopped = patience is not None and start and start - 1 - best_epoch >= patience
+    rank, world = rank_and_world()
+    trained = _DataParallel(model, find_unused_parameters=True) if world > 1 else model
     for epoch in range(start, 0 if stopped else epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
         running, count = 0.0, 0
         for begin in range(0, len(order), batch_size):
             idx = order[begin:begin + batch_size]
-            value = loss((train_predict or predict)(model, idx), targets[idx])
+            mine, weight = (idx[rank::world], len(idx[rank::world]) * world / len(idx)) if len(idx) >= world else \
+                (idx, 1.0)                     # a last batch smaller than the processes: each takes all of it
+            value = weight * loss((train_predict or predict)(trained, mine), targets[mine])
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            running, count = running + value.item() * len(idx), count + len(idx)
+            batch_loss = all_reduce_sum(value.detach()).item() / world
+            running, count = running + batch_loss * len(idx), count + len(idx)
         val = evaluate_mse(model, predict, val_idx, targets, loss=loss)
         result.val_history.append(val)
         result.train_history.append(running / count)
         if val < best_val:
             best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             _save_checkpoint(checkpoint, {
                 "signature": signature, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": None if sched is None else sched.state_dict(), "generator": gen.get_state(),
@@ -152,9 +164,20 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     result.epochs_run = len(result.val_history)
     result.converged = has_converged(result.val_history, window)
     result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
-    if checkpoint is not None and Path(checkpoint).exists():
+    if checkpoint is not None and rank == 0 and Path(checkpoint).exists():
         os.remove(checkpoint)
     return result
+
+
+class _DataParallel(DistributedDataParallel):
+    """``DistributedDataParallel`` that also answers for the wrapped model's attributes, so predictors written for
+    the model (``model.gradient_net``) run on the wrapper unchanged."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
 
 
 def _save_checkpoint(path: str | os.PathLike, state: dict) -> None:

@@ -15,12 +15,14 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..atomic import atomic_write_text
+from ..distributed import is_main_process
 from ..provenance import package_version, provenance
 
 __all__ = ["RunFolder", "RunFolderError", "CellStore", "require_finite", "settings_of", "write_results", "RUNTIME_FIELDS"]
@@ -94,6 +96,10 @@ class RunFolder:
                     f"{os.fspath(self.path)!r} holds a {experiment!r} run with other settings (changed: "
                     f"{', '.join(changed)}): choose another --out, or pass --overwrite to write this run's table "
                     "there (finished cells of both settings are kept, and reused where their settings match)")
+        self.cells_path = self.path / _CELLS
+        if not is_main_process():      # under torchrun rank 0 writes; the others read its cells, write elsewhere
+            self.path = Path(tempfile.mkdtemp(prefix="gradmetanet-rank-"))
+            return
         atomic_write_text(self.path / _RUN, json.dumps({"experiment": experiment, "settings": self.settings,
                                                           "package_version": package_version()}, indent=2))
 
@@ -119,7 +125,7 @@ class RunFolder:
         write_results(self.path / name, data, device)
 
     def cells(self) -> "CellStore":
-        return CellStore(self.path / _CELLS, self.experiment)
+        return CellStore(self.cells_path, self.experiment, persist=is_main_process())
 
 
 class CellStore:
@@ -128,13 +134,16 @@ class CellStore:
     :meth:`get` returns a cell only when both match; :meth:`put` adds one (under a file lock, so processes that
     run other models of one configuration can share the folder) and never removes another. A ``cells.json`` of
     an earlier layout is moved aside to ``cells.v1.json`` (kept, not reused: its code version is unknown).
+    With ``persist=False`` (the ranks other than 0 under ``torchrun``) finished cells are kept in memory only.
     """
 
-    def __init__(self, path: Path, experiment: str) -> None:
+    def __init__(self, path: Path, experiment: str, persist: bool = True) -> None:
         self.path = path
         self.experiment = experiment
         self.version = package_version()
-        if path.exists() and self._read().get("layout") != _CELLS_LAYOUT:
+        self.persist = persist
+        self._memory: list[dict] = []
+        if persist and path.exists() and self._read().get("layout") != _CELLS_LAYOUT:
             aside = path.with_name("cells.v1.json")
             os.replace(path, aside)
             print(f"gradmetanet: {path} has an earlier layout; kept as {aside} (its cells are recomputed)")
@@ -155,7 +164,7 @@ class CellStore:
 
     def get(self, key: str, depends: dict) -> dict | None:
         """The finished cell ``key`` computed under ``depends`` by this code version, or ``None``."""
-        for entry in self._read()["cells"]:
+        for entry in self._memory + self._read()["cells"]:
             if self._matches(entry, key, depends):
                 return entry["value"]
         return None
@@ -170,10 +179,13 @@ class CellStore:
     def put(self, key: str, depends: dict, value: dict) -> None:
         """Record a finished cell (replacing only an entry of the same key, settings and code version) and remove
         its fit's checkpoint."""
+        entry = {"key": key, "depends": _as_json(depends), "code": self.version, "value": _as_json(value)}
+        if not self.persist:
+            self._memory.append(entry)
+            return
         with self._locked():
             saved = self._read()
             saved["cells"] = [e for e in saved["cells"] if not self._matches(e, key, depends)]
-            saved["cells"].append({"key": key, "depends": _as_json(depends), "code": self.version,
-                                   "value": _as_json(value)})
+            saved["cells"].append(entry)
             atomic_write_text(self.path, json.dumps(saved, indent=1))
         self.checkpoint(key, depends).unlink(missing_ok=True)

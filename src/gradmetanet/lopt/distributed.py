@@ -12,38 +12,14 @@ single process writes, so a run resumes under any number of processes. Only rank
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..distributed import init_from_environment, is_main_process, shut_down
+
 __all__ = ["Shard", "current_shard", "gather_examples", "init_from_environment", "is_main_process", "shut_down"]
-
-
-def init_from_environment(device: str = "cpu") -> bool:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); ``True`` when distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return True
-
-
-def shut_down() -> None:
-    """Leave the process group once every rank is done (a no-op when not distributed).
-
-    The barrier keeps a fast rank from tearing its connections down while a peer still talks to
-    it, and destroying the group joins gloo's worker threads while the interpreter is alive:
-    left to interpreter exit, their teardown can abort the process.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_replace, atomic_write_text
+from ..distributed import is_distributed, is_main_process
 from ..provenance import package_version
 
 __all__ = ["cached_zoo", "verify_zoo_folder", "file_digest", "default_cache_dir", "list_zoos"]
@@ -105,6 +107,18 @@ def cached_zoo(name: str, config: Any, generate: Callable[[], Zoo], to_tensors: 
     """
     if cache_dir is None:
         return generate()
+    if is_distributed() and not is_main_process():
+        dist.barrier()                             # under torchrun rank 0 builds or verifies the cache first
+        return _cached_zoo(name, config, generate, to_tensors, from_tensors, cache_dir, summary, depends)
+    zoo = _cached_zoo(name, config, generate, to_tensors, from_tensors, cache_dir, summary, depends)
+    if is_distributed():
+        dist.barrier()
+    return zoo
+
+
+def _cached_zoo(name: str, config: Any, generate: Callable[[], Zoo], to_tensors: Callable[[Zoo], dict[str, torch.Tensor]],
+                from_tensors: Callable[[dict[str, torch.Tensor]], Zoo], cache_dir: str | os.PathLike,
+                summary: Callable[[Zoo], dict] | None, depends: dict[str, str] | None) -> Zoo:
     folder = Path(cache_dir) / f"{name}_{config.key()}"
     problem = verify_zoo_folder(folder, config, depends)
     if problem is None:
