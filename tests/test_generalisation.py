@@ -58,3 +58,12 @@ def test_tiny_run_writes_its_report_and_resumes(tmp_path):
     assert again["zoos"] == results["zoos"]
     with pytest.raises(ValueError, match="unknown models"):
         g.config_from_preset("tiny", models=("nfn",))
+
+
+def test_a_model_that_cannot_read_the_zoo_is_marked_not_applicable(tmp_path):
+    """DWSNet reads linear layers only: on the CNN zoo its row says n/a and why, instead of stopping the run."""
+    config = g.config_from_preset("tiny", zoos=("cnn-tanh",), networks=20, models=("statnn", "dws"))
+    results = g.run(config, tmp_path, progress=False)
+    assert "not_applicable" in results["zoos"]["cnn-tanh"]["models"]["dws"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| DWSNet | n/a | n/a | n/a |" in table and "n/a: DWSNet reads linear layers only" in table

@@ -147,6 +147,14 @@ def probe_features(zoo: ClassifierZoo, images: int) -> torch.Tensor:
     return torch.stack([loss, acc], 1).double()
 
 
+def not_applicable(name: str, zoo: ClassifierZoo) -> str | None:
+    """Why model ``name`` cannot read this zoo's networks (``None`` when it can): DWSNet's layers read linear
+    layers only, not convolution kernels."""
+    if name == "dws" and any(v.dim() > 3 for v in zoo.params.values()):
+        return "DWSNet reads linear layers only (this zoo has convolutions)"
+    return None
+
+
 def _choose_on_validation(candidates: list, x: torch.Tensor, y: torch.Tensor, splits: dict) -> tuple[object, dict]:
     """Fit every sklearn candidate on the training networks, keep the one with the best validation R^2."""
     best, best_r2 = None, -math.inf
@@ -274,6 +282,9 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
         for name in config.models:
             for seed in range(config.seeds):
                 key = f"{zoo_name}/{name}/{seed}"
+                if not_applicable(name, zoo):
+                    bar.update()
+                    continue
                 if store.get(key, settings) is None:
                     start = time.perf_counter()
                     checkpoint = store.checkpoint(key, settings)
@@ -290,7 +301,8 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
         results["zoos"][zoo_name] = {
             "networks": len(zoo), "test_networks": len(true),
             "test_accuracy": {"mean": float(true.mean()), "min": float(true.min()), "max": float(true.max())},
-            "models": {name: _summary([store.get(f"{zoo_name}/{name}/{s}", settings) for s in range(config.seeds)])
+            "models": {name: {"not_applicable": not_applicable(name, zoo)} if not_applicable(name, zoo) else
+                       _summary([store.get(f"{zoo_name}/{name}/{s}", settings) for s in range(config.seeds)])
                        for name in config.models}}
     bar.close()
     report(results, folder)
@@ -319,9 +331,13 @@ def report(results: dict, folder: RunFolder) -> str:
                   f"{100 * acc['min']:.0f}-{100 * acc['max']:.0f}%, mean {100 * acc['mean']:.1f}%)", "",
                   "| model | Kendall tau | tau, better half | R^2 |", "|---|---:|---:|---:|"]
         for name, row in zoo["models"].items():
+            if "not_applicable" in row:
+                lines.append(f"| {LABELS[name]} | n/a | n/a | n/a |")
+                continue
             n = len(row["runs"])
             cells = [format_mean_std(row[m]["mean"], row[m]["std"], n, 3) for m in ("tau", "tau_top_half", "r2")]
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+        lines += [f"n/a: {r['not_applicable']}." for r in zoo["models"].values() if "not_applicable" in r]
         trained = {LABELS[n]: r["converged"] for n, r in zoo["models"].items() if "converged" in r}
         lines += ["", convergence_line(trained, cfg["patience"], "seeds") if trained else "", ""]
     lines.append("Published (Small CNN Zoo, CIFAR-10-GS / SVHN-GS, Kendall tau): NFN-HNP 0.934 / 0.931, StatNN "
@@ -334,6 +350,7 @@ def report(results: dict, folder: RunFolder) -> str:
         width = 0.8 / len(cfg["models"])
         for i, name in enumerate(cfg["models"]):
             ax.bar([j + i * width for j in range(len(zoos))],
-                   [results["zoos"][z]["models"][name]["tau"]["mean"] for z in zoos], width, label=LABELS[name])
+                   [results["zoos"][z]["models"][name].get("tau", {}).get("mean", 0.0) for z in zoos], width,
+                   label=LABELS[name])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(zoos))], zoos)
     return table
