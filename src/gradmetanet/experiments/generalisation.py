@@ -101,7 +101,7 @@ def zoo_config(config: GeneralisationConfig, zoo: str) -> ClassifierZooConfig:
 
 PRESETS = {
     "paper": GeneralisationConfig(networks=5000, hidden=64, layers=4, epochs=200, patience=20),
-    "cpu": GeneralisationConfig(),
+    "cpu": GeneralisationConfig(zoos=("mlp-relu", "cnn-tanh"), networks=500, epochs=40, patience=8),
     "quick": GeneralisationConfig(zoos=("mlp-relu", "cnn-tanh"), networks=300, epochs=40, seeds=1),
     "tiny": GeneralisationConfig(zoos=("mlp-relu",), networks=40, zoo_steps=(5, 20), hidden=8, layers=1, epochs=2,
                                  patience=None, seeds=1, cache_dir=None),
@@ -337,7 +337,8 @@ def report(results: dict, folder: RunFolder) -> str:
             n = len(row["runs"])
             cells = [format_mean_std(row[m]["mean"], row[m]["std"], n, 3) for m in ("tau", "tau_top_half", "r2")]
             lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
-        lines += [f"n/a: {r['not_applicable']}." for r in zoo["models"].values() if "not_applicable" in r]
+        reasons = [f"n/a: {r['not_applicable']}." for r in zoo["models"].values() if "not_applicable" in r]
+        lines += [""] + reasons if reasons else []
         trained = {LABELS[n]: r["converged"] for n, r in zoo["models"].items() if "converged" in r}
         lines += ["", convergence_line(trained, cfg["patience"], "seeds") if trained else "", ""]
     lines.append("Published (Small CNN Zoo, CIFAR-10-GS / SVHN-GS, Kendall tau): NFN-HNP 0.934 / 0.931, StatNN "
