@@ -28,6 +28,14 @@ def inr(backbone: str, variant: str) -> float:
     return 100 * results("inr-edit-cpu")["models"][backbone][variant]["mean"]
 
 
+def generalisation(zoo: str, model: str) -> float:
+    return results("generalisation-quick")["zoos"][zoo]["models"][model]["tau"]["mean"]
+
+
+def converged_inr(variant: str) -> float:
+    return 100 * results("inr-edit-quick-converged")["models"]["scalegmn"][variant]["mean"]
+
+
 def lora(target: str, model: str, metric: str) -> float:
     return results("lora-cpu")["targets"][target][model][metric]
 
@@ -45,6 +53,12 @@ FIGURES = [
     ("| INR editing (3 x 3 dilation)", lambda: inr("dws", "gradmetanet++"), "DWSNet {:.3f}"),
     ("| INR editing (3 x 3 dilation)", lambda: inr("dws", "probing"), "vs {:.3f}, GMN"),
     ("| INR editing (3 x 3 dilation)", lambda: inr("scalegmn", "ws"), "alone best: {:.3f}"),
+    ("| INR editing (3 x 3 dilation)", lambda: converged_inr("ws"), "WS {:.3f}, probing"),
+    ("| INR editing (3 x 3 dilation)", lambda: converged_inr("gradmetanet"), "GradMetaNet {:.3f}: the inputs"),
+    ("| generalisation prediction", lambda: generalisation("cnn-tanh", "loss_probe"), "loss probe **{:.3f}**"),
+    ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet_scaled"), "scale {:.3f} vs"),
+    ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet"), "statistics {:.3f}"),
+    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (1 seed)"),
     ("| GL-net vs non-invariant baselines", lambda: lora("membership", "glnet", "bit_accuracy"), "**{:.3f} /"),
     ("| GL-net vs non-invariant baselines", lambda: lora("membership", "raw_mlp", "bit_accuracy"), "raw {:.3f} /"),
 ]
