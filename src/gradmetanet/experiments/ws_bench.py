@@ -11,7 +11,15 @@ and on three function-preserving changes of them (:mod:`gradmetanet.features.tra
 - **widened, split**: ``widen_by`` neurons of each hidden space duplicated, outgoing weights split.
 
 Widened INRs compute the same image but have more neurons than any training INR: a backbone that aggregates
-by means over neurons sees them diluted. Published figures (ScaleGMN paper, MNIST INRs, 70,000 images of
+by means over neurons sees them diluted.
+
+Beside the backbones, **GradMetaNet** (invariant head) classifies each INR from its decomposed gradients at
+``grad_points`` fixed pixels (each channel scaled by its root mean square per INR and space, as INR editing
+feeds them), so the table says whether gradients carry the class where weights do not. It is scored on the
+test INRs and their random symmetries (features recomputed from the moved weights); widened INRs are another
+architecture than the SIRENs it reads, so those cells are n/a.
+
+Published figures (ScaleGMN paper, MNIST INRs, 70,000 images of
 28 x 28): ScaleGMN-B 96.59%, DWSNets 85.71%, NFN-NP 78.50%. Our default zoo holds the 1,797 scikit-learn digits
 upsampled to 28 x 28 (``data_dir`` reads MNIST IDX files instead): fewer and easier images, so the numbers are
 a check of the pipeline and of the ordering, not comparable to the published ones.
@@ -31,20 +39,22 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
-from ..data.inr_zoo import InrZooConfig, load_or_generate_inr_zoo
+from ..batch import GradientBatch
+from ..data.inr_zoo import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
 from ..plots import figure, learning_curves
 from ..training import fit_regression
 from ..features import random_symmetry, widen
-from ..metanets import DWSNet, GMN, ScaleGMN
+from ..metanets import GMN, DWSNet, GradMetaNet, ScaleGMN
 from . import apply_preset, convergence_line, format_mean_std, mean_std
-from .inr_edit import inr_spec
+from .inr_edit import gradient_features, inr_spec
 from .store import RunFolder, require_finite, settings_of
 
 __all__ = ["WsBenchConfig", "PRESETS", "run", "config_from_preset", "BACKBONES", "VARIANTS"]
 
-BACKBONES = ("dws", "gmn", "scalegmn")
+BACKBONES = ("dws", "gmn", "scalegmn", "gradmetanet")
 VARIANTS = ("original", "symmetry", "widened_zero", "widened_split")
-LABELS = {"dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN", "original": "test INRs",
+LABELS = {"dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN", "gradmetanet": "GradMetaNet (gradients)",
+          "original": "test INRs",
           "symmetry": "random symmetry", "widened_zero": "widened (zero)", "widened_split": "widened (split)"}
 PUBLISHED_MNIST = {"scalegmn": 96.59, "dws": 85.71}      # ScaleGMN paper, MNIST INRs (ScaleGMN-B, DWSNets)
 CLASSES = 10
@@ -64,6 +74,7 @@ class WsBenchConfig:
     batch_size: int = 32
     lr: float = 1e-3
     widen_by: int = 8                     # neurons added to each hidden space in the widened variants
+    grad_points: int = 64                 # pixels at which GradMetaNet reads each INR's gradients
     seeds: int = 3
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
 
@@ -78,7 +89,7 @@ PRESETS = {
     "cpu": WsBenchConfig(),
     "quick": WsBenchConfig(n_images=600, epochs=20, patience=5, seeds=1, layers=2),
     "tiny": WsBenchConfig(n_images=40, fit_steps=30, epochs=2, patience=None, seeds=1, hidden=8, layers=1,
-                          widen_by=2, cache_dir=None),
+                          widen_by=2, grad_points=8, cache_dir=None),
 }
 
 
@@ -87,6 +98,8 @@ def config_from_preset(preset: str, **overrides) -> WsBenchConfig:
 
 
 def _backbone(name: str, spec: NetworkSpec, config: WsBenchConfig) -> nn.Module:
+    if name == "gradmetanet":
+        return GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=CLASSES, head="invariant")
     kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
     options = {} if name == "dws" else {"bidirectional": True}
     return kinds[name](spec, 1, CLASSES, hidden=config.hidden, layers=config.layers, readout="invariant", **options)
@@ -119,6 +132,16 @@ def accuracy(model: nn.Module, params: dict[str, torch.Tensor], labels: torch.Te
     return right / len(labels)
 
 
+@torch.no_grad()
+def gradient_accuracy(model: nn.Module, spec: NetworkSpec, features: torch.Tensor, labels: torch.Tensor,
+                      batch: int = 128) -> float:
+    """Share of the INRs whose class GradMetaNet gets right from their gradient features ``[M, K, N, 2]``."""
+    model.eval()
+    right = sum((model(GradientBatch(spec, features[i:i + batch])).argmax(-1) == labels[i:i + batch]).sum().item()
+                for i in range(0, len(labels), batch))
+    return right / len(labels)
+
+
 def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
     """Every backbone over ``seeds`` seeds: ``results.json``, ``table.md``, ``accuracy.png``, ``learning_curves.png``.
     Finished cells are kept (a rerun resumes, also mid-fit)."""
@@ -135,6 +158,9 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     one_hot = F.one_hot(zoo.labels.long(), CLASSES).float()
     test = zoo.splits["test"]
     test_params = {n: v[test] for n, v in zoo.params.items()}
+    pixels = grid_coordinates()[torch.randperm(28 * 28, generator=torch.Generator().manual_seed(1234))[:config.grad_points]]
+    gradients = (lambda params: gradient_features(params, pixels, spec)) if "gradmetanet" in config.backbones else None
+    features = gradients(zoo.params) if gradients else None
     bar = tqdm(total=len(config.backbones) * config.seeds, desc="ws-bench", unit="fit", disable=not progress)
     for name in config.backbones:
         for seed in range(config.seeds):
@@ -143,12 +169,19 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
                 torch.manual_seed(seed)
                 model = _backbone(name, spec, config)
                 start = time.perf_counter()
-                fit = fit_regression(model, lambda m, idx: m({n: v[idx] for n, v in x.items()}), one_hot, train,
+                predict = (lambda m, idx: m(GradientBatch(spec, features[idx]))) if name == "gradmetanet" else \
+                    (lambda m, idx: m({n: v[idx] for n, v in x.items()}))
+                fit = fit_regression(model, predict, one_hot, train,
                                      zoo.splits["val"], test, config.epochs, config.batch_size, config.lr, seed,
                                      loss=F.cross_entropy, schedule="cosine", patience=config.patience,
                                      checkpoint=store.checkpoint(key, settings))
                 scores = {}
                 for variant, (params, variant_spec) in changed_test_networks(test_params, spec, config.widen_by, seed).items():
+                    if name == "gradmetanet":
+                        scores[variant] = None if variant_spec != spec else require_finite(
+                            f"{name} accuracy ({variant})", gradient_accuracy(model, spec, gradients(params),
+                                                                              zoo.labels[test]))
+                        continue
                     reader = _backbone(name, variant_spec, config)
                     reader.load_state_dict(model.state_dict())
                     scores[variant] = require_finite(f"{name} accuracy ({variant})",
@@ -164,7 +197,8 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     for name in config.backbones:
         runs = [store.get(f"{name}/{seed}", settings) for seed in range(config.seeds)]
         results["models"][name] = {
-            "accuracy": {v: dict(zip(("mean", "std"), mean_std(r["accuracy"][v] for r in runs))) for v in VARIANTS},
+            "accuracy": {v: dict(zip(("mean", "std"), mean_std(r["accuracy"][v] for r in runs))) for v in VARIANTS
+                         if runs[0]["accuracy"][v] is not None},
             "runs": [r["accuracy"] for r in runs], "converged": [r["converged"] for r in runs],
             "best_epochs": [r["best_epoch"] for r in runs],
             "curve": {"train": runs[0]["train_history"], "val": runs[0]["val_history"]}}
@@ -185,7 +219,7 @@ def report(results: dict, folder: RunFolder) -> str:
     for name, row in results["models"].items():
         n = len(row["runs"])
         cells = [format_mean_std(100 * row["accuracy"][v]["mean"], 100 * row["accuracy"][v]["std"], n, 1)
-                 for v in VARIANTS]
+                 if v in row["accuracy"] else "n/a" for v in VARIANTS]
         published = results["published_mnist"].get(name)
         lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " | " + (f"{published:.2f}" if published else "-")
                      + " |")
@@ -201,7 +235,8 @@ def report(results: dict, folder: RunFolder) -> str:
         width = 0.8 / len(VARIANTS)
         for i, v in enumerate(VARIANTS):
             ax.bar([j + i * width for j in range(len(names))],
-                   [100 * results["models"][n]["accuracy"][v]["mean"] for n in names], width, label=LABELS[v])
+                   [100 * results["models"][n]["accuracy"].get(v, {"mean": 0.0})["mean"] for n in names], width,
+                   label=LABELS[v])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [LABELS[n] for n in names])
     learning_curves(out / "learning_curves.png",
                     {LABELS[n]: (r["curve"]["train"], r["curve"]["val"]) for n, r in results["models"].items()},
