@@ -59,6 +59,10 @@ FIGURES = [
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet_scaled"), "scale {:.3f} vs"),
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet"), "statistics {:.3f}"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (1 seed)"),
+    ("| INR classification from weights", lambda: 100 * results("ws-bench-quick-gradients")["models"]["gradmetanet"]
+     ["accuracy"]["original"]["mean"], "gradient sets **{:.1f}%**"),
+    ("| INR classification from weights", lambda: 100 * results("ws-bench-quick-gradients")["models"]["gradmetanet"]
+     ["accuracy"]["symmetry"]["mean"], "({:.1f}% under a random symmetry)"),
     ("| GL-net vs non-invariant baselines", lambda: lora("membership", "glnet", "bit_accuracy"), "**{:.3f} /"),
     ("| GL-net vs non-invariant baselines", lambda: lora("membership", "raw_mlp", "bit_accuracy"), "raw {:.3f} /"),
 ]

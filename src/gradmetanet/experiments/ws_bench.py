@@ -98,8 +98,10 @@ def config_from_preset(preset: str, **overrides) -> WsBenchConfig:
 
 
 def _backbone(name: str, spec: NetworkSpec, config: WsBenchConfig) -> nn.Module:
-    if name == "gradmetanet":
-        return GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=CLASSES, head="invariant")
+    if name == "gradmetanet":               # fixed neurons (the pixel's x and y, the output) keep their identity
+        fixed = sum(s.size for s in spec.spaces if not s.permutable)
+        return GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=CLASSES, head="invariant",
+                           fixed_neurons=fixed)
     kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
     options = {} if name == "dws" else {"bidirectional": True}
     return kinds[name](spec, 1, CLASSES, hidden=config.hidden, layers=config.layers, readout="invariant", **options)
