@@ -1,7 +1,7 @@
 """Do an INR's gradient features carry its class? Linear probes on the features GradMetaNet reads in ws-bench.
 
 On the quick ws-bench zoo (600 digit INRs, each from its own initialisation), the decomposed gradients at 64 fixed
-pixels (``experiments.inr_edit.gradient_features``) are read three ways by a logistic regression (train INRs, test
+pixels (``experiments.inr_edit.inr_gradient_sets``) are read three ways by a logistic regression (train INRs, test
 INRs scored): all features flattened in pixel order, the output neuron's value at each pixel (the image itself at
 64 points), and the same values sorted (a bag of values: what a set-invariant reader could see without the pixel
 coordinates). Prints a table and writes JSON with provenance.
@@ -19,7 +19,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from gradmetanet.data.inr_zoo import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
-from gradmetanet.experiments.inr_edit import gradient_features, inr_spec
+from gradmetanet.experiments.inr_edit import inr_gradient_sets, inr_spec
 from gradmetanet.provenance import provenance
 from gradmetanet.zoos import default_cache_dir
 
@@ -33,7 +33,7 @@ def main() -> None:
     zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=args.images), default_cache_dir())
     spec = inr_spec()
     order = torch.randperm(28 * 28, generator=torch.Generator().manual_seed(1234))[:args.points]
-    features = gradient_features(zoo.params, grid_coordinates()[order], spec)          # [M, K, N, 2]
+    features = inr_gradient_sets(zoo.params, grid_coordinates()[order], spec)          # [M, K, N, 2]
     output = features[:, :, -1, 0]                                                     # the image at K pixels
     inputs = {"all features, pixel order": features.flatten(1), "output values, pixel order": output,
               "output values, sorted (a bag)": output.sort(1).values}

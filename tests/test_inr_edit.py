@@ -39,7 +39,7 @@ def test_editors_render_the_same_edit_for_a_transformed_inr(data, backbone, vari
 
     def edit(p):
         probes = inr_edit.preactivations(p, probe_coords, d.spec)
-        grads = inr_edit.gradient_features(p, grad_coords, d.spec)
+        grads = inr_edit.inr_gradient_sets(p, grad_coords, d.spec)
         return vmap(render)(inr_edit.edit(model, variant, p, probes, grads))
 
     sign_aware = backbone == "scalegmn" and variant in ("ws", "probing")

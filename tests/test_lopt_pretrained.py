@@ -28,7 +28,7 @@ def test_rule_files_round_trip(tmp_path, name):
 
 @pytest.mark.parametrize("name, arguments", [
     ("ds", {"hidden": 48, "layers": 2}),
-    ("gradmetanet_ds", {"hidden": 24, "gmn_hidden": 8, "gmn_features": 6, "set_size": None}),
+    ("gradmetanet_ds", {"hidden": 24, "gradmetanet_hidden": 8, "gradmetanet_features": 6, "set_size": None}),
     ("gradmetanet_unf", {"hidden": 16, "set_size": 8, "signatures": "transformer"}),
 ])
 def test_rule_files_describe_themselves(tmp_path, name, arguments):

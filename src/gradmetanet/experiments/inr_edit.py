@@ -4,7 +4,7 @@ For every backbone WS in {DWSNet, GMN, ScaleGMN} four editors are trained on the
 (:mod:`gradmetanet.data.inr_zoo`): WS alone on the weights; WS + probing (the INR's pre-activations
 at ``probe_points`` fixed random coordinates, as extra channels of the biases, i.e. extra vertex
 features); WS + GradMetaNet and WS + GradMetaNet++ (decomposed gradients of the INR's *output* at
-``grad_points`` fixed random grid pixels, the same for all INRs, mapped to ``gmn_features``
+``grad_points`` fixed random grid pixels, the same for all INRs, mapped to ``gradmetanet_features``
 per-parameter features and concatenated to the weights). The output is ``theta' = theta + s * delta``
 with one learnable scale per layer for weights and one for biases, starting at 0.01.
 
@@ -66,10 +66,10 @@ class InrEditConfig:
     patience: int | None = None           # stop a fit after this many epochs without a better validation MSE
     grad_points: int = 64
     probe_points: int = 16
-    gmn_features: int = 8
-    gmnpp_hidden: int = 16                # GradMetaNet++ width and depth (the paper's: 64, 3 blocks, 8 heads;
-    gmnpp_blocks: int = 1                 # on CPU its attention over 64 x 67 sets dominates the run)
-    gmnpp_heads: int = 4
+    gradmetanet_features: int = 8
+    gradmetanet_pp_hidden: int = 16                # GradMetaNet++ width and depth (the paper's: 64, 3 blocks, 8 heads;
+    gradmetanet_pp_blocks: int = 1                 # on CPU its attention over 64 x 67 sets dominates the run)
+    gradmetanet_pp_heads: int = 4
     seeds: int = 3
     examples: int = 6                     # test INRs in the PNG grid
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
@@ -82,11 +82,11 @@ class InrEditConfig:
 
 
 PRESETS = {
-    "paper": InrEditConfig(hidden=128, layers=6, epochs=150, gmnpp_hidden=64, gmnpp_blocks=3, gmnpp_heads=8),
+    "paper": InrEditConfig(hidden=128, layers=6, epochs=150, gradmetanet_pp_hidden=64, gradmetanet_pp_blocks=3, gradmetanet_pp_heads=8),
     "cpu": InrEditConfig(epochs=10, seeds=3, lr=2e-3),
     "quick": InrEditConfig(n_images=600, epochs=8, seeds=1, layers=2, lr=3e-3),
     "tiny": InrEditConfig(n_images=24, fit_steps=30, epochs=1, seeds=1, hidden=8, layers=1, grad_points=8,
-                          probe_points=4, gmn_features=4, gmnpp_hidden=8, gmnpp_heads=2, examples=2, cache_dir=None),
+                          probe_points=4, gradmetanet_features=4, gradmetanet_pp_hidden=8, gradmetanet_pp_heads=2, examples=2, cache_dir=None),
 }
 
 
@@ -111,7 +111,7 @@ def preactivations(params: dict[str, torch.Tensor], coords: torch.Tensor, spec: 
     return out
 
 
-def gradient_features(params: dict[str, torch.Tensor], coords: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
+def inr_gradient_sets(params: dict[str, torch.Tensor], coords: torch.Tensor, spec: NetworkSpec) -> torch.Tensor:
     """``[M, K, N, 2]``: decomposed gradients of each INR's output at ``coords [K, 2]`` (one example per point),
     each channel divided by its root mean square per INR and neuron space (a statistic every permutation and
     sign flip leaves unchanged)."""
@@ -135,16 +135,16 @@ def inr_editor(spec: NetworkSpec, backbone: str, variant: str, config: InrEditCo
     """The editor of one backbone and input variant: the weights alone (``ws``), with probe values on the biases
     (``probing``), or with the features of a GradMetaNet (``gradmetanet``) or GradMetaNet++ (``gradmetanet++``) on
     the INRs' decomposed gradients; ``s`` starts at 0.01 (a near-identity edit)."""
-    extra = {"ws": 0, "probing": config.probe_points}.get(variant, config.gmn_features)
+    extra = {"ws": 0, "probing": config.probe_points}.get(variant, config.gradmetanet_features)
     kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
     options = {"bidirectional": True} if backbone != "dws" else {}
     net = kinds[backbone](spec, 1 + extra, 1, hidden=config.hidden, layers=config.layers, **options)
     gradient_net = None
     if variant == "gradmetanet":
-        gradient_net = GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=config.gmn_features)
+        gradient_net = GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=config.gradmetanet_features)
     elif variant == "gradmetanet++":
-        gradient_net = GradMetaNetPlusPlus(hidden=config.gmnpp_hidden, blocks=config.gmnpp_blocks,
-                                           heads=config.gmnpp_heads, out_features=config.gmn_features)
+        gradient_net = GradMetaNetPlusPlus(hidden=config.gradmetanet_pp_hidden, blocks=config.gradmetanet_pp_blocks,
+                                           heads=config.gradmetanet_pp_heads, out_features=config.gradmetanet_features)
     return WeightEditor(spec, net, rms, out_scale=0.01, gradient_net=gradient_net)
 
 
@@ -181,7 +181,7 @@ def prepare(config: InrEditConfig, progress: bool = True) -> _Data:
     with torch.no_grad():
         probes = preactivations(zoo.params, probe_coords, spec)
         probes = {k: v / v[zoo.splits["train"]].square().mean().sqrt() for k, v in probes.items()}
-    gradients = gradient_features(zoo.params, grad_coords, spec)
+    gradients = inr_gradient_sets(zoo.params, grad_coords, spec)
     rms = {n: zoo.params[n][zoo.splits["train"]].square().mean().sqrt() for n in spec.param_shapes()}
     return _Data(zoo, spec, targets, probes, gradients, rms)
 

@@ -46,7 +46,7 @@ from ..training import fit_regression
 from ..features import random_symmetry, widen
 from ..metanets import GMN, DWSNet, GradMetaNet, ScaleGMN
 from . import apply_preset, convergence_line, format_mean_std, mean_std
-from .inr_edit import gradient_features, inr_spec
+from .inr_edit import inr_gradient_sets, inr_spec
 from .store import RunFolder, require_finite, settings_of
 
 __all__ = ["WsBenchConfig", "PRESETS", "run", "config_from_preset", "BACKBONES", "VARIANTS"]
@@ -161,7 +161,7 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     test = zoo.splits["test"]
     test_params = {n: v[test] for n, v in zoo.params.items()}
     pixels = grid_coordinates()[torch.randperm(28 * 28, generator=torch.Generator().manual_seed(1234))[:config.grad_points]]
-    gradients = (lambda params: gradient_features(params, pixels, spec)) if "gradmetanet" in config.backbones else None
+    gradients = (lambda params: inr_gradient_sets(params, pixels, spec)) if "gradmetanet" in config.backbones else None
     features = gradients(zoo.params) if gradients else None
     bar = tqdm(total=len(config.backbones) * config.seeds, desc="ws-bench", unit="fit", disable=not progress)
     for name in config.backbones:

@@ -211,27 +211,27 @@ def _gradmetanet_branch(features: int, hidden: int) -> GradMetaNet:
                        out_features=features, head_hidden=hidden, pe_dim=8, activation="relu")
 
 
-def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gmn_features: int = 14, gmn_hidden: int = 16,
+def gradmetanet_ds_rule(hidden: int = 32, layers: int = 3, gradmetanet_features: int = 14, gradmetanet_hidden: int = 16,
                         set_size: int | None = 32, **scalars: float) -> UpdateRule:
     """"GradMetaNet + DS" (eq. 11): GradMetaNet features join the 19 (33 in all) of a per-parameter MLP.
 
     The GradMetaNet reads ``set_size`` examples of each batch (all with ``None``): 32 of the
     paper's 128 keep a CPU step within a small multiple of Adam's.
     """
-    rule = UpdateRule(MLP([N_FEATURES + gmn_features] + [hidden] * layers + [1], "relu"),
-                      gradmetanet=_gradmetanet_branch(gmn_features, gmn_hidden), set_size=set_size, **scalars)
-    return _with_recipe(rule, "gradmetanet_ds", hidden=hidden, layers=layers, gmn_features=gmn_features,
-                        gmn_hidden=gmn_hidden, set_size=set_size, **scalars)
+    rule = UpdateRule(MLP([N_FEATURES + gradmetanet_features] + [hidden] * layers + [1], "relu"),
+                      gradmetanet=_gradmetanet_branch(gradmetanet_features, gradmetanet_hidden), set_size=set_size, **scalars)
+    return _with_recipe(rule, "gradmetanet_ds", hidden=hidden, layers=layers, gradmetanet_features=gradmetanet_features,
+                        gradmetanet_hidden=gradmetanet_hidden, set_size=set_size, **scalars)
 
 
-def gradmetanet_unf_rule(hidden: int = 32, gmn_features: int = 14, gmn_hidden: int = 16,
+def gradmetanet_unf_rule(hidden: int = 32, gradmetanet_features: int = 14, gradmetanet_hidden: int = 16,
                          set_size: int | None = 32, signatures: tuple[Signature, ...] = LINEAR_SIGNATURES,
                          **scalars: float) -> UpdateRule:
     """"GradMetaNet + UNF": GradMetaNet features into the UNF rule's per-parameter MLP."""
-    rule = UpdateRule(MLP([N_FEATURES + gmn_features, hidden, hidden, hidden], "relu"),
-                      WeightSpaceLayer(hidden, 1, signatures=signatures), _gradmetanet_branch(gmn_features, gmn_hidden),
+    rule = UpdateRule(MLP([N_FEATURES + gradmetanet_features, hidden, hidden, hidden], "relu"),
+                      WeightSpaceLayer(hidden, 1, signatures=signatures), _gradmetanet_branch(gradmetanet_features, gradmetanet_hidden),
                       set_size=set_size, **scalars)
-    return _with_recipe(rule, "gradmetanet_unf", hidden=hidden, gmn_features=gmn_features, gmn_hidden=gmn_hidden,
+    return _with_recipe(rule, "gradmetanet_unf", hidden=hidden, gradmetanet_features=gradmetanet_features, gradmetanet_hidden=gradmetanet_hidden,
                         set_size=set_size, signatures=signatures, **scalars)
 
 
