@@ -20,7 +20,8 @@ Models:
   pooled over the training networks (what a user does first), and ``gradmetanet_scaled`` with each network's
   channels divided by its own root mean square per space, the logarithm of that scale given as two more channels
   (a per-space constant: it moves with no permutation). The pair tests whether pooled statistics hide the small
-  gradients of well-trained networks.
+  gradients of well-trained networks. Input and output neurons get their own identity (``fixed_neurons``), as
+  in ws-bench, where GradMetaNet could not tell a pixel's x from its y without it.
 
 Published (Small CNN Zoo, Kendall tau, CIFAR-10-GS / SVHN-GS): NFN-HNP 0.934 / 0.931, StatNN 0.915 / 0.843.
 Our zoos are smaller networks on the digits (a different task): compare orderings, not values.
@@ -239,8 +240,9 @@ def _gradient_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig,
     else:
         feats = per_network_scaled(feats, spec)
     torch.manual_seed(seed)
+    fixed = sum(s.size for s in spec.spaces if not s.permutable)     # input pixels and classes keep their identity
     model = GradMetaNet(in_features=feats.shape[-1], hidden=config.hidden, set_layers=2, neuron_layers=1,
-                        head="invariant")
+                        head="invariant", fixed_neurons=fixed)
 
     def predict(m: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return m(GradientBatch(spec, feats[idx]))
