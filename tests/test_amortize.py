@@ -5,10 +5,8 @@ and learns, SGD's vectorised baseline is torch.optim.SGD, the Small CNN Zoo file
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from gradmetanet.data.classifier_zoo import (ClassifierZooConfig, batched_logits
 from gradmetanet.experiments import amortize
 from gradmetanet.testing import check_symmetry
 from gradmetanet import spec_of
+from small_cnn_files import write_small_cnn_zoo
 
 
 def cnn_zoo(activation: str, n: int = 3) -> tuple[torch.nn.Module, NetworkSpec, dict[str, torch.Tensor]]:
@@ -147,21 +146,7 @@ def test_small_cnn_zoo_files_load_into_the_template(tmp_path):
     names = list(template.state_dict())
     gen = torch.Generator().manual_seed(0)
     nets = [{k: torch.randn(v.shape, generator=gen) for k, v in template.state_dict().items()} for _ in range(4)]
-    rows, layout, start = [], [], 0
-    for k in names:
-        t = nets[0][k]
-        tf_shape = tuple(t.permute(2, 3, 1, 0).shape) if t.dim() == 4 else tuple(t.T.shape) if t.dim() == 2 else \
-            tuple(t.shape)
-        layout.append(f"sequential/{k}:0,{start},{start + t.numel()},\"{tf_shape}\"")
-        start += t.numel()
-    for net in nets:
-        flat = [net[k].permute(2, 3, 1, 0) if net[k].dim() == 4 else net[k].T if net[k].dim() == 2 else net[k]
-                for k in names]
-        rows.append(torch.cat([t.reshape(-1) for t in flat]).numpy())
-    np.save(tmp_path / "weights.npy", np.stack(rows))
-    (tmp_path / "layout.csv").write_text("varname,start_idx,end_idx,shape\n" + "\n".join(layout) + "\n")
-    with gzip.open(tmp_path / "metrics.csv.gz", "wt") as f:
-        f.write("step,config.activation,test_accuracy\n86,tanh,0.4\n86,relu,0.5\n85,tanh,0.3\n86,tanh,0.45\n")
+    start = write_small_cnn_zoo(tmp_path, nets, ["86,tanh,0.4", "86,relu,0.5", "85,tanh,0.3", "86,tanh,0.45"])
     params, metrics = load_small_cnn_zoo(tmp_path, "tanh")
     assert torch.equal(metrics["test_accuracy"], torch.tensor([0.4, 0.45]))
     for k in names:

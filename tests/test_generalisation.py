@@ -67,3 +67,27 @@ def test_a_model_that_cannot_read_the_zoo_is_marked_not_applicable(tmp_path):
     assert "not_applicable" in results["zoos"]["cnn-tanh"]["models"]["dws"]
     table = (tmp_path / "table.md").read_text()
     assert "| DWSNet | n/a | n/a | n/a |" in table and "n/a: DWSNet reads linear layers only" in table
+
+
+def test_the_public_small_cnn_zoo_files_join_the_table(tmp_path):
+    """Networks in the public file format (written here) are read with their published test accuracy; the models
+    that need the networks' images are n/a, naming why; the others are scored."""
+    from small_cnn_files import write_small_cnn_zoo
+    from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
+
+    template = small_cnn_zoo_template("tanh")
+    gen = torch.Generator().manual_seed(0)
+    nets = [{k: torch.randn(v.shape, generator=gen) * (1 + i / 10) for k, v in template.state_dict().items()}
+            for i in range(30)]
+    accuracy = [0.1 + 0.02 * i for i in range(30)]                    # grows with the weights' scale
+    nets.append(nets[0])                                              # an earlier checkpoint, left out
+    write_small_cnn_zoo(tmp_path, nets, [f"86,tanh,{a}" for a in accuracy] + ["85,tanh,0.5"])
+    config = g.config_from_preset("tiny", zoos=(), small_cnn_zoo_dir=str(tmp_path),
+                                  models=("statnn", "loss_probe", "gradmetanet", "gmn"))
+    results = g.run(config, tmp_path / "run", progress=False)
+    public = results["zoos"]["small-cnn-zoo"]
+    assert public["networks"] == 30 and public["test_accuracy"]["max"] <= max(accuracy) + 1e-6
+    assert "public zoo files" in public["models"]["loss_probe"]["not_applicable"]
+    assert "not_applicable" in public["models"]["gradmetanet"]
+    assert public["models"]["statnn"]["tau"]["mean"] > 0.5               # the std of the weights gives it away
+    assert "**small-cnn-zoo**" in (tmp_path / "run" / "table.md").read_text()

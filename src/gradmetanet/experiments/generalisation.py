@@ -24,7 +24,10 @@ Models:
   in ws-bench, where GradMetaNet could not tell a pixel's x from its y without it.
 
 Published (Small CNN Zoo, Kendall tau, CIFAR-10-GS / SVHN-GS): NFN-HNP 0.934 / 0.931, StatNN 0.915 / 0.843.
-Our zoos are smaller networks on the digits (a different task): compare orderings, not values.
+Our zoos are smaller networks on the digits (a different task): compare orderings, not values. With the public
+files (``small_cnn_zoo_dir``: a folder of ``weights.npy``, ``metrics.csv.gz``, ``layout.csv``) the table gains a
+``small-cnn-zoo`` row block on the published networks (final checkpoints of ``small_cnn_activation``), where
+the models that need the networks' images (loss probe, GradMetaNet) are n/a: the files do not hold them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ from ..batch import GradientBatch
 from ..capture import functional_factors, spec_of
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
-from ..data.classifier_zoo import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo)
+from ..data.classifier_zoo import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo,
+                                   load_small_cnn_zoo)
 from ..features import NeuronNormaliser
 from ..metanets import GMN, DWSNet, FlatWeightMLP, GradMetaNet, ScaleGMN
 from ..plots import figure
@@ -84,6 +88,8 @@ class GeneralisationConfig:
     lr: float = 1e-3
     probe_images: int = 32
     seeds: int = 3
+    small_cnn_zoo_dir: str | None = None   # the public Small CNN Zoo files of one dataset, if the user has them
+    small_cnn_activation: str = "tanh"
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
 
     def __post_init__(self) -> None:
@@ -150,10 +156,28 @@ def probe_features(zoo: ClassifierZoo, images: int) -> torch.Tensor:
 
 def not_applicable(name: str, zoo: ClassifierZoo) -> str | None:
     """Why model ``name`` cannot read this zoo's networks (``None`` when it can): DWSNet's layers read linear
-    layers only, not convolution kernels."""
+    layers only, not convolution kernels; the loss probe and GradMetaNet need the networks' images."""
     if name == "dws" and any(v.dim() > 3 for v in zoo.params.values()):
         return "DWSNet reads linear layers only (this zoo has convolutions)"
+    if name in ("loss_probe", *GRADIENT_MODELS) and not zoo.images:
+        return f"{LABELS[name]} reads the networks' images, which the public zoo files do not hold"
     return None
+
+
+PUBLIC = "small-cnn-zoo"
+
+
+def public_zoo(config: GeneralisationConfig) -> ClassifierZoo:
+    """The public Small CNN Zoo networks of ``config.small_cnn_zoo_dir`` (final checkpoints of the chosen activation)
+    as a zoo without images; networks split 70 / 10 / 20 by seed 0."""
+    params, metrics = load_small_cnn_zoo(config.small_cnn_zoo_dir, config.small_cnn_activation)
+    n = len(metrics["test_accuracy"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    a, b = int(round(0.7 * n)), int(round(0.8 * n))
+    networks = {"train": order[:a].sort().values, "val": order[a:b].sort().values, "test": order[b:].sort().values}
+    zeros = torch.zeros(n)
+    return ClassifierZoo(ClassifierZooConfig(architecture="cnn", activation=config.small_cnn_activation, networks=n),
+                         params, metrics["test_accuracy"].float(), zeros, zeros, zeros, {}, networks)
 
 
 def _choose_on_validation(candidates: list, x: torch.Tensor, y: torch.Tensor, splits: dict) -> tuple[object, dict]:
@@ -275,10 +299,12 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
     folder = RunFolder(out_dir, "generalisation", settings_of(config), overwrite)
     store = folder.cells()
     results = {"experiment": "generalisation", "config": asdict(config), "published_tau": PUBLISHED, "zoos": {}}
-    bar = tqdm(total=len(config.zoos) * len(config.models) * config.seeds, desc="generalisation", unit="fit",
+    zoos = len(config.zoos) + bool(config.small_cnn_zoo_dir)
+    bar = tqdm(total=zoos * len(config.models) * config.seeds, desc="generalisation", unit="fit",
                disable=not progress)
-    for zoo_name in config.zoos:
-        zoo = load_or_generate_classifier_zoo(zoo_config(config, zoo_name), config.cache_dir, progress)
+    for zoo_name in config.zoos + ((PUBLIC,) if config.small_cnn_zoo_dir else ()):
+        zoo = public_zoo(config) if zoo_name == PUBLIC else \
+            load_or_generate_classifier_zoo(zoo_config(config, zoo_name), config.cache_dir, progress)
         settings = settings_of(config, ignore=("zoos", "models", "seeds")) | {"zoo": zoo_name}
         true = zoo.accuracy[zoo.networks["test"]].double()
         for name in config.models:
