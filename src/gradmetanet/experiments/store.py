@@ -76,9 +76,10 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RunFolderError(f"cannot create the output folder {os.fspath(self.path)!r}: {err}") from err
+        probe = self.path / f".write-probe-{os.getpid()}"    # one per process: torchrun's ranks probe at once
         try:
-            atomic_write_text(self.path / ".write-probe", "")
-            (self.path / ".write-probe").unlink()
+            atomic_write_text(probe, "")
+            probe.unlink()
         except OSError as err:
             raise RunFolderError(f"the output folder {os.fspath(self.path)!r} is not writable ({err}); choose "
                                  "another --out") from err
