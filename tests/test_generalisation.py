@@ -56,6 +56,8 @@ def test_tiny_run_writes_its_report_and_resumes(tmp_path):
     assert "| ScaleGMN |" in table and "Converged" in table and "NFN-HNP 0.934" in table
     again = g.run(config, tmp_path, progress=False)                 # every cell is read back, nothing retrained
     assert again["zoos"] == results["zoos"]
+    public_only = g.config_from_preset("tiny", small_cnn_activation="relu")   # changes nothing on generated zoos
+    assert g.run(public_only, tmp_path, progress=False, overwrite=True)["zoos"] == results["zoos"]
     with pytest.raises(ValueError, match="unknown models"):
         g.config_from_preset("tiny", models=("nfn",))
 

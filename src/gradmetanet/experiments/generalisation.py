@@ -305,7 +305,8 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
     for zoo_name in config.zoos + ((PUBLIC,) if config.small_cnn_zoo_dir else ()):
         zoo = public_zoo(config) if zoo_name == PUBLIC else \
             load_or_generate_classifier_zoo(zoo_config(config, zoo_name), config.cache_dir, progress)
-        settings = settings_of(config, ignore=("zoos", "models", "seeds")) | {"zoo": zoo_name}
+        public_only = () if zoo_name == PUBLIC else ("small_cnn_zoo_dir", "small_cnn_activation")
+        settings = settings_of(config, ignore=("zoos", "models", "seeds") + public_only) | {"zoo": zoo_name}
         true = zoo.accuracy[zoo.networks["test"]].double()
         for name in config.models:
             for seed in range(config.seeds):
