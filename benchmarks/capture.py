@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from gradmetanet import GradientCapture
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.models import CausalTransformer
 from gradmetanet.timing import interleaved_median_times
 

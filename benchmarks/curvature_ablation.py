@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from gradmetanet.data.siren_zoo import load_or_generate_siren_zoo
+from gradmetanet.zoos.siren import load_or_generate_siren_zoo
 from gradmetanet.experiments import curvature
 from gradmetanet.metanets import GradMetaNet
 from gradmetanet import GradientBatch
-from gradmetanet.training import evaluate_mse, fit_regression
+from gradmetanet.metanets.training import evaluate_mse, fit_regression
 from gradmetanet.features import flatten_weights
 
 from common import machine, write_json

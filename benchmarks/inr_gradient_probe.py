@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from gradmetanet.data.inr_zoo import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
+from gradmetanet.zoos.inr import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
 from gradmetanet.experiments.inr_edit import inr_gradient_sets, inr_spec
 from gradmetanet.provenance import provenance
 from gradmetanet.zoos import default_cache_dir

@@ -59,7 +59,7 @@ def _backbone_step(name: str, device: str):
         from gradmetanet.experiments.inr_edit import inr_spec
         spec, channels = inr_spec(), 9
     else:
-        from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
+        from gradmetanet.models import small_cnn_zoo_template
         spec, channels = spec_of(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28)), 1
     options = {} if kind == "dws" else {"bidirectional": True}
     model = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}[kind](spec, channels, 1, hidden=32, layers=3, **options)

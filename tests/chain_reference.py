@@ -21,7 +21,7 @@ CASES = {"relu-4-7-5-3": ([4, 7, 5, 3], "relu"), "tanh-3-6-2": ([3, 6, 2], "tanh
 
 def compute_outputs() -> dict[str, torch.Tensor]:
     from gradmetanet import GradientCapture
-    from gradmetanet.basenets import make_mlp
+    from gradmetanet.models.mlp import make_mlp
     from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus
 
     out = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
+from gradmetanet.models import small_cnn_zoo_template
 
 
 def write_small_cnn_zoo(folder: Path, nets: list[dict[str, torch.Tensor]], metric_rows: list[str]) -> int:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from gradmetanet import NetworkSpec
-from gradmetanet.amortize import OnePassFineTuner, evaluate_networks, l1_norms, objective, sgd_finetune
-from gradmetanet.data.classifier_zoo import (ClassifierZooConfig, batched_logits, generate_classifier_zoo,
+from gradmetanet.metanets import OnePassFineTuner
+from gradmetanet.zoos import evaluate_networks, l1_norms, objective, sgd_finetune
+from gradmetanet.zoos.classifier import (ClassifierZooConfig, batched_logits, generate_classifier_zoo,
                                              load_or_generate_classifier_zoo, load_small_cnn_zoo,
                                              small_cnn_zoo_template)
 from gradmetanet.experiments import amortize
@@ -215,7 +216,7 @@ def test_amortize_recomputes_only_the_cells_whose_settings_changed(tmp_path, mon
 def test_the_gradient_feature_moves_as_the_weights_so_scalegmn_grad_is_equivariant(activation):
     """``theta^2 dL/dtheta`` recomputed on the moved network is the moved feature (signs and positive scales), so
     ScaleGMN-B reading it fine-tunes a moved network into the moved result; the raw gradient does not move so."""
-    from gradmetanet.amortize import gradient_features
+    from gradmetanet.metanets import gradient_features
 
     template, spec, params = cnn_zoo(activation)
     x, y = torch.randn(12, 1, 28, 28, dtype=torch.float64), torch.randint(10, (12,))

@@ -10,8 +10,21 @@ from pathlib import Path
 import gradmetanet
 
 PACKAGE = Path(gradmetanet.__file__).parent
-#: packages kept only as aliases of the layout before 0.9: nothing inside the package may import them
-ALIASES = {"nn", "weightspace"}
+#: packages kept only as aliases of earlier layouts (0.8: nn, weightspace; 0.9: amortize): nothing inside the
+#: package may import them (the old module paths of 0.9 are served by ``gradmetanet.moved``)
+ALIASES = {"nn", "weightspace", "amortize"}
+#: DESIGN v3's layers, bottom first: a package imports only from its own layer's utilities and from layers below
+LAYERS = [
+    {"core", "atomic", "errors", "plots", "timing", "provenance", "distributed", "performance", "moved"},
+    {"models", "data", "lora"},
+    {"capture"},
+    {"integrations", "features"},
+    {"metanets", "testing"},
+    {"lopt", "zoos"},
+    {"experiments", "demo"},
+    {"cli"},
+]
+RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
 #: where an import inside a function is allowed: the command line loads what a command needs when it runs
 LAZY_ALLOWED = {"gradmetanet.cli"}
 
@@ -101,6 +114,25 @@ def test_no_circle_between_packages():
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
 
 
+def layer_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The edges of ``graph`` that run sideways or up the layers (a bottom-layer utility may import another)."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if RANK[b] > RANK[a] or (RANK[b] == RANK[a] and RANK[a] > 0))
+
+
+def test_the_layer_check_sees_upward_and_sideways_imports():
+    assert layer_violations({"zoos": {"metanets", "core"}, "metanets": {"zoos"}, "lopt": {"zoos"},
+                             "atomic": {"errors"}}) == [("lopt", "zoos"), ("metanets", "zoos")]
+
+
+def test_every_import_runs_down_the_layers():
+    """No package imports one of its own layer or above (the utilities of the bottom layer import nothing up)."""
+    graph = unit_graph(imports())
+    unplaced = sorted((set(graph) | {b for targets in graph.values() for b in targets}) - set(RANK) - ALIASES)
+    assert not unplaced, f"packages not in LAYERS: {unplaced}"
+    assert not layer_violations(graph), f"imports that run sideways or up: {layer_violations(graph)}"
+
+
 def test_core_imports_nothing_outside_core():
     bad = sorted({(a, b) for a, b, _ in imports() if unit(a) == "core" and unit(b) != "core"})
     assert not bad, bad
@@ -118,6 +150,26 @@ def test_nothing_imports_the_experiments_or_the_aliases():
     assert not experiments, experiments
     aliases = sorted({a for a, b, _ in edges if unit(b) in ALIASES and unit(a) not in ALIASES})
     assert not aliases, aliases
+
+
+def test_the_module_paths_of_0_9_still_import_with_a_warning():
+    import importlib
+    import warnings
+
+    from gradmetanet.capture import GradientSet
+    from gradmetanet.moved import MOVED_MODULES
+    from gradmetanet.zoos.classifier import ClassifierZooConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("gradmetanet.data.classifier_zoo")
+        from gradmetanet.gradients import GradientSet as OldGradientSet
+        from gradmetanet.data import SirenZoo  # noqa: F401 (a name the package exported)
+    assert old.ClassifierZooConfig is ClassifierZooConfig and OldGradientSet is GradientSet
+    assert any("gradmetanet.zoos.classifier" in str(w.message) for w in caught)
+    assert old.__spec__.name == "gradmetanet.zoos.classifier"      # the module keeps its own identity
+    for old_path, new_path in MOVED_MODULES.items():
+        assert importlib.import_module(old_path) is importlib.import_module(new_path)
 
 
 def test_the_aliases_of_the_old_layout_still_import():

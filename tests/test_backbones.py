@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.core import Monomial
-from gradmetanet.data.siren_zoo import siren_template
+from gradmetanet.models import siren_template
 from gradmetanet.features import NetworkGraph
 from gradmetanet.metanets import DWSNet, GMN, ScaleGMN
 from gradmetanet.testing import check_symmetry
@@ -206,7 +206,7 @@ def test_the_graph_of_a_cnn_pads_kernels_around_their_centre():
 
 def test_the_small_cnn_zoo_graph_has_the_published_size():
     """Layout [1, 16, 16, 16, 10]: 59 vertices and 688 edges of 9 taps, as in ScaleGMN's CNN loader."""
-    from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
+    from gradmetanet.models import small_cnn_zoo_template
 
     spec = spec_of(small_cnn_zoo_template("tanh"), torch.randn(2, 1, 28, 28))
     graph = NetworkGraph.of(spec)

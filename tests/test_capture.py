@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gradmetanet import CaptureError, GradientCapture, GradientSet, NetworkSpec, UnsupportedModuleError
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.testing import check_symmetry
 from gradmetanet import spec_of
 
@@ -103,7 +103,7 @@ def test_per_example_grads_match_torch_func(case):
 
 
 def test_chunked_fisher_matches_brute_force(monkeypatch):
-    import gradmetanet.gradients as gradients_module
+    import gradmetanet.capture.gradients as gradients_module
     monkeypatch.setattr(gradients_module, "_CHUNK_ELEMENTS", 7)   # many tiny chunks
     model = make_mlp([4, 5, 3], "tanh").double()
     x, y = make_batch([4, 5, 3], "mse", tokens=5, b=9)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gradmetanet import CaptureError, GradientCapture, GradientSet, UnsupportedModuleError
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.capture import functional_factors
 from gradmetanet.testing import check_symmetry
 from gradmetanet import spec_of

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gradmetanet import GradientCapture, NetworkSpec, UnsupportedModuleError
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.core import GL, Axis, Blocks, Parameter, Perm, ScalePerm, SignPerm, Site, Space, Trivial
 from gradmetanet.core.groups import group_from_json
 from gradmetanet.testing import check_symmetry

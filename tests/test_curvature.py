@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gradmetanet import GradientCapture
-from gradmetanet.data.siren_zoo import (SirenZooConfig, generate_siren_zoo, load_or_generate_siren_zoo, siren_module,
-                                        siren_spec)
+from gradmetanet.models import siren_module, siren_spec
+from gradmetanet.zoos.siren import SirenZooConfig, generate_siren_zoo, load_or_generate_siren_zoo
 from gradmetanet.experiments import curvature
 from gradmetanet.experiments import curvature_reference as reference
 
@@ -114,7 +114,7 @@ def test_zoo_features_match_gradient_capture():
 
 def test_fisher_trace_targets_and_tiny_run(tmp_path):
     """log tr(F) from factors equals the dense computation; the tiny run writes its table."""
-    from gradmetanet.basenets import make_mlp
+    from gradmetanet.models.mlp import make_mlp
     from gradmetanet.experiments import fisher_trace
     from torch.func import functional_call, jacrev, vmap
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gradmetanet.cli import main
-from gradmetanet.training import fit_regression
+from gradmetanet.metanets.training import fit_regression
 
 
 def regression_fit(rows_seen: list[int]):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradmetanet import spec_of
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.metanets import GMN, GradMetaNet, ScaleGMN, WeightEditor
 
 

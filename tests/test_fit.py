@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradmetanet import NetworkSpec
-from gradmetanet.training import fit, fit_regression
+from gradmetanet.metanets.training import fit, fit_regression
 from gradmetanet.features import WeightSpaceFeatures
 from gradmetanet.metanets import DWSNet
 
@@ -30,7 +30,7 @@ def test_fit_trains_a_weight_space_backbone_and_reports_an_unseen_test_split(mon
     def spy(model, predict, targets, train_idx, val_idx, test_idx, *args, **kwargs):
         seen.update(train=set(train_idx.tolist()), val=set(val_idx.tolist()), test=set(test_idx.tolist()))
         return real(model, predict, targets, train_idx, val_idx, test_idx, *args, **kwargs)
-    monkeypatch.setattr("gradmetanet.training.fit_regression", spy)
+    monkeypatch.setattr("gradmetanet.metanets.training.fit_regression", spy)
     torch.manual_seed(0)
     model = DWSNet(spec, 1, 1, hidden=8, layers=2, readout="invariant")
     result = fit(model, features, y, epochs=40, lr=1e-2, progress=False)
@@ -134,7 +134,7 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
 
 
 def test_has_converged_reads_a_plateau_as_converged_and_a_descent_as_not():
-    from gradmetanet.training import has_converged
+    from gradmetanet.metanets.training import has_converged
 
     descent = [1.0 / (1 + e) for e in range(20)]                   # still falling fast at the end
     assert not has_converged(descent, window=5)

@@ -75,7 +75,7 @@ def test_the_public_small_cnn_zoo_files_join_the_table(tmp_path):
     """Networks in the public file format (written here) are read with their published test accuracy; the models
     that need the networks' images are n/a, naming why; the others are scored."""
     from small_cnn_files import write_small_cnn_zoo
-    from gradmetanet.data.classifier_zoo import small_cnn_zoo_template
+    from gradmetanet.models import small_cnn_zoo_template
 
     template = small_cnn_zoo_template("tanh")
     gen = torch.Generator().manual_seed(0)

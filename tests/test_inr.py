@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from gradmetanet.data.image_edits import dilate
-from gradmetanet.data.inr_zoo import (INR_WIDTHS, InrZooConfig, digits_images, grid_coordinates,
+from gradmetanet.zoos.inr import (INR_WIDTHS, InrZooConfig, digits_images, grid_coordinates,
                                       load_or_generate_inr_zoo, render)
-from gradmetanet.data.siren_zoo import siren_template
+from gradmetanet.models import siren_template
 from gradmetanet import spec_of
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import vmap
 
-from gradmetanet.data.inr_zoo import render
+from gradmetanet.zoos.inr import render
 from gradmetanet.experiments import inr_edit
 
 

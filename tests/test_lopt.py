@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.data import load_digits_split
 from gradmetanet.lopt import (LearnedOptimizer, N_FEATURES, NetworkOptimizer, deepsets_rule, gradmetanet_ds_rule,
                               gradmetanet_unf_rule, learnable_sgdm, parameter_features, unf_rule)

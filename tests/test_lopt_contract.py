@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradmetanet import CaptureError
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.lopt import LearnedOptimizer, NetworkOptimizer, deepsets_rule, gradmetanet_ds_rule, learnable_sgdm
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.lopt import available, load_rule, pretrained, save_rule
 from gradmetanet.lopt.optimizers import make_rule
 

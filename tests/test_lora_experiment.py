@@ -27,7 +27,7 @@ def test_language_model_lora_zoo_and_experiment(tmp_path):
     and the held-out loss; every model runs on them, GL-net on an unseen rank too."""
     import torch
 
-    from gradmetanet.data.lora_lm_zoo import LM_SITES
+    from gradmetanet.zoos.lora_lm import LM_SITES
     from gradmetanet.experiments import lora
     config = lora.config_from_preset("lm-tiny", models=("glnet", "raw_mlp"))
     zoo = config.load_zoo(progress=False)

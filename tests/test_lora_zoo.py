@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.data.digits import load_digits_split
-from gradmetanet.data.lora_zoo import SITES, LoraZooConfig, load_or_generate_lora_zoo
+from gradmetanet.zoos.lora import SITES, LoraZooConfig, load_or_generate_lora_zoo
 
 TINY = LoraZooConfig(n_loras=24, base_steps=40, steps=(5, 15), data_sizes=(16, 64))
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gradmetanet import GradientBatch, GradientCapture, NetworkSpec
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.metanets import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
 from gradmetanet.testing import check_symmetry, distance
 from gradmetanet.testing import move_gradient_batch as move_batch, move_outputs as move_output

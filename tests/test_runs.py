@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from gradmetanet.cli import main as cli_main
-from gradmetanet.experiments import curvature, store
+from gradmetanet.experiments import best_on_grid, curvature, on_grid_edge, store
 from gradmetanet.experiments.store import CellStore, RunFolder, RunFolderError
 
 
@@ -122,3 +122,12 @@ def test_cli_refuses_another_experiments_folder_in_one_line(tmp_path):
     RunFolder(tmp_path / "run", "lopt", {})
     with pytest.raises(SystemExit, match=r"^gradmetanet: .*holds the results of 'lopt'"):
         cli_main(["run", "curvature", "--preset", "tiny", "--out", str(tmp_path / "run")])
+
+
+def test_tuning_grids_pick_the_lowest_finite_score_and_flag_their_edges():
+    """The one lr-grid rule of the learned-optimizer race (Adam's rate) and of zoo fine-tuning (SGD's rates): a
+    diverged run (NaN or inf) never wins, and a choice at either end of the grid is flagged."""
+    assert best_on_grid({0.01: 0.5, 0.1: float("nan"), 1.0: float("inf"), 0.03: 0.4}) == 0.03
+    assert best_on_grid({0.1: float("nan"), 0.3: 2.0}) == 0.3
+    assert on_grid_edge(0.01, (0.1, 0.01, 0.03)) and on_grid_edge(0.1, (0.1, 0.01, 0.03))
+    assert not on_grid_edge(0.03, (0.1, 0.01, 0.03)) and on_grid_edge(0.1, (0.1,))

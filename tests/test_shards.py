@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradmetanet.cli import main
-from gradmetanet.data.classifier_zoo import (ClassifierZooConfig, generate_classifier_zoo, load_sharded_classifier_zoo,
+from gradmetanet.zoos.classifier import (ClassifierZooConfig, generate_classifier_zoo, load_sharded_classifier_zoo,
                                              make_sharded_classifier_zoo)
 from gradmetanet.zoos import ShardedZoo, ZooDamaged
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.features import random_symmetry, widen
 from gradmetanet import spec_of
 

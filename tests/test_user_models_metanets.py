@@ -107,7 +107,7 @@ def test_the_shipped_learned_optimizer_trains_user_models(name):
 def test_torch_compiled_models_capture_and_train_as_eager_ones():
     """``torch.compile`` (dynamo, eager backend: no C compiler needed in CI): the same per-example gradients as
     the eager model, and the shipped learned optimizer trains through the compiled module."""
-    from gradmetanet.basenets import make_mlp
+    from gradmetanet.models.mlp import make_mlp
     from gradmetanet.lopt import pretrained
 
     torch.manual_seed(0)

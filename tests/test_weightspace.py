@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradmetanet import NetworkSpec
-from gradmetanet.basenets import make_mlp
+from gradmetanet.models.mlp import make_mlp
 from gradmetanet.features import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from gradmetanet.features import WeightSpaceFeatures, flatten_weights, unflatten_weights
 from gradmetanet.metanets import WeightSpaceLayer
@@ -178,7 +178,7 @@ def test_gradient_batch_rebuilds_per_example_gradients_of_token_sequences():
 def test_gradient_scale_is_equivariant_homogeneous_and_per_space():
     """Dividing out each network's per-space gradient scale commutes with permutations and sign flips,
     removes any rescaling of g, scales the output back with degree 2, and keeps the spaces apart."""
-    from gradmetanet.data.siren_zoo import siren_spec
+    from gradmetanet.models import siren_spec
     from gradmetanet.features import GradientScale
 
     spec = siren_spec((1, 6, 5, 1))                                # SignPerm hidden spaces

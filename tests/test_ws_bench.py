@@ -5,7 +5,7 @@ import json
 import torch
 from torch.func import vmap
 
-from gradmetanet.data.inr_zoo import render
+from gradmetanet.zoos.inr import render
 from gradmetanet.experiments import ws_bench
 from gradmetanet.experiments.inr_edit import inr_spec
 

@@ -1,10 +1,10 @@
 """gradmetanet: learning on the gradients and weights of neural networks."""
 
-from .batch import GradientBatch
-from .capture import CaptureError, Extractor, GradientCapture, explain, functional_factors, register_extractor, spec_of
+from .capture import CaptureError, Extractor, GradientCapture, GradientSet, explain, functional_factors, register_extractor, spec_of
 from .core import (GL, Axis, Blocks, Group, NetworkSpec, Parameter, Perm, ScalePerm, SignPerm, Site, Space, Trivial,
                    UnsupportedModuleError)
-from .gradients import GradientSet
+from .features import GradientBatch
+from .moved import install as _install_moved_modules
 from .provenance import package_version
 
 __all__ = [
@@ -13,3 +13,4 @@ __all__ = [
     "explain", "functional_factors", "register_extractor", "spec_of",
 ]
 __version__ = package_version()
+_install_moved_modules()

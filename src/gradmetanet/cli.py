@@ -160,7 +160,7 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _zoo_make(args: argparse.Namespace) -> int:
-    from .data.classifier_zoo import ClassifierZooConfig, make_sharded_classifier_zoo
+    from .zoos.classifier import ClassifierZooConfig, make_sharded_classifier_zoo
     from .experiments import apply_preset
     try:
         config = apply_preset({"default": ClassifierZooConfig()}, "default", dict(args.overrides))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .basenets import make_mlp
+from .models.mlp import make_mlp
 from .capture import GradientCapture
 from .data import load_digits_split
 from .timing import median_time

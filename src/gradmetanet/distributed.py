@@ -1,5 +1,5 @@
 """``torch.distributed`` as ``torchrun`` launches it: joining the process group, leaving it cleanly, and which
-process writes. Every ``gradmetanet run`` experiment trained by :func:`~gradmetanet.training.fit_regression` is
+process writes. Every ``gradmetanet run`` experiment trained by :func:`~gradmetanet.metanets.training.fit_regression` is
 data-parallel under ``torchrun`` (gloo on CPU, NCCL on GPU); rank 0 writes the run folder."""
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch
 
 from torch import nn
 
-from .batch import GradientBatch
+from .features.neurons import GradientBatch
 from .core import Monomial, NetworkSpec, Perm, SpecElement
 
 __all__ = ["check_symmetry", "check_metanetwork", "breakers", "distance", "move_gradient_batch", "move_outputs",

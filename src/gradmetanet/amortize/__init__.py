@@ -1,8 +1,9 @@
-"""Fully-amortized fine-tuning (Kuipers et al.): a metanetwork maps a trained network's weights to better weights
-in one forward pass, against fine-tuning every network by SGD on the same objective."""
+"""Deprecated alias (until 1.0) of the 0.9.0 package layout: the one-pass fine-tuner now lives in
+:mod:`gradmetanet.metanets`, the zoo objective and SGD fine-tuning in :mod:`gradmetanet.zoos`. Imports of the
+names below keep working; its submodules moved with them (``gradmetanet.moved``)."""
 
-from .objective import ZooMetrics, evaluate_networks, l1_norms, objective
-from .model import OnePassFineTuner, gradient_features
-from .sgd import sgd_finetune
+from ..metanets import OnePassFineTuner, gradient_features
+from ..zoos import ZooMetrics, evaluate_networks, l1_norms, objective, sgd_finetune
 
-__all__ = ["OnePassFineTuner", "gradient_features", "ZooMetrics", "evaluate_networks", "l1_norms", "objective", "sgd_finetune"]
+__all__ = ["OnePassFineTuner", "gradient_features", "ZooMetrics", "evaluate_networks", "l1_norms", "objective",
+           "sgd_finetune"]

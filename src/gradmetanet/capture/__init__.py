@@ -3,9 +3,10 @@ hooks that record them during an ordinary backward, and a functional extractor f
 
 from .functional import functional_factors
 from ..errors import CaptureError
+from .gradients import GradientSet, LossReduction
 from .hooks import GradientCapture
 from .registry import Extractor, LinearExtractor, extractor_for, register_extractor, registered_types
 from .trace import Trace, explain, spec_of
 
-__all__ = ["CaptureError", "Extractor", "GradientCapture", "LinearExtractor", "extractor_for", "functional_factors",
+__all__ = ["CaptureError", "Extractor", "GradientCapture", "GradientSet", "LossReduction", "LinearExtractor", "extractor_for", "functional_factors",
            "register_extractor", "registered_types", "Trace", "explain", "spec_of"]

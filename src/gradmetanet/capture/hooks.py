@@ -35,7 +35,7 @@ from torch import nn
 from .trace import InputGuessError, Trace, canonical_parameter_names, trace
 from ..core.spec import NetworkSpec, Space, UnsupportedModuleError
 from ..errors import CaptureError
-from ..gradients import GradientSet, LossReduction
+from .gradients import GradientSet, LossReduction
 from .registry import Extractor, Tap, capturable_modules, extractor_for
 
 __all__ = ["GradientCapture", "CaptureError"]

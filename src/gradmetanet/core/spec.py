@@ -197,6 +197,11 @@ class NetworkSpec:
         return cls(spaces, sites)
 
     # ------------------------------------------------------------------ queries
+    def sites_not_whole(self, kinds: tuple[str, ...] = ("linear",)) -> list[str]:
+        """The names of the sites that are not whole layers of ``kinds`` (another kind, or a block of rows of one,
+        as a packed projection's part): the one guard of the views that hold for whole layers only."""
+        return [s.name for s in self.sites if s.kind not in kinds or s.rows is not None]
+
     def space(self, name: str) -> Space:
         if name not in self._space_index:
             raise KeyError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")

@@ -113,7 +113,7 @@ def format_mean_std(mean: float, std: float, runs: int, digits: int = 4) -> str:
 
 def convergence_line(converged: Mapping[str, Iterable[bool]], patience: int | None, unit: str = "fits") -> str:
     """The sentence every table ends with: how many fits of each model stopped improving on validation
-    (:func:`gradmetanet.training.has_converged`), ``converged {label: [flag per fit]}``."""
+    (:func:`gradmetanet.metanets.training.has_converged`), ``converged {label: [flag per fit]}``."""
     window = f"{patience} epochs" if patience else "a fifth of the epochs"
     counts = []
     for label, flags in converged.items():
@@ -121,3 +121,15 @@ def convergence_line(converged: Mapping[str, Iterable[bool]], patience: int | No
         counts.append(f"{label} {sum(flags)}/{len(flags)}")
     return (f"Converged (no better validation loss, or less than 1% better, over the last {window}; {unit} per "
             f"model): " + (", ".join(counts) if counts else "no learned model run") + ".")
+
+
+def best_on_grid(scores: Mapping[float, float]) -> float:
+    """The grid value (a learning rate, say) with the lowest score; a non-finite score (a diverged run) loses."""
+    return min(scores, key=lambda value: scores[value] if math.isfinite(scores[value]) else math.inf)
+
+
+def on_grid_edge(value: float, grid: Iterable[float]) -> bool:
+    """Whether ``value`` is the smallest or largest value of ``grid`` (a wider grid may do better; a grid of one
+    value is all edge)."""
+    grid = list(grid)
+    return value in (min(grid), max(grid))

@@ -1,14 +1,14 @@
 """One-shot fine-tuning of model zoos (Kuipers et al., "Symmetry-Aware Fully-Amortized Optimization with Scale
 Equivariant Graph Metanetworks", Table 1).
 
-For every zoo (:mod:`gradmetanet.data.classifier_zoo`) and every ``lambda``, a metanetwork is trained on the
+For every zoo (:mod:`gradmetanet.zoos.classifier`) and every ``lambda``, a metanetwork is trained on the
 training networks to minimise ``lambda ||theta'||_1 + CE(net_theta'(x), y)`` on training images, with
-``theta' = theta + s * delta`` (:class:`~gradmetanet.amortize.OnePassFineTuner`); it keeps its
+``theta' = theta + s * delta`` (:class:`~gradmetanet.zoos.OnePassFineTuner`); it keeps its
 best-validation epoch (validation networks on validation images). Compared on held-out networks and
 held-out images: the networks before fine-tuning, ScaleGMN-B (one pass), GMN-B with the symmetry broken
 (the same network without canonicalisation, one pass), beyond the paper ScaleGMN-B reading each network's
 gradient on one fixed batch of ``probe_images`` training images (``scalegmn_grad``: one backward pass more,
-see :mod:`gradmetanet.amortize.model`) and SGD on the same objective for 25 / 50 / 100 /
+see :mod:`gradmetanet.metanets.finetuner`) and SGD on the same objective for 25 / 50 / 100 /
 150 epochs (heavy-ball momentum 0.9, batch ``sgd_batch``; its learning rate chosen per epoch budget from
 ``sgd_lrs`` on ``sgd_tune_networks`` validation networks by their validation objective).
 
@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..amortize import OnePassFineTuner, evaluate_networks, gradient_features, objective, sgd_finetune
-from ..amortize.model import MODELS
+from ..metanets import OnePassFineTuner, gradient_features
+from ..zoos import evaluate_networks, objective, sgd_finetune
+from ..metanets.finetuner import MODELS
 from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
-from ..data.classifier_zoo import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
-from ..training import has_converged
-from . import apply_preset, convergence_line
+from ..zoos.classifier import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
+from ..metanets.training import has_converged
+from . import apply_preset, best_on_grid, convergence_line, on_grid_edge
 from .store import CellStore, RunFolder, settings_of
 from ..capture import spec_of
 
@@ -219,8 +220,8 @@ def _tune_sgd_lr(zoo: ClassifierZoo, x, y, l1: float, config: AmortizeConfig) ->
         for epoch, (p, _) in runs.items():
             with torch.no_grad():
                 value = objective(template, p, xv, yv, l1).mean().item()
-            scores[epoch][lr] = value if math.isfinite(value) else float("inf")
-    return {e: min(s, key=s.get) for e, s in scores.items()}
+            scores[epoch][lr] = value
+    return {e: best_on_grid(s) for e, s in scores.items()}
 
 
 # The settings each kind of cell depends on; the cell's key names its zoo, lambda, method and epoch budget.
@@ -335,9 +336,8 @@ def _assemble(config: AmortizeConfig, cells: dict) -> dict:
 def _rows(entry: dict, sgd_lrs: tuple[float, ...]) -> list[tuple[str, dict]]:
     """Table rows; an SGD learning rate at either end of its grid is flagged (the grid may be too narrow)."""
     rows = [(LABELS[k], v) for k, v in entry.items() if k != "sgd"]
-    edges = {min(sgd_lrs), max(sgd_lrs)} if len(sgd_lrs) > 1 else set()
     for epochs, cell in entry["sgd"].items():
-        flag = ", grid edge" if cell["lr"] in edges else ""
+        flag = ", grid edge" if on_grid_edge(cell["lr"], sgd_lrs) else ""
         rows.append((f"SGD {epochs} ep (lr {cell['lr']:g}{flag})", cell))
     return rows
 

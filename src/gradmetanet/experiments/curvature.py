@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..plots import figure, learning_curves
-from ..batch import GradientBatch
-from ..data.siren_zoo import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
+from ..features.neurons import GradientBatch
+from ..zoos.siren import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 from ..metanets import BatchAsymmetric, GradMetaNet, GradMetaNetPlusPlus, MLPConcat, NeuronAsymmetric, WeightSpaceNet
 from ..core.spec import NetworkSpec
 from ..metanets.baselines import weight_space_inputs
 from ..features.normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
-from ..training import Predictor, fit_regression, has_converged
+from ..metanets.training import Predictor, fit_regression, has_converged
 from ..features.weightspace import flatten_weights
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..core.spec import NetworkSpec
-from ..data.siren_zoo import SirenZoo, siren_factors
+from ..zoos.siren import SirenZoo, siren_factors
 
 __all__ = ["squared_point_gradients", "product_of_means", "quadrature_weights", "quadrature",
            "target_noise", "per_layer_shares"]

@@ -22,14 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..basenets import make_mlp
-from ..batch import GradientBatch
+from ..models.mlp import make_mlp
+from ..features.neurons import GradientBatch
 from ..capture import GradientCapture
 from ..metanets import FlatMLP, GradMetaNet
 from ..features.normalise import NeuronNormaliser
 from ..core.spec import NetworkSpec
 from ..plots import learning_curves
-from ..training import fit_regression
+from ..metanets.training import fit_regression
 from . import apply_preset, convergence_line
 from .store import RunFolder, settings_of, write_results
 from ..capture import spec_of

@@ -49,16 +49,16 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..batch import GradientBatch
+from ..features.neurons import GradientBatch
 from ..capture import functional_factors, spec_of
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
-from ..data.classifier_zoo import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo,
+from ..zoos.classifier import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo,
                                    load_small_cnn_zoo)
 from ..features import NeuronNormaliser
 from ..metanets import GMN, DWSNet, FlatWeightMLP, GradMetaNet, ScaleGMN
 from ..plots import figure
-from ..training import fit_regression
+from ..metanets.training import fit_regression
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, settings_of
 

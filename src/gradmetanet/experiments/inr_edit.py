@@ -1,7 +1,7 @@
 """INR editing (paper 7.3): map a SIREN's weights to the weights of its dilated image in one forward pass.
 
 For every backbone WS in {DWSNet, GMN, ScaleGMN} four editors are trained on the INR zoo
-(:mod:`gradmetanet.data.inr_zoo`): WS alone on the weights; WS + probing (the INR's pre-activations
+(:mod:`gradmetanet.zoos.inr`): WS alone on the weights; WS + probing (the INR's pre-activations
 at ``probe_points`` fixed random coordinates, as extra channels of the biases, i.e. extra vertex
 features); WS + GradMetaNet and WS + GradMetaNet++ (decomposed gradients of the INR's *output* at
 ``grad_points`` fixed random grid pixels, the same for all INRs, mapped to ``gradmetanet_features``
@@ -34,11 +34,11 @@ from ..capture.functional import functional_factors
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 from ..data.image_edits import dilate
-from ..data.inr_zoo import INR_WIDTHS, OMEGA_0, InrZoo, InrZooConfig, grid_coordinates, load_or_generate_inr_zoo, render
-from ..data.siren_zoo import siren_template
+from ..zoos.inr import INR_WIDTHS, OMEGA_0, InrZoo, InrZooConfig, grid_coordinates, load_or_generate_inr_zoo, render
+from ..models.siren import siren_template
 from ..metanets import GMN, DWSNet, GradMetaNet, GradMetaNetPlusPlus, ScaleGMN, WeightEditor
 from ..plots import learning_curves
-from ..training import fit_regression
+from ..metanets.training import fit_regression
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, require_finite, settings_of
 from ..capture import spec_of

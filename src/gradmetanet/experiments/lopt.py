@@ -42,7 +42,7 @@ from ..lopt.lm_task import LanguageModelTask
 from ..lopt.task_family import TaskFamily, task_family
 from ..lopt.tasks import MLPClassificationTask, classification_task, tabular_task
 from ..metanets import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES
-from . import apply_preset, mean_std
+from . import apply_preset, best_on_grid, mean_std, on_grid_edge
 from .store import RunFolder, settings_of, write_results
 
 __all__ = ["LoptConfig", "PRESETS", "OPTIMIZERS", "run", "meta_train", "config_from_preset"]
@@ -350,7 +350,7 @@ def _tune_lr(task: MLPClassificationTask | LanguageModelTask, make: Callable[[nn
     for lr in tqdm(grid, desc=desc, disable=not progress):
         curve = train_curve(task, lambda m, lr=lr: make(m, lr), config.tuning_seed, config.horizon, config.eval_every)
         losses[lr] = min(curve.test_loss)
-    return min(losses, key=losses.get), losses
+    return best_on_grid(losses), losses
 
 
 def race(task: MLPClassificationTask | LanguageModelTask, rules: dict[str, UpdateRule], config: LoptConfig, progress: bool) -> dict:
@@ -401,9 +401,7 @@ def _summarise(best_lr: float, grid: dict, curves: dict[str, list[Curve]]) -> di
                       "ms_per_step": mean_std([1e3 * c.seconds / max(c.trained, 1) for c in runs]),
                       "reached_adam_best": f"{reached}/{len(runs)}", "diverged": sum(c.diverged for c in runs), "steps_to_adam_best": per_seed,
                       "curves": {"steps": runs[0].steps, "test_loss": [c.test_loss for c in runs]}}
-    ordered = sorted(grid)
-    interior = ordered[0] < best_lr < ordered[-1]
-    return {"adam_lr": best_lr, "adam_lr_interior": interior, "adam_grid": {str(k): v for k, v in grid.items()},
+    return {"adam_lr": best_lr, "adam_lr_interior": not on_grid_edge(best_lr, grid), "adam_grid": {str(k): v for k, v in grid.items()},
             "optimizers": rows}
 
 

@@ -1,8 +1,8 @@
 """Learning on LoRAs: predict properties of a fine-tune from its adapter alone (LoL, Putterman et al.).
 
-Two zoos: rank-4 LoRA fine-tunes of a digits classifier (:mod:`gradmetanet.data.lora_zoo`, ``zoo="digits"``)
+Two zoos: rank-4 LoRA fine-tunes of a digits classifier (:mod:`gradmetanet.zoos.lora`, ``zoo="digits"``)
 and of a small character-level language model on the sections of the built-in corpus
-(:mod:`gradmetanet.data.lora_lm_zoo`, ``zoo="lm"``). Every model reads only the adapters and
+(:mod:`gradmetanet.zoos.lora_lm`, ``zoo="lm"``). Every model reads only the adapters and
 predicts three targets:
 
 - ``membership``: which classes (sections) were in the fine-tuning data (one logit each, binary
@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..plots import figure
-from ..data.lora_lm_zoo import LmLoraZooConfig, load_or_generate_lm_lora_zoo
-from ..data.lora_zoo import AdapterZoo, LoraZooConfig, load_or_generate_lora_zoo
+from ..zoos.lora_lm import LmLoraZooConfig, load_or_generate_lm_lora_zoo
+from ..zoos.lora import AdapterZoo, LoraZooConfig, load_or_generate_lora_zoo
 from ..data.text import corpus_version
 from ..lora.models import AlignMLP, DenseMLP, GLNet, RawMLP, SpectrumMLP
-from ..training import fit_regression
+from ..metanets.training import fit_regression
 from . import apply_preset, convergence_line
 from .store import RunFolder, settings_of, write_results
 

@@ -39,10 +39,10 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
-from ..batch import GradientBatch
-from ..data.inr_zoo import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
+from ..features.neurons import GradientBatch
+from ..zoos.inr import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
 from ..plots import figure, learning_curves
-from ..training import fit_regression
+from ..metanets.training import fit_regression
 from ..features import random_symmetry, widen
 from ..metanets import GMN, DWSNet, GradMetaNet, ScaleGMN
 from . import apply_preset, convergence_line, format_mean_std, mean_std

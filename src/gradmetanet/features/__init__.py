@@ -3,9 +3,10 @@ DWSNets layouts), the graph view of a network (convolutions too), function-prese
 symmetries, widening), Lemma 1's gauge count, and every spec-aware normaliser."""
 
 from .graph import NetworkGraph
+from .neurons import GradientBatch
 from .normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
 from .transforms import random_symmetry, widen
 from .weightspace import WeightSpaceFeatures, flatten_weights, unflatten_weights
 
-__all__ = ["GradientScale", "NetworkGraph", "NeuronNormaliser", "WeightSpaceFeatures", "WeightSpaceNormaliser",
+__all__ = ["GradientBatch", "GradientScale", "NetworkGraph", "NeuronNormaliser", "WeightSpaceFeatures", "WeightSpaceNormaliser",
            "flatten_weights", "random_symmetry", "unflatten_weights", "widen"]

@@ -38,7 +38,7 @@ class NetworkGraph:
     @classmethod
     def of(cls, spec: NetworkSpec) -> "NetworkGraph":
         """The graph of a spec whose sites are whole linear or convolution layers, one bias per vertex at most."""
-        odd = [s.name for s in spec.sites if s.kind not in ("linear", "conv") or s.rows is not None]
+        odd = spec.sites_not_whole(("linear", "conv"))
         if odd:
             raise ValueError(f"the graph view covers whole linear and convolution sites; {odd} are not (LayerNorm, "
                              "embedding, attention): use a DWS-style network (DWSNet) for them")

@@ -148,7 +148,7 @@ class GradientScale(nn.Module):
     def output_scale(self, scales: torch.Tensor) -> torch.Tensor:
         """``[M, P]`` in the spec's parameter order: each parameter's scale of degree 2 in ``g`` (its out-space's)."""
         slices = self.spec.space_slices()
-        other = [s.name for s in self.spec.sites if s.kind != "linear" or s.rows is not None]
+        other = self.spec.sites_not_whole()
         if other:
             raise ValueError(f"GradientScale.output_scale handles whole linear sites; {other} are not (LayerNorm, "
                              "embedding or attention sites have other gradient degrees per axis)")

@@ -147,7 +147,7 @@ class WeightSpaceFeatures:
     # ------------------------------------------------------------------ other libraries' layouts
     def _linear_sites(self):
         sites = self.spec.sites
-        if any(s.kind != "linear" for s in sites) or len(self.spec.parameters) != sum(1 + s.has_bias for s in sites):
+        if self.spec.sites_not_whole() or len(self.spec.parameters) != sum(1 + s.has_bias for s in sites):
             raise ValueError("the NFN / DWSNets layouts hold linear layers only (weights and biases)")
         return sites
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..batch import GradientBatch
+from ..features.neurons import GradientBatch
 from ..capture import CaptureError, GradientCapture
 from ..metanets.gradmetanet import GradMetaNet
 from ..metanets.layers import MLP

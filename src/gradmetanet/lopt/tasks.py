@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from torch.func import functional_call
 
-from ..basenets import make_mlp
+from ..models.mlp import make_mlp
 from ..data import load_classification_split, load_digits_split
 from ..data.image_files import load_cifar, load_fashion_mnist
 from ..capture.functional import functional_factors

@@ -4,14 +4,16 @@ ScaleGMN)."""
 
 from .backbones import DWSNet, GMN, ScaleGMN
 from .editor import WeightEditor
+from .finetuner import OnePassFineTuner, gradient_features
 from .baselines import BatchAsymmetric, FlatMLP, FlatWeightMLP, MLPConcat, NeuronAsymmetric, WeightSpaceNet, weight_space_inputs
 from .gradmetanet import GradMetaNet, GradMetaNetPlusPlus, as_gradient_batch
 from .heads import InvariantHead, ProductHead, SetProductHead
 from .layers import MLP, NeuronLayer, SetNeuronLayer, SetPool
+from .training import FitResult, evaluate_mse, fit, fit_regression, has_converged
 from .weightspace_layers import LINEAR_SIGNATURES, TRANSFORMER_SIGNATURES, Signature, WeightSpaceLayer
 
 __all__ = [
-    "BatchAsymmetric", "DWSNet", "FlatMLP", "FlatWeightMLP", "GMN", "GradMetaNet", "GradMetaNetPlusPlus", "InvariantHead", "LINEAR_SIGNATURES",
+    "BatchAsymmetric", "DWSNet", "FitResult", "OnePassFineTuner", "evaluate_mse", "fit", "fit_regression", "gradient_features", "has_converged", "FlatMLP", "FlatWeightMLP", "GMN", "GradMetaNet", "GradMetaNetPlusPlus", "InvariantHead", "LINEAR_SIGNATURES",
     "MLP", "MLPConcat", "NeuronAsymmetric", "NeuronLayer", "ProductHead", "ScaleGMN", "SetNeuronLayer", "SetPool",
     "SetProductHead", "Signature", "TRANSFORMER_SIGNATURES", "WeightEditor", "WeightSpaceLayer", "WeightSpaceNet", "as_gradient_batch",
     "weight_space_inputs",

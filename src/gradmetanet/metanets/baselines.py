@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..batch import GradientBatch
+from ..features.neurons import GradientBatch
 from ..core.spec import NetworkSpec
 from ..features.weightspace import unflatten_weights
 from .backbones import DWSNet

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..batch import GradientBatch
+from ..features.neurons import GradientBatch
 from ..core.spec import NetworkSpec
 
 __all__ = ["WeightEditor"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch import GradientBatch
-from ..gradients import GradientSet
+from ..features.neurons import GradientBatch
+from ..capture.gradients import GradientSet
 from ..core.codes import neuron_codes
 from .attention import attend
 from .heads import InvariantHead, ProductHead, SetProductHead

@@ -13,7 +13,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from ..basenets import ACTIVATIONS
+from ..models.mlp import ACTIVATIONS
 
 __all__ = ["SetNeuronLayer", "SetPool", "NeuronLayer", "MLP", "make_activation", "Reduction"]
 

@@ -11,7 +11,7 @@ A shard counts as written once its ``.json`` exists and matches its bytes: write
 fsync, rename), the ``.json`` last, so an interrupted process leaves either a whole shard or none. Generation
 resumes at the shards that are missing; process ``rank`` of ``world`` makes shards ``rank, rank + world, ...``
 (``torchrun`` sets ``RANK`` and ``WORLD_SIZE``; no process group is needed). Every network must depend on its
-index alone (as :func:`~gradmetanet.data.classifier_zoo.network_recipe` does), so the zoo is the same for any
+index alone (as :func:`~gradmetanet.zoos.classifier.network_recipe` does), so the zoo is the same for any
 number of processes. Reading verifies each shard's checksum the first time it is opened and names a damaged
 or missing shard; only the shards asked for are read.
 """

@@ -17,13 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_replace
-from .core.incidence import neuron_tensor
-from .core.kinds import site_kind
-from .core.spec import NetworkSpec, SpecElement
-from .errors import CaptureError
+from ..atomic import atomic_replace
+from ..core.incidence import neuron_tensor
+from ..core.kinds import site_kind
+from ..core.spec import NetworkSpec, SpecElement
+from ..errors import CaptureError
 
-__all__ = ["GradientSet", "LossReduction"]
+__all__ = ["GradientSet", "LossReduction", "linear_fisher_diagonal"]
 
 LossReduction = Literal["mean", "sum"]
 _FORMAT_VERSION = "2"
@@ -219,10 +219,11 @@ class GradientSet:
         if linear_single:
             parts = {}
             for site in self.spec.sites:
-                a, g = self.activations[site.name][:, 0], self.output_grads[site.name][:, 0]
-                parts[(site.weight, site.rows)] = torch.einsum("bo,bi->oi", g.square(), a.square()) / b
+                weight, bias = linear_fisher_diagonal(self.activations[site.name][:, 0],
+                                                      self.output_grads[site.name][:, 0])
+                parts[(site.weight, site.rows)] = weight
                 if site.bias is not None:
-                    parts[(site.bias, site.rows)] = g.square().mean(0)
+                    parts[(site.bias, site.rows)] = bias
             return self.spec.assemble(parts)
         widest = max(shape.numel() for shape in self.spec.param_shapes().values())
         chunk = max(1, _CHUNK_ELEMENTS // widest)
@@ -325,6 +326,13 @@ class GradientSet:
             kind, _, site = key.partition("/")
             groups[kind][site] = value
         return cls(spec, groups["a"], groups["g"], groups["out"], meta["loss_reduction"])
+
+
+def linear_fisher_diagonal(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empirical Fisher diagonal of a linear layer from its factors, without per-example gradients: the mean over
+    examples of ``(g a^T)^2`` and ``g^2``. ``a [..., b, d_in]``, ``g [..., b, d_out]`` -> weight ``[..., d_out,
+    d_in]``, bias ``[..., d_out]`` (leading dimensions: networks of a zoo, say)."""
+    return torch.einsum("...bo,...bi->...oi", g.square(), a.square()) / a.shape[-2], g.square().mean(-2)
 
 
 def _shared_parameters(spec: NetworkSpec) -> bool:

@@ -19,10 +19,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .atomic import atomic_replace
-from .batch import GradientBatch
-from .distributed import all_reduce_sum, rank_and_world
-from .features.weightspace import WeightSpaceFeatures, flatten_weights
+from ..atomic import atomic_replace
+from ..features.neurons import GradientBatch
+from ..distributed import all_reduce_sum, rank_and_world
+from ..features.weightspace import WeightSpaceFeatures, flatten_weights
 
 __all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse", "has_converged"]
 

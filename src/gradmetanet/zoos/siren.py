@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..zoos.cache import cached_zoo
-from ..basenets import Sine
+from .cache import cached_zoo
+from ..models.siren import siren_spec, siren_template
 from ..capture.functional import functional_factors
+from ..capture.gradients import linear_fisher_diagonal
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 
-__all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "siren_module", "siren_spec",
-           "siren_factors"]
+__all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "siren_factors"]
 
 
 @dataclass(frozen=True)
@@ -78,28 +78,6 @@ class SirenZoo:
         return self.features.shape[0]
 
 
-def siren_spec(widths: tuple[int, ...]) -> NetworkSpec:
-    """The spec of :func:`siren_module` (linear layers at ``0, 2, 4, ...``; sine spaces are ``SignPerm``)."""
-    return NetworkSpec.chain(widths, [str(2 * i) for i in range(len(widths) - 1)], activation="sine")
-
-
-def siren_template(widths: tuple[int, ...], omega_0: float) -> torch.nn.Sequential:
-    """An ``nn.Sequential`` SIREN of these widths (linear layers at ``0, 2, 4, ...``), default-initialised."""
-    layers: list[torch.nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(torch.nn.Linear(d_in, d_out))
-        if i < len(widths) - 2:
-            layers.append(Sine(omega_0))
-    return torch.nn.Sequential(*layers)
-
-
-def siren_module(params: dict[str, torch.Tensor], widths: tuple[int, ...], omega_0: float) -> torch.nn.Sequential:
-    """A SIREN holding one network's parameters (for checks and plots)."""
-    model = siren_template(widths, omega_0).to(next(iter(params.values())).dtype)
-    model.load_state_dict(params)
-    return model
-
-
 def siren_factors(params: dict[str, torch.Tensor], x: torch.Tensor, widths: tuple[int, ...], omega_0: float
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Factors of the output gradient of ``M`` SIRENs at ``n`` scalar points each, by the functional extractor.
@@ -123,9 +101,8 @@ def _fisher_from_factors(acts: list[torch.Tensor], grads: list[torch.Tensor]) ->
     """``[M, P]`` mean over points of squared per-point gradients, from factors, in spec order."""
     parts = []
     for a, g in zip(acts, grads):
-        n = a.shape[1]
-        parts.append((torch.einsum("mno,mni->moi", g.square(), a.square()) / n).flatten(1))
-        parts.append(g.square().mean(1))
+        weight, bias = linear_fisher_diagonal(a, g)
+        parts += [weight.flatten(1), bias]
     return torch.cat(parts, 1)
 
 

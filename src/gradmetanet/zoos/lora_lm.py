@@ -14,7 +14,7 @@ random learning rate and number of steps. Labels:
   every section (nats);
 - ``data_size [M]``: the number of window starts (characters) it was trained on.
 
-Fine-tunes train many at once (:func:`~gradmetanet.data.lora_zoo.finetune_loras`); the zoo is cached
+Fine-tunes train many at once (:func:`~gradmetanet.zoos.lora.finetune_loras`); the zoo is cached
 on disk per configuration, with the corpus version in its metadata.
 """
 
@@ -31,8 +31,8 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..models import CausalTransformer
-from .lora_zoo import AdapterZoo, cached_adapter_zoo, draw_finetune_tasks, finetune_loras
-from .text import CharTokenizer, corpus_version, pydoc_topics_text
+from .lora import AdapterZoo, cached_adapter_zoo, draw_finetune_tasks, finetune_loras
+from ..data.text import CharTokenizer, corpus_version, pydoc_topics_text
 
 __all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo", "LM_SITES"]
 

@@ -7,9 +7,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .gradients import GradientSet
-from .core.incidence import incidence_counts
-from .core.spec import NetworkSpec, SpecElement
+from ..capture.gradients import GradientSet
+from ..core.incidence import incidence_counts
+from ..core.spec import NetworkSpec, SpecElement
 
 __all__ = ["GradientBatch"]
 
@@ -108,7 +108,7 @@ class GradientBatch:
         """
         if self.features.shape[-1] != 2:
             raise ValueError("per_example_grads needs raw 2-channel features (activation, gradient)")
-        other = [s.name for s in self.spec.sites if s.kind != "linear" or s.rows is not None]
+        other = self.spec.sites_not_whole()
         if other:
             raise ValueError(f"sites {other} are not whole linear layers, whose gradients are the outer products of "
                              "their neuron features; use GradientSet.per_example_grads()")

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..zoos.cache import cached_zoo
-from ..basenets import make_mlp
+from .cache import cached_zoo
+from .optim import adam_step
+from ..models.mlp import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
-from .digits import load_digits_split
+from ..data.digits import load_digits_split
 
 __all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_adapter_zoo", "draw_finetune_tasks", "finetune_loras", "generate_lora_zoo",
            "load_or_generate_lora_zoo"]
@@ -224,18 +225,10 @@ def finetune_loras(base: torch.nn.Module, sites: tuple[str, ...], rank: int, tas
         return loss_of(functional_call(base, merged, (inputs,)), targets)
 
     gradient = vmap(grad(loss))
-    moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in params.items()}
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for step in range(int(tasks["steps"].max())):
         active = (step < tasks["steps"]).float()
-        grads = gradient(params, *sample(gen))
-        t = step + 1
-        for k, g in grads.items():
-            m1, m2 = moments[k]
-            m1.mul_(0.9).add_(0.1 * g)
-            m2.mul_(0.999).add_(0.001 * g.square())
-            update = (m1 / (1 - 0.9 ** t)) / ((m2 / (1 - 0.999 ** t)).sqrt() + 1e-8)
-            shape = (-1,) + (1,) * (g.dim() - 1)
-            params[k] = params[k] - (tasks["lr"] * active).view(shape) * update
+        params = adam_step(params, gradient(params, *sample(gen)), moments, step + 1, tasks["lr"] * active)
     return ({s: params[f"{s}.A"] for s in sites}, {s: params[f"{s}.B"] for s in sites})
 
 

@@ -30,14 +30,16 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from ..zoos.cache import cached_zoo
-from ..zoos.shards import ShardedZoo, ZooDamaged, make_sharded_zoo
-from ..basenets import ACTIVATIONS, make_mlp
-from .classification import mnist1d_arrays
-from .inr_zoo import digits_images
+from .cache import cached_zoo
+from .optim import heavy_ball_step
+from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
+from ..models.cnn import small_cnn_zoo_template
+from ..models.mlp import make_mlp
+from ..data.classification import mnist1d_arrays
+from .inr import digits_images
 
 __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zoo_template", "zoo_images",
-           "batched_logits", "heavy_ball_step", "load_or_generate_classifier_zoo", "generate_classifier_zoo",
+           "batched_logits", "load_or_generate_classifier_zoo", "generate_classifier_zoo",
            "train_classifier_networks", "network_recipe", "network_split", "image_split",
            "make_sharded_classifier_zoo", "load_sharded_classifier_zoo", "ARCHITECTURES",
            "DATASETS", "load_small_cnn_zoo"]
@@ -47,16 +49,7 @@ DATASETS = ("digits", "mnist1d")
 #: how networks are drawn: "per-network seeds" (0.9: network i from seed (seed, i) alone; 0.8 drew every recipe from
 #: one stream, so a network depended on the zoo's size): caches of the other way are rebuilt
 GENERATOR = "per-network seeds"
-ZOO_ACTIVATIONS = ("tanh", "relu")      # what the zoos' networks are trained with (names of basenets.ACTIVATIONS)
-
-
-def small_cnn_zoo_template(activation: str = "tanh", channels: int = 16, classes: int = 10) -> nn.Sequential:
-    """The Small CNN Zoo network (layout ``[1, 16, 16, 16, 10]``, 4,970 parameters): three 3 x 3 stride-2
-    convolutions without padding, global average pooling, a dense layer. Input ``[B, 1, H, W]``."""
-    act = ACTIVATIONS[activation]
-    return nn.Sequential(nn.Conv2d(1, channels, 3, 2), act(), nn.Conv2d(channels, channels, 3, 2), act(),
-                         nn.Conv2d(channels, channels, 3, 2), act(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(channels, classes))
+ZOO_ACTIVATIONS = ("tanh", "relu")      # what the zoos' networks are trained with (names of models.ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -117,19 +110,6 @@ def batched_logits(template: nn.Module, params: dict[str, torch.Tensor], x: torc
     """``[N, B, classes]``: the ``N`` networks ``params {name: [N, *shape]}`` on ``x`` (``[B, ...]`` for every
     network when ``shared``, else ``[N, B, ...]``, one batch each); differentiable in ``params``."""
     return vmap(lambda p, xi: functional_call(template, p, (xi,)), in_dims=(0, None if shared else 0))(params, x)
-
-
-def heavy_ball_step(params: dict[str, torch.Tensor], grads: list[torch.Tensor], velocity: dict[str, torch.Tensor],
-                    lr: torch.Tensor | float, momentum: float = 0.9) -> dict[str, torch.Tensor]:
-    """One SGD step with heavy-ball momentum (``torch.optim.SGD``'s rule) of networks ``{name: [N, *shape]}``;
-    ``lr`` a number or one per network ``[N]`` (0 freezes a network). ``velocity`` is updated in place."""
-    out = {}
-    with torch.no_grad():
-        for (k, v), g in zip(params.items(), grads):
-            velocity[k] = momentum * velocity[k] + g
-            step = lr.view(-1, *[1] * (v.dim() - 1)) if isinstance(lr, torch.Tensor) else lr
-            out[k] = v - step * velocity[k]
-    return out
 
 
 def _split(n: int, fractions: tuple[float, float], gen: torch.Generator) -> dict[str, torch.Tensor]:

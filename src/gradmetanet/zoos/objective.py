@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.classifier_zoo import batched_logits
+from .classifier import batched_logits
 
 __all__ = ["l1_norms", "objective", "ZooMetrics", "evaluate_networks"]
 

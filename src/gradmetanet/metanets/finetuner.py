@@ -17,7 +17,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..core.spec import NetworkSpec
-from ..metanets import GMN, ScaleGMN, WeightEditor
+from .backbones import GMN, ScaleGMN
+from .editor import WeightEditor
 
 __all__ = ["OnePassFineTuner", "MODELS", "gradient_features"]
 

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from ..data.classifier_zoo import heavy_ball_step
+from .optim import heavy_ball_step
 from .objective import objective
 
 __all__ = ["sgd_finetune"]
@@ -19,7 +19,7 @@ def sgd_finetune(template: nn.Module, params: dict[str, torch.Tensor], x: torch.
     """``{epoch: (params at that epoch, seconds spent so far)}`` for every epoch in ``epochs``.
 
     Each network ``{name: [N, *shape]}`` follows its own SGD (heavy-ball ``momentum``) on its own objective
-    (:func:`~gradmetanet.amortize.objective`; the L1 term by its subgradient); the networks run together, one
+    (:func:`~gradmetanet.zoos.objective`; the L1 term by its subgradient); the networks run together, one
     ``vmap``, and share the shuffled batches of ``(x, y)``. An epoch is one pass over ``x``. The seconds are
     the vectorised run's; divided by ``N`` they are what one network cost.
     """
