@@ -161,7 +161,7 @@ def test_small_cnn_zoo_files_load_into_the_template(tmp_path):
 
 def test_the_fine_tuner_learns_on_a_zoo():
     """A few epochs on a small MLP zoo lower the held-out objective of the validation networks by at least 10%
-    (measured: 1.35 -> 1.04)."""
+    (measured: 1.17 -> 0.95, by the one fit loop of version 0.9)."""
     config = amortize.config_from_preset("tiny", networks=60, zoo_steps=(20, 80), epochs=4, hidden=16, layers=2,
                                          net_batch=8, image_batch=64, lr=1e-2, out_scale=1.0)
     zoo = generate_classifier_zoo(amortize.zoo_config(config, "mlp-tanh"), progress=False)

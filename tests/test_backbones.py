@@ -12,7 +12,7 @@ from torch.func import functional_call
 from gradmetanet.models.mlp import make_mlp
 from gradmetanet.core import Monomial
 from gradmetanet.models import siren_template
-from gradmetanet.features import NetworkGraph
+from gradmetanet.features import NetworkGraph, WeightSpaceFeatures
 from gradmetanet.metanets import DWSNet, GMN, ScaleGMN
 from gradmetanet.testing import check_symmetry
 from gradmetanet import spec_of
@@ -212,3 +212,27 @@ def test_the_small_cnn_zoo_graph_has_the_published_size():
     graph = NetworkGraph.of(spec)
     assert (graph.n_vertices, graph.n_edges, graph.taps) == (59, 688, 9)
     assert sum(p.numel() for p in small_cnn_zoo_template("relu").parameters()) == 4970
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_container_in_gives_the_same_kind_out_and_one_of_another_spec_is_refused(name):
+    """One calling convention: WeightSpaceFeatures (carrying its spec) in, WeightSpaceFeatures out for an equivariant
+    readout, the same numbers as the tensors' dict; a graph backbone built for one network refuses another's
+    features, DWSNet (weights shared by parameter kind) reads them."""
+    model = network("tanh")
+    spec = spec_of(model, torch.randn(4, 3, dtype=torch.float64))
+    torch.manual_seed(0)
+    metanet = MODELS[name](spec).double()
+    x = zoo_features(model)
+    out = metanet(WeightSpaceFeatures(spec, x))
+    assert isinstance(out, WeightSpaceFeatures) and out.spec == spec
+    for k, v in metanet(x).items():
+        torch.testing.assert_close(out[k], v)
+    wider = make_mlp([3, 7, 5, 2], "tanh").double()
+    other_spec = spec_of(wider, torch.randn(4, 3, dtype=torch.float64))
+    other = WeightSpaceFeatures(other_spec, zoo_features(wider))
+    if name == "dws":
+        assert metanet(other).spec == other_spec
+    else:
+        with pytest.raises(ValueError, match="built for the spec with spaces.*build it on the features' spec"):
+            metanet(other)

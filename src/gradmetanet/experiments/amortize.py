@@ -20,15 +20,14 @@ time costs more, so the ratio we report is the conservative one.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..metanets import OnePassFineTuner, gradient_features
@@ -37,7 +36,7 @@ from ..metanets.finetuner import MODELS
 from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
 from ..zoos.classifier import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
-from ..metanets.training import has_converged
+from ..metanets.training import fit_regression
 from . import apply_preset, best_on_grid, convergence_line, on_grid_edge
 from .store import CellStore, RunFolder, settings_of
 from ..capture import spec_of
@@ -58,7 +57,8 @@ class AmortizeConfig:
     hidden: int = 32
     layers: int = 3
     out_scale: float = 1.0
-    epochs: int = 20                                   # metanetwork epochs over the training networks
+    epochs: int = 20                                   # metanetwork epochs over the training networks (a cap
+    patience: int | None = None                        # with patience: stop after that many epochs without gain)
     net_batch: int = 16
     image_batch: int = 128
     lr: float = 1e-2
@@ -141,17 +141,19 @@ class _Inputs:
         return model(_take(self.zoo.params, idx), grads)
 
 
-def _mean_objective(apply, template, idx: torch.Tensor, x, y, l1: float, batch: int) -> float:
-    with torch.no_grad():
-        total = sum(objective(template, apply(chunk), x, y, l1).sum().item() for chunk in idx.split(batch))
-    return total / len(idx)
+def _mean(values: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The loss of a fit on the zoo objective: ``values [n, 1]`` are the networks' objectives (``target`` zeros)."""
+    return values.sum() if reduction == "sum" else values.mean()
 
 
 def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: torch.Tensor, model_name: str,
-                    l1: float, config: AmortizeConfig, progress: bool = True, inputs: _Inputs | None = None
-                    ) -> tuple[OnePassFineTuner, dict]:
-    """A one-pass fine-tuner trained on the zoo's training networks and images, kept at its best validation epoch
-    (validation networks on validation images); ``{"val": [...], "best_epoch": e, "converged": ...}`` alongside."""
+                    l1: float, config: AmortizeConfig, progress: bool = True, inputs: _Inputs | None = None,
+                    checkpoint: str | os.PathLike | None = None) -> tuple[OnePassFineTuner, dict]:
+    """A one-pass fine-tuner trained on the zoo's training networks (each step on a fresh draw of training images)
+    by :func:`~gradmetanet.metanets.fit_regression` (AdamW, one-cycle schedule, clipped steps), kept at its best
+    validation epoch (validation networks on validation images; the untrained fine-tuner is a candidate);
+    ``{"val": [...], "train": [...], "before_val", "best_epoch": e (0: untrained), "converged"}`` alongside.
+    ``checkpoint``: where the fit keeps its state between epochs (a stopped run resumes mid-fit)."""
     torch.manual_seed(config.seed)
     inputs = inputs or _Inputs(zoo, x, y, config)
     train, val = zoo.networks["train"], zoo.networks["val"]
@@ -161,38 +163,30 @@ def train_finetuner(zoo: ClassifierZoo, spec: NetworkSpec, x: torch.Tensor, y: t
         gradient_rms = {k: v[train].square().mean().sqrt().clamp_min(1e-12) for k, v in inputs.all_gradients().items()}
     model = OnePassFineTuner(spec, rms, model_name, config.hidden, config.layers, config.out_scale, gradient_rms)
     template = zoo.template()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = config.epochs * math.ceil(len(train) / config.net_batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=max(steps, 1), pct_start=0.1)
     xi, yi = x[zoo.images["train"]], y[zoo.images["train"]]
     xv, yv = x[zoo.images["val"]], y[zoo.images["val"]]
-    gen = torch.Generator().manual_seed(config.seed)
-    history = {"val": [], "before_val": _mean_objective(lambda i: _take(zoo.params, i), template, val, xv, yv, l1,
-                                                        config.net_batch)}
-    best, best_val = copy.deepcopy(model.state_dict()), history["before_val"]
-    history["best_epoch"] = 0
-    bar = tqdm(total=steps, desc=f"{model_name} lambda={l1:g}", disable=not progress, leave=False)
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        for chunk in train[torch.randperm(len(train), generator=gen)].split(config.net_batch):
-            images = torch.randint(len(xi), (config.image_batch,), generator=gen)
-            loss = objective(template, inputs.apply(model, chunk), xi[images], yi[images], l1).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimiser.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        model.eval()
-        value = _mean_objective(lambda i: inputs.apply(model, i), template, val, xv, yv, l1, config.net_batch)
-        history["val"].append(value)
-        if value < best_val:
-            best, best_val, history["best_epoch"] = copy.deepcopy(model.state_dict()), value, epoch
+
+    def on_training_images(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        images = torch.randint(len(xi), (config.image_batch,))
+        return objective(template, inputs.apply(net, idx), xi[images], yi[images], l1)[:, None]
+
+    def on_validation_images(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return objective(template, inputs.apply(net, idx), xv, yv, l1)[:, None]
+
+    with torch.no_grad():
+        before = sum(objective(template, _take(zoo.params, c), xv, yv, l1).sum().item()
+                     for c in val.split(config.net_batch)) / len(val)
+    bar = tqdm(total=config.epochs, desc=f"{model_name} lambda={l1:g}", unit="epoch", disable=not progress,
+               leave=False)
+    fit = fit_regression(model, on_validation_images, torch.zeros(len(zoo), 1), train, val, None, config.epochs,
+                         config.net_batch, config.lr, config.seed, loss=_mean, train_predict=on_training_images,
+                         schedule="one_cycle", patience=config.patience, checkpoint=checkpoint,
+                         optimizer=lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=1e-4), clip_norm=10.0,
+                         keep_initial=True,
+                         on_epoch=lambda epoch, value: (bar.update(), bar.set_postfix(val=f"{value:.3f}")))
     bar.close()
-    history["converged"] = has_converged(history["val"], max(1, config.epochs // 5))
-    model.load_state_dict(best)
-    return model, history
+    return model, {"val": fit.val_history, "train": fit.train_history, "before_val": before,
+                   "best_epoch": fit.best_epoch + 1, "epochs_run": fit.epochs_run, "converged": fit.converged}
 
 
 def _one_pass(model: OnePassFineTuner, inputs: _Inputs, idx: torch.Tensor, batch: int
@@ -228,8 +222,8 @@ def _tune_sgd_lr(zoo: ClassifierZoo, x, y, l1: float, config: AmortizeConfig) ->
 _ZOO_FIELDS = ("networks", "zoo_steps", "seed", "eval_networks")
 _CELL_FIELDS = {
     "before": _ZOO_FIELDS,
-    "model": _ZOO_FIELDS + ("hidden", "layers", "out_scale", "epochs", "net_batch", "image_batch", "lr",
-                            "probe_images"),
+    "model": _ZOO_FIELDS + ("hidden", "layers", "out_scale", "epochs", "patience", "net_batch", "image_batch",
+                            "lr", "probe_images"),
     "sgd": _ZOO_FIELDS + ("sgd_lrs", "sgd_batch", "sgd_tune_networks"),  # budgets are snapshots of one run
 }
 
@@ -248,6 +242,10 @@ class _Cells:
         """``before``, ``sgd`` or ``model`` for ``zoo/lambda=v/<method>[/<epochs>]``."""
         method = key.split("/")[2]
         return method if method in ("before", "sgd") else "model"
+
+    def checkpoint(self, key: str) -> Path:
+        """Where the fit computing cell ``key`` keeps its state between epochs."""
+        return self.store.checkpoint(key, self.wanted[self.kind(key)])
 
     def __contains__(self, key: str) -> bool:
         return self.store.get(key, self.wanted[self.kind(key)]) is not None
@@ -294,7 +292,8 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
                 if f"{prefix}/{model_name}" in cells:
                     continue
                 start = time.perf_counter()
-                model, history = train_finetuner(zoo, spec, x, y, model_name, l1, config, progress, inputs)
+                model, history = train_finetuner(zoo, spec, x, y, model_name, l1, config, progress, inputs,
+                                                 cells.checkpoint(f"{prefix}/{model_name}"))
                 tuned, seconds = _one_pass(model, inputs, test, config.net_batch)
                 metrics = evaluate_networks(template, tuned, nets, xt, yt, l1, seconds).as_dict()
                 save(f"{prefix}/{model_name}", metrics | {"training_seconds": time.perf_counter() - start,

@@ -15,7 +15,8 @@ import torch
 
 from ..core.spec import NetworkSpec, SpecElement
 
-__all__ = ["WeightSpaceFeatures", "flatten_weights", "unflatten_weights"]
+__all__ = ["WeightSpaceFeatures", "WeightSpaceInput", "answer_like", "flatten_weights", "read_weight_space",
+           "unflatten_weights"]
 
 
 def flatten_weights(tensors: Mapping[str, torch.Tensor], spec: NetworkSpec, leading: int = 1) -> torch.Tensor:
@@ -108,6 +109,10 @@ class WeightSpaceFeatures:
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
+    def select(self, index: torch.Tensor | slice) -> "WeightSpaceFeatures":
+        """The networks ``index`` of the batch."""
+        return self.map(lambda t: t[index])
+
     def flatten(self) -> torch.Tensor:
         """``[B, P * C]`` in the spec's parameter order."""
         return flatten_weights(self.tensors, self.spec)
@@ -185,3 +190,32 @@ class WeightSpaceFeatures:
             if site.bias:
                 tensors[site.bias] = b
         return cls(spec, tensors)
+
+
+#: what a weight-space metanetwork reads: the container (carrying its spec) or its tensors ``{name: [B, *shape, C]}``
+WeightSpaceInput = WeightSpaceFeatures | Mapping[str, torch.Tensor]
+
+
+def read_weight_space(x: WeightSpaceInput, spec: NetworkSpec | None) -> dict[str, torch.Tensor]:
+    """The tensors of a metanetwork's input. Features of a spec other than ``spec`` (the one the metanetwork was
+    built for; ``None``: any) are refused: read by name and shape, another network's tensors would give numbers
+    that mean nothing."""
+    if isinstance(x, WeightSpaceFeatures):
+        if spec is not None and x.spec != spec:
+            raise ValueError(f"this metanetwork was built for the spec with spaces "
+                             f"{[(s.name, s.size) for s in spec.spaces]}; the features are of another spec (spaces "
+                             f"{[(s.name, s.size) for s in x.spec.spaces]}): build it on the features' spec")
+        return x.tensors
+    if not isinstance(x, Mapping):
+        raise TypeError(f"expected WeightSpaceFeatures or a dict {{name: [B, *shape, C]}}, got {type(x).__name__}")
+    return dict(x)
+
+
+def answer_like(x: WeightSpaceInput, out: dict[str, torch.Tensor] | torch.Tensor, spec: NetworkSpec | None = None
+                ) -> WeightSpaceFeatures | dict[str, torch.Tensor] | torch.Tensor:
+    """A metanetwork's output in the kind of its input: a weight-space output of a :class:`WeightSpaceFeatures`
+    input comes back as one (of ``spec``, default the input's); a dict input gets a dict, and an invariant output
+    ``[B, K]`` is a tensor either way."""
+    if isinstance(x, WeightSpaceFeatures) and isinstance(out, dict):
+        return WeightSpaceFeatures(spec or x.spec, out)
+    return out

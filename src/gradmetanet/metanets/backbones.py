@@ -36,6 +36,7 @@ from ..core.codes import neuron_codes
 from ..core.spec import NetworkSpec
 from .layers import MLP, make_activation
 from ..features.graph import NetworkGraph
+from ..features.weightspace import WeightSpaceFeatures, WeightSpaceInput, answer_like, read_weight_space
 from .weightspace_layers import WeightSpaceLayer
 
 __all__ = ["DWSNet", "GMN", "ScaleGMN", "Readout"]
@@ -65,13 +66,16 @@ class DWSNet(nn.Module):
         self.act = make_activation(activation)
         self.head = MLP([hidden, hidden, out_features], activation) if readout == "invariant" else None
 
-    def forward(self, x: dict[str, torch.Tensor], spec: NetworkSpec | None = None):
-        spec = spec or self.spec
+    def forward(self, x: WeightSpaceInput, spec: NetworkSpec | None = None):
+        """``x``: features of any spec (the layers' weights are shared by parameter kind), or tensors of ``spec``
+        (default the one built with)."""
+        spec = x.spec if isinstance(x, WeightSpaceFeatures) else spec or self.spec
+        h = read_weight_space(x, None)
         for i, layer in enumerate(self.layers):
-            x = layer(x, spec)
+            h = layer(h, spec)
             if i < len(self.layers) - 1 or self.head is not None:
-                x = {k: self.act(v) for k, v in x.items()}
-        return x if self.head is None else self.head(_mean_pool(x))
+                h = {k: self.act(v) for k, v in h.items()}
+        return answer_like(x, h) if self.head is None else self.head(_mean_pool(h))
 
 
 def _segment_mean(values: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
@@ -117,9 +121,10 @@ class GMN(nn.Module):
         else:
             self.head = MLP([2 * hidden, hidden, out_features], activation)
 
-    def forward(self, x: dict[str, torch.Tensor]):
-        graph = self.graph.to(next(iter(x.values())).device)
-        v, e = graph.to_graph(x)
+    def forward(self, x: WeightSpaceInput):
+        tensors = read_weight_space(x, self.spec)
+        graph = self.graph.to(next(iter(tensors.values())).device)
+        v, e = graph.to_graph(tensors)
         codes = neuron_codes(self.spec, self.pe_dim, v.dtype, v.device).expand(v.shape[0], -1, -1)
         v, e = self.embed_vertex(torch.cat([v, codes], -1)), self.embed_edge(e)
         counts = (torch.bincount(graph.dst, minlength=v.shape[1]), torch.bincount(graph.src, minlength=v.shape[1]))
@@ -127,7 +132,7 @@ class GMN(nn.Module):
             v, e = layer(v, e, graph, counts)
         if self.readout == "invariant":
             return self.head(torch.cat([v.mean(1), e.mean(1)], -1))
-        return graph.from_graph(self.out_vertex(v), self.out_edge(e))
+        return answer_like(x, graph.from_graph(self.out_vertex(v), self.out_edge(e)))
 
 
 # ---------------------------------------------------------------------------------------------- ScaleGMN
@@ -268,9 +273,10 @@ class ScaleGMN(nn.Module):
             self.invariant_edge = _Invariant(hidden, hidden, activation, eps, symmetry)
             self.head = MLP([2 * hidden, hidden, out_features], activation)
 
-    def forward(self, x: dict[str, torch.Tensor]):
-        graph = self.graph.to(next(iter(x.values())).device)
-        v, e = graph.to_graph(x)
+    def forward(self, x: WeightSpaceInput):
+        tensors = read_weight_space(x, self.spec)
+        graph = self.graph.to(next(iter(tensors.values())).device)
+        v, e = graph.to_graph(tensors)
         codes = neuron_codes(self.spec, self.pe_dim, v.dtype, v.device)
         unscaled = (self.kinds == _NONE).to(v.dtype).view(1, -1, 1)
         v = self.embed_vertex(v) + unscaled * self.vertex_code(codes)
@@ -286,4 +292,4 @@ class ScaleGMN(nn.Module):
             pooled = torch.cat([self.invariant_vertex(v, self.kinds).mean(1),
                                 self.invariant_edge(e, self.edge_kinds).mean(1)], -1)
             return self.head(pooled)
-        return graph.from_graph(self.out_vertex(v), self.out_edge(e))
+        return answer_like(x, graph.from_graph(self.out_vertex(v), self.out_edge(e)))

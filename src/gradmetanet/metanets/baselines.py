@@ -22,7 +22,7 @@ from torch import nn
 
 from ..features.neurons import GradientBatch
 from ..core.spec import NetworkSpec
-from ..features.weightspace import unflatten_weights
+from ..features.weightspace import WeightSpaceFeatures, WeightSpaceInput, read_weight_space, unflatten_weights
 from .backbones import DWSNet
 from .gradmetanet import GradientInput, GradMetaNet, _unbatch, as_gradient_batch
 from .layers import MLP, make_activation
@@ -74,8 +74,11 @@ class FlatWeightMLP(nn.Module):
         super().__init__()
         self.mlp = MLP([n_inputs] + [hidden] * layers + [out_features])
 
-    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.mlp(torch.cat([v.flatten(1) for v in x.values()], 1))
+    def forward(self, x: WeightSpaceInput) -> torch.Tensor:
+        """Features are flattened in their spec's parameter order; a dict in its own key order."""
+        if isinstance(x, WeightSpaceFeatures):
+            return self.mlp(x.flatten())
+        return self.mlp(torch.cat([v.flatten(1) for v in read_weight_space(x, None).values()], 1))
 
 
 class NeuronAsymmetric(nn.Module):

@@ -79,41 +79,55 @@ def evaluate_mse(model: nn.Module, predict: Predictor, indices: torch.Tensor, ta
 
 
 def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, train_idx: torch.Tensor,
-                   val_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int, batch_size: int, lr: float,
+                   val_idx: torch.Tensor, test_idx: torch.Tensor | None, epochs: int, batch_size: int, lr: float,
                    seed: int, on_epoch: Callable[[int, float], None] | None = None, loss: Loss = F.mse_loss,
                    train_predict: Predictor | None = None, schedule: str = "constant",
-                   patience: int | None = None, checkpoint: str | os.PathLike | None = None) -> FitResult:
+                   patience: int | None = None, checkpoint: str | os.PathLike | None = None,
+                   optimizer: Callable[..., torch.optim.Optimizer] | None = None, clip_norm: float | None = None,
+                   keep_initial: bool = False) -> FitResult:
     """Adam on ``loss`` (default the MSE) to ``targets`` (``[M, P]``, normalised); test error at the
     best-validation epoch. ``train_predict`` (default ``predict``) makes the training batches' predictions,
-    e.g. on inputs moved by a random group element (augmentation). ``schedule``: ``"constant"``
-    learning rate or ``"cosine"`` decay to zero over all steps. ``patience``: stop once the validation loss has
+    e.g. on inputs moved by a random group element (augmentation) or on a fresh draw of data (zoo fine-tuning:
+    ``predict`` returns each network's objective, ``targets`` are zeros and ``loss`` is the mean). ``schedule``:
+    ``"constant"`` learning rate, ``"cosine"`` decay to zero over all steps, or ``"one_cycle"`` (warm-up over the
+    first tenth, then annealing). ``optimizer(parameters, lr=lr)`` replaces Adam (AdamW, say); ``clip_norm``
+    clips each step's gradient norm. ``keep_initial``: the untrained model is a candidate too (best epoch -1 when
+    no epoch beats it). ``patience``: stop once the validation loss has
     not improved for that many epochs (``epochs`` is then a cap); see :attr:`FitResult.converged`.
     ``checkpoint``: a file that receives the loop's whole state after every epoch (model, optimizer, schedule,
     best weights, curves, random states; atomically); a fit started with such a file resumes after its last
     finished epoch, so a run stopped mid-fit loses at most an epoch. A file written by a fit of other settings
     is refused. The file is removed when the fit ends.
 
-    Error values are mean losses in target units; the caller rescales them to its metric.
+    Error values are mean losses in target units; the caller rescales them to its metric. ``test_idx=None`` skips
+    the test evaluation (``test`` is then NaN).
 
     Under ``torchrun`` (a process group of several processes) the fit is data-parallel: every process draws the
     same batches, takes its share of each batch's rows, and ``DistributedDataParallel`` averages the gradients,
     weighted so that the step is the one-process step on the whole batch (up to the order of floating-point sums);
     validation and test are evaluated on every process alike, and only rank 0 writes the checkpoint.
     """
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule not in ("constant", "cosine", "one_cycle"):
+        raise ValueError(f"schedule must be 'constant', 'cosine' or 'one_cycle', got {schedule!r}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 epoch (or None: run every epoch), got {patience}")
     window = patience if patience is not None else max(1, epochs // 5)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = (optimizer or torch.optim.Adam)(model.parameters(), lr=lr)
     steps = epochs * -(-len(train_idx) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    sched = {"constant": lambda: None, "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps),
+             "one_cycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1),
+                                                                      pct_start=0.1)}[schedule]()
     best_val, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
+    if keep_initial:
+        best_val = evaluate_mse(model, predict, val_idx, targets, loss=loss)
     result = FitResult(best_epoch=-1, best_val=float("inf"), test=float("nan"))
     signature = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "schedule": schedule,
                  "patience": -1 if patience is None else patience, "train": train_idx.tolist(), "val": val_idx.tolist(),
                  "parameters": [[k, list(v.shape)] for k, v in model.state_dict().items()]}
+    extras = {"optimizer": type(opt).__name__ if optimizer else None, "clip_norm": clip_norm,
+              "keep_initial": keep_initial or None}
+    signature |= {k: v for k, v in extras.items() if v is not None}      # checkpoints of plain fits keep theirs
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         state = _load_checkpoint(checkpoint, signature)
@@ -139,6 +153,8 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
             value = weight * loss((train_predict or predict)(trained, mine), targets[mine])
             opt.zero_grad(set_to_none=True)
             value.backward()
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -163,7 +179,8 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     result.best_epoch, result.best_val = best_epoch, best_val
     result.epochs_run = len(result.val_history)
     result.converged = has_converged(result.val_history, window)
-    result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
+    if test_idx is not None:
+        result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
     if checkpoint is not None and rank == 0 and Path(checkpoint).exists():
         os.remove(checkpoint)
     return result
@@ -213,11 +230,9 @@ def _rows(inputs: Inputs) -> int:
 
 
 def _model_input(inputs: Inputs, idx: torch.Tensor):
-    """Rows ``idx`` of ``inputs`` in the form the model is called with (backbones read the tensors' dict)."""
-    if isinstance(inputs, GradientBatch):
+    """Rows ``idx`` of ``inputs``, of the same kind (a container keeps its spec)."""
+    if isinstance(inputs, (GradientBatch, WeightSpaceFeatures)):
         return inputs.select(idx)
-    if isinstance(inputs, WeightSpaceFeatures):
-        return {k: v[idx] for k, v in inputs.tensors.items()}
     if isinstance(inputs, Mapping):
         return {k: v[idx] for k, v in inputs.items()}
     return inputs[idx]
@@ -229,8 +244,9 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
     """Train ``model`` to map network ``i`` of ``inputs`` to ``targets[i]`` (``[M, K]``) by MSE with Adam.
 
     ``inputs``: a :class:`~gradmetanet.GradientBatch` (GradMetaNet, GradMetaNet++), a
-    :class:`~gradmetanet.features.WeightSpaceFeatures` or a dict ``{param: [M, *shape, C]}`` (the weight-space
-    backbones, called with the dict), or a tensor ``[M, ...]``. A weight-space output ``{param: [B, *shape, C]}``
+    :class:`~gradmetanet.features.WeightSpaceFeatures` (the weight-space backbones; each takes the container, which
+    carries its spec, and refuses one of another spec) or a dict ``{param: [M, *shape, C]}``, or a tensor
+    ``[M, ...]``. A weight-space output ``{param: [B, *shape, C]}``
     is compared flattened in the spec's parameter order (:func:`~gradmetanet.features.flatten_weights`, so
     build targets with it), an invariant output ``[B, K]`` as it is. The networks are split once, seeded:
     ``val_fraction`` selects the epoch (the model keeps its best-validation weights), ``test_fraction`` is read
@@ -251,6 +267,8 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
 
     def predict(net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         out = net(_model_input(inputs, idx))
+        if isinstance(out, WeightSpaceFeatures):
+            return out.flatten()
         if isinstance(out, dict):
             if spec is None:
                 raise ValueError("a weight-space output needs the inputs' spec to be flattened: pass a GradientBatch "
