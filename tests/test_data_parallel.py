@@ -88,7 +88,8 @@ def numbers(tree, path=""):
     return {path: tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
 
 
-@pytest.mark.parametrize("experiment, section", [("curvature", "models"), ("inr-edit", "models")])
+@pytest.mark.parametrize("experiment, section", [("curvature", "models"), ("inr-edit", "models"),
+                                                 ("amortize", "mlp-tanh")])
 def test_two_processes_give_the_table_of_one(tmp_path, experiment, section):
     assert main(["run", experiment, "--preset", "tiny", "--out", str(tmp_path / "one")]) == 0
     done = torchrun("run", experiment, "--preset", "tiny", "--out", str(tmp_path / "two"))
@@ -98,14 +99,14 @@ def test_two_processes_give_the_table_of_one(tmp_path, experiment, section):
     a, b = numbers(one), numbers(two)
     assert a.keys() == b.keys()
     for key in a:
-        if "seconds" not in key:
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+        if "seconds" not in key:       # sparsity: 100 (1 - a ratio near 1), float32 round-off times 100
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-5 if "sparsity" in key else 1e-9), key
     table = (tmp_path / "two" / "table.md").read_text()        # resumed in one process: every cell read back
     assert main(["run", experiment, "--preset", "tiny", "--out", str(tmp_path / "two")]) == 0
     assert (tmp_path / "two" / "table.md").read_text() == table
 
 
 def test_an_experiment_that_is_not_data_parallel_is_refused_by_name(tmp_path):
-    done = torchrun("run", "amortize", "--preset", "tiny", "--out", str(tmp_path / "a"))
+    done = torchrun("run", "lopt", "--preset", "tiny", "--out", str(tmp_path / "a"))
     assert done.returncode != 0
-    assert "`run amortize` does not run under torchrun" in done.stderr
+    assert "`run lopt` does not run under torchrun" in done.stderr

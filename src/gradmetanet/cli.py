@@ -25,7 +25,7 @@ EXPERIMENTS = {
 }
 DEMO = ("curvature", "quick")
 #: experiments trained by fit_regression alone: data-parallel under torchrun (rank 0 writes the run folder)
-DATA_PARALLEL = {"curvature", "inr-edit", "ws-bench", "generalisation", "fisher-trace", "lora"}
+DATA_PARALLEL = {"curvature", "inr-edit", "ws-bench", "generalisation", "fisher-trace", "lora", "amortize"}
 
 
 def _parse_override(text: str) -> tuple[str, object]:
