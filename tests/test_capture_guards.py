@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradmetanet import CaptureError, GradientCapture, GradientSet, UnsupportedModuleError
 from gradmetanet.models.mlp import make_mlp
-from gradmetanet.capture import functional_factors
+from gradmetanet.capture import functional_factors, functional_features
 from gradmetanet.testing import check_symmetry
 from gradmetanet import spec_of
 
@@ -151,6 +151,7 @@ def test_hooks_functional_and_torch_func_agree(tokens):
         torch.testing.assert_close(functional.output_grads[site.name], hooks.output_grads[site.name])
     for name, p in model.named_parameters():
         torch.testing.assert_close(g_params[name], p.grad)
+    torch.testing.assert_close(functional_features(model, spec, params, (x,), loss)[2], hooks.neuron_tensor())
     per_example = hooks.per_example_grads()
 
     def one(p, xi, yi):

@@ -9,7 +9,7 @@ import torch
 
 from gradmetanet import NetworkSpec
 from gradmetanet.models.mlp import make_mlp
-from gradmetanet.features import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
+from gradmetanet.features import GradientScale, NeuronNormaliser, WeightSpaceNormaliser, space_rms
 from gradmetanet.features import WeightSpaceFeatures, flatten_weights, unflatten_weights
 from gradmetanet.metanets import WeightSpaceLayer
 from gradmetanet.testing import check_symmetry, move_weight_space as move_ws
@@ -94,6 +94,29 @@ def test_normalisers_respect_the_groups():
     ws_norm = WeightSpaceNormaliser(spec).double().fit(ws)
     check_symmetry(spec, ws_norm, ws, move_ws, move_ws)
     assert abs(ws_norm(ws)["0.weight"].std().item() - 1) < 1e-9
+
+
+def test_dividing_by_each_networks_space_rms_moves_with_permutations_and_signs():
+    """The per-network scale of INR editing and of GradMetaNet's scaled variant: one statistic per network, space
+    and channel, so the scaled features move as the raw ones under permutations and sign flips; a scale that is
+    one number per neuron (what a per-neuron statistic would be) is not."""
+    spec = NetworkSpec.chain([3, 6, 5, 2], activation="tanh")
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 8, spec.n_neurons, 2, generator=gen, dtype=torch.float64) * torch.rand(
+        4, 1, spec.n_neurons, 2, generator=gen, dtype=torch.float64) * 5
+
+    def move(x, element, sp):
+        return sp.transform_neurons(x, element, dim=-2)
+
+    def scaled(x):
+        return x / space_rms(x, spec)
+
+    check_symmetry(spec, scaled, feats, move, move, group="full")
+    hidden = spec.space_slices()[spec.spaces[1].name]
+    assert scaled(feats)[:, :, hidden].square().mean((1, 2)).allclose(torch.ones(4, 2, dtype=torch.float64))
+    per_neuron = feats.square().mean((0, 1)).sqrt()                     # [N, 2], fitted once on these networks
+    with pytest.raises(AssertionError, match="not equivariant"):
+        check_symmetry(spec, lambda x: x / per_neuron, feats, move, move, group="perm")
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", None], ids=["sign_perm", "scale_perm", "gl"])

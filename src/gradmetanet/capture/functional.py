@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 from .hooks import modules_of_sites
 
-__all__ = ["functional_factors", "Factors"]
+__all__ = ["functional_factors", "functional_features", "Factors"]
 
 #: ``(loss, param_grads, activations, output_grads, outputs)``, dicts keyed by parameter or site name.
 Factors = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor],
@@ -66,6 +67,16 @@ def functional_factors(model: nn.Module, spec: NetworkSpec, params: Mapping[str,
     scale = b if loss_reduction == "mean" else 1
     grads = {k: _rows(last[k](g * scale), b) for k, g in g_probes.items()}
     return loss, g_params, acts, grads, outs
+
+
+def functional_features(model: nn.Module, spec: NetworkSpec, params: Mapping[str, torch.Tensor],
+                        inputs: tuple[torch.Tensor, ...], loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                        loss_reduction: str = "mean") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """``(loss, param_grads, features [b T, N, 2])``: :func:`functional_factors` with the factors made into neuron
+    features (the incidence features of :meth:`GradientSet.neuron_tensor`): what a gradient metanetwork reads of
+    a network under ``params``, as a pure function (``vmap`` over a zoo)."""
+    loss, g_params, acts, grads, outs = functional_factors(model, spec, params, inputs, loss_fn, loss_reduction)
+    return loss, g_params, neuron_tensor(spec, acts, grads, outs)
 
 
 #: (model id, spec, input shapes) -> output shape per site; shapes only, no tensors

@@ -50,12 +50,11 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..features.neurons import GradientBatch
-from ..capture import functional_factors, spec_of
-from ..core.incidence import neuron_tensor
+from ..capture import functional_features, spec_of
 from ..core.spec import NetworkSpec
 from ..zoos.classifier import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo,
                                    load_small_cnn_zoo)
-from ..features import NeuronNormaliser
+from ..features import NeuronNormaliser, space_rms
 from ..metanets import GMN, DWSNet, FlatWeightMLP, GradMetaNet, ScaleGMN
 from ..plots import figure
 from ..metanets.training import fit_regression
@@ -238,8 +237,7 @@ def gradient_sets(zoo: ClassifierZoo, images: int, chunk: int = 50) -> tuple[Net
     spec = spec_of(template, x[:2])
 
     def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        _, _, acts, grads, outs = functional_factors(template, spec, p, (x[idx],), lambda out: F.cross_entropy(out, y[idx]))
-        return neuron_tensor(spec, acts, grads, outs)
+        return functional_features(template, spec, p, (x[idx],), lambda out: F.cross_entropy(out, y[idx]))[2]
 
     parts = [vmap(one)({k: v[i:i + chunk] for k, v in zoo.params.items()}) for i in range(0, len(zoo), chunk)]
     return spec, torch.cat(parts).detach()
@@ -248,10 +246,7 @@ def gradient_sets(zoo: ClassifierZoo, images: int, chunk: int = 50) -> tuple[Net
 def per_network_scaled(features: torch.Tensor, spec: NetworkSpec, eps: float = 1e-20) -> torch.Tensor:
     """``[M, b, N, 2 f]``: each network's channels divided by their root mean square over the set and each space's
     neurons, and the logarithm of that scale (a constant over the space) as ``f`` more channels."""
-    scale = torch.ones(features.shape[0], 1, features.shape[2], features.shape[3], dtype=features.dtype)
-    for sl in spec.space_slices().values():
-        rms = features[:, :, sl].square().mean((1, 2), keepdim=True).sqrt().clamp_min(eps)
-        scale[:, :, sl] = rms
+    scale = space_rms(features, spec, eps)
     return torch.cat([features / scale, scale.log().expand_as(features)], -1)
 
 

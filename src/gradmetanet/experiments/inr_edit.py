@@ -30,10 +30,10 @@ from torch.func import vmap
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..capture.functional import functional_factors
-from ..core.incidence import neuron_tensor
+from ..capture.functional import functional_features
 from ..core.spec import NetworkSpec
 from ..data.image_edits import dilate
+from ..features import space_rms
 from ..zoos.inr import INR_WIDTHS, OMEGA_0, InrZoo, InrZooConfig, grid_coordinates, load_or_generate_inr_zoo, render
 from ..models.siren import siren_template
 from ..metanets import GMN, DWSNet, GradMetaNet, GradMetaNetPlusPlus, ScaleGMN, WeightEditor
@@ -118,16 +118,10 @@ def inr_gradient_sets(params: dict[str, torch.Tensor], coords: torch.Tensor, spe
     template = siren_template(INR_WIDTHS, OMEGA_0)
 
     def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        _, _, acts, grads, outs = functional_factors(template, spec, p, (coords,), lambda out: out.sum(),
-                                                     loss_reduction="sum")
-        return neuron_tensor(spec, acts, grads, outs)
+        return functional_features(template, spec, p, (coords,), lambda out: out.sum(), loss_reduction="sum")[2]
 
     feats = vmap(one)(params)
-    for sl in spec.space_slices().values():
-        block = feats[:, :, sl]
-        rms = block.square().mean((1, 2), keepdim=True).sqrt().clamp_min(1e-12)
-        feats = torch.cat([feats[:, :, :sl.start], block / rms, feats[:, :, sl.stop:]], 2)
-    return feats
+    return feats / space_rms(feats, spec)
 
 
 def inr_editor(spec: NetworkSpec, backbone: str, variant: str, config: InrEditConfig,

@@ -4,9 +4,9 @@ symmetries, widening), Lemma 1's gauge count, and every spec-aware normaliser.""
 
 from .graph import NetworkGraph
 from .neurons import GradientBatch
-from .normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser
+from .normalise import GradientScale, NeuronNormaliser, WeightSpaceNormaliser, space_rms
 from .transforms import random_symmetry, widen
 from .weightspace import WeightSpaceFeatures, flatten_weights, unflatten_weights
 
 __all__ = ["GradientBatch", "GradientScale", "NetworkGraph", "NeuronNormaliser", "WeightSpaceFeatures", "WeightSpaceNormaliser",
-           "flatten_weights", "random_symmetry", "unflatten_weights", "widen"]
+           "flatten_weights", "random_symmetry", "space_rms", "unflatten_weights", "widen"]

@@ -22,7 +22,17 @@ from torch import nn
 from ..core.groups import Blocks, Group, Perm, Trivial
 from ..core.spec import NetworkSpec
 
-__all__ = ["NeuronNormaliser", "WeightSpaceNormaliser", "GradientScale", "permutes_only"]
+__all__ = ["NeuronNormaliser", "WeightSpaceNormaliser", "GradientScale", "permutes_only", "space_rms"]
+
+
+def space_rms(features: torch.Tensor, spec: NetworkSpec, eps: float = 1e-12) -> torch.Tensor:
+    """``[M, 1, N, C]``: each network's root mean square of ``features [M, b, N, C]`` per channel over its set and
+    each space's neurons (clamped at ``eps``), repeated over the space: a statistic every permutation and sign
+    flip leaves unchanged, so dividing by it keeps the features' symmetry (one network's scale, not the zoo's)."""
+    scale = features.new_ones(features.shape[0], 1, *features.shape[2:])
+    for sl in spec.space_slices().values():
+        scale[:, :, sl] = features[:, :, sl].square().mean((1, 2), keepdim=True).sqrt().clamp_min(eps)
+    return scale
 
 
 def permutes_only(group: Group) -> bool:

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..capture.functional import functional_factors
-from ..core.incidence import neuron_tensor
+from ..capture.functional import functional_features
 from ..data.text import CharTokenizer, next_token_batch, pydoc_topics_text
 from ..models import CausalTransformer
 from .tasks import Params, Task
@@ -117,6 +116,6 @@ class LanguageModelTask(Task):
         """Parameter gradients, neuron features ``[B T, N, 2]`` (tokens are set elements) and the batch loss."""
         x, y = batch
         with _quiet_vmap_attention():
-            loss, g_params, acts, grads, outs = functional_factors(self.model, self.spec, params, (x,),
-                                                                   lambda logits: self._cross_entropy(logits, y))
-        return g_params, neuron_tensor(self.spec, acts, grads, outs), loss
+            loss, g_params, features = functional_features(self.model, self.spec, params, (x,),
+                                                           lambda logits: self._cross_entropy(logits, y))
+        return g_params, features, loss

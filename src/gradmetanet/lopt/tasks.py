@@ -19,8 +19,7 @@ from torch.func import functional_call
 from ..models.mlp import make_mlp
 from ..data import load_classification_split, load_digits_split
 from ..data.image_files import load_cifar, load_fashion_mnist
-from ..capture.functional import functional_factors
-from ..core.incidence import neuron_tensor
+from ..capture.functional import functional_features
 from ..capture import spec_of
 
 __all__ = ["Task", "LinearRegressionTask", "MLPClassificationTask", "DigitsMLPTask", "fashion_mnist_task",
@@ -146,9 +145,9 @@ class MLPClassificationTask(Task):
         """Parameter gradients, neuron features ``[b, N, 2]`` (incidence features, as
         ``GradientSet.neuron_tensor``) and the batch loss, by the functional extractor."""
         x, y = batch
-        loss, g_params, acts, grads, outs = functional_factors(self.model, self.spec, params, (x,),
-                                                               lambda logits: F.cross_entropy(logits, y))
-        return g_params, neuron_tensor(self.spec, acts, grads, outs), loss
+        loss, g_params, features = functional_features(self.model, self.spec, params, (x,),
+                                                       lambda logits: F.cross_entropy(logits, y))
+        return g_params, features, loss
 
 
 class DigitsMLPTask(MLPClassificationTask):
