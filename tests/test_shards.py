@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
+from gradmetanet import spec_of
 from gradmetanet.cli import main
+from gradmetanet.features import WeightSpaceFeatures
+from gradmetanet.metanets import DWSNet, fit
 from gradmetanet.zoos.classifier import (ClassifierZooConfig, generate_classifier_zoo, load_sharded_classifier_zoo,
                                              make_sharded_classifier_zoo)
 from gradmetanet.zoos import ShardedZoo, ZooDamaged
@@ -58,12 +61,17 @@ def test_resume_damage_and_lazy_reads(tmp_path, capsys):
 
     zoo = ShardedZoo(folder)
     opened = []
-    original = zoo._load
-    zoo._load = lambda stem: opened.append(stem) or original(stem)
+    original = zoo._checked
+    zoo._checked = lambda stem: opened.append(stem) or original(stem)
     picked = zoo.networks([9, 1])                                    # shards 2 and 0, in the order asked
     assert opened == ["shard-00000", "shard-00002"]
     whole = zoo.tensors()
-    assert torch.equal(picked["accuracy"], whole["accuracy"][[9, 1]])
+    for name, tensor in picked.items():                              # rows from a shard's range, in order
+        assert torch.equal(tensor, whole[name][[9, 1]]), name
+    spread = torch.tensor([9, 0, 3, 8, 1, 3])
+    for name, tensor in zoo.networks(spread, ["accuracy", "lr"]).items():
+        assert torch.equal(tensor, whole[name][spread]), name
+    assert torch.equal(zoo.column("accuracy"), whole["accuracy"])
 
     data = bytearray((folder / "shard-00002.safetensors").read_bytes())
     data[-5] ^= 0xFF                                                 # one byte of the tensor data, header intact
@@ -76,3 +84,27 @@ def test_resume_damage_and_lazy_reads(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds another zoo .*networks"):
         make_sharded_classifier_zoo(ClassifierZooConfig(architecture="mlp", activation="relu", networks=11,
                                                         steps=(3, 12)), folder, 4, progress=False)
+
+
+def test_a_metanetwork_trains_on_the_shards_as_on_the_zoo_in_memory(tmp_path):
+    """``fit`` on ``ShardedZoo.weights`` (read batch by batch from the shards, each tensor divided by its RMS over
+    the training networks, computed chunk by chunk) gives the fit on the same features held in memory, exactly."""
+    folder = tmp_path / "z"
+    make_sharded_classifier_zoo(CONFIG, folder, 3, progress=False)
+    zoo = load_sharded_classifier_zoo(folder)
+    spec = spec_of(zoo.template(), zoo.data()[0][:2])
+    sharded = ShardedZoo(folder)
+    train = torch.arange(6)
+    rms = sharded.weights(spec).tensor_rms(train, chunk=4)
+    for name, value in rms.items():
+        torch.testing.assert_close(value, zoo.params[name][train].square().mean().sqrt())
+    targets = zoo.accuracy[:, None]
+    results = []
+    for inputs in (sharded.weights(spec, scale=rms),
+                   WeightSpaceFeatures(spec, {k: (v / rms[k]).unsqueeze(-1) for k, v in zoo.params.items()})):
+        torch.manual_seed(0)
+        model = DWSNet(spec, 1, 1, hidden=4, layers=2, readout="invariant")
+        results.append((fit(model, inputs, targets, epochs=3, batch_size=4, progress=False), model.state_dict()))
+    (streamed, a), (held, b) = results
+    assert streamed.val_history == held.val_history and streamed.test == held.test
+    assert same(a, b)

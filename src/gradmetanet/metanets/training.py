@@ -11,7 +11,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace
+from ..core.spec import NetworkSpec
 from ..features.neurons import GradientBatch
 from ..distributed import all_reduce_sum, rank_and_world
 from ..features.weightspace import WeightSpaceFeatures, flatten_weights
 
-__all__ = ["FitResult", "fit", "fit_regression", "evaluate_mse", "has_converged"]
+__all__ = ["FitResult", "LazyInputs", "fit", "fit_regression", "evaluate_mse", "has_converged"]
 
 #: ``predict(model, indices) -> [len(indices), P]`` predictions in normalised target units.
 Predictor = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -213,10 +214,28 @@ def _load_checkpoint(path: str | os.PathLike, signature: dict) -> dict:
 
 
 #: what :func:`fit` trains on: one row (network) per target row
-Inputs = Union[GradientBatch, WeightSpaceFeatures, Mapping[str, torch.Tensor], torch.Tensor]
+class LazyInputs(Protocol):
+    """Inputs read batch by batch (a zoo on disk: :meth:`gradmetanet.zoos.ShardedZoo.weights`): ``len`` networks,
+    ``select(idx)`` gives a container of those networks, ``spec`` the networks' spec."""
+
+    spec: NetworkSpec
+
+    def __len__(self) -> int: ...
+
+    def select(self, index: torch.Tensor) -> WeightSpaceFeatures | GradientBatch: ...
+
+
+Inputs = Union[GradientBatch, WeightSpaceFeatures, Mapping[str, torch.Tensor], torch.Tensor, LazyInputs]
+
+
+def _lazy(inputs: Inputs) -> bool:
+    return not isinstance(inputs, (GradientBatch, WeightSpaceFeatures, Mapping, torch.Tensor)) and \
+        hasattr(inputs, "select") and hasattr(inputs, "__len__")
 
 
 def _rows(inputs: Inputs) -> int:
+    if _lazy(inputs):
+        return len(inputs)
     if isinstance(inputs, GradientBatch):
         return inputs.features.shape[0]
     if isinstance(inputs, WeightSpaceFeatures):
@@ -230,8 +249,8 @@ def _rows(inputs: Inputs) -> int:
 
 
 def _model_input(inputs: Inputs, idx: torch.Tensor):
-    """Rows ``idx`` of ``inputs``, of the same kind (a container keeps its spec)."""
-    if isinstance(inputs, (GradientBatch, WeightSpaceFeatures)):
+    """Rows ``idx`` of ``inputs``, of the same kind (a container keeps its spec; lazy inputs are read now)."""
+    if isinstance(inputs, (GradientBatch, WeightSpaceFeatures)) or _lazy(inputs):
         return inputs.select(idx)
     if isinstance(inputs, Mapping):
         return {k: v[idx] for k, v in inputs.items()}
@@ -246,7 +265,7 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
     ``inputs``: a :class:`~gradmetanet.GradientBatch` (GradMetaNet, GradMetaNet++), a
     :class:`~gradmetanet.features.WeightSpaceFeatures` (the weight-space backbones; each takes the container, which
     carries its spec, and refuses one of another spec) or a dict ``{param: [M, *shape, C]}``, or a tensor
-    ``[M, ...]``. A weight-space output ``{param: [B, *shape, C]}``
+    ``[M, ...]``, or :class:`LazyInputs` read batch by batch (a zoo larger than memory, from its shards). A weight-space output ``{param: [B, *shape, C]}``
     is compared flattened in the spec's parameter order (:func:`~gradmetanet.features.flatten_weights`, so
     build targets with it), an invariant output ``[B, K]`` as it is. The networks are split once, seeded:
     ``val_fraction`` selects the epoch (the model keeps its best-validation weights), ``test_fraction`` is read

@@ -22,17 +22,20 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace, atomic_write_text
+from ..core.spec import NetworkSpec
+from ..features.weightspace import WeightSpaceFeatures
 from ..provenance import package_version
 from .cache import _as_json, file_digest
 
-__all__ = ["ShardedZoo", "make_sharded_zoo", "ZooDamaged", "LAYOUT"]
+__all__ = ["ShardedZoo", "ShardedWeights", "make_sharded_zoo", "ZooDamaged", "LAYOUT"]
 
 LAYOUT = "gradmetanet.zoo-sharded/1"
 _MANIFEST = "manifest.json"
@@ -137,13 +140,18 @@ class ShardedZoo:
         stems = [_COMMON] + [_shard_name(k) for k in range(self.manifest["shards"])]
         return [p for p in (_problem(self.folder, s) for s in stems) if p is not None]
 
-    def _load(self, stem: str) -> dict[str, torch.Tensor]:
+    def _checked(self, stem: str) -> Path:
+        """The file of ``stem``, its checksum verified the first time this reader opens it (streamed: the check
+        holds one block of the file in memory, not the file)."""
         if stem not in self._verified:
             problem = _problem(self.folder, stem)
             if problem is not None:
                 raise ZooDamaged(f"zoo {self.folder}: {problem}; remake it with `gradmetanet zoo make` (it resumes)")
             self._verified.add(stem)
-        return load_file(self.folder / f"{stem}.safetensors")
+        return self.folder / f"{stem}.safetensors"
+
+    def _load(self, stem: str) -> dict[str, torch.Tensor]:
+        return load_file(self._checked(stem))
 
     def common(self) -> dict[str, torch.Tensor]:
         return self._load(_COMMON)
@@ -152,23 +160,70 @@ class ShardedZoo:
         """Shard ``k``: every tensor ``[networks in the shard, ...]``."""
         return self._load(_shard_name(k))
 
-    def networks(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
-        """Networks ``indices`` (in that order), reading only the shards that hold them."""
+    def networks(self, indices: torch.Tensor | list[int], names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Networks ``indices`` (in that order) of the tensors ``names`` (default all), reading from each shard that
+        holds some of them only the range of rows between the first and the last asked for (memory-mapped), so
+        a batch costs at most a shard's bytes of memory, whatever the zoo's size."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"network indices must lie in [0, {len(self)})")
         shards = indices // self.shard_size
         out: dict[str, torch.Tensor] = {}
         for k in shards.unique().tolist():
-            rows = (shards == k).nonzero().squeeze(1)
-            tensors = self.shard(k)
-            for name, t in tensors.items():
-                if name not in out:
-                    out[name] = t.new_empty(len(indices), *t.shape[1:])
-                out[name][rows] = t[indices[rows] - k * self.shard_size]
+            at = (shards == k).nonzero().squeeze(1)
+            rows = indices[at] - k * self.shard_size
+            first, last = int(rows.min()), int(rows.max())
+            with safe_open(self._checked(_shard_name(k)), framework="pt") as f:
+                for name in names or list(f.keys()):
+                    block = f.get_slice(name)[first:last + 1]
+                    if name not in out:
+                        out[name] = block.new_empty(len(indices), *block.shape[1:])
+                    out[name][at] = block[rows - first]
         return out
+
+    def column(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` of every network (``[networks, ...]``; a per-network number such as ``accuracy``),
+        read shard by shard without the other tensors."""
+        return self.networks(torch.arange(len(self)), [name])[name]
+
+    def weights(self, spec: NetworkSpec, prefix: str = "params/",
+                scale: Mapping[str, torch.Tensor] | None = None) -> "ShardedWeights":
+        """The networks' parameters (tensors ``prefix + name`` for every parameter of ``spec``) as inputs a
+        metanetwork trains on batch by batch (:func:`gradmetanet.metanets.fit` reads them lazily)."""
+        return ShardedWeights(self, spec, prefix, scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The whole zoo in memory: every shard concatenated, and the common tensors."""
         parts = [self.shard(k) for k in range(self.manifest["shards"])]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | self.common()
+
+
+class ShardedWeights:
+    """A sharded zoo's weights as :class:`~gradmetanet.metanets.LazyInputs`: ``select(idx)`` reads networks
+    ``idx`` from their shards (at most a shard's bytes at a time) as
+    :class:`~gradmetanet.features.WeightSpaceFeatures` ``[len(idx), *shape, 1]``, each tensor divided by
+    ``scale[name]`` when given (a per-tensor root mean square over the training networks: :meth:`tensor_rms`)."""
+
+    def __init__(self, zoo: ShardedZoo, spec: NetworkSpec, prefix: str = "params/",
+                 scale: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.zoo, self.spec, self.prefix, self.scale = zoo, spec, prefix, dict(scale or {})
+        self.names = list(spec.param_shapes())
+
+    def __len__(self) -> int:
+        return len(self.zoo)
+
+    def select(self, index: torch.Tensor) -> WeightSpaceFeatures:
+        read = self.zoo.networks(index, [self.prefix + n for n in self.names])
+        return WeightSpaceFeatures(self.spec, {n: (read[self.prefix + n] / self.scale.get(n, 1.0)).unsqueeze(-1)
+                                               for n in self.names})
+
+    def tensor_rms(self, index: torch.Tensor, chunk: int = 256) -> dict[str, torch.Tensor]:
+        """Each tensor's root mean square over networks ``index``, read ``chunk`` networks at a time."""
+        total = {n: torch.zeros((), dtype=torch.float64) for n in self.names}
+        count = {n: 0 for n in self.names}
+        for part in torch.as_tensor(index).split(chunk):
+            read = self.zoo.networks(part, [self.prefix + n for n in self.names])
+            for n in self.names:
+                total[n] += read[self.prefix + n].double().square().sum()
+                count[n] += read[self.prefix + n].numel()
+        return {n: (total[n] / count[n]).sqrt().float() for n in self.names}
