@@ -89,7 +89,7 @@ def numbers(tree, path=""):
 
 
 @pytest.mark.parametrize("experiment, section", [("curvature", "models"), ("inr-edit", "models"),
-                                                 ("amortize", "mlp-tanh")])
+                                                 ("amortize", "mlp-tanh"), ("lora", "targets")])
 def test_two_processes_give_the_table_of_one(tmp_path, experiment, section):
     assert main(["run", experiment, "--preset", "tiny", "--out", str(tmp_path / "one")]) == 0
     done = torchrun("run", experiment, "--preset", "tiny", "--out", str(tmp_path / "two"))
@@ -99,11 +99,15 @@ def test_two_processes_give_the_table_of_one(tmp_path, experiment, section):
     a, b = numbers(one), numbers(two)
     assert a.keys() == b.keys()
     for key in a:
-        if "seconds" not in key:       # sparsity: 100 (1 - a ratio near 1), float32 round-off times 100
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-5 if "sparsity" in key else 1e-9), key
-    table = (tmp_path / "two" / "table.md").read_text()        # resumed in one process: every cell read back
+        if "seconds" not in key:       # sparsity and R^2 are 1 - a ratio near 1: float32 round-off, not relative
+            near_one = any(word in key for word in ("sparsity", "r2"))
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-5 if near_one else 1e-9), key
+    def table() -> list[str]:                                    # timings (LoRA's speed line) are measured anew
+        return [line for line in (tmp_path / "two" / "table.md").read_text().splitlines() if "µs" not in line]
+
+    before = table()                                             # resumed in one process: every cell read back
     assert main(["run", experiment, "--preset", "tiny", "--out", str(tmp_path / "two")]) == 0
-    assert (tmp_path / "two" / "table.md").read_text() == table
+    assert table() == before
 
 
 def test_an_experiment_that_is_not_data_parallel_is_refused_by_name(tmp_path):
