@@ -40,8 +40,16 @@ def lora(target: str, model: str, metric: str) -> float:
     return results("lora-cpu")["targets"][target][model][metric]
 
 
+def streamed(key: str) -> float:
+    return json.loads((ROOT / "benchmarks" / "results" / "streamed_training_cpu.json").read_text())["rows"][0][key]
+
+
 #: (text that starts the README row, figure read from its results file, format the README prints it in)
 FIGURES = [
+    ("| training on a zoo larger than memory", lambda: streamed("zoo_bytes") / 2 ** 30, "**{:.2f} GiB** zoo"),
+    ("| training on a zoo larger than memory", lambda: streamed("cap") / 2 ** 30, "under a **{:.2f} GiB**"),
+    ("| training on a zoo larger than memory", lambda: streamed("test_mse"), "test MSE {:.4f}"),
+    ("| training on a zoo larger than memory", lambda: streamed("mean_predictor_mse"), "(mean predictor {:.4f})"),
     ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: improvement("gradmetanet_set"), "{:.1f}% better"),
     ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: improvement("gradmetanet"), "{:.1f}% better"),
     ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: curvature("gradmetanet_set"), "({:.4f} vs"),
