@@ -28,8 +28,8 @@ def inr(backbone: str, variant: str) -> float:
     return 100 * results("inr-edit-cpu")["models"][backbone][variant]["mean"]
 
 
-def generalisation(zoo: str, model: str, folder: str = "") -> float:
-    return results(f"generalisation-quick{folder}")["zoos"][zoo]["models"][model]["tau"]["mean"]
+def generalisation(zoo: str, model: str) -> float:
+    return results("generalisation-cpu")["zoos"][zoo]["models"][model]["tau"]["mean"]
 
 
 def converged_inr(variant: str) -> float:
@@ -64,11 +64,11 @@ FIGURES = [
     ("| INR editing (3 x 3 dilation)", lambda: converged_inr("ws"), "WS {:.3f}, probing"),
     ("| INR editing (3 x 3 dilation)", lambda: converged_inr("gradmetanet"), "GradMetaNet {:.3f}: the inputs"),
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "loss_probe"), "loss probe **{:.3f}**"),
-    ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet", "-gradients"),
-     "identified) {:.3f}"),
-    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gradmetanet_scaled", "-gradients"),
-     "GradMetaNet {:.3f} (1 seed)"),
-    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f}, GradMetaNet"),
+    ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet"), "identified) {:.3f} ±"),
+    ("| generalisation prediction", lambda: generalisation("cnn-tanh", "statnn"), "StatNN {:.3f}, GMN"),
+    ("| generalisation prediction", lambda: generalisation("mlp-relu", "loss_probe"), "probe {:.3f}, GradMetaNet"),
+    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gradmetanet"), "GradMetaNet {:.3f} ± 0.033"),
+    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (GradMetaNet"),
     ("| INR classification from weights", lambda: 100 * results("ws-bench-quick-gradients")["models"]["gradmetanet"]
      ["accuracy"]["original"]["mean"], "gradient sets **{:.1f}%**"),
     ("| INR classification from weights", lambda: 100 * results("ws-bench-quick-gradients")["models"]["gradmetanet"]
