@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import stat
 
 import pytest
@@ -131,3 +132,12 @@ def test_tuning_grids_pick_the_lowest_finite_score_and_flag_their_edges():
     assert best_on_grid({0.1: float("nan"), 0.3: 2.0}) == 0.3
     assert on_grid_edge(0.01, (0.1, 0.01, 0.03)) and on_grid_edge(0.1, (0.1, 0.01, 0.03))
     assert not on_grid_edge(0.03, (0.1, 0.01, 0.03)) and on_grid_edge(0.1, (0.1,))
+
+
+def test_a_cell_does_not_depend_on_the_other_training_sizes(tmp_path):
+    """A curvature cell is keyed by its training size: a rerun with fewer sizes reads it back, not retrains it."""
+    config = curvature.config_from_preset("tiny", models=("mlp_concat",), train_sizes=(8, 12),
+                                          cache_dir=str(tmp_path / "cache"))
+    both = curvature.run(config, tmp_path / "run", progress=False)
+    alone = curvature.run(replace(config, train_sizes=(12,)), tmp_path / "run", progress=False, overwrite=True)
+    assert alone["models"]["mlp_concat"]["12"] == both["models"]["mlp_concat"]["12"]

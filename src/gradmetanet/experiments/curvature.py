@@ -242,8 +242,8 @@ def run(config: CurvatureConfig, out_dir: str | os.PathLike, progress: bool = Tr
     stopped. Processes that run other ``models`` (or more seeds) of the same settings may share the folder (one
     thread each on a small machine); the report covers every model whose cells are all there.
     """
-    settings = settings_of(config, ignore=("models", "seeds"))
-    folder = RunFolder(out_dir, "curvature", settings, overwrite)
+    folder = RunFolder(out_dir, "curvature", settings_of(config, ignore=("models", "seeds")), overwrite)
+    settings = settings_of(config, ignore=("models", "seeds", "train_sizes"))     # a cell's key names its size
     zoo = load_or_generate_siren_zoo(config.zoo(), config.cache_dir, progress=progress)
     n_test, n_val = config.n_test, config.n_val
     test_idx = torch.arange(n_test)
