@@ -108,3 +108,29 @@ def test_a_metanetwork_trains_on_the_shards_as_on_the_zoo_in_memory(tmp_path):
     (streamed, a), (held, b) = results
     assert streamed.val_history == held.val_history and streamed.test == held.test
     assert same(a, b)
+
+
+def test_the_public_small_cnn_zoo_files_become_a_sharded_zoo(tmp_path):
+    """``gradmetanet zoo make small-cnn --from DIR`` writes the chosen networks of the public files shard by shard:
+    the same weights and accuracies as ``load_small_cnn_zoo``, verified, and read lazily for training."""
+    from small_cnn_files import write_small_cnn_zoo
+    from gradmetanet.models import small_cnn_zoo_template
+    from gradmetanet.zoos.classifier import load_small_cnn_zoo
+
+    template = small_cnn_zoo_template("tanh")
+    gen = torch.Generator().manual_seed(0)
+    nets = [{k: torch.randn(v.shape, generator=gen) for k, v in template.state_dict().items()} for _ in range(7)]
+    write_small_cnn_zoo(tmp_path, nets, [f"86,tanh,{0.1 * i}" for i in range(6)] + ["85,tanh,0.9"])
+    assert main(["zoo", "make", "small-cnn", "--from", str(tmp_path), "--out", str(tmp_path / "z"),
+                 "--shard-size", "4"]) == 0
+    zoo = ShardedZoo(tmp_path / "z")
+    assert len(zoo) == 6 and zoo.manifest["shards"] == 2 and not zoo.verify()
+    params, metrics = load_small_cnn_zoo(tmp_path)
+    read = zoo.networks(torch.arange(6))
+    for name, value in params.items():
+        assert torch.equal(read[f"params/{name}"], value), name
+    assert torch.equal(zoo.column("accuracy"), metrics["test_accuracy"].float())
+    spec = spec_of(template, torch.randn(2, 1, 28, 28))
+    assert zoo.weights(spec).select(torch.tensor([5, 0])).tensors["0.weight"].shape == (2, 16, 1, 3, 3, 1)
+    with pytest.raises(SystemExit, match="needs --from"):
+        main(["zoo", "make", "small-cnn", "--out", str(tmp_path / "y")])

@@ -17,6 +17,8 @@ generator with its default arguments).
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import json
 import math
@@ -24,6 +26,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,8 +44,8 @@ from .inr import digits_images
 __all__ = ["ClassifierZooConfig", "ClassifierZoo", "small_cnn_zoo_template", "zoo_template", "zoo_images",
            "batched_logits", "load_or_generate_classifier_zoo", "generate_classifier_zoo",
            "train_classifier_networks", "network_recipe", "network_split", "image_split",
-           "make_sharded_classifier_zoo", "load_sharded_classifier_zoo", "ARCHITECTURES",
-           "DATASETS", "load_small_cnn_zoo"]
+           "make_sharded_classifier_zoo", "load_sharded_classifier_zoo", "SmallCnnZooSource", "small_cnn_zoo_to_shards",
+           "ARCHITECTURES", "DATASETS", "load_small_cnn_zoo"]
 
 ARCHITECTURES = ("cnn", "mlp")
 DATASETS = ("digits", "mnist1d")
@@ -283,6 +286,64 @@ def load_sharded_classifier_zoo(folder: str | os.PathLike) -> ClassifierZoo:
     return ClassifierZoo.from_tensors(ClassifierZooConfig(**fields), zoo.tensors())
 
 
+@dataclass(frozen=True)
+class SmallCnnZooSource:
+    """Which networks of the public Small CNN Zoo files to read: the checkpoints at ``step`` (86, the final one)
+    and, unless ``None``, of ``activation``."""
+
+    directory: str
+    activation: str | None = "tanh"
+    step: int = 86
+
+
+class _SmallCnnFiles:
+    """The public files of one Small CNN Zoo dataset, opened: the weights memory-mapped, the chosen rows' indices
+    (``keep``), their metric rows and the tensor layout."""
+
+    def __init__(self, source: SmallCnnZooSource) -> None:
+        folder = Path(source.directory)
+        missing = [f for f in ("weights.npy", "metrics.csv.gz", "layout.csv") if not (folder / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {missing}: the Small CNN Zoo folder holds weights.npy, "
+                                    "metrics.csv.gz and layout.csv (from the dataset's archive, e.g. cifar10.tar.xz)")
+        self.weights = np.load(folder / "weights.npy", mmap_mode="r")
+        with gzip.open(folder / "metrics.csv.gz", "rt") as f:
+            self.rows = list(csv.DictReader(f))
+        if len(self.rows) != len(self.weights):
+            raise ValueError(f"{len(self.rows)} metric rows for {len(self.weights)} weight vectors in {folder}")
+        self.keep = [i for i, r in enumerate(self.rows) if int(float(r["step"])) == source.step
+                     and (source.activation is None or r["config.activation"] == source.activation)]
+        if not self.keep:
+            raise ValueError(f"no network in {folder} at step {source.step} with activation {source.activation!r}")
+        with open(folder / "layout.csv") as f:
+            self.layout = list(csv.DictReader(f))
+        self.names = list(small_cnn_zoo_template("tanh").state_dict())
+        if len(self.layout) != len(self.names):
+            raise ValueError(f"layout.csv lists {len(self.layout)} tensors; the Small CNN Zoo network has "
+                             f"{len(self.names)}")
+
+    def networks(self, start: int, stop: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Chosen networks ``start .. stop - 1``: ``(params, metrics)``, read from the memory-mapped weights."""
+        keep = self.keep[start:stop]
+        flat = torch.as_tensor(np.asarray(self.weights[keep]), dtype=torch.float32)
+        params = {}
+        for name, row in zip(self.names, self.layout):
+            shape = tuple(int(s) for s in row["shape"].strip("()[] ").replace(" ", "").split(",") if s)
+            t = flat[:, int(row["start_idx"]):int(row["end_idx"])].reshape(len(keep), *shape)
+            if t.dim() == 5:
+                t = t.permute(0, 4, 3, 1, 2)
+            elif t.dim() == 3:
+                t = t.transpose(1, 2)
+            params[name] = t.contiguous()
+        numeric = {}
+        for key in self.rows[0]:
+            try:
+                numeric[key] = torch.tensor([float(self.rows[i][key]) for i in keep])
+            except ValueError:
+                continue
+        return params, numeric
+
+
 def load_small_cnn_zoo(directory: str | os.PathLike, activation: str | None = "tanh", step: int = 86
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The public Small CNN Zoo (Unterthiner et al. 2020) from ``directory``: ``weights.npy`` (``[M, 4970]``, one
@@ -294,44 +355,23 @@ def load_small_cnn_zoo(directory: str | os.PathLike, activation: str | None = "t
     ``[out, in]``), only the checkpoints at ``step`` (86, the final one) and, unless ``None``, of ``activation``;
     ``metrics``: their numeric metric columns as float tensors.
     """
-    import csv
-    import gzip
+    files = _SmallCnnFiles(SmallCnnZooSource(str(directory), activation, step))
+    return files.networks(0, len(files.keep))
 
-    import numpy as np
 
-    folder = Path(directory)
-    missing = [f for f in ("weights.npy", "metrics.csv.gz", "layout.csv") if not (folder / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"{folder} lacks {missing}: the Small CNN Zoo folder holds weights.npy, "
-                                "metrics.csv.gz and layout.csv (from the dataset's archive, e.g. cifar10.tar.xz)")
-    weights = np.load(folder / "weights.npy", mmap_mode="r")
-    with gzip.open(folder / "metrics.csv.gz", "rt") as f:
-        rows = list(csv.DictReader(f))
-    if len(rows) != len(weights):
-        raise ValueError(f"{len(rows)} metric rows for {len(weights)} weight vectors in {folder}")
-    keep = [i for i, r in enumerate(rows) if int(float(r["step"])) == step
-            and (activation is None or r["config.activation"] == activation)]
-    if not keep:
-        raise ValueError(f"no network in {folder} at step {step} with activation {activation!r}")
-    flat = torch.as_tensor(np.asarray(weights[keep]), dtype=torch.float32)
-    with open(folder / "layout.csv") as f:
-        layout = list(csv.DictReader(f))
-    names = list(small_cnn_zoo_template("tanh").state_dict())
-    if len(layout) != len(names):
-        raise ValueError(f"layout.csv lists {len(layout)} tensors; the Small CNN Zoo network has {len(names)}")
-    params = {}
-    for name, row in zip(names, layout):
-        shape = tuple(int(s) for s in row["shape"].strip("()[] ").replace(" ", "").split(",") if s)
-        t = flat[:, int(row["start_idx"]):int(row["end_idx"])].reshape(len(keep), *shape)
-        if t.dim() == 5:
-            t = t.permute(0, 4, 3, 1, 2)
-        elif t.dim() == 3:
-            t = t.transpose(1, 2)
-        params[name] = t.contiguous()
-    numeric = {}
-    for key in rows[0]:
-        try:
-            numeric[key] = torch.tensor([float(rows[i][key]) for i in keep])
-        except ValueError:
-            continue
-    return params, numeric
+def small_cnn_zoo_to_shards(source: SmallCnnZooSource, folder: str | os.PathLike, shard_size: int = 250,
+                            rank: int | None = None, world: int | None = None, progress: bool = True) -> list[int]:
+    """The chosen networks of the public Small CNN Zoo files as a sharded zoo folder (resumable, shared among
+    ``torchrun``'s processes like :func:`make_sharded_classifier_zoo`), one shard's networks in memory at a time:
+    ``params/<name>`` in the layout of :func:`small_cnn_zoo_template`, ``accuracy`` (the published test
+    accuracy) and every numeric metric column as ``metrics/<column>``. Train on it with
+    ``ShardedZoo(folder).weights(spec)`` and ``ShardedZoo(folder).column("accuracy")``."""
+    files = _SmallCnnFiles(source)
+
+    def shard(start: int, stop: int) -> dict[str, torch.Tensor]:
+        params, metrics = files.networks(start, stop)
+        return {f"params/{k}": v for k, v in params.items()} | {f"metrics/{k}": v for k, v in metrics.items()} | {
+            "accuracy": metrics["test_accuracy"].float().clone()}
+
+    return make_sharded_zoo(folder, "small_cnn_zoo", source, len(files.keep), shard_size, shard,
+                            lambda: {"networks": torch.tensor(len(files.keep))}, rank, world, progress=progress)
