@@ -226,6 +226,14 @@ def train_curve(task: MLPClassificationTask | LanguageModelTask, make_optimizer:
     return curve
 
 
+def pes_config(config: LoptConfig, steps: int) -> PESConfig:
+    """The PES settings of ``config`` for ``steps`` meta-steps (checkpoints every 50 steps or fewer)."""
+    return PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
+                     horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr, meta_steps=steps,
+                     checkpoint_every=max(1, min(50, steps)), seed=config.seed, objective=config.meta_objective,
+                     loss_clip=config.loss_clip, evaluate_every=config.evaluate_every)
+
+
 def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = True
                ) -> tuple[dict[str, UpdateRule], dict[str, dict]]:
     """Meta-train every optimizer of the config with PES (resuming from ``out_dir/meta/NAME.ckpt``)
@@ -258,12 +266,7 @@ def meta_train(config: LoptConfig, out_dir: str | os.PathLike, progress: bool = 
         if finished is not None:                  # meta-trained before under these settings (a later session)
             rules[name], record[name] = finished
             continue
-        pes = PESConfig(pairs=config.pairs, sigma=config.sigma, truncation=config.truncation,
-                        horizon=config.meta_train_horizon or config.horizon, meta_lr=config.meta_lr,
-                        meta_steps=steps, checkpoint_every=max(1, min(50, steps)),
-                        seed=config.seed, objective=config.meta_objective, loss_clip=config.loss_clip,
-                        evaluate_every=config.evaluate_every)
-        trainer = MetaTrainer(make_task(config), rule, pes, meta_dir / f"{name}.ckpt")
+        trainer = MetaTrainer(make_task(config), rule, pes_config(config, steps), meta_dir / f"{name}.ckpt")
         trainer.train(progress=progress)
         selected = trainer.best["step"] if trainer.best is not None else trainer.step
         record[name] = {"loss": trainer.history, "validation": trainer.validation, "selected_step": selected,
