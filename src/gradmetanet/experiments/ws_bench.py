@@ -52,10 +52,10 @@ from .store import RunFolder, require_finite, settings_of
 __all__ = ["WsBenchConfig", "PRESETS", "run", "config_from_preset", "BACKBONES", "VARIANTS"]
 
 BACKBONES = ("dws", "gmn", "scalegmn", "gradmetanet")
-VARIANTS = ("original", "symmetry", "widened_zero", "widened_split")
+VARIANTS = ("original", "permutation", "symmetry", "widened_zero", "widened_split")
 LABELS = {"dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN", "gradmetanet": "GradMetaNet (gradients)",
           "original": "test INRs",
-          "symmetry": "random symmetry", "widened_zero": "widened (zero)", "widened_split": "widened (split)"}
+          "permutation": "random permutation", "symmetry": "random symmetry", "widened_zero": "widened (zero)", "widened_split": "widened (split)"}
 PUBLISHED_MNIST = {"scalegmn": 96.59, "dws": 85.71}      # ScaleGMN paper, MNIST INRs (ScaleGMN-B, DWSNets)
 CLASSES = 10
 
@@ -119,29 +119,34 @@ def changed_test_networks(params: dict[str, torch.Tensor], spec: NetworkSpec, wi
         for space in hidden:
             wide, wide_spec = widen(wide, wide_spec, space, widen_by, how, gen, leading=1)
         out[f"widened_{how}"] = (wide, wide_spec)
+    element = spec.sample(torch.Generator().manual_seed(20_000 + seed))     # its own draw: the others stay as before
+    out["permutation"] = (spec.transform_parameters(params, spec.permutation_part(element), leading=1), spec)
     return out
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, params: dict[str, torch.Tensor], labels: torch.Tensor, rms: dict[str, torch.Tensor],
-             batch: int = 128) -> float:
-    """Share of the networks ``params`` whose class the model gets right."""
+def weight_logits(model: nn.Module, params: dict[str, torch.Tensor], rms: dict[str, torch.Tensor],
+                  batch: int = 128) -> torch.Tensor:
+    """``[M, classes]``: the model's logits for the networks ``params`` (each tensor divided by ``rms``)."""
     model.eval()
-    right = 0
-    for start in range(0, len(labels), batch):
-        x = {n: (v[start:start + batch] / rms[n]).unsqueeze(-1) for n, v in params.items()}
-        right += (model(x).argmax(-1) == labels[start:start + batch]).sum().item()
-    return right / len(labels)
+    m = len(next(iter(params.values())))
+    return torch.cat([model({n: (v[i:i + batch] / rms[n]).unsqueeze(-1) for n, v in params.items()})
+                      for i in range(0, m, batch)])
 
 
 @torch.no_grad()
-def gradient_accuracy(model: nn.Module, spec: NetworkSpec, features: torch.Tensor, labels: torch.Tensor,
-                      batch: int = 128) -> float:
-    """Share of the INRs whose class GradMetaNet gets right from their gradient features ``[M, K, N, 2]``."""
+def gradient_logits(model: nn.Module, spec: NetworkSpec, features: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """``[M, classes]``: GradMetaNet's logits from the INRs' gradient features ``[M, K, N, 2]``."""
     model.eval()
-    right = sum((model(GradientBatch(spec, features[i:i + batch])).argmax(-1) == labels[i:i + batch]).sum().item()
-                for i in range(0, len(labels), batch))
-    return right / len(labels)
+    return torch.cat([model(GradientBatch(spec, features[i:i + batch])) for i in range(0, len(features), batch)])
+
+
+def variant_scores(logits: torch.Tensor, original: torch.Tensor, labels: torch.Tensor, what: str) -> dict:
+    """Accuracy of ``logits`` and how far they moved from the originals' (the largest change over the spread of
+    the originals' logits: 0 for a model that keeps its answers exactly, whatever its accuracy)."""
+    change = ((logits - original).abs().max() / original.std().clamp_min(1e-12)).item()
+    return {"accuracy": require_finite(what, (logits.argmax(-1) == labels).float().mean().item()),
+            "logit_change": change}
 
 
 def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False) -> dict:
@@ -177,18 +182,22 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
                                      zoo.splits["val"], test, config.epochs, config.batch_size, config.lr, seed,
                                      loss=F.cross_entropy, schedule="cosine", patience=config.patience,
                                      checkpoint=store.checkpoint(key, settings))
-                scores = {}
+                scores, changes, original = {}, {}, None
                 for variant, (params, variant_spec) in changed_test_networks(test_params, spec, config.widen_by, seed).items():
-                    if name == "gradmetanet":
-                        scores[variant] = None if variant_spec != spec else require_finite(
-                            f"{name} accuracy ({variant})", gradient_accuracy(model, spec, gradients(params),
-                                                                              zoo.labels[test]))
+                    if name == "gradmetanet" and variant_spec != spec:
+                        scores[variant] = changes[variant] = None   # gradient sets of another architecture
                         continue
-                    reader = _backbone(name, variant_spec, config)
-                    reader.load_state_dict(model.state_dict())
-                    scores[variant] = require_finite(f"{name} accuracy ({variant})",
-                                                     accuracy(reader, params, zoo.labels[test], rms))
-                store.put(key, settings, {"accuracy": scores, "best_epoch": fit.best_epoch, "converged": fit.converged,
+                    if name == "gradmetanet":
+                        logits = gradient_logits(model, spec, gradients(params))
+                    else:
+                        reader = _backbone(name, variant_spec, config)
+                        reader.load_state_dict(model.state_dict())
+                        logits = weight_logits(reader, params, rms)
+                    original = logits if original is None else original
+                    score = variant_scores(logits, original, zoo.labels[test], f"{name} accuracy ({variant})")
+                    scores[variant], changes[variant] = score["accuracy"], score["logit_change"]
+                store.put(key, settings, {"accuracy": scores, "logit_change": changes, "best_epoch": fit.best_epoch,
+                                          "converged": fit.converged,
                                           "epochs_run": fit.epochs_run, "val_history": fit.val_history,
                                           "train_history": fit.train_history, "seconds": time.perf_counter() - start})
             bar.update()
@@ -200,8 +209,10 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
         runs = [store.get(f"{name}/{seed}", settings) for seed in range(config.seeds)]
         results["models"][name] = {
             "accuracy": {v: dict(zip(("mean", "std"), mean_std(r["accuracy"][v] for r in runs))) for v in VARIANTS
-                         if runs[0]["accuracy"][v] is not None},
+                         if runs[0]["accuracy"].get(v) is not None},
             "runs": [r["accuracy"] for r in runs], "converged": [r["converged"] for r in runs],
+            "largest_logit_change": {v: max(r["logit_change"][v] for r in runs) for v in VARIANTS
+                                     if all(r.get("logit_change", {}).get(v) is not None for r in runs)},
             "best_epochs": [r["best_epoch"] for r in runs],
             "curve": {"train": runs[0]["train_history"], "val": runs[0]["val_history"]}}
     report(results, folder)
@@ -227,6 +238,14 @@ def report(results: dict, folder: RunFolder) -> str:
                      + " |")
     lines += ["", convergence_line({LABELS[n]: r["converged"] for n, r in results["models"].items()}, cfg["patience"],
                                    "seeds")]
+    changes = {n: r.get("largest_logit_change", {}) for n, r in results["models"].items()}
+    moved = [f"{LABELS[n]} {c['permutation']:.1e} / {c['symmetry']:.1e}" for n, c in changes.items()
+             if "permutation" in c and "symmetry" in c]
+    if moved:
+        lines += ["", "Largest change of a test INR's logits under the random permutation / the random symmetry "
+                  "(permutations and sign flips), over the spread of the logits (0: the same answers exactly, at any "
+                  "accuracy): " + ", ".join(moved) + ". Only a model equivariant to sign flips (ScaleGMN) keeps its "
+                  "answers under the second; DWSNet, GMN and GradMetaNet respect permutations only."]
     lines += ["", "Published numbers are on MNIST INRs (70,000 images); ours by default on the 1,797 scikit-learn "
               "digits upsampled to 28 x 28: compare orderings, not values."]
     table = "\n".join(lines)
