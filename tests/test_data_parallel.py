@@ -41,7 +41,8 @@ def _fit_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     seen: list[int] = []
     model, fit = regression_fit(seen)
-    torch.save({"state": model.state_dict(), "val": fit.val_history, "train": fit.train_history, "seen": seen},
+    torch.save({"state": model.state_dict(), "val": fit.val_history, "train": fit.train_history, "seen": seen,
+                "test": fit.test},
                f"{out}.{rank}")
     from gradmetanet.distributed import shut_down
     shut_down()
@@ -49,8 +50,9 @@ def _fit_worker(rank: int, store: str, out: str) -> None:
 
 
 def test_fit_regression_splits_every_batch_and_takes_the_one_process_step(tmp_path, monkeypatch):
-    """Each of two processes reads its half of every training batch (4 of 8; the last batch of 5 as 3 and 2),
-    and the fit ends where one process's does: same weights and curves up to summation order."""
+    """Each of two processes reads its half of every training batch (4 of 8; the last batch of 5 as 3 and 2) and of
+    the validation networks (8 and 7 of 15), and the fit ends where one process's does: same weights, curves and
+    test error up to summation order."""
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_fit_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
     ranks = [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=True) for r in range(2)]
@@ -59,11 +61,13 @@ def test_fit_regression_splits_every_batch_and_takes_the_one_process_step(tmp_pa
     train_rows = [n for n in one_seen if n in (8, 5)][:6]           # the first epoch's batches: 8 x 5, then 5
     assert train_rows == [8, 8, 8, 8, 8, 5]
     assert ranks[0]["seen"][:6] == [4, 4, 4, 4, 4, 3] and ranks[1]["seen"][:6] == [4, 4, 4, 4, 4, 2]
+    assert one_seen[6] == 15 and ranks[0]["seen"][6] == 8 and ranks[1]["seen"][6] == 7     # sharded evaluation
     for r in ranks:
         for k, v in model.state_dict().items():
             torch.testing.assert_close(r["state"][k], v, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(torch.tensor(r["val"]), torch.tensor(fit.val_history), rtol=1e-10, atol=0)
         torch.testing.assert_close(torch.tensor(r["train"]), torch.tensor(fit.train_history), rtol=1e-10, atol=0)
+        assert r["test"] == pytest.approx(fit.test, rel=1e-10)
 
 
 def free_port() -> int:

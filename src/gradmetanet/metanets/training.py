@@ -69,14 +69,18 @@ Loss = Callable[..., torch.Tensor]
 @torch.no_grad()
 def evaluate_mse(model: nn.Module, predict: Predictor, indices: torch.Tensor, targets: torch.Tensor,
                  batch_size: int = 128, loss: Loss = F.mse_loss) -> float:
-    """Mean over ``indices`` and entries of ``loss`` (default ``(predict - targets[indices])^2``)."""
+    """Mean over ``indices`` and entries of ``loss`` (default ``(predict - targets[indices])^2``). Under
+    ``torchrun`` each process evaluates its share of ``indices`` and the sums are gathered (a collective: every
+    process calls it with the same ``indices``)."""
     model.eval()
-    total = 0.0
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        total += loss(predict(model, idx), targets[idx], reduction="sum").item()
+    rank, world = rank_and_world()
+    mine = indices[rank::world]
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        total += loss(predict(model, idx), targets[idx], reduction="sum").double().item()
     model.train()
-    return total / (len(indices) * targets.shape[1])
+    return all_reduce_sum(total).item() / (len(indices) * targets.shape[1])
 
 
 def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, train_idx: torch.Tensor,
