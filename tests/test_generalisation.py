@@ -93,3 +93,17 @@ def test_the_public_small_cnn_zoo_files_join_the_table(tmp_path):
     assert "not_applicable" in public["models"]["gradmetanet"]
     assert public["models"]["statnn"]["tau"]["mean"] > 0.5               # the std of the weights gives it away
     assert "**small-cnn-zoo**" in (tmp_path / "run" / "table.md").read_text()
+
+
+def test_a_zoo_made_by_zoo_make_joins_the_table(tmp_path):
+    """``sharded_zoos``: a folder made by ``gradmetanet zoo make classifier`` is read (verified) and scored like a
+    generated zoo; its cells depend on the zoo's manifest."""
+    from gradmetanet.zoos.classifier import ClassifierZooConfig, make_sharded_classifier_zoo
+
+    make_sharded_classifier_zoo(ClassifierZooConfig(architecture="mlp", activation="relu", networks=40,
+                                                    steps=(5, 60)), tmp_path / "z", 16, progress=False)
+    config = g.config_from_preset("tiny", zoos=(), sharded_zoos=(str(tmp_path / "z"),), models=("statnn", "gmn"))
+    results = g.run(config, tmp_path / "run", progress=False)
+    block = results["zoos"]["sharded:z"]
+    assert block["networks"] == 40 and set(block["models"]) == {"statnn", "gmn"}
+    assert "**sharded:z**" in (tmp_path / "run" / "table.md").read_text()

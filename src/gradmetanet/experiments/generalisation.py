@@ -52,8 +52,9 @@ from ..atomic import atomic_write_text
 from ..features.neurons import GradientBatch
 from ..capture import functional_features, spec_of
 from ..core.spec import NetworkSpec
+from ..zoos import ShardedZoo
 from ..zoos.classifier import (ClassifierZoo, ClassifierZooConfig, batched_logits, load_or_generate_classifier_zoo,
-                                   load_small_cnn_zoo)
+                                   load_sharded_classifier_zoo, load_small_cnn_zoo)
 from ..features import NeuronNormaliser, space_rms
 from ..metanets import GMN, DWSNet, FlatWeightMLP, GradMetaNet, ScaleGMN
 from ..plots import figure
@@ -89,6 +90,7 @@ class GeneralisationConfig:
     seeds: int = 3
     small_cnn_zoo_dir: str | None = None   # the public Small CNN Zoo files of one dataset, if the user has them
     small_cnn_activation: str = "tanh"
+    sharded_zoos: tuple[str, ...] = ()     # classifier zoo folders made by `gradmetanet zoo make classifier`
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
 
     def __post_init__(self) -> None:
@@ -177,6 +179,21 @@ def public_zoo(config: GeneralisationConfig) -> ClassifierZoo:
     zeros = torch.zeros(n)
     return ClassifierZoo(ClassifierZooConfig(architecture="cnn", activation=config.small_cnn_activation, networks=n),
                          params, metrics["test_accuracy"].float(), zeros, zeros, zeros, {}, networks)
+
+
+def zoo_sources(config: GeneralisationConfig, progress: bool) -> dict[str, tuple[Callable[[], ClassifierZoo], dict]]:
+    """Every zoo of the run: ``{name: (load, what it was made by)}``; the second part joins the settings its cells
+    depend on (the generated zoos' sizes, the public files' activation, a sharded zoo's manifest)."""
+    sources = {name: (lambda name=name: load_or_generate_classifier_zoo(zoo_config(config, name), config.cache_dir,
+                                                                        progress),
+                      {"networks": config.networks, "zoo_steps": list(config.zoo_steps)}) for name in config.zoos}
+    if config.small_cnn_zoo_dir:
+        sources[PUBLIC] = (lambda: public_zoo(config), {"small_cnn_zoo_dir": config.small_cnn_zoo_dir,
+                                                        "small_cnn_activation": config.small_cnn_activation})
+    for folder in config.sharded_zoos:
+        made_by = {"sharded_zoo": ShardedZoo(folder).manifest["config"]}
+        sources[f"sharded:{Path(folder).name}"] = (lambda folder=folder: load_sharded_classifier_zoo(folder), made_by)
+    return sources
 
 
 def _choose_on_validation(candidates: list, x: torch.Tensor, y: torch.Tensor, splits: dict) -> tuple[object, dict]:
@@ -294,14 +311,13 @@ def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool
     folder = RunFolder(out_dir, "generalisation", settings_of(config), overwrite)
     store = folder.cells()
     results = {"experiment": "generalisation", "config": asdict(config), "published_tau": PUBLISHED, "zoos": {}}
-    zoos = len(config.zoos) + bool(config.small_cnn_zoo_dir)
-    bar = tqdm(total=zoos * len(config.models) * config.seeds, desc="generalisation", unit="fit",
+    sources = zoo_sources(config, progress)
+    bar = tqdm(total=len(sources) * len(config.models) * config.seeds, desc="generalisation", unit="fit",
                disable=not progress)
-    for zoo_name in config.zoos + ((PUBLIC,) if config.small_cnn_zoo_dir else ()):
-        zoo = public_zoo(config) if zoo_name == PUBLIC else \
-            load_or_generate_classifier_zoo(zoo_config(config, zoo_name), config.cache_dir, progress)
-        public_only = () if zoo_name == PUBLIC else ("small_cnn_zoo_dir", "small_cnn_activation")
-        settings = settings_of(config, ignore=("zoos", "models", "seeds") + public_only) | {"zoo": zoo_name}
+    for zoo_name, (load, made_by) in sources.items():
+        zoo = load()
+        settings = settings_of(config, ignore=("zoos", "models", "seeds", "networks", "zoo_steps", "small_cnn_zoo_dir",
+                                               "small_cnn_activation", "sharded_zoos")) | made_by | {"zoo": zoo_name}
         true = zoo.accuracy[zoo.networks["test"]].double()
         for name in config.models:
             for seed in range(config.seeds):
