@@ -13,8 +13,9 @@ from gradmetanet.models.mlp import make_mlp
 from gradmetanet.core import Monomial
 from gradmetanet.models import siren_template
 from gradmetanet.features import NetworkGraph, WeightSpaceFeatures
-from gradmetanet.metanets import DWSNet, GMN, ScaleGMN
-from gradmetanet.testing import check_symmetry
+from gradmetanet.features.neurons import GradientBatch
+from gradmetanet.metanets import DWSNet, GMN, GradMetaNet, ScaleGMN, WithGradientFeatures
+from gradmetanet.testing import check_symmetry, move_gradient_batch
 from gradmetanet import spec_of
 
 
@@ -236,3 +237,33 @@ def test_a_container_in_gives_the_same_kind_out_and_one_of_another_spec_is_refus
     else:
         with pytest.raises(ValueError, match="built for the spec with spaces.*build it on the features' spec"):
             metanet(other)
+
+
+@pytest.mark.parametrize("name", ["dws", "scalegmn_bidirectional"])
+def test_a_backbone_with_gradient_features_is_permutation_equivariant_and_reads_both_inputs(name):
+    """``WithGradientFeatures``: weights and gradient sets moved together by a permutation give the same output
+    (invariant readout here); the joint model inherits GradMetaNet's group (permutations), so a sign flip of the
+    sine neurons moves it even around ScaleGMN; breaking a fixed neuron's identity moves it; each input matters."""
+    model = network("siren")
+    spec = spec_of(model, torch.randn(4, 2, dtype=torch.float64))
+    torch.manual_seed(0)
+    backbone = {"dws": lambda: DWSNet(spec, 1 + 3, 2, hidden=8, layers=2, readout="invariant"),
+                "scalegmn_bidirectional": lambda: ScaleGMN(spec, 1 + 3, 2, hidden=8, layers=2, bidirectional=True,
+                                                           readout="invariant")}[name]()
+    fixed = sum(s.size for s in spec.spaces if not s.permutable)
+    metanet = WithGradientFeatures(spec, backbone, GradMetaNet(hidden=8, out_features=3, fixed_neurons=fixed)).double()
+    x = zoo_features(model)
+    gradients = torch.randn(3, 5, spec.n_neurons, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def move_both(inputs, g, sp):
+        weights, grads = inputs
+        return move(weights, g, sp), move_gradient_batch(GradientBatch(spec, grads), g, sp).features
+
+    check_symmetry(spec, lambda inputs: metanet(*inputs), (x, gradients), move_both, lambda y, g, sp: y, group="perm",
+                   sensitivity=("fixed",))
+    y = metanet(x, gradients)
+    signs = {s.name: Monomial(torch.arange(s.size), -torch.ones(s.size, dtype=torch.float64))
+             for s in spec.spaces if s.permutable}
+    assert (metanet(*move_both((x, gradients), signs, spec)) - y).abs().max() > 1e-8     # float64 noise: 1e-15
+    assert (metanet(x, 2 * gradients) - y).abs().max() > 1e-8
+    assert (metanet({k: 2 * v for k, v in x.items()}, gradients) - y).abs().max() > 1e-8

@@ -15,9 +15,12 @@ by means over neurons sees them diluted.
 
 Beside the backbones, **GradMetaNet** (invariant head) classifies each INR from its decomposed gradients at
 ``grad_points`` fixed pixels (each channel scaled by its root mean square per INR and space, as INR editing
-feeds them), so the table says whether gradients carry the class where weights do not. It is scored on the
+feeds them), so the table says whether gradients carry the class where weights do not; and each backbone runs
+again **with gradient features** (``dws+grad``, ...: a GradMetaNet with a weight-space head adds
+``gradient_features`` channels per parameter to the weights, the input of INR editing's "backbone + GradMetaNet"
+variants), the paper's claim that gradients help every backbone. Models that read gradients are scored on the
 test INRs and their random symmetries (features recomputed from the moved weights); widened INRs are another
-architecture than the SIRENs it reads, so those cells are n/a.
+architecture than the SIRENs whose gradients they read, so those cells are n/a.
 
 Published figures (ScaleGMN paper, MNIST INRs, 70,000 images of
 28 x 28): ScaleGMN-B 96.59%, DWSNets 85.71%, NFN-NP 78.50%. Our default zoo holds the 1,797 scikit-learn digits
@@ -44,16 +47,19 @@ from ..zoos.inr import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
 from ..plots import figure, learning_curves
 from ..metanets.training import fit_regression
 from ..features import random_symmetry, widen
-from ..metanets import GMN, DWSNet, GradMetaNet, ScaleGMN
+from ..metanets import GMN, DWSNet, GradMetaNet, ScaleGMN, WithGradientFeatures
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .inr_edit import inr_gradient_sets, inr_spec
 from .store import RunFolder, require_finite, settings_of
 
 __all__ = ["WsBenchConfig", "PRESETS", "run", "config_from_preset", "BACKBONES", "VARIANTS"]
 
-BACKBONES = ("dws", "gmn", "scalegmn", "gradmetanet")
+WEIGHT_BACKBONES = ("dws", "gmn", "scalegmn")
+BACKBONES = (*WEIGHT_BACKBONES, "gradmetanet", *(f"{b}+grad" for b in WEIGHT_BACKBONES))
 VARIANTS = ("original", "permutation", "symmetry", "widened_zero", "widened_split")
 LABELS = {"dws": "DWSNet", "gmn": "GMN", "scalegmn": "ScaleGMN", "gradmetanet": "GradMetaNet (gradients)",
+          "dws+grad": "DWSNet + gradient features", "gmn+grad": "GMN + gradient features",
+          "scalegmn+grad": "ScaleGMN + gradient features",
           "original": "test INRs",
           "permutation": "random permutation", "symmetry": "random symmetry", "widened_zero": "widened (zero)", "widened_split": "widened (split)"}
 PUBLISHED_MNIST = {"scalegmn": 96.59, "dws": 85.71}      # ScaleGMN paper, MNIST INRs (ScaleGMN-B, DWSNets)
@@ -75,6 +81,7 @@ class WsBenchConfig:
     lr: float = 1e-3
     widen_by: int = 8                     # neurons added to each hidden space in the widened variants
     grad_points: int = 64                 # pixels at which GradMetaNet reads each INR's gradients
+    gradient_features: int = 8            # channels per parameter a "+grad" backbone gets from its GradMetaNet
     seeds: int = 3
     cache_dir: str | None = os.environ.get("GRADMETANET_CACHE", str(Path.home() / ".cache" / "gradmetanet"))
 
@@ -97,14 +104,31 @@ def config_from_preset(preset: str, **overrides) -> WsBenchConfig:
     return apply_preset(PRESETS, preset, overrides)
 
 
+def reads_gradients(name: str) -> bool:
+    return name == "gradmetanet" or name.endswith("+grad")
+
+
 def _backbone(name: str, spec: NetworkSpec, config: WsBenchConfig) -> nn.Module:
-    if name == "gradmetanet":               # fixed neurons (the pixel's x and y, the output) keep their identity
-        fixed = sum(s.size for s in spec.spaces if not s.permutable)
+    fixed = sum(s.size for s in spec.spaces if not s.permutable)   # the pixel's x and y, the output: kept apart
+    if name == "gradmetanet":
         return GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1, out_features=CLASSES, head="invariant",
                            fixed_neurons=fixed)
+    base = name.removesuffix("+grad")
+    extra = config.gradient_features if base != name else 0
     kinds = {"dws": DWSNet, "gmn": GMN, "scalegmn": ScaleGMN}
-    options = {} if name == "dws" else {"bidirectional": True}
-    return kinds[name](spec, 1, CLASSES, hidden=config.hidden, layers=config.layers, readout="invariant", **options)
+    options = {} if base == "dws" else {"bidirectional": True}
+    backbone = kinds[base](spec, 1 + extra, CLASSES, hidden=config.hidden, layers=config.layers, readout="invariant",
+                           **options)
+    if not extra:
+        return backbone
+    return WithGradientFeatures(spec, backbone, GradMetaNet(hidden=config.hidden, set_layers=2, neuron_layers=1,
+                                                            out_features=extra, fixed_neurons=fixed))
+
+
+def cell_settings(name: str, config: WsBenchConfig) -> dict:
+    """What a cell of model ``name`` depends on (a model without gradient features ignores their width)."""
+    ignore = ("backbones", "seeds") + (() if name.endswith("+grad") else ("gradient_features",))
+    return settings_of(config, ignore=ignore)
 
 
 def changed_test_networks(params: dict[str, torch.Tensor], spec: NetworkSpec, widen_by: int, seed: int
@@ -124,21 +148,25 @@ def changed_test_networks(params: dict[str, torch.Tensor], spec: NetworkSpec, wi
     return out
 
 
+def model_inputs(name: str, spec: NetworkSpec, x: dict[str, torch.Tensor], features: torch.Tensor | None,
+                 idx: torch.Tensor | slice) -> tuple:
+    """The arguments model ``name`` reads for the INRs ``idx``: weight features ``x {name: [M, *shape, 1]}``,
+    gradient features ``[M, K, N, 2]`` or both."""
+    if name == "gradmetanet":
+        return (GradientBatch(spec, features[idx]),)
+    weights = {n: v[idx] for n, v in x.items()}
+    return (weights, features[idx]) if reads_gradients(name) else (weights,)
+
+
 @torch.no_grad()
-def weight_logits(model: nn.Module, params: dict[str, torch.Tensor], rms: dict[str, torch.Tensor],
-                  batch: int = 128) -> torch.Tensor:
-    """``[M, classes]``: the model's logits for the networks ``params`` (each tensor divided by ``rms``)."""
+def model_logits(model: nn.Module, name: str, spec: NetworkSpec, params: dict[str, torch.Tensor],
+                 rms: dict[str, torch.Tensor], features: torch.Tensor | None, batch: int = 128) -> torch.Tensor:
+    """``[M, classes]``: the logits of model ``name`` for the INRs ``params {name: [M, *shape]}`` (each tensor
+    divided by ``rms``) with their gradient features ``[M, K, N, 2]`` (for the models that read them)."""
     model.eval()
+    x = {n: (v / rms[n]).unsqueeze(-1) for n, v in params.items()}
     m = len(next(iter(params.values())))
-    return torch.cat([model({n: (v[i:i + batch] / rms[n]).unsqueeze(-1) for n, v in params.items()})
-                      for i in range(0, m, batch)])
-
-
-@torch.no_grad()
-def gradient_logits(model: nn.Module, spec: NetworkSpec, features: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    """``[M, classes]``: GradMetaNet's logits from the INRs' gradient features ``[M, K, N, 2]``."""
-    model.eval()
-    return torch.cat([model(GradientBatch(spec, features[i:i + batch])) for i in range(0, len(features), batch)])
+    return torch.cat([model(*model_inputs(name, spec, x, features, slice(i, i + batch))) for i in range(0, m, batch)])
 
 
 def variant_scores(logits: torch.Tensor, original: torch.Tensor, labels: torch.Tensor, what: str) -> dict:
@@ -154,7 +182,6 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     Finished cells are kept (a rerun resumes, also mid-fit)."""
     folder = RunFolder(out_dir, "ws-bench", settings_of(config), overwrite)
     store = folder.cells()
-    settings = settings_of(config, ignore=("backbones", "seeds"))
     zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=config.n_images, data_dir=config.data_dir,
                                                 steps=config.fit_steps, shared_init=config.shared_init),
                                    config.cache_dir, progress)
@@ -166,33 +193,32 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     test = zoo.splits["test"]
     test_params = {n: v[test] for n, v in zoo.params.items()}
     pixels = grid_coordinates()[torch.randperm(28 * 28, generator=torch.Generator().manual_seed(1234))[:config.grad_points]]
-    gradients = (lambda params: inr_gradient_sets(params, pixels, spec)) if "gradmetanet" in config.backbones else None
-    features = gradients(zoo.params) if gradients else None
+    gradients = lambda params: inr_gradient_sets(params, pixels, spec)      
+    features = gradients(zoo.params) if any(map(reads_gradients, config.backbones)) else None
     bar = tqdm(total=len(config.backbones) * config.seeds, desc="ws-bench", unit="fit", disable=not progress)
     for name in config.backbones:
         for seed in range(config.seeds):
-            key = f"{name}/{seed}"
+            key, settings = f"{name}/{seed}", cell_settings(name, config)
             if store.get(key, settings) is None:
                 torch.manual_seed(seed)
                 model = _backbone(name, spec, config)
                 start = time.perf_counter()
-                predict = (lambda m, idx: m(GradientBatch(spec, features[idx]))) if name == "gradmetanet" else \
-                    (lambda m, idx: m({n: v[idx] for n, v in x.items()}))
+                predict = lambda m, idx: m(*model_inputs(name, spec, x, features, idx))
                 fit = fit_regression(model, predict, one_hot, train,
                                      zoo.splits["val"], test, config.epochs, config.batch_size, config.lr, seed,
                                      loss=F.cross_entropy, schedule="cosine", patience=config.patience,
                                      checkpoint=store.checkpoint(key, settings))
                 scores, changes, original = {}, {}, None
                 for variant, (params, variant_spec) in changed_test_networks(test_params, spec, config.widen_by, seed).items():
-                    if name == "gradmetanet" and variant_spec != spec:
+                    if reads_gradients(name) and variant_spec != spec:
                         scores[variant] = changes[variant] = None   # gradient sets of another architecture
                         continue
-                    if name == "gradmetanet":
-                        logits = gradient_logits(model, spec, gradients(params))
-                    else:
+                    reader = model
+                    if variant_spec != spec:
                         reader = _backbone(name, variant_spec, config)
                         reader.load_state_dict(model.state_dict())
-                        logits = weight_logits(reader, params, rms)
+                    logits = model_logits(reader, name, spec, params, rms,
+                                          gradients(params) if reads_gradients(name) else None)
                     original = logits if original is None else original
                     score = variant_scores(logits, original, zoo.labels[test], f"{name} accuracy ({variant})")
                     scores[variant], changes[variant] = score["accuracy"], score["logit_change"]
@@ -206,7 +232,7 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
                "zoo": {"inrs": len(zoo), "psnr_db": zoo.psnr.mean().item(),
                        "splits": {k: len(v) for k, v in zoo.splits.items()}}, "models": {}}
     for name in config.backbones:
-        runs = [store.get(f"{name}/{seed}", settings) for seed in range(config.seeds)]
+        runs = [store.get(f"{name}/{seed}", cell_settings(name, config)) for seed in range(config.seeds)]
         results["models"][name] = {
             "accuracy": {v: dict(zip(("mean", "std"), mean_std(r["accuracy"][v] for r in runs))) for v in VARIANTS
                          if runs[0]["accuracy"].get(v) is not None},
@@ -245,7 +271,8 @@ def report(results: dict, folder: RunFolder) -> str:
         lines += ["", "Largest change of a test INR's logits under the random permutation / the random symmetry "
                   "(permutations and sign flips), over the spread of the logits (0: the same answers exactly, at any "
                   "accuracy): " + ", ".join(moved) + ". Only a model equivariant to sign flips (ScaleGMN) keeps its "
-                  "answers under the second; DWSNet, GMN and GradMetaNet respect permutations only."]
+                  "answers under the second; DWSNet, GMN and GradMetaNet respect permutations only, and a backbone "
+                  "with gradient features keeps only what its GradMetaNet keeps."]
     lines += ["", "Published numbers are on MNIST INRs (70,000 images); ours by default on the 1,797 scikit-learn "
               "digits upsampled to 28 x 28: compare orderings, not values."]
     table = "\n".join(lines)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..features.neurons import GradientBatch
 from ..core.spec import NetworkSpec
+from .gradient_input import join_gradient_features
 
 __all__ = ["WeightEditor"]
 
@@ -44,7 +44,6 @@ class WeightEditor(nn.Module):
         if self.gradient_net is not None:
             if gradients is None:
                 raise ValueError("this editor reads decomposed gradients: pass gradients=[N, b, n_neurons, f]")
-            feats = self.gradient_net(GradientBatch(self.spec, gradients))
-            x = {n: torch.cat([t, feats[n]], -1) for n, t in x.items()}
+            x = join_gradient_features(x, self.spec, self.gradient_net, gradients)
         delta = self.backbone(x)
         return {n: params[n] + self.scales[i] * self.rms[i] * delta[n][..., 0] for i, n in enumerate(self.names)}
