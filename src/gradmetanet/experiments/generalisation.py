@@ -121,13 +121,14 @@ def config_from_preset(preset: str, **overrides) -> GeneralisationConfig:
 
 
 def weight_statistics(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[M, 8 * tensors]``: mean, std, mean |w|, and the 0/25/50/75/100 % quantiles of every tensor of each network
-    ``params {name: [M, *shape]}``."""
+    """``[M, 8 * tensors]``: mean, std (0 for a one-entry tensor), mean |w|, and the 0/25/50/75/100 % quantiles of
+    every tensor of each network ``params {name: [M, *shape]}``."""
     columns = []
     for v in params.values():
         flat = v.flatten(1).double()
         q = torch.quantile(flat, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=flat.dtype), dim=1).T
-        columns += [flat.mean(1, keepdim=True), flat.std(1, keepdim=True), flat.abs().mean(1, keepdim=True), q]
+        std = flat.std(1, keepdim=True) if flat.shape[1] > 1 else torch.zeros_like(flat[:, :1])
+        columns += [flat.mean(1, keepdim=True), std, flat.abs().mean(1, keepdim=True), q]
     return torch.cat(columns, 1)
 
 
