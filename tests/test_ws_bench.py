@@ -1,6 +1,9 @@
 """ws-bench: INR classification by every backbone, and the function-preserving test sets it scores them on."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch.func import vmap
@@ -58,3 +61,20 @@ def test_tiny_run_writes_its_table_and_equivariant_backbones_keep_their_score_un
     for png in ("accuracy.png", "learning_curves.png"):
         assert (tmp_path / png).stat().st_size > 0
     assert results["zoo"]["inrs"] == 40
+
+
+def test_the_summary_lists_every_weight_space_task_from_the_committed_results(tmp_path):
+    """benchmarks/ws_summary.py: one row per task (INR classification, both generalisation zoos, the LoRA tasks), the
+    best model of each kind read from its results file, Markdown, JSON and a PNG."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "summary.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "ws_summary.py"), "--out", str(out)],
+                         capture_output=True, text=True, check=True)
+    rows = {row["task"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {"INR classification", "generalisation prediction (cnn-tanh)", "LoRA: membership",
+            "LoRA: accuracy", "LoRA: loss"} <= set(rows)
+    generalisation = json.loads((root / "results" / "generalisation-cpu" / "results.json").read_text())
+    cnn = generalisation["zoos"]["cnn-tanh"]["models"]
+    best = max((n for n in ("dws", "gmn", "scalegmn", "flat_mlp") if "tau" in cnn[n]), key=lambda n: cnn[n]["tau"]["mean"])
+    assert rows["generalisation prediction (cnn-tanh)"]["weights"]["mean"] == cnn[best]["tau"]["mean"]
+    assert "| INR classification |" in run.stdout and out.with_suffix(".png").stat().st_size > 0
