@@ -49,7 +49,7 @@ LABELS = {"before": "Before fine-tuning", "scalegmn": "ScaleGMN-B (1 pass)", "gm
 
 @dataclass
 class AmortizeConfig:
-    zoos: tuple[str, ...] = ("cnn-tanh", "mlp-tanh")   # architecture-activation[-mnist1d]
+    zoos: tuple[str, ...] = ("cnn-tanh", "mlp-tanh")   # architecture-activation[-mnist1d][-long]
     networks: int = 1000                               # per zoo
     zoo_steps: tuple[int, int] = (20, 300)
     lambdas: tuple[float, ...] = (0.0, 1e-3)
@@ -79,14 +79,22 @@ class AmortizeConfig:
             zoo_config(self, name)
 
 
+#: zoo recipes other than the default (``zoo_steps`` SGD steps per network): ``long`` trains every network
+#: 2,000-4,000 steps, towards its plateau (on MNIST-1D: over-fitted, where SGD fine-tuning moves slowly)
+RECIPES = {"long": {"steps": (2000, 4000)}}
+
+
 def zoo_config(config: AmortizeConfig, name: str) -> ClassifierZooConfig:
-    """``cnn-tanh``, ``mlp-relu``, ``mlp-tanh-mnist1d``, ... as a zoo configuration."""
+    """``cnn-tanh``, ``mlp-relu``, ``mlp-tanh-mnist1d``, ``mlp-tanh-mnist1d-long`` (a :data:`RECIPES` suffix), ... as
+    a zoo configuration."""
     parts = name.split("-")
+    recipe = RECIPES[parts.pop()] if len(parts) > 2 and parts[-1] in RECIPES else {}
     if len(parts) not in (2, 3):
-        raise ValueError(f"zoo {name!r} is not architecture-activation[-dataset], e.g. cnn-tanh or mlp-relu-mnist1d")
+        raise ValueError(f"zoo {name!r} is not architecture-activation[-dataset][-recipe], e.g. cnn-tanh, "
+                         f"mlp-relu-mnist1d or mlp-tanh-mnist1d-long (recipes: {list(RECIPES)})")
     return ClassifierZooConfig(architecture=parts[0], activation=parts[1],
                                dataset=parts[2] if len(parts) == 3 else "digits", networks=config.networks,
-                               steps=config.zoo_steps)
+                               steps=recipe.get("steps", config.zoo_steps))
 
 
 PRESETS = {
