@@ -29,8 +29,10 @@ architecture than the SIRENs whose gradients they read, so those cells are n/a.
 
 Published figures (ScaleGMN paper, MNIST INRs, 70,000 images of
 28 x 28): ScaleGMN-B 96.59%, DWSNets 85.71%, NFN-NP 78.50%. Our default zoo holds the 1,797 scikit-learn digits
-upsampled to 28 x 28 (``data_dir`` reads MNIST IDX files instead): fewer and easier images, so the numbers are
-a check of the pipeline and of the ordering, not comparable to the published ones.
+upsampled to 28 x 28 (``data_dir`` fits INRs to MNIST IDX files instead): fewer and easier images, so the numbers
+are a check of the pipeline and of the ordering, not comparable to the published ones. ``inr_dir`` reads the
+published INRs themselves (:func:`~gradmetanet.zoos.load_public_inr_zoo`: the unpacked DWSNets archive or a
+sharded folder made of it), the benchmark's own data and splits.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
 from ..features.neurons import GradientBatch
 from ..zoos.inr import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
+from ..zoos.public_inrs import load_public_inr_zoo
 from ..plots import figure, learning_curves
 from ..metanets.training import fit_regression
 from ..features import random_symmetry, widen
@@ -82,6 +85,7 @@ CLASSES = 10
 class WsBenchConfig:
     n_images: int | None = None           # INRs of the zoo (all 1,797 digits by default)
     data_dir: str | None = None           # MNIST-style IDX files instead of the digits
+    inr_dir: str | None = None            # the published INRs (DWSNets archive or its sharded folder) instead
     fit_steps: int = 300                  # steps fitting each INR (the INR zoo's setting)
     shared_init: bool = False             # INRs fitted from one shared initialisation (InrZooConfig.shared_init)
     backbones: tuple[str, ...] = BACKBONES
@@ -168,7 +172,8 @@ def _backbone(name: str, spec: NetworkSpec, config: WsBenchConfig) -> nn.Module:
 
 def cell_settings(name: str, config: WsBenchConfig) -> dict:
     """What a cell of model ``name`` depends on (a model without gradient features ignores their width)."""
-    ignore = ("backbones", "seeds") + (() if name.endswith("+grad") else ("gradient_features",))
+    ignore = ("backbones", "seeds") + (() if name.endswith("+grad") else ("gradient_features",)) + \
+        (("inr_dir",) if config.inr_dir is None else ())
     return settings_of(config, ignore=ignore)
 
 
@@ -223,9 +228,12 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     Finished cells are kept (a rerun resumes, also mid-fit)."""
     folder = RunFolder(out_dir, "ws-bench", settings_of(config), overwrite)
     store = folder.cells()
-    zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=config.n_images, data_dir=config.data_dir,
-                                                steps=config.fit_steps, shared_init=config.shared_init),
-                                   config.cache_dir, progress)
+    if config.inr_dir is not None:
+        zoo = load_public_inr_zoo(config.inr_dir, limit=config.n_images)
+    else:
+        zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=config.n_images, data_dir=config.data_dir,
+                                                    steps=config.fit_steps, shared_init=config.shared_init),
+                                       config.cache_dir, progress)
     spec = inr_spec()
     train = zoo.splits["train"]
     rms = {n: zoo.params[n][train].square().mean().sqrt() for n in spec.param_shapes()}
@@ -283,7 +291,8 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
             bar.update()
     bar.close()
     results = {"experiment": "ws-bench", "config": asdict(config), "published_mnist": PUBLISHED_MNIST,
-               "zoo": {"inrs": len(zoo), "psnr_db": zoo.psnr.mean().item(),
+               "zoo": {"inrs": len(zoo), "source": "published INRs" if config.inr_dir else "fitted here",
+                       "psnr_db": None if zoo.psnr.isnan().all() else zoo.psnr.mean().item(),
                        "splits": {k: len(v) for k, v in zoo.splits.items()}}, "models": {}}
     for name in config.backbones:
         runs = [store.get(f"{name}/{seed}", cell_settings(name, config)) for seed in range(config.seeds)]
@@ -304,7 +313,8 @@ def report(results: dict, folder: RunFolder) -> str:
     out = folder.path
     folder.write_json("results.json", results)
     cfg, z = results["config"], results["zoo"]
-    lines = [f"INR classification, {z['inrs']} INRs (fit PSNR {z['psnr_db']:.1f} dB; test {z['splits']['test']}), "
+    fit = "the published INRs" if z.get("source") == "published INRs" else f"fit PSNR {z['psnr_db']:.1f} dB"
+    lines = [f"INR classification, {z['inrs']} INRs ({fit}; test {z['splits']['test']}), "
              f"test accuracy in %, mean ± std over {cfg['seeds']} seed(s); widened: +{cfg['widen_by']} neurons per "
              "hidden space.", "",
              "| backbone | " + " | ".join(LABELS[v] for v in VARIANTS) + " | published (MNIST INRs) |",
@@ -328,8 +338,10 @@ def report(results: dict, folder: RunFolder) -> str:
                   "under the second: ScaleGMN, and the probe (it reads what the INR computes); StatNN's statistics, "
                   "DWSNet, GMN and GradMetaNet respect permutations only, and a backbone with gradient features keeps "
                   "only what its GradMetaNet keeps."]
-    lines += ["", "Published numbers are on MNIST INRs (70,000 images); ours by default on the 1,797 scikit-learn "
-              "digits upsampled to 28 x 28: compare orderings, not values."]
+    lines += ["", "Published numbers are on the MNIST INRs (70,000 images); this run read the published INRs, so "
+              "values compare (our models are smaller and trained shorter than the papers')." if z.get("source") ==
+              "published INRs" else "Published numbers are on MNIST INRs (70,000 images); ours by default on the "
+              "1,797 scikit-learn digits upsampled to 28 x 28: compare orderings, not values."]
     table = "\n".join(lines)
     atomic_write_text(out / "table.md", table + "\n")
     names = list(results["models"])

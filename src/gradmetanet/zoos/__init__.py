@@ -7,6 +7,7 @@ from .classifier import ClassifierZoo, ClassifierZooConfig, load_or_generate_cla
 from .inr import InrZoo, InrZooConfig, load_or_generate_inr_zoo
 from .lora import AdapterZoo, LoraZoo, LoraZooConfig, load_or_generate_lora_zoo
 from .lora_lm import LmLoraZoo, LmLoraZooConfig, load_or_generate_lm_lora_zoo
+from .public_inrs import PublicInrSource, load_public_inr_zoo, public_inrs_to_shards
 from .objective import ZooMetrics, evaluate_networks, l1_norms, objective
 from .optim import adam_step, heavy_ball_step
 from .sgd import sgd_finetune
@@ -14,8 +15,8 @@ from .shards import ShardedWeights, ShardedZoo, ZooDamaged, make_sharded_zoo
 from .siren import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 
 __all__ = ["AdapterZoo", "ClassifierZoo", "ClassifierZooConfig", "InrZoo", "InrZooConfig", "LmLoraZoo",
-           "LmLoraZooConfig", "LoraZoo", "LoraZooConfig", "ShardedWeights", "ShardedZoo", "SirenZoo", "SirenZooConfig", "ZooDamaged",
+           "LmLoraZooConfig", "LoraZoo", "LoraZooConfig", "PublicInrSource", "ShardedWeights", "ShardedZoo", "SirenZoo", "SirenZooConfig", "ZooDamaged",
            "ZooMetrics", "adam_step", "cached_zoo", "default_cache_dir", "evaluate_networks", "heavy_ball_step",
            "l1_norms", "list_zoos", "load_or_generate_classifier_zoo", "load_or_generate_inr_zoo",
-           "load_or_generate_lm_lora_zoo", "load_or_generate_lora_zoo", "load_or_generate_siren_zoo",
-           "make_sharded_zoo", "objective", "sgd_finetune", "verify_zoo_folder"]
+           "load_or_generate_lm_lora_zoo", "load_or_generate_lora_zoo", "load_or_generate_siren_zoo", "load_public_inr_zoo",
+           "make_sharded_zoo", "objective", "public_inrs_to_shards", "sgd_finetune", "verify_zoo_folder"]

@@ -22,6 +22,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,7 @@ class InrZoo:
     """``params[name]: [M, *shape]`` of ``M`` SIRENs, their ``images [M, 28, 28]`` (uint8) and ``labels [M]``,
     ``psnr [M]`` of the fit (dB), and ``splits`` (``train``, ``val``, ``test`` index tensors)."""
 
-    config: InrZooConfig
+    config: Any                         # the InrZooConfig it was fitted with, or the PublicInrSource it was read from
     params: dict[str, torch.Tensor]
     images: torch.Tensor
     labels: torch.Tensor
