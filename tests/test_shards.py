@@ -134,3 +134,29 @@ def test_the_public_small_cnn_zoo_files_become_a_sharded_zoo(tmp_path):
     assert zoo.weights(spec).select(torch.tensor([5, 0])).tensors["0.weight"].shape == (2, 16, 1, 3, 3, 1)
     with pytest.raises(SystemExit, match="needs --from"):
         main(["zoo", "make", "small-cnn", "--out", str(tmp_path / "y")])
+
+
+def test_an_inr_zoo_made_by_two_processes_is_the_one_process_zoo_and_experiments_read_it(tmp_path):
+    """``zoo make inr``: each INR starts from its own seed, so two processes with shards of 2 make bit for bit the zoo
+    one process makes in one shard; the folder reads back as an INR zoo with its splits, and ws-bench reads it."""
+    from gradmetanet.zoos.inr import InrZooConfig, load_sharded_inr_zoo, make_sharded_inr_zoo
+    from gradmetanet.experiments import ws_bench
+    settings = ["--set", "n_images=30", "--set", "steps=4"]
+    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "inr", "--out", str(tmp_path / "two"),
+                               "--shard-size", "8", *settings],
+                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    config = InrZooConfig(n_images=30, steps=4)
+    assert make_sharded_inr_zoo(config, tmp_path / "one", shard_size=30, progress=False) == [0]
+    two, one = load_sharded_inr_zoo(tmp_path / "two"), load_sharded_inr_zoo(tmp_path / "one")
+    assert same(two.params, one.params) and torch.equal(two.labels, one.labels) and same(two.splits, one.splits)
+    assert torch.equal(two.psnr, one.psnr) and two.psnr.isfinite().all() and len(two) == 30
+    first = InrZooConfig(n_images=8, steps=4)                 # an INR depends on its index alone
+    make_sharded_inr_zoo(first, tmp_path / "first", shard_size=8, progress=False)
+    assert same(load_sharded_inr_zoo(tmp_path / "first").params, {k: v[:8] for k, v in one.params.items()})
+    results = ws_bench.run(ws_bench.config_from_preset("tiny", inr_dir=str(tmp_path / "two"), backbones=("probe",)),
+                           tmp_path / "run", progress=False)
+    assert results["zoo"]["inrs"] == 30 and results["zoo"]["source"] == "fitted here"

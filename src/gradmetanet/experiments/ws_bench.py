@@ -56,7 +56,7 @@ from ..atomic import atomic_write_text
 from ..core.spec import NetworkSpec
 from ..features.neurons import GradientBatch
 from ..zoos.inr import InrZooConfig, grid_coordinates, load_or_generate_inr_zoo
-from ..zoos.public_inrs import load_public_inr_zoo
+from ..zoos.public_inrs import load_inr_folder
 from ..plots import figure, learning_curves
 from ..metanets.training import fit_regression
 from ..features import random_symmetry, widen
@@ -85,7 +85,8 @@ CLASSES = 10
 class WsBenchConfig:
     n_images: int | None = None           # INRs of the zoo (all 1,797 digits by default)
     data_dir: str | None = None           # MNIST-style IDX files instead of the digits
-    inr_dir: str | None = None            # the published INRs (DWSNets archive or its sharded folder) instead
+    inr_dir: str | None = None            # an INR folder instead: the published INRs (archive or sharded), or a
+                                          # sharded zoo made by `zoo make inr`
     fit_steps: int = 300                  # steps fitting each INR (the INR zoo's setting)
     shared_init: bool = False             # INRs fitted from one shared initialisation (InrZooConfig.shared_init)
     backbones: tuple[str, ...] = BACKBONES
@@ -229,7 +230,7 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
     folder = RunFolder(out_dir, "ws-bench", settings_of(config), overwrite)
     store = folder.cells()
     if config.inr_dir is not None:
-        zoo = load_public_inr_zoo(config.inr_dir, limit=config.n_images)
+        zoo = load_inr_folder(config.inr_dir, limit=config.n_images)
     else:
         zoo = load_or_generate_inr_zoo(InrZooConfig(n_images=config.n_images, data_dir=config.data_dir,
                                                     steps=config.fit_steps, shared_init=config.shared_init),
@@ -291,7 +292,7 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
             bar.update()
     bar.close()
     results = {"experiment": "ws-bench", "config": asdict(config), "published_mnist": PUBLISHED_MNIST,
-               "zoo": {"inrs": len(zoo), "source": "published INRs" if config.inr_dir else "fitted here",
+               "zoo": {"inrs": len(zoo), "source": "published INRs" if zoo.psnr.isnan().all() else "fitted here",
                        "psnr_db": None if zoo.psnr.isnan().all() else zoo.psnr.mean().item(),
                        "splits": {k: len(v) for k, v in zoo.splits.items()}}, "models": {}}
     for name in config.backbones:

@@ -31,11 +31,12 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .cache import cached_zoo
+from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
 from .optim import adam_step
 from ..data.image_files import load_idx_images
 from ..models.siren import siren_template
 
-__all__ = ["InrZooConfig", "InrZoo", "load_or_generate_inr_zoo", "grid_coordinates", "render", "digits_images",
+__all__ = ["InrZooConfig", "InrZoo", "load_or_generate_inr_zoo", "make_sharded_inr_zoo", "load_sharded_inr_zoo", "grid_coordinates", "render", "digits_images",
            "INR_WIDTHS", "OMEGA_0", "OUTPUT_OFFSET"]
 
 #: how the INRs are fitted: caches made otherwise (0.9 and before: Adam written out here, its step rounded in another
@@ -98,15 +99,24 @@ def _init(m: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return params
 
 
-def _fit(targets: torch.Tensor, config: InrZooConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Fit one SIREN to each of ``targets [m, 784]`` (values in ``[0, 1]``) with Adam, from one initialisation
-    per INR or, with ``config.shared_init``, from the zoo's one initialisation (drawn from the zoo's seed)."""
+def _own_inits(config: InrZooConfig, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Initial parameters of INRs ``start .. stop - 1``, each from its own seed ``(config.seed, index)``: the same for
+    any chunk, shard or process that fits it (the sharded zoo's draw)."""
+    inits = [_init(1, torch.Generator().manual_seed(config.seed * 1_000_003 + i)) for i in range(start, stop)]
+    return {k: torch.cat([p[k] for p in inits]) for k in inits[0]}
+
+
+def _fit(targets: torch.Tensor, config: InrZooConfig, init: dict[str, torch.Tensor] | None
+         ) -> dict[str, torch.Tensor]:
+    """Fit one SIREN to each of ``targets [m, 784]`` (values in ``[0, 1]``) with Adam from ``init`` (one
+    initialisation per INR) or, with ``config.shared_init``, from the zoo's one initialisation (drawn from the
+    zoo's seed)."""
     m = targets.shape[0]
     if config.shared_init:
         params = {k: v.expand(m, *v.shape[1:]).clone()
                   for k, v in _init(1, torch.Generator().manual_seed(config.seed)).items()}
     else:
-        params = _init(m, gen)
+        params = init
 
     def loss(p: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         return (render(p) - target).square().mean()
@@ -144,20 +154,66 @@ def _splits(m: int, config: InrZooConfig) -> dict[str, torch.Tensor]:
     return {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
 
 
-def generate_inr_zoo(config: InrZooConfig, progress: bool = True) -> InrZoo:
+def _images(config: InrZooConfig) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = load_idx_images(config.data_dir, config.split) if config.data_dir else digits_images()
     if config.n_images is not None:
         images, labels = images[:config.n_images], labels[:config.n_images]
+    return images, labels
+
+
+def _psnr(params: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """``[m]``: each INR's fit (dB) against its target ``[m, 784]``."""
+    with torch.no_grad():
+        mse = vmap(lambda p, t: (render(p) - t).square().mean())(params, targets)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def generate_inr_zoo(config: InrZooConfig, progress: bool = True) -> InrZoo:
+    """Fit the zoo in memory, chunk by chunk, the initialisations drawn from one stream seeded by ``config.seed``
+    (the cached zoo of every experiment; a sharded zoo draws each INR's own, see :func:`make_sharded_inr_zoo`)."""
+    images, labels = _images(config)
     targets = images.reshape(len(images), -1).float() / 255.0
     gen = torch.Generator().manual_seed(config.seed)
     parts = []
     for start in tqdm(range(0, len(images), config.chunk), desc="fit INRs", unit="chunk", disable=not progress):
-        parts.append(_fit(targets[start:start + config.chunk], config, gen))
+        chunk = targets[start:start + config.chunk]
+        parts.append(_fit(chunk, config, None if config.shared_init else _init(len(chunk), gen)))
     params = {k: torch.cat([p[k] for p in parts]).detach() for k in parts[0]}
-    with torch.no_grad():
-        mse = vmap(lambda p, t: (render(p) - t).square().mean())(params, targets)
-    return InrZoo(config, params, images, labels, 10 * torch.log10(1.0 / mse.clamp_min(1e-12)),
-                  _splits(len(images), config))
+    return InrZoo(config, params, images, labels, _psnr(params, targets), _splits(len(images), config))
+
+
+def make_sharded_inr_zoo(config: InrZooConfig, folder: str | os.PathLike, shard_size: int = 256,
+                         rank: int | None = None, world: int | None = None, progress: bool = True) -> list[int]:
+    """Make (or finish) the zoo of ``config`` as a sharded folder (:func:`~gradmetanet.zoos.make_sharded_zoo`), this
+    process's share of the shards under ``torchrun``. Each INR starts from its own seed ``(config.seed, index)``, so
+    the zoo is the same for any number of processes and shards; it is not the cached zoo of the same ``config``
+    (whose initialisations come from one stream, kept so that earlier results stay reproducible)."""
+    images, labels = _images(config)
+    targets = images.reshape(len(images), -1).float() / 255.0
+
+    def shard(start: int, stop: int) -> dict[str, torch.Tensor]:
+        params = {k: v.detach() for k, v in _fit(targets[start:stop], config, _own_inits(config, start, stop)).items()}
+        return {f"params/{k}": v for k, v in params.items()} | {
+            "images": images[start:stop].clone(), "labels": labels[start:stop].clone(),
+            "psnr": _psnr(params, targets[start:stop])}
+
+    return make_sharded_zoo(folder, "inr_zoo", config, len(images), shard_size, shard,
+                            lambda: {f"split/{k}": v for k, v in _splits(len(images), config).items()}, rank, world,
+                            depends={"fit": FITTER, "init": "per-index seeds"}, progress=progress)
+
+
+def load_sharded_inr_zoo(folder: str | os.PathLike) -> InrZoo:
+    """The INR zoo of a sharded folder made by :func:`make_sharded_inr_zoo`, every shard verified."""
+    zoo = ShardedZoo(folder)
+    if zoo.manifest["zoo"] != "inr_zoo":
+        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not an INR zoo")
+    if zoo.missing():
+        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
+                         "finish it with `gradmetanet zoo make inr` (it resumes)")
+    t = zoo.tensors()
+    params = {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")}
+    return InrZoo(InrZooConfig(**zoo.manifest["config"]), params, t["images"], t["labels"], t["psnr"],
+                  {s: t[f"split/{s}"] for s in ("train", "val", "test")})
 
 
 def load_or_generate_inr_zoo(config: InrZooConfig, cache_dir: str | os.PathLike | None,

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch.func import vmap
 
-from .inr import INR_WIDTHS, InrZoo, render
+from .inr import INR_WIDTHS, InrZoo, load_sharded_inr_zoo, render
 from .shards import ShardedZoo, make_sharded_zoo
 
-__all__ = ["PublicInrSource", "find_public_inrs", "load_public_inr_zoo", "public_inrs_to_shards", "read_inr_state"]
+__all__ = ["PublicInrSource", "find_public_inrs", "load_inr_folder", "load_public_inr_zoo", "public_inrs_to_shards",
+           "read_inr_state"]
 
 _NAMES = tuple(f"{2 * i}.{kind}" for i in range(len(INR_WIDTHS) - 1) for kind in ("weight", "bias"))
 _SHAPES = {n: ((INR_WIDTHS[int(n[0]) // 2 + 1], INR_WIDTHS[int(n[0]) // 2]) if n.endswith("weight")
@@ -145,3 +146,13 @@ def load_public_inr_zoo(path: str | os.PathLike, val_size: int | None = None, se
     labels = tensors["labels"]
     return InrZoo(source, {n: tensors[f"params/{n}"] for n in _NAMES}, tensors["images"], labels,
                   torch.full((len(labels),), math.nan), splits)
+
+
+def load_inr_folder(path: str | os.PathLike, limit: int | None = None) -> InrZoo:
+    """An INR zoo from a folder: a sharded INR zoo made here (``gradmetanet zoo make inr``), the public INRs'
+    archive or a sharded folder made of it (``gradmetanet zoo make public-inrs``). ``limit`` (the archive only):
+    the first ``limit`` training and test INRs."""
+    manifest = Path(path) / "manifest.json"
+    if manifest.exists() and ShardedZoo(path).manifest["zoo"] == "inr_zoo":
+        return load_sharded_inr_zoo(path)
+    return load_public_inr_zoo(path, limit=limit)
