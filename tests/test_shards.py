@@ -160,3 +160,36 @@ def test_an_inr_zoo_made_by_two_processes_is_the_one_process_zoo_and_experiments
     results = ws_bench.run(ws_bench.config_from_preset("tiny", inr_dir=str(tmp_path / "two"), backbones=("probe",)),
                            tmp_path / "run", progress=False)
     assert results["zoo"]["inrs"] == 30 and results["zoo"]["source"] == "fitted here"
+
+
+def test_a_siren_zoo_made_by_two_processes_is_the_one_process_zoo_and_gradmetanet_streams_it(tmp_path):
+    """``zoo make siren``: network i from its own seed, so two processes with shards of 3 make bit for bit the zoo of
+    one shard; GradMetaNet trains on its gradient sets read batch by batch (``ShardedZoo.gradients``) exactly as on
+    the sets held in memory."""
+    from gradmetanet.metanets import GradMetaNet
+    from gradmetanet.models.siren import siren_spec
+    from gradmetanet.zoos.siren import SirenZooConfig, load_sharded_siren_zoo, make_sharded_siren_zoo
+    from gradmetanet.features.neurons import GradientBatch
+    settings = ["--set", "n_networks=10", "--set", "set_size=6", "--set", "target_points=12"]
+    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "siren", "--out", str(tmp_path / "two"),
+                               "--shard-size", "3", *settings],
+                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    config = SirenZooConfig(n_networks=10, set_size=6, target_points=12)
+    make_sharded_siren_zoo(config, tmp_path / "one", shard_size=10, progress=False)
+    two, one = load_sharded_siren_zoo(tmp_path / "two"), load_sharded_siren_zoo(tmp_path / "one")
+    assert same(two.params, one.params)
+    for name in ("points", "features", "target", "standard"):
+        assert torch.equal(getattr(two, name), getattr(one, name)), name
+    spec = siren_spec(config.widths)
+    results = []
+    for inputs in (ShardedZoo(tmp_path / "two").gradients(spec), GradientBatch(spec, two.features)):
+        torch.manual_seed(0)
+        model = GradMetaNet(hidden=4, set_layers=1, neuron_layers=1, out_features=1, head="invariant")
+        results.append((fit(model, inputs, two.target[:, :1], epochs=2, batch_size=4, progress=False),
+                        model.state_dict()))
+    (streamed, a), (held, b) = results
+    assert streamed.val_history == held.val_history and same(a, b)

@@ -11,11 +11,11 @@ from .public_inrs import PublicInrSource, load_public_inr_zoo, public_inrs_to_sh
 from .objective import ZooMetrics, evaluate_networks, l1_norms, objective
 from .optim import adam_step, heavy_ball_step
 from .sgd import sgd_finetune
-from .shards import ShardedWeights, ShardedZoo, ZooDamaged, make_sharded_zoo
+from .shards import ShardedGradients, ShardedWeights, ShardedZoo, ZooDamaged, make_sharded_zoo
 from .siren import SirenZoo, SirenZooConfig, load_or_generate_siren_zoo
 
 __all__ = ["AdapterZoo", "ClassifierZoo", "ClassifierZooConfig", "InrZoo", "InrZooConfig", "LmLoraZoo",
-           "LmLoraZooConfig", "LoraZoo", "LoraZooConfig", "PublicInrSource", "ShardedWeights", "ShardedZoo", "SirenZoo", "SirenZooConfig", "ZooDamaged",
+           "LmLoraZooConfig", "LoraZoo", "LoraZooConfig", "PublicInrSource", "ShardedGradients", "ShardedWeights", "ShardedZoo", "SirenZoo", "SirenZooConfig", "ZooDamaged",
            "ZooMetrics", "adam_step", "cached_zoo", "default_cache_dir", "evaluate_networks", "heavy_ball_step",
            "l1_norms", "list_zoos", "load_or_generate_classifier_zoo", "load_or_generate_inr_zoo",
            "load_or_generate_lm_lora_zoo", "load_or_generate_lora_zoo", "load_or_generate_siren_zoo", "load_public_inr_zoo",

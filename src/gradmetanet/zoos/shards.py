@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_replace, atomic_write_text
 from ..core.spec import NetworkSpec
+from ..features.neurons import GradientBatch
 from ..features.weightspace import WeightSpaceFeatures
 from ..provenance import package_version
 from .cache import _as_json, file_digest
@@ -192,6 +193,11 @@ class ShardedZoo:
         metanetwork trains on batch by batch (:func:`gradmetanet.metanets.fit` reads them lazily)."""
         return ShardedWeights(self, spec, prefix, scale)
 
+    def gradients(self, spec: NetworkSpec, name: str = "features") -> "ShardedGradients":
+        """The networks' gradient sets (tensor ``name``, ``[networks, b, neurons, f]``) as inputs a GradMetaNet trains
+        on batch by batch."""
+        return ShardedGradients(self, spec, name)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The whole zoo in memory: every shard concatenated, and the common tensors."""
         parts = [self.shard(k) for k in range(self.manifest["shards"])]
@@ -227,3 +233,18 @@ class ShardedWeights:
                 total[n] += read[self.prefix + n].double().square().sum()
                 count[n] += read[self.prefix + n].numel()
         return {n: (total[n] / count[n]).sqrt().float() for n in self.names}
+
+
+class ShardedGradients:
+    """A sharded zoo's gradient sets as :class:`~gradmetanet.metanets.LazyInputs`: ``select(idx)`` reads networks
+    ``idx`` from their shards (at most a shard's bytes at a time) as a
+    :class:`~gradmetanet.GradientBatch` ``[len(idx), b, neurons, f]`` of ``spec``."""
+
+    def __init__(self, zoo: ShardedZoo, spec: NetworkSpec, name: str = "features") -> None:
+        self.zoo, self.spec, self.name = zoo, spec, name
+
+    def __len__(self) -> int:
+        return len(self.zoo)
+
+    def select(self, index: torch.Tensor) -> GradientBatch:
+        return GradientBatch(self.spec, self.zoo.networks(index, [self.name])[self.name])

@@ -25,13 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import cached_zoo
+from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
 from ..models.siren import siren_spec, siren_template
 from ..capture.functional import functional_factors
 from ..capture.gradients import linear_fisher_diagonal
 from ..core.incidence import neuron_tensor
 from ..core.spec import NetworkSpec
 
-__all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "siren_factors"]
+__all__ = ["SirenZooConfig", "SirenZoo", "generate_siren_zoo", "load_or_generate_siren_zoo", "load_sharded_siren_zoo",
+           "make_sharded_siren_zoo", "siren_factors"]
 
 
 @dataclass(frozen=True)
@@ -113,26 +115,72 @@ def _draw_inputs(m: int, n: int, p: torch.Tensor, gen: torch.Generator) -> torch
     return torch.where(left, -u, u)
 
 
-def generate_siren_zoo(config: SirenZooConfig, chunk: int = 250, progress: bool = True) -> SirenZoo:
-    """Draw the zoo (float64 generation, float32 storage), ``chunk`` networks at a time."""
-    gen = torch.Generator().manual_seed(config.seed)
+def _draws(config: SirenZooConfig, m: int, gen: torch.Generator
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``m`` networks' parameters, input points and target points (float64), drawn from ``gen``."""
     spec = siren_spec(config.widths)
-    M = config.n_networks
-    params = {k: torch.randn(M, *s, generator=gen, dtype=torch.float64) for k, s in spec.param_shapes().items()}
-    p = torch.rand(M, generator=gen, dtype=torch.float64)
-    points = _draw_inputs(M, config.set_size, p, gen).double()
-    target_inputs = _draw_inputs(M, config.target_points, p, gen).double()
-    feats, targets, standards = [], [], []
-    for start in tqdm(range(0, M, chunk), desc="SIREN zoo", unit="chunk", disable=not progress):
+    params = {k: torch.randn(m, *s, generator=gen, dtype=torch.float64) for k, s in spec.param_shapes().items()}
+    p = torch.rand(m, generator=gen, dtype=torch.float64)
+    points = _draw_inputs(m, config.set_size, p, gen).double()
+    return params, points, _draw_inputs(m, config.target_points, p, gen).double()
+
+
+def _zoo_tensors(config: SirenZooConfig, params: dict[str, torch.Tensor], points: torch.Tensor,
+                 target_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A chunk's stored tensors (float32): ``params/<name>``, ``points``, ``target_inputs``, ``features``,
+    ``target`` and ``standard``, computed in float64."""
+    acts, grads, features = siren_factors(params, points, config.widths, config.omega_0)
+    t_acts, t_grads, _ = siren_factors(params, target_inputs, config.widths, config.omega_0)
+    return {f"params/{k}": v.float() for k, v in params.items()} | {
+        "points": points.float(), "target_inputs": target_inputs.float(), "features": features.float(),
+        "target": _fisher_from_factors(t_acts, t_grads).float(), "standard": _fisher_from_factors(acts, grads).float()}
+
+
+def _from_tensors(config: SirenZooConfig, t: dict[str, torch.Tensor]) -> SirenZoo:
+    params = {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")}
+    return SirenZoo(config, params, t["points"], t["target_inputs"], t["features"], t["target"], t["standard"])
+
+
+def generate_siren_zoo(config: SirenZooConfig, chunk: int = 250, progress: bool = True) -> SirenZoo:
+    """Draw the zoo (float64 generation, float32 storage), ``chunk`` networks at a time, every draw from one stream
+    seeded by ``config.seed`` (the cached zoo of the curvature experiment; a sharded zoo draws each network from its
+    own seed, see :func:`make_sharded_siren_zoo`)."""
+    params, points, target_inputs = _draws(config, config.n_networks, torch.Generator().manual_seed(config.seed))
+    parts = []
+    for start in tqdm(range(0, config.n_networks, chunk), desc="SIREN zoo", unit="chunk", disable=not progress):
         sl = slice(start, start + chunk)
-        chunk_params = {k: v[sl] for k, v in params.items()}
-        acts, grads, features = siren_factors(chunk_params, points[sl], config.widths, config.omega_0)
-        standards.append(_fisher_from_factors(acts, grads))
-        feats.append(features)
-        t_acts, t_grads, _ = siren_factors(chunk_params, target_inputs[sl], config.widths, config.omega_0)
-        targets.append(_fisher_from_factors(t_acts, t_grads))
-    return SirenZoo(config, {k: v.float() for k, v in params.items()}, points.float(), target_inputs.float(),
-                    torch.cat(feats).float(), torch.cat(targets).float(), torch.cat(standards).float())
+        parts.append(_zoo_tensors(config, {k: v[sl] for k, v in params.items()}, points[sl], target_inputs[sl]))
+    return _from_tensors(config, {k: torch.cat([part[k] for part in parts]) for k in parts[0]})
+
+
+def make_sharded_siren_zoo(config: SirenZooConfig, folder: str | os.PathLike, shard_size: int = 250,
+                           rank: int | None = None, world: int | None = None, progress: bool = True) -> list[int]:
+    """Make (or finish) the zoo of ``config`` as a sharded folder (:func:`~gradmetanet.zoos.make_sharded_zoo`), this
+    process's share of the shards under ``torchrun``. Network ``i`` is drawn from its own seed ``(config.seed, i)``:
+    the zoo is the same for any number of processes and shards, and is not the cached zoo of the same ``config``
+    (one stream, kept so that earlier results stay reproducible). Train on its gradient sets lazily with
+    ``ShardedZoo(folder).gradients(siren_spec(widths))`` and ``.column("target")``."""
+    def shard(start: int, stop: int) -> dict[str, torch.Tensor]:
+        draws = [_draws(config, 1, torch.Generator().manual_seed(config.seed * 1_000_003 + i))
+                 for i in range(start, stop)]
+        params = {k: torch.cat([d[0][k] for d in draws]) for k in draws[0][0]}
+        return _zoo_tensors(config, params, torch.cat([d[1] for d in draws]), torch.cat([d[2] for d in draws]))
+
+    return make_sharded_zoo(folder, "siren_zoo", config, config.n_networks, shard_size, shard,
+                            lambda: {"networks": torch.tensor(config.n_networks)}, rank, world,
+                            depends={"draws": "per-index seeds"}, progress=progress)
+
+
+def load_sharded_siren_zoo(folder: str | os.PathLike) -> SirenZoo:
+    """The SIREN zoo of a sharded folder made by :func:`make_sharded_siren_zoo`, every shard verified."""
+    zoo = ShardedZoo(folder)
+    if zoo.manifest["zoo"] != "siren_zoo":
+        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a SIREN zoo")
+    if zoo.missing():
+        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
+                         "finish it with `gradmetanet zoo make siren` (it resumes)")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    return _from_tensors(SirenZooConfig(**fields), zoo.tensors())
 
 
 def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathLike | None,
@@ -144,8 +192,5 @@ def load_or_generate_siren_zoo(config: SirenZooConfig, cache_dir: str | os.PathL
             "points": zoo.points, "target_inputs": zoo.target_inputs, "features": zoo.features, "target": zoo.target,
             "standard": zoo.standard}
 
-    def from_tensors(t: dict[str, torch.Tensor]) -> SirenZoo:
-        params = {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")}
-        return SirenZoo(config, params, t["points"], t["target_inputs"], t["features"], t["target"], t["standard"])
     return cached_zoo("siren_zoo", config, lambda: generate_siren_zoo(config, progress=progress), to_tensors,
-                      from_tensors, cache_dir, lambda zoo: {"networks": len(zoo.target)})
+                      lambda t: _from_tensors(config, t), cache_dir, lambda zoo: {"networks": len(zoo.target)})
