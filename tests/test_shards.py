@@ -4,6 +4,7 @@ is named, and reads touch only the shards they need. Networks depend on their in
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -20,6 +21,16 @@ from gradmetanet.zoos import ShardedZoo, ZooDamaged
 
 CONFIG = ClassifierZooConfig(architecture="mlp", activation="relu", networks=10, steps=(3, 12))
 SETTINGS = ["--set", "networks=10", "--set", "architecture='mlp'", "--set", "activation='relu'", "--set", "steps=[3,12]"]
+
+
+@pytest.fixture
+def one_thread():
+    """The processes a test starts run one thread each; the zoo it makes in this process must too (intra-op threads
+    change float reduction order, about 1e-7 in float32)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def same(a: dict, b: dict) -> bool:
@@ -136,7 +147,7 @@ def test_the_public_small_cnn_zoo_files_become_a_sharded_zoo(tmp_path):
         main(["zoo", "make", "small-cnn", "--out", str(tmp_path / "y")])
 
 
-def test_an_inr_zoo_made_by_two_processes_is_the_one_process_zoo_and_experiments_read_it(tmp_path):
+def test_an_inr_zoo_made_by_two_processes_is_the_one_process_zoo_and_experiments_read_it(tmp_path, one_thread):
     """``zoo make inr``: each INR starts from its own seed, so two processes with shards of 2 make bit for bit the zoo
     one process makes in one shard; the folder reads back as an INR zoo with its splits, and ws-bench reads it."""
     from gradmetanet.zoos.inr import InrZooConfig, load_sharded_inr_zoo, make_sharded_inr_zoo
@@ -162,7 +173,7 @@ def test_an_inr_zoo_made_by_two_processes_is_the_one_process_zoo_and_experiments
     assert results["zoo"]["inrs"] == 30 and results["zoo"]["source"] == "fitted here"
 
 
-def test_a_siren_zoo_made_by_two_processes_is_the_one_process_zoo_and_gradmetanet_streams_it(tmp_path):
+def test_a_siren_zoo_made_by_two_processes_is_the_one_process_zoo_and_gradmetanet_streams_it(tmp_path, one_thread):
     """``zoo make siren``: network i from its own seed, so two processes with shards of 3 make bit for bit the zoo of
     one shard; GradMetaNet trains on its gradient sets read batch by batch (``ShardedZoo.gradients``) exactly as on
     the sets held in memory."""
@@ -193,3 +204,26 @@ def test_a_siren_zoo_made_by_two_processes_is_the_one_process_zoo_and_gradmetane
                         model.state_dict()))
     (streamed, a), (held, b) = results
     assert streamed.val_history == held.val_history and same(a, b)
+
+
+def test_a_lora_zoo_made_by_two_processes_is_the_one_process_zoo(tmp_path, one_thread):
+    """``zoo make lora``: the base network once (common), each fine-tune from its own seed (task, initialisation and
+    batches), so two processes with shards of 3 make bit for bit the zoo of one shard, and the first fine-tunes of a
+    bigger zoo are those of a smaller one."""
+    from gradmetanet.zoos.lora import LoraZooConfig, load_sharded_lora_zoo, make_sharded_lora_zoo
+    settings = ["--set", "n_loras=8", "--set", "base_steps=20", "--set", "steps=[3,9]", "--set", "data_sizes=[32,64]"]
+    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "lora", "--out", str(tmp_path / "two"),
+                               "--shard-size", "3", *settings],
+                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    config = LoraZooConfig(n_loras=8, base_steps=20, steps=(3, 9), data_sizes=(32, 64))
+    make_sharded_lora_zoo(config, tmp_path / "one", shard_size=8, progress=False)
+    two, one = load_sharded_lora_zoo(tmp_path / "two"), load_sharded_lora_zoo(tmp_path / "one")
+    assert same(two.tensors(), one.tensors()) and len(two) == 8
+    assert two.accuracy.min() >= 0 and two.membership.sum(1).min() >= 2
+    make_sharded_lora_zoo(replace(config, n_loras=3), tmp_path / "three", shard_size=3, progress=False)
+    first = load_sharded_lora_zoo(tmp_path / "three")
+    assert all(torch.equal(first.A[s], one.A[s][:3]) and torch.equal(first.B[s], one.B[s][:3]) for s in one.sites)

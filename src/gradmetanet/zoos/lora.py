@@ -30,13 +30,15 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .cache import cached_zoo
+from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
 from .optim import adam_step
 from ..models.mlp import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from ..data.digits import load_digits_split
 
-__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_adapter_zoo", "draw_finetune_tasks", "finetune_loras", "generate_lora_zoo",
-           "load_or_generate_lora_zoo"]
+__all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_adapter_zoo", "draw_finetune_tasks", "finetune_loras",
+           "generate_lora_zoo", "initial_loras", "load_or_generate_lora_zoo", "load_sharded_lora_zoo",
+           "make_sharded_lora_zoo"]
 
 SITES = ("0", "2", "4")
 
@@ -200,23 +202,32 @@ def draw_finetune_tasks(m: int, groups: int, per_finetune: tuple[int, int], pool
             "steps": counts}
 
 
+def initial_loras(base: torch.nn.Module, sites: tuple[str, ...], rank: int, m: int, gen: torch.Generator
+                  ) -> dict[str, torch.Tensor]:
+    """``{"<site>.A": [m, r, in], "<site>.B": [m, out, r]}`` as PEFT initialises them: ``A`` uniform in
+    ``±1/sqrt(in)``, ``B`` zero."""
+    params = {}
+    for site in sites:
+        out, inp = dict(base.named_parameters())[f"{site}.weight"].shape
+        params[f"{site}.A"] = (torch.rand(m, rank, inp, generator=gen) * 2 - 1) / math.sqrt(inp)
+        params[f"{site}.B"] = torch.zeros(m, out, rank)
+    return params
+
+
 def finetune_loras(base: torch.nn.Module, sites: tuple[str, ...], rank: int, tasks: dict[str, torch.Tensor],
                    sample: Callable[[torch.Generator], tuple[torch.Tensor, ...]],
-                   loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gen: torch.Generator
+                   loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gen: torch.Generator | None,
+                   init: dict[str, torch.Tensor] | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Train the LoRA factors of ``M`` fine-tunes together (``vmap``; masked Adam: each stops at its own step).
 
     ``tasks`` holds per fine-tune ``lr [M]`` and ``steps [M]``; ``sample(gen)`` draws one batch per fine-tune
     (inputs ``[M, ...]`` then targets ``[M, ...]``); ``loss_of(outputs, targets)`` is the training loss.
-    Initialisation as PEFT's: ``A`` uniform in ``±1/sqrt(in)``, ``B`` zero.
+    Initialisation: ``init`` or :func:`initial_loras` drawn from ``gen``.
     """
     m = tasks["lr"].shape[0]
     weights = {k: v.detach() for k, v in base.named_parameters()}
-    params = {}
-    for site in sites:
-        out, inp = weights[f"{site}.weight"].shape
-        params[f"{site}.A"] = (torch.rand(m, rank, inp, generator=gen) * 2 - 1) / math.sqrt(inp)
-        params[f"{site}.B"] = torch.zeros(m, out, rank)
+    params = initial_loras(base, sites, rank, m, gen) if init is None else init
 
     def loss(p: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         merged = dict(weights)
@@ -247,7 +258,9 @@ def _accuracy(base: torch.nn.Module, A: dict[str, torch.Tensor], B: dict[str, to
 
 
 def generate_lora_zoo(config: LoraZooConfig, chunk: int = 250, progress: bool = True) -> LoraZoo:
-    """Train the base network, then ``n_loras`` fine-tunes, ``chunk`` at a time."""
+    """Train the base network, then ``n_loras`` fine-tunes, ``chunk`` at a time, every draw from one stream seeded by
+    ``config.seed`` (the cached zoo of ``run lora``; a sharded zoo draws each fine-tune from its own seed, see
+    :func:`make_sharded_lora_zoo`)."""
     gen = torch.Generator().manual_seed(config.seed)
     x, y, x_test, y_test = load_digits_split(seed=config.split_seed)
     base = _train_base(config, x, y, gen)
@@ -284,3 +297,65 @@ def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLik
     (and written atomically)."""
     return cached_adapter_zoo(LoraZoo, config, SITES, "lora_zoo", lambda: generate_lora_zoo(config, progress=progress),
                               cache_dir)
+
+
+def _own_finetunes(config: LoraZooConfig, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: int,
+                   stop: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fine-tunes ``start .. stop - 1``, each from its own generator ``(config.seed, index)`` (its task, its
+    initialisation and every batch it draws): ``(A, B, tasks)``, the same for any chunk or process."""
+    gens = [torch.Generator().manual_seed(config.seed * 1_000_003 + 1 + i) for i in range(start, stop)]
+    own = [draw_finetune_tasks(1, 10, config.classes_per_finetune,
+                               lambda classes: torch.nonzero(torch.isin(y, classes)).squeeze(1),
+                               config.data_sizes, config.learning_rates, config.steps, g) for g in gens]
+    width = max(int(t["indices"].shape[1]) for t in own)
+    tasks = {k: torch.cat([t[k] for t in own]) for k in own[0] if k != "indices"}
+    tasks["indices"] = torch.cat([torch.cat([t["indices"], t["indices"].new_zeros(1, width - t["indices"].shape[1])], 1)
+                                  for t in own])
+    inits = [initial_loras(base, SITES, config.rank, 1, g) for g in gens]
+
+    def sample(_: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.cat([torch.rand(1, config.batch_size, generator=g) for g in gens])
+        idx = tasks["indices"].gather(1, (u * tasks["size"][:, None]).long())
+        return x[idx], y[idx]
+
+    A, B = finetune_loras(base, SITES, config.rank, tasks, sample, F.cross_entropy, None,
+                          init={k: torch.cat([i[k] for i in inits]) for k in inits[0]})
+    return A, B, tasks
+
+
+def make_sharded_lora_zoo(config: LoraZooConfig, folder: str | os.PathLike, shard_size: int = 250,
+                          rank: int | None = None, world: int | None = None, progress: bool = True) -> list[int]:
+    """Make (or finish) the zoo of ``config`` as a sharded folder (:func:`~gradmetanet.zoos.make_sharded_zoo`), this
+    process's share of the shards under ``torchrun``: the base network (trained from ``config.seed``, the cached
+    zoo's base) in the common tensors, and per fine-tune ``A/<site>``, ``B/<site>``, ``membership``, ``data_size``
+    and ``accuracy``. Each fine-tune is drawn from its own seed, so the zoo is the same for any number of
+    processes and shards (and is not the cached zoo's fine-tunes, which come from one stream)."""
+    x, y, x_test, y_test = load_digits_split(seed=config.split_seed)
+    base = _train_base(config, x, y, torch.Generator().manual_seed(config.seed))
+    with torch.no_grad():
+        base_accuracy = (base(x_test).argmax(1) == y_test).float().mean()
+
+    def shard(start: int, stop: int) -> dict[str, torch.Tensor]:
+        A, B, tasks = _own_finetunes(config, base, x, y, start, stop)
+        return {f"A/{s}": A[s].detach() for s in SITES} | {f"B/{s}": B[s].detach() for s in SITES} | {
+            "membership": tasks["membership"], "data_size": tasks["size"].float(),
+            "accuracy": _accuracy(base, A, B, x_test, y_test)}
+
+    def common() -> dict[str, torch.Tensor]:
+        return {f"base/{k}": v.detach().clone() for k, v in base.state_dict().items()} | {
+            "base_accuracy": base_accuracy}
+
+    return make_sharded_zoo(folder, "lora_zoo", config, config.n_loras, shard_size, shard, common, rank, world,
+                            depends={"draws": "per-index seeds"}, progress=progress)
+
+
+def load_sharded_lora_zoo(folder: str | os.PathLike) -> LoraZoo:
+    """The LoRA zoo of a sharded folder made by :func:`make_sharded_lora_zoo`, every shard verified."""
+    zoo = ShardedZoo(folder)
+    if zoo.manifest["zoo"] != "lora_zoo":
+        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a LoRA zoo")
+    if zoo.missing():
+        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
+                         "finish it with `gradmetanet zoo make lora` (it resumes)")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    return LoraZoo.from_tensors(LoraZooConfig(**fields), zoo.tensors(), SITES)
