@@ -89,7 +89,7 @@ def build_parser(with_experiments: bool = False) -> argparse.ArgumentParser:
     make = zoo_commands.add_parser("make", help="make (or finish) a sharded zoo: a classifier zoo trained here, "
                                                 "the public Small CNN Zoo files or the public INRs of --from; under "
                                                 "torchrun each process makes its share of the shards")
-    make.add_argument("kind", choices=["classifier", "inr", "siren", "lora", "small-cnn", "public-inrs"])
+    make.add_argument("kind", choices=["classifier", "inr", "siren", "lora", "lora-lm", "small-cnn", "public-inrs"])
     make.add_argument("--from", dest="source", default=None,
                       help="small-cnn: the folder of weights.npy, metrics.csv.gz and layout.csv; public-inrs: the "
                            "unpacked INR archive (<dataset>_png_<split>_<label>_<index>/checkpoints/*.pth)")
@@ -98,7 +98,8 @@ def build_parser(with_experiments: bool = False) -> argparse.ArgumentParser:
     make.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override,
                       metavar="KEY=VALUE", help="a ClassifierZooConfig field, e.g. --set networks=100000 "
                                                 "--set architecture=mlp (inr: an InrZooConfig field, e.g. n_images, "
-                                                "data_dir; siren, lora: a SirenZooConfig, LoraZooConfig field; small-cnn: activation, step; public-inrs: val_size, seed, "
+                                                "data_dir; siren, lora, lora-lm: a SirenZooConfig, LoraZooConfig, "
+                                                "LmLoraZooConfig field; small-cnn: activation, step; public-inrs: val_size, seed, "
                                                 "limit)")
     info = zoo_commands.add_parser("info", help="a sharded zoo folder: its config, size and shards made")
     info.add_argument("folder")
@@ -171,6 +172,7 @@ def _zoo_make(args: argparse.Namespace) -> int:
     from .zoos.inr import InrZooConfig, make_sharded_inr_zoo
     from .zoos.siren import SirenZooConfig, make_sharded_siren_zoo
     from .zoos.lora import LoraZooConfig, make_sharded_lora_zoo
+    from .zoos.lora_lm import LmLoraZooConfig, make_sharded_lm_lora_zoo
     from .zoos.public_inrs import PublicInrSource, public_inrs_to_shards
     from .experiments import apply_preset
     try:
@@ -188,6 +190,9 @@ def _zoo_make(args: argparse.Namespace) -> int:
         elif args.kind == "lora":
             config = apply_preset({"default": LoraZooConfig()}, "default", dict(args.overrides))
             made = make_sharded_lora_zoo(config, args.out, args.shard_size)
+        elif args.kind == "lora-lm":
+            config = apply_preset({"default": LmLoraZooConfig()}, "default", dict(args.overrides))
+            made = make_sharded_lm_lora_zoo(config, args.out, args.shard_size)
         elif args.kind == "public-inrs":
             source = apply_preset({"default": PublicInrSource(args.source)}, "default", dict(args.overrides))
             made = public_inrs_to_shards(source, args.out, args.shard_size)

@@ -37,7 +37,7 @@ from ..lora.sets import LoraBatch, LoraLayer, LoraSet
 from ..data.digits import load_digits_split
 
 __all__ = ["LoraZooConfig", "AdapterZoo", "LoraZoo", "cached_adapter_zoo", "draw_finetune_tasks", "finetune_loras",
-           "generate_lora_zoo", "initial_loras", "load_or_generate_lora_zoo", "load_sharded_lora_zoo",
+           "generate_lora_zoo", "initial_loras", "load_or_generate_lora_zoo", "own_finetunes", "load_sharded_lora_zoo",
            "make_sharded_lora_zoo"]
 
 SITES = ("0", "2", "4")
@@ -299,26 +299,28 @@ def load_or_generate_lora_zoo(config: LoraZooConfig, cache_dir: str | os.PathLik
                               cache_dir)
 
 
-def _own_finetunes(config: LoraZooConfig, base: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, start: int,
-                   stop: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fine-tunes ``start .. stop - 1``, each from its own generator ``(config.seed, index)`` (its task, its
-    initialisation and every batch it draws): ``(A, B, tasks)``, the same for any chunk or process."""
-    gens = [torch.Generator().manual_seed(config.seed * 1_000_003 + 1 + i) for i in range(start, stop)]
-    own = [draw_finetune_tasks(1, 10, config.classes_per_finetune,
-                               lambda classes: torch.nonzero(torch.isin(y, classes)).squeeze(1),
-                               config.data_sizes, config.learning_rates, config.steps, g) for g in gens]
+def own_finetunes(base: torch.nn.Module, sites: tuple[str, ...], rank: int, seed: int, start: int, stop: int,
+                  draw_task: Callable[[torch.Generator], dict[str, torch.Tensor]], batch_size: int,
+                  batch_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fine-tunes ``start .. stop - 1`` trained together, each from its own generator ``(seed, index)``: its task
+    (``draw_task(gen)``, one row of :func:`draw_finetune_tasks`), its initialisation and every batch it draws
+    (``batch_of(indices [m, batch_size])``: inputs and targets). ``(A, B, tasks)``, the same for any chunk, shard
+    or process."""
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + 1 + i) for i in range(start, stop)]
+    own = [draw_task(g) for g in gens]
     width = max(int(t["indices"].shape[1]) for t in own)
     tasks = {k: torch.cat([t[k] for t in own]) for k in own[0] if k != "indices"}
     tasks["indices"] = torch.cat([torch.cat([t["indices"], t["indices"].new_zeros(1, width - t["indices"].shape[1])], 1)
                                   for t in own])
-    inits = [initial_loras(base, SITES, config.rank, 1, g) for g in gens]
+    inits = [initial_loras(base, sites, rank, 1, g) for g in gens]
 
     def sample(_: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        u = torch.cat([torch.rand(1, config.batch_size, generator=g) for g in gens])
-        idx = tasks["indices"].gather(1, (u * tasks["size"][:, None]).long())
-        return x[idx], y[idx]
+        u = torch.cat([torch.rand(1, batch_size, generator=g) for g in gens])
+        return batch_of(tasks["indices"].gather(1, (u * tasks["size"][:, None]).long()))
 
-    A, B = finetune_loras(base, SITES, config.rank, tasks, sample, F.cross_entropy, None,
+    A, B = finetune_loras(base, sites, rank, tasks, sample, loss_of, None,
                           init={k: torch.cat([i[k] for i in inits]) for k in inits[0]})
     return A, B, tasks
 
@@ -335,8 +337,14 @@ def make_sharded_lora_zoo(config: LoraZooConfig, folder: str | os.PathLike, shar
     with torch.no_grad():
         base_accuracy = (base(x_test).argmax(1) == y_test).float().mean()
 
+    def draw_task(g: torch.Generator) -> dict[str, torch.Tensor]:
+        return draw_finetune_tasks(1, 10, config.classes_per_finetune,
+                                   lambda classes: torch.nonzero(torch.isin(y, classes)).squeeze(1),
+                                   config.data_sizes, config.learning_rates, config.steps, g)
+
     def shard(start: int, stop: int) -> dict[str, torch.Tensor]:
-        A, B, tasks = _own_finetunes(config, base, x, y, start, stop)
+        A, B, tasks = own_finetunes(base, SITES, config.rank, config.seed, start, stop, draw_task, config.batch_size,
+                                    lambda idx: (x[idx], y[idx]), F.cross_entropy)
         return {f"A/{s}": A[s].detach() for s in SITES} | {f"B/{s}": B[s].detach() for s in SITES} | {
             "membership": tasks["membership"], "data_size": tasks["size"].float(),
             "accuracy": _accuracy(base, A, B, x_test, y_test)}

@@ -31,10 +31,12 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from ..models import CausalTransformer
-from .lora import AdapterZoo, cached_adapter_zoo, draw_finetune_tasks, finetune_loras
+from .lora import AdapterZoo, cached_adapter_zoo, draw_finetune_tasks, finetune_loras, own_finetunes
+from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
 from ..data.text import CharTokenizer, corpus_version, pydoc_topics_text
 
-__all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo", "LM_SITES"]
+__all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo",
+           "load_sharded_lm_lora_zoo", "make_sharded_lm_lora_zoo", "LM_SITES"]
 
 LM_SITES = ("blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v")
 
@@ -192,3 +194,46 @@ def load_or_generate_lm_lora_zoo(config: LmLoraZooConfig, cache_dir: str | os.Pa
     return cached_adapter_zoo(LmLoraZoo, config, LM_SITES, "lm_lora_zoo",
                               lambda: generate_lm_lora_zoo(config, progress=progress), cache_dir,
                               {"corpus": corpus_version()})
+
+
+def make_sharded_lm_lora_zoo(config: LmLoraZooConfig, folder: str | os.PathLike, shard_size: int = 200,
+                             rank: int | None = None, world: int | None = None, progress: bool = True) -> list[int]:
+    """Make (or finish) the zoo of ``config`` as a sharded folder, this process's share under ``torchrun``: the base
+    model once (from ``config.seed``, the cached zoo's base; common tensors) and each fine-tune from its own seed
+    (:func:`~gradmetanet.zoos.lora.own_finetunes`): the same zoo for any number of processes and shards."""
+    corpus = Corpus(config)
+    base = _train_base(corpus, config, torch.Generator().manual_seed(config.seed))
+    with torch.no_grad():
+        base_loss = _lm_loss(base(corpus.held_out[0]), corpus.held_out[1])
+
+    def draw_task(g: torch.Generator) -> dict[str, torch.Tensor]:
+        return draw_finetune_tasks(
+            1, config.sections, config.sections_per_finetune,
+            lambda chosen: torch.cat([corpus.offsets[s] + torch.arange(corpus.starts[s]) for s in chosen.tolist()]),
+            config.data_sizes, config.learning_rates, config.steps, g)
+
+    def shard(start: int, stop: int) -> dict[str, torch.Tensor]:
+        A, B, tasks = own_finetunes(base, LM_SITES, config.rank, config.seed, start, stop, draw_task,
+                                    config.batch_size, corpus.windows, _lm_loss)
+        return {f"A/{s}": A[s].detach() for s in LM_SITES} | {f"B/{s}": B[s].detach() for s in LM_SITES} | {
+            "membership": tasks["membership"], "data_size": tasks["size"].float(),
+            "loss": _held_out_loss(base, A, B, corpus)}
+
+    def common() -> dict[str, torch.Tensor]:
+        return {f"base/{k}": v.detach().clone() for k, v in base.state_dict().items()} | {"base_loss": base_loss}
+
+    return make_sharded_zoo(folder, "lm_lora_zoo", config, config.n_loras, shard_size, shard, common, rank, world,
+                            depends={"draws": "per-index seeds", "corpus": corpus_version()}, progress=progress)
+
+
+def load_sharded_lm_lora_zoo(folder: str | os.PathLike) -> LmLoraZoo:
+    """The language-model LoRA zoo of a sharded folder made by :func:`make_sharded_lm_lora_zoo`, every shard
+    verified."""
+    zoo = ShardedZoo(folder)
+    if zoo.manifest["zoo"] != "lm_lora_zoo":
+        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a language-model LoRA zoo")
+    if zoo.missing():
+        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
+                         "finish it with `gradmetanet zoo make lora-lm` (it resumes)")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    return LmLoraZoo.from_tensors(LmLoraZooConfig(**fields), zoo.tensors(), LM_SITES)
