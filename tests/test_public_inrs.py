@@ -67,7 +67,7 @@ def test_the_sharded_folder_holds_the_same_inrs_and_splits(tmp_path):
     assert all(torch.equal(whole.params[k], read.params[k]) for k in whole.params)
     assert torch.equal(whole.labels, read.labels) and torch.equal(whole.images, read.images)
     assert all(torch.equal(whole.splits[s], read.splits[s]) for s in ("train", "val", "test"))
-    with pytest.raises(ValueError, match="not public INRs"):
+    with pytest.raises(ValueError, match="holds a classifier_zoo, not a public_inrs"):
         manifest = json.loads((tmp_path / "z" / "manifest.json").read_text())
         (tmp_path / "z" / "manifest.json").write_text(json.dumps(manifest | {"zoo": "classifier_zoo"}))
         load_public_inr_zoo(tmp_path / "z")

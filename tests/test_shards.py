@@ -38,17 +38,24 @@ def same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_make_the_zoo_one_process_makes(tmp_path):
-    """Two processes as torchrun starts them (RANK, WORLD_SIZE), at once: every shard is made once, and the zoo is
-    bit for bit the one trained in memory in one chunk."""
+def make_in_two_processes(kind: str, folder, shard_size: int, settings: list[str]) -> list[str]:
+    """``gradmetanet zoo make KIND`` in two processes as torchrun starts them (RANK, WORLD_SIZE), at once, one thread
+    each; their standard outputs."""
     code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "classifier", "--out", str(tmp_path / "z"),
-                               "--shard-size", "3", *SETTINGS],
+    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", kind, "--out", str(folder),
+                               "--shard-size", str(shard_size), *settings],
                               env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert "made 2 shard(s)" in outs[0][0] and "made 2 shard(s)" in outs[1][0]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_make_the_zoo_one_process_makes(tmp_path):
+    """Two processes as torchrun starts them (RANK, WORLD_SIZE), at once: every shard is made once, and the zoo is
+    bit for bit the one trained in memory in one chunk."""
+    outs = make_in_two_processes("classifier", tmp_path / "z", 3, SETTINGS)
+    assert "made 2 shard(s)" in outs[0] and "made 2 shard(s)" in outs[1]
     sharded = load_sharded_classifier_zoo(tmp_path / "z")
     memory = generate_classifier_zoo(CONFIG, chunk=10, progress=False)
     assert same(sharded.params, memory.params) and torch.equal(sharded.accuracy, memory.accuracy)
@@ -149,18 +156,12 @@ def test_the_public_small_cnn_zoo_files_become_a_sharded_zoo(tmp_path):
 
 
 def test_an_inr_zoo_made_by_two_processes_is_the_one_process_zoo_and_experiments_read_it(tmp_path, one_thread):
-    """``zoo make inr``: each INR starts from its own seed, so two processes with shards of 2 make bit for bit the zoo
+    """``zoo make inr``: each INR starts from its own seed, so two processes with shards of 8 make bit for bit the zoo
     one process makes in one shard; the folder reads back as an INR zoo with its splits, and ws-bench reads it."""
     from gradmetanet.zoos.inr import InrZooConfig, load_sharded_inr_zoo, make_sharded_inr_zoo
     from gradmetanet.experiments import ws_bench
     settings = ["--set", "n_images=30", "--set", "steps=4"]
-    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "inr", "--out", str(tmp_path / "two"),
-                               "--shard-size", "8", *settings],
-                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    make_in_two_processes("inr", tmp_path / "two", 8, settings)
     config = InrZooConfig(n_images=30, steps=4)
     assert make_sharded_inr_zoo(config, tmp_path / "one", shard_size=30, progress=False) == [0]
     two, one = load_sharded_inr_zoo(tmp_path / "two"), load_sharded_inr_zoo(tmp_path / "one")
@@ -183,13 +184,7 @@ def test_a_siren_zoo_made_by_two_processes_is_the_one_process_zoo_and_gradmetane
     from gradmetanet.zoos.siren import SirenZooConfig, load_sharded_siren_zoo, make_sharded_siren_zoo
     from gradmetanet.features.neurons import GradientBatch
     settings = ["--set", "n_networks=10", "--set", "set_size=6", "--set", "target_points=12"]
-    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", "siren", "--out", str(tmp_path / "two"),
-                               "--shard-size", "3", *settings],
-                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    make_in_two_processes("siren", tmp_path / "two", 3, settings)
     config = SirenZooConfig(n_networks=10, set_size=6, target_points=12)
     make_sharded_siren_zoo(config, tmp_path / "one", shard_size=10, progress=False)
     two, one = load_sharded_siren_zoo(tmp_path / "two"), load_sharded_siren_zoo(tmp_path / "one")
@@ -224,14 +219,7 @@ def test_a_lora_zoo_made_by_two_processes_is_the_one_process_zoo(tmp_path, one_t
     fields, module_name, config_name, make_name, load_name = LORA_ZOOS[kind]
     module = importlib.import_module(module_name)
     make, load = getattr(module, make_name), getattr(module, load_name)
-    code = "import sys; from gradmetanet.cli import main; sys.exit(main(sys.argv[1:]))"
-    settings = [arg for f in fields for arg in ("--set", f)]
-    procs = [subprocess.Popen([sys.executable, "-c", code, "zoo", "make", kind, "--out", str(tmp_path / "two"),
-                               "--shard-size", "3", *settings],
-                              env=os.environ | {"RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    make_in_two_processes(kind, tmp_path / "two", 3, [arg for f in fields for arg in ("--set", f)])
     values = {k: v for k, v in (f.split("=") for f in fields)}
     config = getattr(module, config_name)(**{k: tuple(json.loads(v)) if v.startswith("[") else int(v)
                                             for k, v in values.items()})

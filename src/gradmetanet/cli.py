@@ -175,30 +175,19 @@ def _zoo_make(args: argparse.Namespace) -> int:
     from .zoos.lora_lm import LmLoraZooConfig, make_sharded_lm_lora_zoo
     from .zoos.public_inrs import PublicInrSource, public_inrs_to_shards
     from .experiments import apply_preset
+    makers = {"classifier": (ClassifierZooConfig, make_sharded_classifier_zoo), "inr": (InrZooConfig, make_sharded_inr_zoo),
+              "siren": (SirenZooConfig, make_sharded_siren_zoo), "lora": (LoraZooConfig, make_sharded_lora_zoo),
+              "lora-lm": (LmLoraZooConfig, make_sharded_lm_lora_zoo),
+              "small-cnn": (SmallCnnZooSource, small_cnn_zoo_to_shards), "public-inrs": (PublicInrSource, public_inrs_to_shards)}
+    kind, make = makers[args.kind]
     try:
-        if args.kind in ("small-cnn", "public-inrs") and args.source is None:
-            raise ValueError(f"zoo make {args.kind} needs --from FOLDER (the unpacked public files)")
-        if args.kind == "small-cnn":
-            source = apply_preset({"default": SmallCnnZooSource(args.source)}, "default", dict(args.overrides))
-            made = small_cnn_zoo_to_shards(source, args.out, args.shard_size)
-        elif args.kind == "inr":
-            config = apply_preset({"default": InrZooConfig()}, "default", dict(args.overrides))
-            made = make_sharded_inr_zoo(config, args.out, args.shard_size)
-        elif args.kind == "siren":
-            config = apply_preset({"default": SirenZooConfig()}, "default", dict(args.overrides))
-            made = make_sharded_siren_zoo(config, args.out, args.shard_size)
-        elif args.kind == "lora":
-            config = apply_preset({"default": LoraZooConfig()}, "default", dict(args.overrides))
-            made = make_sharded_lora_zoo(config, args.out, args.shard_size)
-        elif args.kind == "lora-lm":
-            config = apply_preset({"default": LmLoraZooConfig()}, "default", dict(args.overrides))
-            made = make_sharded_lm_lora_zoo(config, args.out, args.shard_size)
-        elif args.kind == "public-inrs":
-            source = apply_preset({"default": PublicInrSource(args.source)}, "default", dict(args.overrides))
-            made = public_inrs_to_shards(source, args.out, args.shard_size)
+        if args.kind in ("small-cnn", "public-inrs"):
+            if args.source is None:
+                raise ValueError(f"zoo make {args.kind} needs --from FOLDER (the unpacked public files)")
+            default = kind(args.source)
         else:
-            config = apply_preset({"default": ClassifierZooConfig()}, "default", dict(args.overrides))
-            made = make_sharded_classifier_zoo(config, args.out, args.shard_size)
+            default = kind()
+        made = make(apply_preset({"default": default}, "default", dict(args.overrides)), args.out, args.shard_size)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"gradmetanet: {err}") from None
     print(f"{args.out}: made {len(made)} shard(s) in this process")

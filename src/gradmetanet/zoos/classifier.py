@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .cache import cached_zoo
 from .optim import heavy_ball_step
-from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
+from .shards import complete_sharded_zoo, make_sharded_zoo
 from ..models.cnn import small_cnn_zoo_template
 from ..models.mlp import make_mlp
 from ..data.classification import mnist1d_arrays
@@ -276,13 +276,7 @@ def make_sharded_classifier_zoo(config: ClassifierZooConfig, folder: str | os.Pa
 
 def load_sharded_classifier_zoo(folder: str | os.PathLike) -> ClassifierZoo:
     """The classifier zoo of a sharded folder, every shard verified (a missing or damaged one is named)."""
-    zoo = ShardedZoo(folder)
-    if zoo.manifest["zoo"] != "classifier_zoo":
-        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a classifier zoo")
-    if zoo.missing():
-        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
-                         "finish it with `gradmetanet zoo make` (it resumes)")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    zoo, fields = complete_sharded_zoo(folder, "classifier_zoo", "gradmetanet zoo make classifier")
     return ClassifierZoo.from_tensors(ClassifierZooConfig(**fields), zoo.tensors())
 
 

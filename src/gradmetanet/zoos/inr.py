@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .cache import cached_zoo
-from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
+from .shards import complete_sharded_zoo, make_sharded_zoo
 from .optim import adam_step
 from ..data.image_files import load_idx_images
 from ..models.siren import siren_template
@@ -204,15 +204,10 @@ def make_sharded_inr_zoo(config: InrZooConfig, folder: str | os.PathLike, shard_
 
 def load_sharded_inr_zoo(folder: str | os.PathLike) -> InrZoo:
     """The INR zoo of a sharded folder made by :func:`make_sharded_inr_zoo`, every shard verified."""
-    zoo = ShardedZoo(folder)
-    if zoo.manifest["zoo"] != "inr_zoo":
-        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not an INR zoo")
-    if zoo.missing():
-        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
-                         "finish it with `gradmetanet zoo make inr` (it resumes)")
+    zoo, fields = complete_sharded_zoo(folder, "inr_zoo", "gradmetanet zoo make inr")
     t = zoo.tensors()
     params = {k[len("params/"):]: v for k, v in t.items() if k.startswith("params/")}
-    return InrZoo(InrZooConfig(**zoo.manifest["config"]), params, t["images"], t["labels"], t["psnr"],
+    return InrZoo(InrZooConfig(**fields), params, t["images"], t["labels"], t["psnr"],
                   {s: t[f"split/{s}"] for s in ("train", "val", "test")})
 
 

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .cache import cached_zoo
-from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
+from .shards import complete_sharded_zoo, make_sharded_zoo
 from .optim import adam_step
 from ..models.mlp import make_mlp
 from ..lora.sets import LoraBatch, LoraLayer, LoraSet
@@ -359,11 +359,5 @@ def make_sharded_lora_zoo(config: LoraZooConfig, folder: str | os.PathLike, shar
 
 def load_sharded_lora_zoo(folder: str | os.PathLike) -> LoraZoo:
     """The LoRA zoo of a sharded folder made by :func:`make_sharded_lora_zoo`, every shard verified."""
-    zoo = ShardedZoo(folder)
-    if zoo.manifest["zoo"] != "lora_zoo":
-        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a LoRA zoo")
-    if zoo.missing():
-        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
-                         "finish it with `gradmetanet zoo make lora` (it resumes)")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    zoo, fields = complete_sharded_zoo(folder, "lora_zoo", "gradmetanet zoo make lora")
     return LoraZoo.from_tensors(LoraZooConfig(**fields), zoo.tensors(), SITES)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..models import CausalTransformer
 from .lora import AdapterZoo, cached_adapter_zoo, draw_finetune_tasks, finetune_loras, own_finetunes
-from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
+from .shards import complete_sharded_zoo, make_sharded_zoo
 from ..data.text import CharTokenizer, corpus_version, pydoc_topics_text
 
 __all__ = ["LmLoraZooConfig", "LmLoraZoo", "generate_lm_lora_zoo", "load_or_generate_lm_lora_zoo",
@@ -229,11 +229,5 @@ def make_sharded_lm_lora_zoo(config: LmLoraZooConfig, folder: str | os.PathLike,
 def load_sharded_lm_lora_zoo(folder: str | os.PathLike) -> LmLoraZoo:
     """The language-model LoRA zoo of a sharded folder made by :func:`make_sharded_lm_lora_zoo`, every shard
     verified."""
-    zoo = ShardedZoo(folder)
-    if zoo.manifest["zoo"] != "lm_lora_zoo":
-        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a language-model LoRA zoo")
-    if zoo.missing():
-        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
-                         "finish it with `gradmetanet zoo make lora-lm` (it resumes)")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    zoo, fields = complete_sharded_zoo(folder, "lm_lora_zoo", "gradmetanet zoo make lora-lm")
     return LmLoraZoo.from_tensors(LmLoraZooConfig(**fields), zoo.tensors(), LM_SITES)

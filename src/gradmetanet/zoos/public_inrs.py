@@ -26,7 +26,7 @@ import torch
 from torch.func import vmap
 
 from .inr import INR_WIDTHS, InrZoo, load_sharded_inr_zoo, render
-from .shards import ShardedZoo, make_sharded_zoo
+from .shards import ShardedZoo, complete_sharded_zoo, make_sharded_zoo
 
 __all__ = ["PublicInrSource", "find_public_inrs", "load_inr_folder", "load_public_inr_zoo", "public_inrs_to_shards",
            "read_inr_state"]
@@ -131,14 +131,8 @@ def load_public_inr_zoo(path: str | os.PathLike, val_size: int | None = None, se
     the split it was made with kept). ``psnr`` is NaN: the files hold no reference images."""
     source = PublicInrSource(str(path), val_size, seed, limit)
     if (Path(path) / "manifest.json").exists():
-        sharded = ShardedZoo(path)
-        if sharded.manifest["zoo"] != "public_inrs":
-            raise ValueError(f"{path} holds a {sharded.manifest['zoo']}, not public INRs")
-        if sharded.missing():
-            raise ValueError(f"{path}: {len(sharded.missing())} shards are not made yet; finish it with "
-                             "`gradmetanet zoo make public-inrs` (it resumes)")
-        tensors = sharded.tensors()
-        source = PublicInrSource(**sharded.manifest["config"])
+        sharded, fields = complete_sharded_zoo(path, "public_inrs", "gradmetanet zoo make public-inrs")
+        tensors, source = sharded.tensors(), PublicInrSource(**fields)
     else:
         files = find_public_inrs(source)
         tensors = _read(files) | {"split": _split_codes(files, source)}

@@ -204,6 +204,18 @@ class ShardedZoo:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} | self.common()
 
 
+def complete_sharded_zoo(folder: str | os.PathLike, kind: str, make_command: str) -> tuple[ShardedZoo, dict]:
+    """The sharded zoo of ``kind`` in ``folder`` with every shard made (else an error naming the missing ones and
+    ``make_command``, which finishes it), and its config's fields (JSON lists back as tuples)."""
+    zoo = ShardedZoo(folder)
+    if zoo.manifest["zoo"] != kind:
+        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a {kind}")
+    if zoo.missing():
+        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
+                         f"finish it with `{make_command}` (it resumes)")
+    return zoo, {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+
+
 class ShardedWeights:
     """A sharded zoo's weights as :class:`~gradmetanet.metanets.LazyInputs`: ``select(idx)`` reads networks
     ``idx`` from their shards (at most a shard's bytes at a time) as

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import cached_zoo
-from .shards import ShardedZoo, ZooDamaged, make_sharded_zoo
+from .shards import complete_sharded_zoo, make_sharded_zoo
 from ..models.siren import siren_spec, siren_template
 from ..capture.functional import functional_factors
 from ..capture.gradients import linear_fisher_diagonal
@@ -173,13 +173,7 @@ def make_sharded_siren_zoo(config: SirenZooConfig, folder: str | os.PathLike, sh
 
 def load_sharded_siren_zoo(folder: str | os.PathLike) -> SirenZoo:
     """The SIREN zoo of a sharded folder made by :func:`make_sharded_siren_zoo`, every shard verified."""
-    zoo = ShardedZoo(folder)
-    if zoo.manifest["zoo"] != "siren_zoo":
-        raise ValueError(f"{folder} holds a {zoo.manifest['zoo']}, not a SIREN zoo")
-    if zoo.missing():
-        raise ZooDamaged(f"{folder}: {len(zoo.missing())} of {zoo.manifest['shards']} shards are not made yet; "
-                         "finish it with `gradmetanet zoo make siren` (it resumes)")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.manifest["config"].items()}
+    zoo, fields = complete_sharded_zoo(folder, "siren_zoo", "gradmetanet zoo make siren")
     return _from_tensors(SirenZooConfig(**fields), zoo.tensors())
 
 
