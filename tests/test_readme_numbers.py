@@ -36,6 +36,15 @@ def converged_inr(variant: str) -> float:
     return 100 * results("inr-edit-quick-converged")["models"]["scalegmn"][variant]["mean"]
 
 
+def converged_inr_09(backbone: str, variant: str) -> float:
+    return 100 * results("inr-edit-quick-converged-0.9")["models"][backbone][variant]["mean"]
+
+
+def plateau_zoo(method: str, key: str, epochs: str | None = None) -> float:
+    row = results("amortize-cpu-mnist1d-long")["mlp-tanh-mnist1d-long"]["lambda=0"][method]
+    return (row[epochs] if epochs else row)[key]
+
+
 def lora(target: str, model: str, metric: str) -> float:
     return results("lora-cpu")["targets"][target][model][metric]
 
@@ -63,6 +72,14 @@ FIGURES = [
     ("| INR editing (3 x 3 dilation)", lambda: inr("scalegmn", "ws"), "alone best: {:.3f}"),
     ("| INR editing (3 x 3 dilation)", lambda: converged_inr("ws"), "WS {:.3f}, probing"),
     ("| INR editing (3 x 3 dilation)", lambda: converged_inr("gradmetanet"), "GradMetaNet {:.3f}: the inputs"),
+    ("| INR editing (3 x 3 dilation)", lambda: converged_inr_09("dws", "probing"), "DWSNet 0.601 / {:.3f} /"),
+    ("| INR editing (3 x 3 dilation)", lambda: converged_inr_09("gmn", "ws"), "GMN {:.3f} /"),
+    ("| INR editing (3 x 3 dilation)", lambda: converged_inr_09("gmn", "gradmetanet"), "/ {:.3f}: gradient features"),
+    ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("sgd", "mean_acc", "25"), "(SGD-25 {:.1f}%,"),
+    ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("sgd", "mean_acc", "150"), "SGD-150 {:.1f}% from"),
+    ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("before", "mean_acc"), "from {:.1f}%)"),
+    ("| one-shot fine-tuning, CNN zoo", lambda: plateau_zoo("scalegmn_grad", "test_loss"), "lowest test loss of all ({:.3f}"),
+    ("| one-shot fine-tuning, CNN zoo", lambda: plateau_zoo("sgd", "test_loss", "150"), "SGD-150 {:.3f})"),
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "loss_probe"), "loss probe **{:.3f}**"),
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "gradmetanet"), "identified) {:.3f} ±"),
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "statnn"), "StatNN {:.3f}, GMN"),
