@@ -45,6 +45,10 @@ def plateau_zoo(method: str, key: str, epochs: str | None = None) -> float:
     return (row[epochs] if epochs else row)[key]
 
 
+def ws_bench(model: str, variant: str = "original") -> float:
+    return 100 * results("ws-bench-cpu")["models"][model]["accuracy"][variant]["mean"]
+
+
 def lora(target: str, model: str, metric: str) -> float:
     return results("lora-cpu")["targets"][target][model][metric]
 
@@ -86,10 +90,15 @@ FIGURES = [
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "loss_probe"), "probe {:.3f}, GradMetaNet"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gradmetanet"), "GradMetaNet {:.3f} ± 0.033"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (GradMetaNet"),
-    ("| INR classification from weights", lambda: 100 * results("ws-bench-quick-gradients")["models"]["gradmetanet"]
-     ["accuracy"]["original"]["mean"], "gradient sets **{:.1f}%**"),
-    ("| INR classification from weights", lambda: 100 * results("ws-bench-quick-gradients")["models"]["gradmetanet"]
-     ["accuracy"]["symmetry"]["mean"], "({:.1f}% under a random symmetry)"),
+    ("| INR classification from weights", lambda: ws_bench("gradmetanet"), "gradient sets **{:.1f}%**"),
+    ("| INR classification from weights", lambda: ws_bench("gradmetanet", "symmetry"), "({:.1f}% under a random symmetry)"),
+    ("| INR classification from weights", lambda: ws_bench("dws"), "(DWSNet {:.1f}%, GMN"),
+    ("| INR classification from weights", lambda: ws_bench("gmn"), "GMN {:.1f}%, ScaleGMN"),
+    ("| INR classification from weights", lambda: ws_bench("scalegmn"), "ScaleGMN {:.1f}%; StatNN"),
+    ("| INR classification from weights", lambda: ws_bench("statnn"), "StatNN {:.1f}%)"),
+    ("| INR classification from weights", lambda: ws_bench("dws+grad"), "backbone from chance (DWSNet {:.1f}%,"),
+    ("| INR classification from weights", lambda: ws_bench("gmn+grad"), "GMN {:.1f}%) but none"),
+    ("| INR classification from weights", lambda: ws_bench("probe"), "64 pixels {:.1f}% |"),
     ("| GL-net vs non-invariant baselines", lambda: lora("membership", "glnet", "bit_accuracy"), "**{:.3f} /"),
     ("| GL-net vs non-invariant baselines", lambda: lora("membership", "raw_mlp", "bit_accuracy"), "raw {:.3f} /"),
 ]
