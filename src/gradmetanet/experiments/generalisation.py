@@ -197,15 +197,16 @@ def zoo_sources(config: GeneralisationConfig, progress: bool) -> dict[str, tuple
     return sources
 
 
-def _choose_on_validation(candidates: list, x: torch.Tensor, y: torch.Tensor, splits: dict) -> tuple[object, dict]:
-    """Fit every sklearn candidate on the training networks, keep the one with the best validation R^2."""
-    best, best_r2 = None, -math.inf
+def choose_on_validation(candidates: list, x: torch.Tensor, y: torch.Tensor, splits: dict) -> tuple[object, float]:
+    """Fit every sklearn candidate on the ``train`` rows of ``x [M, F]``, ``y [M]``; the one with the best score
+    (``model.score``: R^2 for a regressor, accuracy for a classifier) on the ``val`` rows, and that score."""
+    best, best_score = None, -math.inf
     for model in candidates:
         model.fit(x[splits["train"]].numpy(), y[splits["train"]].numpy())
-        r2 = model.score(x[splits["val"]].numpy(), y[splits["val"]].numpy())
-        if r2 > best_r2:
-            best, best_r2 = model, r2
-    return best, {"val_r2": best_r2, "chosen": repr(best)}
+        score = model.score(x[splits["val"]].numpy(), y[splits["val"]].numpy())
+        if score > best_score:
+            best, best_score = model, score
+    return best, float(best_score)
 
 
 def _classical(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed: int) -> tuple[torch.Tensor, dict]:
@@ -218,8 +219,8 @@ def _classical(name: str, zoo: ClassifierZoo, config: GeneralisationConfig, seed
     else:
         x = probe_features(zoo, config.probe_images)
         candidates = [Ridge(alpha=a) for a in (1e-4, 1e-2, 1.0)]
-    model, info = _choose_on_validation(candidates, x, y, zoo.networks)
-    return torch.as_tensor(model.predict(x[zoo.networks["test"]].numpy())), info
+    model, r2 = choose_on_validation(candidates, x, y, zoo.networks)
+    return torch.as_tensor(model.predict(x[zoo.networks["test"]].numpy())), {"val_r2": r2, "chosen": repr(model)}
 
 
 def _network_model(name: str, zoo: ClassifierZoo, config: GeneralisationConfig) -> nn.Module:

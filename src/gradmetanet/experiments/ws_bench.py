@@ -62,7 +62,7 @@ from ..metanets.training import fit_regression
 from ..features import random_symmetry, widen
 from ..metanets import GMN, DWSNet, GradMetaNet, ScaleGMN, WithGradientFeatures
 from . import apply_preset, convergence_line, format_mean_std, mean_std
-from .generalisation import weight_statistics
+from .generalisation import choose_on_validation, weight_statistics
 from .inr_edit import inr_gradient_sets, inr_spec, preactivations
 from .store import RunFolder, require_finite, settings_of
 
@@ -140,14 +140,8 @@ def classical_cell(name: str, features: np.ndarray, labels: np.ndarray, splits: 
     else:
         candidates = [make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
                       for c in (0.01, 0.1, 1.0, 10.0)]
-    train, val = splits["train"].numpy(), splits["val"].numpy()
-    best, best_acc = None, -1.0
-    for model in candidates:
-        model.fit(features[train], labels[train])
-        acc = float(model.score(features[val], labels[val]))
-        if acc > best_acc:
-            best, best_acc = model, acc
-    return best, {"val_accuracy": best_acc, "chosen": repr(best)}
+    model, accuracy = choose_on_validation(candidates, torch.from_numpy(features), torch.from_numpy(labels), splits)
+    return model, {"val_accuracy": accuracy, "chosen": repr(model)}
 
 
 def reads_gradients(name: str) -> bool:
