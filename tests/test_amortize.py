@@ -191,7 +191,7 @@ def test_amortize_tiny_run_writes_the_table_and_resumes(tmp_path, monkeypatch):
     for cell in [entry["before"], entry["scalegmn"], entry["sgd"]["2"]]:
         assert {"mean_acc", "max_acc", "test_loss", "sparsity", "seconds_per_net"} <= set(cell)
     assert set(saved["mlp-tanh"]) == {"lambda=0", "lambda=0.001"}
-    assert (tmp_path / "accuracies.png").stat().st_size > 1000
+    assert (tmp_path / "accuracies.png").stat().st_size > 1000 and (tmp_path / "learning_curves.png").stat().st_size > 1000
     table = (tmp_path / "table.md").read_text()
     assert "Converged (" in table
     assert "ScaleGMN-B (1 pass)" in table

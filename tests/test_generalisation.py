@@ -52,6 +52,7 @@ def test_tiny_run_writes_its_report_and_resumes(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["zoos"]["mlp-relu"]["models"]) == set(g.MODELS)
     assert "provenance" in saved and (tmp_path / "tau.png").stat().st_size > 0
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
     table = (tmp_path / "table.md").read_text()
     assert "| ScaleGMN |" in table and "Converged" in table and "NFN-HNP 0.934" in table
     again = g.run(config, tmp_path, progress=False)                 # every cell is read back, nothing retrained

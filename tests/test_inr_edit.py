@@ -67,6 +67,10 @@ def test_inr_edit_tiny_run_writes_its_report(tmp_path, monkeypatch):
     # a rerun into the same directory resumes: every cell is read back, nothing is trained again
     monkeypatch.setattr(inr_edit, "fit_regression", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-trained")))
     assert inr_edit.run(config, tmp_path, progress=False)["models"] == results["models"]
+    # a run of one of those backbones (or a sub-list of variants) reads its cells back too: a cell's key names them
+    fewer = inr_edit.run(inr_edit.config_from_preset("tiny", backbones=("gmn",), variants=("ws",)), tmp_path,
+                         progress=False)
+    assert fewer["models"]["gmn"]["ws"] == results["models"]["gmn"]["ws"]
 
 
 def test_an_editor_learns_the_dilation(tmp_path):

@@ -10,7 +10,7 @@ def test_lora_tiny_run_writes_its_report(tmp_path):
     from gradmetanet.experiments import lora
     config = lora.config_from_preset("tiny")
     results = lora.run(config, tmp_path, progress=False)
-    for name in ("results.json", "table.md", "accuracy.png"):
+    for name in ("results.json", "table.md", "accuracy.png", "learning_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["targets"]) == {"membership", "accuracy", "data_size"}

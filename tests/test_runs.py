@@ -63,6 +63,17 @@ def test_cells_of_another_code_version_are_recomputed_not_reused(tmp_path, monke
     assert len(json.loads((tmp_path / "cells.json").read_text())["cells"]) == 2
 
 
+def test_a_cell_recorded_with_settings_since_declared_irrelevant_is_reused(tmp_path):
+    """An entry that recorded more settings (the run's list of models, its seed count) matches a request that no
+    longer names them; a setting the request names that the entry lacks, or records otherwise, does not match."""
+    cells = CellStore(tmp_path / "cells.json", "inr-edit")
+    cells.put("dws/ws/0", {"lr": 1, "seeds": 1, "backbones": ["dws"]}, {"test": 0.5})
+    assert cells.get("dws/ws/0", {"lr": 1}) == {"test": 0.5}
+    assert cells.get("dws/ws/0", {"lr": 2}) is None
+    assert cells.get("dws/ws/0", {"lr": 1, "width": 3}) is None
+    assert cells.get("dws/ws/0", {"lr": 1, "seeds": 3}) is None
+
+
 def test_a_cells_file_of_an_earlier_layout_is_kept_aside(tmp_path):
     (tmp_path / "cells.json").write_text('{"config_key": "abc", "cells": {"x": {"test": 1}}}')
     CellStore(tmp_path / "cells.json", "curvature").put("y", {}, {"test": 2})

@@ -42,13 +42,13 @@ def figure(path: str | Path, xlabel: str, ylabel: str, title: str, size: tuple[f
 def learning_curves(path: str | Path, curves: dict[str, tuple[list[float], list[float]]], ylabel: str,
                     title: str) -> None:
     """One PNG of training (dashed) and validation (solid) loss per epoch, ``curves {label: (train, val)}``, with
-    each validation curve's best epoch marked; log scale."""
+    each validation curve's best epoch marked; log scale. A training curve may be empty (cells recorded before
+    training losses were kept)."""
     with figure(path, "epoch", ylabel, title, size=(7.5, 4.5), ylog=True, legend_outside=True) as ax:
         for i, (label, (train, val)) in enumerate(curves.items()):
             colour = f"C{i % 10}"
-            epochs = range(1, len(val) + 1)
-            ax.plot(epochs, val, color=colour, label=f"{label} (val)")
-            ax.plot(epochs, train, color=colour, linestyle="--", alpha=0.6)
+            ax.plot(range(1, len(val) + 1), val, color=colour, label=f"{label} (val)")
+            ax.plot(range(1, len(train) + 1), train, color=colour, linestyle="--", alpha=0.6)
             best = min(range(len(val)), key=val.__getitem__)
             ax.plot([best + 1], [val[best]], marker="o", color=colour)
         ax.plot([], [], color="grey", linestyle="--", alpha=0.6, label="training loss (dashed)")

@@ -34,6 +34,7 @@ from ..metanets import OnePassFineTuner, gradient_features
 from ..zoos import evaluate_networks, objective, sgd_finetune
 from ..metanets.finetuner import MODELS
 from ..atomic import atomic_write_text
+from ..plots import learning_curves
 from ..core.spec import NetworkSpec
 from ..zoos.classifier import ClassifierZoo, ClassifierZooConfig, load_or_generate_classifier_zoo
 from ..metanets.training import fit_regression
@@ -324,6 +325,12 @@ def run(config: AmortizeConfig, out_dir: str | os.PathLike, progress: bool = Tru
     atomic_write_text(out / "zoos.json", json.dumps({"config": asdict(config), "zoos": zoos_info}, indent=2))
     atomic_write_text(out / "table.md", report(results, config, zoos_info) + "\n")
     plot_accuracies(results, out / "accuracies.png")
+    curves = {f"{name} {lam} {LABELS[m]}": (cell["history"]["train"], cell["history"]["val"])
+              for name, by_lambda in results.items() for lam, entry in by_lambda.items()
+              for m, cell in entry.items() if isinstance(cell, dict) and cell.get("history", {}).get("val")}
+    if curves:
+        learning_curves(out / "learning_curves.png", curves, "objective (validation networks and images)",
+                        "One-pass fine-tuners: learning curves")
     return results
 
 

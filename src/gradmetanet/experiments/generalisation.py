@@ -57,7 +57,7 @@ from ..zoos.classifier import (ClassifierZoo, ClassifierZooConfig, batched_logit
                                    load_sharded_classifier_zoo, load_small_cnn_zoo)
 from ..features import NeuronNormaliser, space_rms
 from ..metanets import GMN, DWSNet, FlatWeightMLP, GradMetaNet, ScaleGMN
-from ..plots import figure
+from ..plots import figure, learning_curves
 from ..metanets.training import fit_regression
 from . import apply_preset, convergence_line, format_mean_std, mean_std
 from .store import RunFolder, settings_of
@@ -303,7 +303,8 @@ def _fit_and_predict(model: nn.Module, predict: Callable, zoo: ClassifierZoo, co
     with torch.no_grad():
         predicted = predict(model, splits["test"])[:, 0] * std + mean
     return predicted.double(), {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
-                                "converged": fit.converged, "val_history": fit.val_history}
+                                "converged": fit.converged, "val_history": fit.val_history,
+                                "train_history": fit.train_history}
 
 
 def run(config: GeneralisationConfig, out_dir: str | os.PathLike, progress: bool = True,
@@ -396,4 +397,10 @@ def report(results: dict, folder: RunFolder) -> str:
                    [results["zoos"][z]["models"][name].get("tau", {}).get("mean", 0.0) for z in zoos], width,
                    label=LABELS[name])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(zoos))], zoos)
+    curves = {f"{zoo_name}, {LABELS[name]}": (row["runs"][0].get("train_history", []), row["runs"][0]["val_history"])
+              for zoo_name, zoo in results["zoos"].items() for name, row in zoo["models"].items()
+              if "runs" in row and row["runs"][0].get("val_history")}
+    if curves:
+        learning_curves(out / "learning_curves.png", curves, "MSE (standardised accuracy)",
+                        "Generalisation prediction: learning curves (seed 0)")
     return table

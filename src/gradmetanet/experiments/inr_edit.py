@@ -192,7 +192,8 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
     model trained by this call that is best on validation). The run folder is checked before any compute; finished cells are kept in
     ``cells.json`` with their settings and code version (:mod:`~gradmetanet.experiments.store`): a rerun of the
     same configuration resumes."""
-    settings = settings_of(config, ignore=("examples",))
+    # a cell's key names its backbone, variant and seed: runs of other backbones or more seeds share the folder
+    settings = settings_of(config, ignore=("examples", "backbones", "variants", "seeds"))
     folder = RunFolder(out_dir, "inr-edit", settings, overwrite)
     out = folder.path
     store = folder.cells()

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..plots import figure
+from ..plots import figure, learning_curves
 from ..zoos.lora_lm import LmLoraZooConfig, load_or_generate_lm_lora_zoo
 from ..zoos.lora import AdapterZoo, LoraZooConfig, load_or_generate_lora_zoo
 from ..data.text import corpus_version
@@ -160,6 +160,7 @@ def _train(name: str, target: str, zoo: AdapterZoo, split: dict[str, torch.Tenso
     with torch.no_grad():
         pred = predict(model, split["test"]) * std + mean
     row = {"best_epoch": fit.best_epoch, "converged": fit.converged, "seconds": time.perf_counter() - start,
+           "train_history": fit.train_history, "val_history": fit.val_history,
            "parameters": sum(p.numel() for p in model.parameters()),
            **_metrics(target, pred, y[split["test"]])}
     return model, row, mean, std
@@ -267,6 +268,11 @@ def report(results: dict, scatter: dict, out: Path) -> str:
     atomic_write_text(out / "table.md", table + "\n")
     if scatter:
         _plot(scatter, words, out / f"{q}.png")
+    curves = {f"{target}: {LABELS[name]}": (row["train_history"], row["val_history"])
+              for target, rows in t.items() for name, row in rows.items() if row.get("val_history")}
+    if curves:
+        learning_curves(out / "learning_curves.png", curves, "loss (standardised targets; membership: BCE)",
+                        "LoRA fine-tunes: learning curves")
     return table
 
 

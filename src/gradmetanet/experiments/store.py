@@ -161,7 +161,13 @@ class CellStore:
             yield
 
     def _matches(self, entry: dict, key: str, depends: dict) -> bool:
-        return entry["key"] == key and entry["depends"] == _as_json(depends) and entry["code"] == self.version
+        """Same key and code version, and every setting in ``depends`` as the entry recorded it. An entry may
+        record more settings than ``depends`` names: settings its experiment has since declared irrelevant to
+        the cell (the list of models or seeds of the run that computed it) do not invalidate it; a setting
+        missing from the entry (added since) does."""
+        recorded = entry["depends"]
+        return (entry["key"] == key and entry["code"] == self.version
+                and all(k in recorded and recorded[k] == v for k, v in _as_json(depends).items()))
 
     def get(self, key: str, depends: dict) -> dict | None:
         """The finished cell ``key`` computed under ``depends`` by this code version, or ``None``."""
