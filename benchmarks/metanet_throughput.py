@@ -2,6 +2,7 @@
 
     python benchmarks/metanet_throughput.py [--cases ...] [--device cpu|cuda] [--allocator retain|default] [--out FILE]
     python benchmarks/metanet_throughput.py --compare OLD.json NEW.json [NEW2.json ...]   # the speed-up table
+    python benchmarks/metanet_throughput.py --attention-kernels --out FILE   # GradMetaNet++: compiled vs chunked
 
 One training step = forward, backward of a squared-output loss, ``torch.optim.Adam`` step, on ``B = 32``
 inputs, float32, on the threads given (default one). Cases (the issue's set-up):
@@ -111,6 +112,35 @@ def measure(cases: list[str], repeats: int, device: str) -> dict[str, dict]:
             for c in cases}
 
 
+def attention_kernels(cases: list[str], repeats: int) -> dict[str, dict]:
+    """GradMetaNet++ steps with the compiled and the chunked CPU attention kernel, interleaved in one process (the
+    ratio is immune to the machine's drift between runs): ``{case: {"fused_s", "chunked_s", "speedup"}}``."""
+    import gradmetanet.metanets.attention as attention
+
+    compiled = attention.fused_kernel
+    if compiled() is None:
+        raise SystemExit("the compiled attention kernel is not available here (see the warning above)")
+
+    def chunked(step):
+        def run():
+            attention.fused_kernel = lambda: None
+            try:
+                step()
+            finally:
+                attention.fused_kernel = compiled
+        return run
+
+    out = {}
+    for case in cases:
+        times = interleaved_median_times({"fused": make_step(case), "chunked": chunked(make_step(case))},
+                                         repeats=repeats, warmup=1)
+        out[case] = {"fused_s": times["fused"], "chunked_s": times["chunked"],
+                     "speedup": times["chunked"] / times["fused"]}
+        print(f"{case:20s} fused {times['fused']:.3f} s, chunked {times['chunked']:.3f} s: "
+              f"{out[case]['speedup']:.2f}x", flush=True)
+    return out
+
+
 def compare(old_path: str, new_paths: list[str]) -> str:
     """A Markdown table of step times: the old run and each new one, with the speed-up over the old."""
     old = json.loads(open(old_path).read())
@@ -153,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--label", default=None, help="name of this run in comparison tables (default: the version)")
     parser.add_argument("--out", default="benchmarks/results/metanet_throughput_cpu.json")
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="print the table of OLD.json against NEW.json...")
+    parser.add_argument("--attention-kernels", action="store_true",
+                        help="GradMetaNet++ cases only: the compiled against the chunked attention kernel, interleaved")
     args = parser.parse_args(argv)
     if args.compare:
         print(compare(args.compare[0], args.compare[1:]))
@@ -162,6 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
         from gradmetanet.performance import retain_freed_memory
         if not retain_freed_memory():
             print("retain_freed_memory: not glibc, allocator left as it is", file=sys.stderr)
+    if args.attention_kernels:
+        cases = [c for c in args.cases if c.startswith("gradmetanet++")]
+        result = {"label": "compiled vs chunked attention", "source_commit": source_commit(),
+                  "machine": machine(args.device), "cases": attention_kernels(cases, args.repeats)}
+        write_json(result, args.out)
+        return result
     source = source_commit()
     result = {"label": args.label or f"{source[:7]} ({args.allocator} allocator)", "source_commit": source,
               "allocator": args.allocator, "networks": NETWORKS, "machine": machine(args.device),
