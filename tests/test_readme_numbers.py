@@ -81,7 +81,7 @@ FIGURES = [
     ("| INR editing (3 x 3 dilation)", lambda: converged_inr_09("gmn", "gradmetanet"), "/ {:.3f}: gradient features"),
     ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("sgd", "mean_acc", "25"), "(SGD-25 {:.1f}%,"),
     ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("sgd", "mean_acc", "150"), "SGD-150 {:.1f}% from"),
-    ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("before", "mean_acc"), "from {:.1f}%)"),
+    ("| one-shot fine-tuning, CNN zoo", lambda: 100 * plateau_zoo("before", "mean_acc"), "from {:.1f}%;"),
     ("| one-shot fine-tuning, CNN zoo", lambda: plateau_zoo("scalegmn_grad", "test_loss"), "lowest test loss of all ({:.3f}"),
     ("| one-shot fine-tuning, CNN zoo", lambda: plateau_zoo("sgd", "test_loss", "150"), "SGD-150 {:.3f})"),
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "loss_probe"), "loss probe **{:.3f}**"),
