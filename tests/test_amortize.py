@@ -138,7 +138,7 @@ def test_unknown_zoos_and_cnns_on_sequences_are_refused():
         amortize.config_from_preset("tiny", zoos=("cnn-tanh-mnist1d",))
     with pytest.raises(ValueError, match="unknown models"):
         amortize.config_from_preset("tiny", models=("scalegmn", "nfn"))
-    with pytest.raises(ValueError, match="recipes: \\['long'\\]"):
+    with pytest.raises(ValueError, match="recipes: \\['long', 'diverse'\\]"):
         amortize.config_from_preset("tiny", zoos=("mlp-tanh-mnist1d-short",))
 
 
@@ -148,6 +148,11 @@ def test_a_recipe_suffix_trains_the_zoo_longer_and_keeps_the_rest():
     assert plain.steps == config.zoo_steps and long.steps == amortize.RECIPES["long"]["steps"]
     assert long.dataset == "mnist1d" and long.name == plain.name and long.key() != plain.key()
     assert amortize.zoo_config(config, "cnn-tanh-long").dataset == "digits"
+    diverse = amortize.zoo_config(config, "mlp-tanh-mnist1d-diverse")
+    assert (diverse.steps, diverse.lr, diverse.subset) == (amortize.RECIPES["diverse"]["steps"],
+                                                          amortize.RECIPES["diverse"]["lr"],
+                                                          amortize.RECIPES["diverse"]["subset"])
+    assert diverse.architecture == "mlp" and diverse.key() not in (plain.key(), long.key())
 
 
 def test_small_cnn_zoo_files_load_into_the_template(tmp_path):

@@ -81,8 +81,11 @@ class AmortizeConfig:
 
 
 #: zoo recipes other than the default (``zoo_steps`` SGD steps per network): ``long`` trains every network
-#: 2,000-4,000 steps, towards its plateau (on MNIST-1D: over-fitted, where SGD fine-tuning moves slowly)
-RECIPES = {"long": {"steps": (2000, 4000)}}
+#: 2,000-4,000 steps, towards its plateau (on MNIST-1D: over-fitted, where SGD fine-tuning moves slowly);
+#: ``diverse`` draws every part of the recipe from a wide range, as the Small CNN Zoo does (50-4,000 steps, rates
+#: 0.001-0.3, 2-60% of the training images), so the zoo's best networks lie far above its mean
+RECIPES = {"long": {"steps": (2000, 4000)},
+           "diverse": {"steps": (50, 4000), "lr": (1e-3, 3e-1), "subset": (0.02, 0.6)}}
 
 
 def zoo_config(config: AmortizeConfig, name: str) -> ClassifierZooConfig:
@@ -95,7 +98,7 @@ def zoo_config(config: AmortizeConfig, name: str) -> ClassifierZooConfig:
                          f"mlp-relu-mnist1d or mlp-tanh-mnist1d-long (recipes: {list(RECIPES)})")
     return ClassifierZooConfig(architecture=parts[0], activation=parts[1],
                                dataset=parts[2] if len(parts) == 3 else "digits", networks=config.networks,
-                               steps=recipe.get("steps", config.zoo_steps))
+                               **({"steps": config.zoo_steps} | recipe))
 
 
 PRESETS = {
