@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -70,6 +72,8 @@ def fused_kernel():
     cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
         if Path("/proc/cpuinfo").exists() else os.uname().machine
     digest = hashlib.sha1(_KERNEL_SOURCE.read_bytes() + cpu.encode()).hexdigest()[:12]
+    if shutil.which("ninja") is None:            # pip installs ninja beside this interpreter, off PATH in a venv
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
         from torch.utils.cpp_extension import load
         return load(f"gradmetanet_attention_{digest}", [str(_KERNEL_SOURCE)], extra_cflags=["-O3", "-march=native"],
