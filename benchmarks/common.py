@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -47,10 +49,23 @@ def peak_extra_bytes(step: Callable[[], object], device: str, runs: int = 3) -> 
 
 
 def run_child(script: str, args: list[str]) -> int:
-    """Run ``script --child *args`` in a fresh interpreter and return the integer it prints last."""
+    """Run ``script --child *args`` in a fresh interpreter and return the integer it prints last.
+
+    The caller first hands the memory it freed back to the system (glibc), so that the child's peak and the
+    memory the caller kept from its own timings (:func:`use_retaining_allocator`) never add up.
+    """
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     out = subprocess.run([sys.executable, script, "--child", *args], check=True, capture_output=True, text=True,
                          env=os.environ.copy())
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def use_retaining_allocator() -> None:
+    """Keep freed memory in the process, as ``gradmetanet run`` does (glibc only; a note on stderr elsewhere)."""
+    from gradmetanet.performance import retain_freed_memory
+    if not retain_freed_memory():
+        print("retain_freed_memory: not glibc, allocator left as it is", file=sys.stderr)
 
 
 def machine(device: str) -> dict:

@@ -8,7 +8,9 @@
 # 2. capture cost against a plain step and torch.func (benchmarks/capture.py);
 # 3. the learned optimizers' step cost against Adam (benchmarks/lopt_step.py);
 # 4. the most informative claim cell that fits: curvature, GradMetaNet++ at b = 128 on 2000 networks (the
-#    paper preset's zoo), stopped on validation (patience 10), cut at 6 minutes (its finished cells are kept).
+#    paper preset's zoo), stopped on validation (patience 10), cut at 6 minutes (its finished cells are kept);
+# 5. how both GradMetaNets' cost grows with the set size, the base width and depth (benchmarks/metanet_scaling.py),
+#    cut at 2.5 minutes.
 # Everything lands in OUT_DIR (default results/gpu-suite) as JSON with provenance, plus a log. Needs torch with
 # CUDA, tqdm, safetensors, matplotlib and scikit-learn (the device image has them); runs from the source tree.
 # Through this project's device tool (files come back from $OUT, eight at most), one call:
@@ -28,6 +30,7 @@ if [ "$TINY" = 1 ]; then
     LOPT=(--repeats 3 --hidden 8)
     CURVATURE=(--preset tiny --set "models=['gradmetanet++']")
     CELL_LIMIT=120
+    SCALING=(--set-sizes 4 8 --widths 4 8 --depths 1 2 --at-width 8 --at-set-size 8 --side-width 8 --repeats 1)
 else
     DEVICE=cuda
     THROUGHPUT=(--repeats 10)
@@ -36,6 +39,7 @@ else
     CURVATURE=(--preset paper --set "models=['gradmetanet++']" --set "train_sizes=[2000]" --set seeds=1
                --set patience=10)
     CELL_LIMIT=360
+    SCALING=(--repeats 3)
 fi
 status=0
 step() {   # step NAME COMMAND...: run, log, remember a failure, go on
@@ -53,4 +57,6 @@ step capture "$PYTHON" benchmarks/capture.py --device $DEVICE "${CAPTURE[@]}" --
 step lopt-step "$PYTHON" benchmarks/lopt_step.py --device $DEVICE "${LOPT[@]}" --out "$OUT_DIR/lopt_step_$DEVICE.json"
 step curvature-gmnpp-b128 timeout $CELL_LIMIT "$PYTHON" -m gradmetanet.cli run curvature "${CURVATURE[@]}" \
     --device $DEVICE --overwrite --out "$OUT_DIR/curvature-gmnpp"
+step scaling timeout 150 "$PYTHON" benchmarks/metanet_scaling.py --device $DEVICE "${SCALING[@]}" \
+    --out "$OUT_DIR/metanet_scaling_$DEVICE.json"
 exit $status

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import torch
@@ -34,7 +33,7 @@ from gradmetanet import GradientBatch, NetworkSpec
 from gradmetanet.metanets import GradMetaNet, GradMetaNetPlusPlus
 from gradmetanet.timing import interleaved_median_times
 
-from common import machine, write_json
+from common import machine, use_retaining_allocator, write_json
 from gradmetanet import spec_of
 
 NETWORKS = 32
@@ -191,9 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     if args.allocator == "retain":
-        from gradmetanet.performance import retain_freed_memory
-        if not retain_freed_memory():
-            print("retain_freed_memory: not glibc, allocator left as it is", file=sys.stderr)
+        use_retaining_allocator()
     if args.attention_kernels:
         cases = [c for c in args.cases if c.startswith("gradmetanet++")]
         result = {"label": "compiled vs chunked attention", "source_commit": source_commit(),

@@ -14,11 +14,13 @@ def test_gpu_suite_rehearsal_writes_every_result(tmp_path):
     run = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--tiny", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for name in ("metanet_throughput_cpu.json", "capture_cpu.json", "lopt_step_cpu.json"):
+    for name in ("metanet_throughput_cpu.json", "capture_cpu.json", "lopt_step_cpu.json", "metanet_scaling_cpu.json"):
         assert json.loads((tmp_path / name).read_text()), name
     throughput = json.loads((tmp_path / "metanet_throughput_cpu.json").read_text())
     assert set(throughput["cases"]) == {"gradmetanet-b128", "dws-inr"}
     assert all(c["median_s"] > 0 and c["gflop"] > 0 for c in throughput["cases"].values())
     results = json.loads((tmp_path / "curvature-gmnpp" / "results.json").read_text())
     assert "gradmetanet++" in results["models"] and results["provenance"]["device"] == "cpu"
-    assert (tmp_path / "suite.log").read_text().count("exit 0") == 4
+    scaling = json.loads((tmp_path / "metanet_scaling_cpu.json").read_text())
+    assert set(scaling["exponents"]["gradmetanet++"]) == {"b", "n_neurons", "depth"}
+    assert (tmp_path / "suite.log").read_text().count("exit 0") == 5

@@ -53,12 +53,27 @@ def streamed(key: str) -> float:
     return json.loads((ROOT / "benchmarks" / "results" / "streamed_training_cpu.json").read_text())["rows"][0][key]
 
 
+def scaling(*keys: str) -> float:
+    value = json.loads((ROOT / "benchmarks" / "results" / "metanet_scaling_cpu_0.9.json").read_text())
+    for key in keys:
+        value = value[key]
+    return value
+
+
+def ws_over_gradmetanet(quantity: str) -> float:
+    return scaling("side_by_side", "ws_concat", quantity) / scaling("side_by_side", "gradmetanet", quantity)
+
+
 #: (text that starts the README row, figure read from its results file, format the README prints it in)
 FIGURES = [
     ("| training on a zoo larger than memory", lambda: streamed("zoo_bytes") / 2 ** 30, "**{:.2f} GiB** zoo"),
     ("| training on a zoo larger than memory", lambda: streamed("cap") / 2 ** 30, "under a **{:.2f} GiB**"),
     ("| training on a zoo larger than memory", lambda: streamed("test_mse"), "test MSE {:.4f}"),
     ("| training on a zoo larger than memory", lambda: streamed("mean_predictor_mse"), "(mean predictor {:.4f})"),
+    ("| GradMetaNet vs a weight-space net", lambda: ws_over_gradmetanet("median_ms"), "**{:.1f}×** faster"),
+    ("| GradMetaNet vs a weight-space net", lambda: ws_over_gradmetanet("peak_extra_bytes"), "{:.2f}× less memory (CPU"),
+    ("| GradMetaNet vs a weight-space net", lambda: scaling("exponents", "gradmetanet", "b"), "grows as b^{:.2f}"),
+    ("| GradMetaNet vs a weight-space net", lambda: scaling("exponents", "gradmetanet++", "n_neurons"), "N^{:.2f}, depth^1.31"),
     ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: improvement("gradmetanet_set"), "{:.1f}% better"),
     ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: improvement("gradmetanet"), "{:.1f}% better"),
     ("| GradMetaNet vs the standard Fisher-diagonal estimator", lambda: curvature("gradmetanet_set"), "({:.4f} vs"),
