@@ -152,3 +152,17 @@ def test_a_cell_does_not_depend_on_the_other_training_sizes(tmp_path):
     both = curvature.run(config, tmp_path / "run", progress=False)
     alone = curvature.run(replace(config, train_sizes=(12,)), tmp_path / "run", progress=False, overwrite=True)
     assert alone["models"]["mlp_concat"]["12"] == both["models"]["mlp_concat"]["12"]
+
+
+CLAIM_PRESETS = {"curvature": ("cpu", "paper"), "fisher_trace": ("paper",), "inr_edit": ("cpu", "paper"),
+                 "generalisation": ("cpu", "paper"), "ws_bench": ("cpu", "paper"), "lora": ("cpu", "lm-cpu", "paper")}
+
+
+@pytest.mark.parametrize("module, preset", [(m, p) for m, presets in CLAIM_PRESETS.items() for p in presets])
+def test_claim_presets_stop_on_validation_with_room_to_converge(module, preset):
+    """The presets that make a claim train until validation stops improving (patience), under an epoch cap that
+    leaves room for it: a fixed short count reports models stopped before they converged (issue 24)."""
+    import importlib
+    config = importlib.import_module(f"gradmetanet.experiments.{module}").PRESETS[preset]
+    assert config.patience is not None, f"{module} preset {preset!r} trains a fixed number of epochs"
+    assert config.epochs >= 6 * config.patience, f"{module} preset {preset!r}: {config.epochs} epochs for patience {config.patience}"

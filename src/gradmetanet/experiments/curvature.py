@@ -96,7 +96,7 @@ class CurvatureConfig:
 
 
 PRESETS: dict[str, CurvatureConfig] = {
-    "paper": CurvatureConfig(),
+    "paper": CurvatureConfig(patience=15),
     "cpu": CurvatureConfig(train_sizes=(500, 2000), n_val=250, epochs=100, patience=15, seeds=1,
                            models=("gradmetanet", "gradmetanet_set")),
     # make demo: about 6 minutes on one CPU thread; GradMetaNet++ (attention over the set) would take 17 more

@@ -59,7 +59,7 @@ class FisherTraceConfig:
 PRESETS = {
     "quick": FisherTraceConfig(),
     "paper": FisherTraceConfig(width=1024, n_train=2000, n_val=500, n_test=500, set_size=128, target_points=1024,
-                               epochs=100, batch_size=32),
+                               epochs=100, batch_size=32, patience=15),
     "tiny": FisherTraceConfig(width=16, n_train=16, n_val=8, n_test=8, set_size=8, target_points=16, epochs=2,
                               batch_size=8),
 }

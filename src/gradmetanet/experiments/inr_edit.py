@@ -82,8 +82,9 @@ class InrEditConfig:
 
 
 PRESETS = {
-    "paper": InrEditConfig(hidden=128, layers=6, epochs=150, gradmetanet_pp_hidden=64, gradmetanet_pp_blocks=3, gradmetanet_pp_heads=8),
-    "cpu": InrEditConfig(epochs=10, seeds=3, lr=2e-3),
+    "paper": InrEditConfig(hidden=128, layers=6, epochs=150, patience=20, gradmetanet_pp_hidden=64, gradmetanet_pp_blocks=3, gradmetanet_pp_heads=8),
+    # to convergence (0.8 and earlier: 10 epochs, no patience, every best epoch the last; results/inr-edit-cpu)
+    "cpu": InrEditConfig(epochs=150, patience=10, seeds=3, lr=2e-3),
     "quick": InrEditConfig(n_images=600, epochs=8, seeds=1, layers=2, lr=3e-3),
     "tiny": InrEditConfig(n_images=24, fit_steps=30, epochs=1, seeds=1, hidden=8, layers=1, grad_points=8,
                           probe_points=4, gradmetanet_features=4, gradmetanet_pp_hidden=8, gradmetanet_pp_heads=2, examples=2, cache_dir=None),
