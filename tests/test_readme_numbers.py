@@ -37,6 +37,10 @@ def generalisation(zoo: str, model: str) -> float:
     return results("generalisation-cpu")["zoos"][zoo]["models"][model]["tau"]["mean"]
 
 
+def generalisation_converged(zoo: str) -> float:
+    return results("generalisation-cpu-gradmetanet-100")["zoos"][zoo]["models"]["gradmetanet"]["tau"]["mean"]
+
+
 def converged_inr_09(backbone: str, variant: str) -> float:
     return 100 * results("inr-edit-quick-converged-0.9")["models"][backbone][variant]["mean"]
 
@@ -112,6 +116,8 @@ FIGURES = [
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "loss_probe"), "probe {:.3f}, GradMetaNet"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gradmetanet"), "GradMetaNet {:.3f} ± 0.033"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (GradMetaNet"),
+    ("| generalisation prediction", lambda: generalisation_converged("mlp-relu"), "converged): **{:.3f} ±"),
+    ("| generalisation prediction", lambda: generalisation_converged("cnn-tanh"), "the probe, {:.3f} ± 0.006"),
     ("| INR classification from weights", lambda: ws_bench("gradmetanet"), "gradient sets **{:.1f}%**"),
     ("| INR classification from weights", lambda: ws_bench("gradmetanet", "symmetry"), "({:.1f}% under a random symmetry)"),
     ("| INR classification from weights", lambda: ws_bench("dws"), "(DWSNet {:.1f}%, GMN"),
