@@ -115,7 +115,7 @@ FIGURES = [
     ("| generalisation prediction", lambda: generalisation("cnn-tanh", "statnn"), "StatNN {:.3f}, GMN"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "loss_probe"), "probe {:.3f}, GradMetaNet"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gradmetanet"), "GradMetaNet {:.3f} ± 0.033"),
-    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (GradMetaNet"),
+    ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f} (40-epoch cap"),
     ("| generalisation prediction", lambda: generalisation_converged("mlp-relu"), "converged): **{:.3f} ±"),
     ("| generalisation prediction", lambda: generalisation_converged("cnn-tanh"), "the probe, {:.3f} ± 0.006"),
     ("| INR classification from weights", lambda: ws_bench("gradmetanet"), "gradient sets **{:.1f}%**"),
