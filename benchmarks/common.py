@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -54,8 +52,8 @@ def run_child(script: str, args: list[str]) -> int:
     The caller first hands the memory it freed back to the system (glibc), so that the child's peak and the
     memory the caller kept from its own timings (:func:`use_retaining_allocator`) never add up.
     """
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    from gradmetanet.performance import release_freed_memory
+    release_freed_memory()
     out = subprocess.run([sys.executable, script, "--child", *args], check=True, capture_output=True, text=True,
                          env=os.environ.copy())
     return int(out.stdout.strip().splitlines()[-1])

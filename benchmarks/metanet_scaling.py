@@ -9,9 +9,8 @@ random ``(a, g)`` features, ``B = 4`` networks per batch, float32, glibc's alloc
 memory (what ``gradmetanet run`` does). Each cell times one forward + backward of a sum of all outputs
 (median of interleaved repeats) and measures its peak extra memory in a fresh process. Sweeps: the set size
 ``b`` at width 128, the width at ``b = 128``, the depth at width 128 and ``b = 128`` (``--at-width``,
-``--at-set-size``); the scaling exponents
-are least-squares slopes of log time against log ``b``, log ``N`` (the number of neurons, over the width
-sweep) and log ``depth``. Tokens of a transformer are set elements: ``metanet_transformer.py`` sweeps them.
+``--at-set-size``); the scaling exponents are least-squares slopes of log time against log ``b``, log ``N``
+(the number of neurons, over the width sweep) and log ``depth``. Tokens of a transformer are set elements: ``metanet_transformer.py`` sweeps them.
 Side by side at width 256 (``--side-width``), ``b = 128``: the weight-space network (same hidden width) reads the
 concatenated dense per-example gradients ``Theta[b]``, whose formation from the factors is
 part of its cost.
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "depth": exponent(by_depth, m, "depth")} for m in models}
     side = measure([*models, "ws_concat"], args.side_width, b, args.device, args.repeats)
     result = {"benchmark": "metanet_scaling", **machine(args.device), "hidden": HIDDEN, "networks_per_batch": NETWORKS,
-              "base": "MLP 32-w-w-10", "by_set_size": by_b, "by_width": by_width, "by_depth": by_depth, "exponents": exponents,
+              "base": "MLP 32-w (x depth)-10", "by_set_size": by_b, "by_width": by_width, "by_depth": by_depth, "exponents": exponents,
               "side_by_side": side}
     print(render(result))
     write_json(result, args.out)
@@ -118,14 +117,14 @@ def render(result: dict) -> str:
              "| sweep | b | width | depth | N | model | median ms | peak extra MiB |",
              "|---|---:|---:|---:|---:|---|---:|---:|"]
     for sweep, rows in (("set size", result["by_set_size"]), ("width", result["by_width"]),
-                        ("depth", result.get("by_depth", []))):
+                        ("depth", result["by_depth"])):
         for cell in rows:
             for m, r in cell.items():
-                lines.append(f"| {sweep} | {r['b']} | {r['width']} | {r.get('depth', 2)} | {r['n_neurons']} | {m} | "
+                lines.append(f"| {sweep} | {r['b']} | {r['width']} | {r['depth']} | {r['n_neurons']} | {m} | "
                              f"{r['median_ms']:.1f} | {r['peak_extra_bytes'] / 2**20:.1f} |")
     lines += ["", "| model | time exponent in b | time exponent in N | time exponent in depth |", "|---|---:|---:|---:|"]
     for m, e in result["exponents"].items():
-        lines.append(f"| {m} | {e['b']:.2f} | {e['n_neurons']:.2f} | {e.get('depth', float('nan')):.2f} |")
+        lines.append(f"| {m} | {e['b']:.2f} | {e['n_neurons']:.2f} | {e['depth']:.2f} |")
     side = result["side_by_side"]
     ws = side["ws_concat"]
     first = next(iter(side.values()))

@@ -18,7 +18,7 @@ import ctypes
 import ctypes.util
 import platform
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "release_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1      # mallopt parameters (glibc's malloc.h)
 _M_MMAP_MAX = -4
@@ -32,7 +32,25 @@ def retain_freed_memory() -> bool:
     it changes nothing. Memory the process frees is then kept for its own later allocations rather than
     returned to the system, so its resident size stays at the peak it reached.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory this process has freed back to the system now (glibc's ``malloc_trim``), for example
+    before starting a child process whose peak should not add to what :func:`retain_freed_memory` kept.
+
+    Returns ``True`` when applied, ``False`` where the C library is not glibc.
+    """
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    libc.malloc_trim(0)
+    return True
+
+
+def _glibc():
+    """The C library when it is glibc on Linux, else ``None``."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
