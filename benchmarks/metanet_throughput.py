@@ -3,6 +3,7 @@
     python benchmarks/metanet_throughput.py [--cases ...] [--device cpu|cuda] [--allocator retain|default] [--out FILE]
     python benchmarks/metanet_throughput.py --compare OLD.json NEW.json [NEW2.json ...]   # the speed-up table
     python benchmarks/metanet_throughput.py --attention-kernels --out FILE   # GradMetaNet++: compiled vs chunked
+    python benchmarks/metanet_throughput.py --torch-compile --out FILE       # eager vs torch.compile'd models
 
 One training step = forward, backward of a squared-output loss, ``torch.optim.Adam`` step, on ``B = 32``
 inputs, float32, on the threads given (default one). Cases (the issue's set-up):
@@ -66,16 +67,18 @@ def _backbone_step(name: str, device: str):
     return model, {n: torch.randn(NETWORKS, *shape, channels).to(device) for n, shape in spec.param_shapes().items()}
 
 
-def make_step(name: str, device: str = "cpu"):
-    """A closure running one training step of case ``name`` (seeded model and input) on ``device``."""
+def make_step(name: str, device: str = "cpu", compiled: bool = False):
+    """A closure running one training step of case ``name`` (seeded model and input) on ``device``; with
+    ``compiled`` the model runs through ``torch.compile`` (inductor; graph breaks around the fused attention)."""
     torch.manual_seed(0)
     model, inputs = (_gradient_step if name.startswith("gradmetanet") else _backbone_step)(name, device)
     model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step():
         optimiser.zero_grad(set_to_none=True)
-        out = model(inputs)
+        out = forward(inputs)
         sum(v.square().mean() for v in out.values()).backward()
         optimiser.step()
     return step
@@ -140,6 +143,24 @@ def attention_kernels(cases: list[str], repeats: int) -> dict[str, dict]:
     return out
 
 
+def torch_compile(cases: list[str], repeats: int, device: str) -> dict[str, dict]:
+    """Each case eager and through ``torch.compile``, steps interleaved in one process: ``{case: {"eager_s",
+    "compiled_s", "speedup", "compile_s"}}`` (``compile_s``: the first compiled step, compilation included)."""
+    out = {}
+    for case in cases:
+        compiled = make_step(case, device, compiled=True)
+        start = time.perf_counter()
+        compiled()
+        compile_s = time.perf_counter() - start
+        times = interleaved_median_times({"eager": make_step(case, device), "compiled": compiled},
+                                         repeats=repeats, warmup=1)
+        out[case] = {"eager_s": times["eager"], "compiled_s": times["compiled"],
+                     "speedup": times["eager"] / times["compiled"], "compile_s": compile_s}
+        print(f"{case:20s} eager {times['eager']:.3f} s, compiled {times['compiled']:.3f} s: "
+              f"{out[case]['speedup']:.2f}x (first compiled step {compile_s:.0f} s)", flush=True)
+    return out
+
+
 def compare(old_path: str, new_paths: list[str]) -> str:
     """A Markdown table of step times: the old run and each new one, with the speed-up over the old."""
     old = json.loads(open(old_path).read())
@@ -184,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="print the table of OLD.json against NEW.json...")
     parser.add_argument("--attention-kernels", action="store_true",
                         help="GradMetaNet++ cases only: the compiled against the chunked attention kernel, interleaved")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="every case eager against torch.compile'd, interleaved")
     args = parser.parse_args(argv)
     if args.compare:
         print(compare(args.compare[0], args.compare[1:]))
@@ -195,6 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
         cases = [c for c in args.cases if c.startswith("gradmetanet++")]
         result = {"label": "compiled vs chunked attention", "source_commit": source_commit(),
                   "machine": machine(args.device), "cases": attention_kernels(cases, args.repeats)}
+        write_json(result, args.out)
+        return result
+    if args.torch_compile:
+        result = {"label": "eager vs torch.compile", "source_commit": source_commit(), "machine": machine(args.device),
+                  "torch": torch.__version__, "cases": torch_compile(args.cases, args.repeats, args.device)}
         write_json(result, args.out)
         return result
     source = source_commit()
