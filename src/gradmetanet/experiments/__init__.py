@@ -114,12 +114,12 @@ def format_mean_std(mean: float, std: float, runs: int, digits: int = 4) -> str:
 def convergence_line(converged: Mapping[str, Iterable[bool]], patience: int | None, unit: str = "fits") -> str:
     """The sentence every table ends with: how many fits of each model stopped improving on validation
     (:func:`gradmetanet.metanets.training.has_converged`), ``converged {label: [flag per fit]}``."""
-    window = f"{patience} epochs" if patience else "a fifth of the epochs"
+    window = f"last {patience} epochs" if patience else "last fifth of the epochs"
     counts = []
     for label, flags in converged.items():
         flags = list(flags)
         counts.append(f"{label} {sum(flags)}/{len(flags)}")
-    return (f"Converged (no better validation loss, or less than 1% better, over the last {window}; {unit} per "
+    return (f"Converged (no better validation loss, or less than 1% better, over the {window}; {unit} per "
             f"model): " + (", ".join(counts) if counts else "no learned model run") + ".")
 
 
