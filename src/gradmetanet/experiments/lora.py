@@ -92,13 +92,14 @@ class LoraConfig:
 
 PRESETS = {
     "paper": LoraConfig(n_loras=5000, epochs=200, patience=20),
-    "cpu": LoraConfig(epochs=100, patience=10),
+    # a cap, not a length: the rate is constant, so a fit that stops by patience ends where it would under any cap
+    "cpu": LoraConfig(epochs=300, patience=10),
     "quick": LoraConfig(n_loras=600, n_unseen=100, epochs=25),
     "tiny": LoraConfig(n_loras=40, n_unseen=8, steps=(5, 15), epochs=2, hidden=8, cache_dir=None),
     "lm-tiny": LoraConfig(zoo_kind="lm", n_loras=40, n_unseen=8, steps=(5, 15), epochs=2, hidden=8, base_steps=50,
                           cache_dir=None),
     "lm-quick": LoraConfig(zoo_kind="lm", n_loras=600, n_unseen=100, epochs=25),
-    "lm-cpu": LoraConfig(zoo_kind="lm", n_loras=2000, epochs=100, patience=10),
+    "lm-cpu": LoraConfig(zoo_kind="lm", n_loras=2000, epochs=300, patience=10),
 }
 
 
