@@ -40,36 +40,6 @@ def test_fit_trains_a_weight_space_backbone_and_reports_an_unseen_test_split(mon
     assert result.test < 0.5 * y.var().item(), result.test          # learned, on networks it never saw
 
 
-def test_a_compiled_fit_learns_as_the_eager_one_and_leaves_the_model_eager(tmp_path):
-    """``compile=True`` runs the predictions through ``torch.compile``: the same fit to float32 rounding (same
-    batches, same best epoch), the weights stay in ``model`` (state dict keys unchanged, no ``_orig_mod``), and a
-    checkpoint of an eager fit is refused by a compiled one (its rounding differs)."""
-    spec, features, y = weight_space_task(120)
-    results, states = {}, {}
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = DWSNet(spec, 1, 1, hidden=8, layers=2, readout="invariant")
-        results[compiled] = fit(model, features, y, epochs=6, lr=1e-2, progress=False, compile=compiled)
-        states[compiled] = model.state_dict()
-        assert type(model) is DWSNet
-    assert states[True].keys() == states[False].keys()
-    assert results[True].best_epoch == results[False].best_epoch
-    assert results[True].val_history == pytest.approx(results[False].val_history, rel=1e-4)
-    assert results[True].test == pytest.approx(results[False].test, rel=1e-4)
-    assert results[True].val_history[-1] < 0.8 * results[True].val_history[0]        # it learned
-
-    x, y, train, val, test = _linear_task()
-    predict = lambda m, idx: m(x[idx])  # noqa: E731
-    path = tmp_path / "cell.pt"
-
-    def stop(epoch, value):
-        raise _Stop
-    with pytest.raises(_Stop):
-        fit_regression(torch.nn.Linear(4, 1), predict, y, train, val, test, 4, 16, 1e-2, 0, on_epoch=stop,
-                       checkpoint=path)
-    with pytest.raises(ValueError, match="differing: compile"):
-        fit_regression(torch.nn.Linear(4, 1), predict, y, train, val, test, 4, 16, 1e-2, 0, checkpoint=path,
-                       compile=True)
 def test_fit_refuses_targets_of_the_wrong_length_and_empty_training_sets():
     spec, features, y = weight_space_task(10)
     model = DWSNet(spec, 1, 1, hidden=4, layers=1, readout="invariant")

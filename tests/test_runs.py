@@ -74,24 +74,6 @@ def test_a_cell_recorded_with_settings_since_declared_irrelevant_is_reused(tmp_p
     assert cells.get("dws/ws/0", {"lr": 1, "seeds": 3}) is None
 
 
-def test_a_setting_added_since_keeps_earlier_cells_only_at_its_neutral_value(tmp_path):
-    """``compile`` came after cells were computed without it: eager runs (its neutral value, left out of the
-    settings) reuse those cells and keep their folder's owner; compiled runs (other float32 rounding) do not."""
-    from gradmetanet.experiments import inr_edit
-    eager = inr_edit.config_from_preset("tiny")
-    compiled = replace(eager, compile=True)
-    assert "compile" not in store.settings_of(eager)
-    assert store.settings_of(compiled) == store.settings_of(eager) | {"compile": True}
-    cells = CellStore(tmp_path / "cells.json", "inr-edit")
-    cells.put("dws/ws/0", store.settings_of(eager), {"test": 0.5})
-    assert cells.get("dws/ws/0", store.settings_of(eager)) == {"test": 0.5}
-    assert cells.get("dws/ws/0", store.settings_of(compiled)) is None
-    RunFolder(tmp_path / "run", "inr-edit", store.settings_of(eager))
-    RunFolder(tmp_path / "run", "inr-edit", store.settings_of(replace(eager, compile=False)))
-    with pytest.raises(RunFolderError, match="changed: compile"):
-        RunFolder(tmp_path / "run", "inr-edit", store.settings_of(compiled))
-
-
 def test_a_cells_file_of_an_earlier_layout_is_kept_aside(tmp_path):
     (tmp_path / "cells.json").write_text('{"config_key": "abc", "cells": {"x": {"test": 1}}}')
     CellStore(tmp_path / "cells.json", "curvature").put("y", {}, {"test": 2})

@@ -84,7 +84,6 @@ class GeneralisationConfig:
     layers: int = 3
     epochs: int = 100
     patience: int | None = 10
-    compile: bool = False                 # train through torch.compile (backbones 1.2-1.4x faster on CPU; float32 rounding)
     batch_size: int = 32
     lr: float = 1e-3
     probe_images: int = 32
@@ -300,7 +299,7 @@ def _fit_and_predict(model: nn.Module, predict: Callable, zoo: ClassifierZoo, co
     targets = ((zoo.accuracy - mean) / std).unsqueeze(1)
     fit = fit_regression(model, predict, targets, splits["train"], splits["val"], splits["test"], config.epochs,
                          config.batch_size, config.lr, seed, schedule="cosine", patience=config.patience,
-                         checkpoint=checkpoint, on_epoch=on_epoch, compile=config.compile)
+                         checkpoint=checkpoint, on_epoch=on_epoch)
     model.eval()
     with torch.no_grad():
         predicted = predict(model, splits["test"])[:, 0] * std + mean

@@ -64,7 +64,6 @@ class InrEditConfig:
     batch_size: int = 32
     lr: float = 1e-3
     patience: int | None = None           # stop a fit after this many epochs without a better validation MSE
-    compile: bool = False                 # train through torch.compile (backbones 1.2-1.4x faster on CPU; float32 rounding)
     grad_points: int = 64
     probe_points: int = 16
     gradmetanet_features: int = 8
@@ -84,9 +83,8 @@ class InrEditConfig:
 
 PRESETS = {
     "paper": InrEditConfig(hidden=128, layers=6, epochs=150, patience=20, gradmetanet_pp_hidden=64, gradmetanet_pp_blocks=3, gradmetanet_pp_heads=8),
-    # to convergence (0.8 and earlier: 10 epochs, no patience, every best epoch the last; results/inr-edit-cpu);
-    # compiled: its GMN and ScaleGMN steps run 1.2-1.3x faster (benchmarks/results/torch_compile_cpu.json)
-    "cpu": InrEditConfig(epochs=150, patience=10, seeds=3, lr=2e-3, compile=True),
+    # to convergence (0.8 and earlier: 10 epochs, no patience, every best epoch the last; results/inr-edit-cpu)
+    "cpu": InrEditConfig(epochs=150, patience=10, seeds=3, lr=2e-3),
     "quick": InrEditConfig(n_images=600, epochs=8, seeds=1, layers=2, lr=3e-3),
     "tiny": InrEditConfig(n_images=24, fit_steps=30, epochs=1, seeds=1, hidden=8, layers=1, grad_points=8,
                           probe_points=4, gradmetanet_features=4, gradmetanet_pp_hidden=8, gradmetanet_pp_heads=2, examples=2, cache_dir=None),
@@ -222,8 +220,7 @@ def run(config: InrEditConfig, out_dir: str | os.PathLike, progress: bool = True
                     fit = fit_regression(model, lambda m, idx: _predict(m, variant, data, idx), data.targets,
                                          splits["train"], splits["val"], splits["test"], config.epochs,
                                          config.batch_size, config.lr, seed, schedule="cosine",
-                                         patience=config.patience, checkpoint=store.checkpoint(key, settings),
-                                         compile=config.compile)
+                                         patience=config.patience, checkpoint=store.checkpoint(key, settings))
                     store.put(key, settings, {"test": require_finite(f"the test MSE of {backbone} {variant} seed {seed}",
                                                                      fit.test),
                                               "seconds": time.perf_counter() - start, "best_epoch": fit.best_epoch,

@@ -25,17 +25,13 @@ from ..atomic import atomic_write_text
 from ..distributed import is_main_process
 from ..provenance import package_version, provenance
 
-__all__ = ["RunFolder", "RunFolderError", "CellStore", "require_finite", "settings_of", "write_results", "RUNTIME_FIELDS",
-           "NEUTRAL_SETTINGS"]
+__all__ = ["RunFolder", "RunFolderError", "CellStore", "require_finite", "settings_of", "write_results", "RUNTIME_FIELDS"]
 
 _RUN = "run.json"
 _CELLS = "cells.json"
 _CELLS_LAYOUT = "gradmetanet.cells/2"
 #: config fields that change how a run executes, not what it computes
 RUNTIME_FIELDS = ("device", "cache_dir")
-#: settings added after cells were computed without them, each at the value that computes what the code before it
-#: did: a run at that value leaves the setting out of its settings, so those cells stay valid (``compile``: eager)
-NEUTRAL_SETTINGS = {"compile": False}
 
 
 class RunFolderError(ValueError):
@@ -47,10 +43,8 @@ def _as_json(value: Any) -> Any:
 
 
 def settings_of(config: Any, ignore: tuple[str, ...] = ()) -> dict:
-    """The settings of a config dataclass that decide what a run computes (as JSON reads them back), without those
-    at their :data:`NEUTRAL_SETTINGS` value."""
-    return {k: v for k, v in _as_json(asdict(config)).items()
-            if k not in RUNTIME_FIELDS + ignore and not (k in NEUTRAL_SETTINGS and NEUTRAL_SETTINGS[k] == v)}
+    """The settings of a config dataclass that decide what a run computes (as JSON reads them back)."""
+    return {k: v for k, v in _as_json(asdict(config)).items() if k not in RUNTIME_FIELDS + ignore}
 
 
 def write_results(path: str | os.PathLike, results: dict, device: str = "cpu") -> None:

@@ -94,7 +94,6 @@ class WsBenchConfig:
     layers: int = 3
     epochs: int = 60
     patience: int | None = 10
-    compile: bool = False                 # train through torch.compile (backbones 1.2-1.4x faster on CPU; float32 rounding)
     batch_size: int = 32
     lr: float = 1e-3
     widen_by: int = 8                     # neurons added to each hidden space in the widened variants
@@ -265,7 +264,7 @@ def run(config: WsBenchConfig, out_dir: str | os.PathLike, progress: bool = True
                 fit = fit_regression(model, predict, one_hot, train,
                                      zoo.splits["val"], test, config.epochs, config.batch_size, config.lr, seed,
                                      loss=F.cross_entropy, schedule="cosine", patience=config.patience,
-                                     checkpoint=store.checkpoint(key, settings), compile=config.compile)
+                                     checkpoint=store.checkpoint(key, settings))
                 scores, changes, original = {}, {}, None
                 for variant, (params, variant_spec) in changed_test_networks(test_params, spec, config.widen_by, seed).items():
                     if reads_gradients(name) and variant_spec != spec:

@@ -89,7 +89,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
                    train_predict: Predictor | None = None, schedule: str = "constant",
                    patience: int | None = None, checkpoint: str | os.PathLike | None = None,
                    optimizer: Callable[..., torch.optim.Optimizer] | None = None, clip_norm: float | None = None,
-                   keep_initial: bool = False, compile: bool = False) -> FitResult:
+                   keep_initial: bool = False) -> FitResult:
     """Adam on ``loss`` (default the MSE) to ``targets`` (``[M, P]``, normalised); test error at the
     best-validation epoch. ``train_predict`` (default ``predict``) makes the training batches' predictions,
     e.g. on inputs moved by a random group element (augmentation) or on a fresh draw of data (zoo fine-tuning:
@@ -97,10 +97,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     ``"constant"`` learning rate, ``"cosine"`` decay to zero over all steps, or ``"one_cycle"`` (warm-up over the
     first tenth, then annealing). ``optimizer(parameters, lr=lr)`` replaces Adam (AdamW, say); ``clip_norm``
     clips each step's gradient norm. ``keep_initial``: the untrained model is a candidate too (best epoch -1 when
-    no epoch beats it). ``compile``: the predictions run through ``torch.compile(model)`` (inductor; the weight-space
-    backbones' steps 1.2-1.4x faster on one CPU thread, GradMetaNet's not: ``benchmarks/results/torch_compile_cpu.json``;
-    the first batches of each shape compile, 2-50 s; results equal eager ones to float32 rounding, not bit for
-    bit); ``model`` itself stays eager and holds the weights. ``patience``: stop once the validation loss has
+    no epoch beats it). ``patience``: stop once the validation loss has
     not improved for that many epochs (``epochs`` is then a cap); see :attr:`FitResult.converged`.
     ``checkpoint``: a file that receives the loop's whole state after every epoch (model, optimizer, schedule,
     best weights, curves, random states; atomically); a fit started with such a file resumes after its last
@@ -127,15 +124,14 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
              "one_cycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1),
                                                                       pct_start=0.1)}[schedule]()
     best_val, best_state, best_epoch = float("inf"), copy.deepcopy(model.state_dict()), -1
-    net = torch.compile(model) if compile else model        # shares the parameters; state dicts are the model's
     if keep_initial:
-        best_val = evaluate_mse(net, predict, val_idx, targets, loss=loss)
+        best_val = evaluate_mse(model, predict, val_idx, targets, loss=loss)
     result = FitResult(best_epoch=-1, best_val=float("inf"), test=float("nan"))
     signature = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "schedule": schedule,
                  "patience": -1 if patience is None else patience, "train": train_idx.tolist(), "val": val_idx.tolist(),
                  "parameters": [[k, list(v.shape)] for k, v in model.state_dict().items()]}
     extras = {"optimizer": type(opt).__name__ if optimizer else None, "clip_norm": clip_norm,
-              "keep_initial": keep_initial or None, "compile": compile or None}
+              "keep_initial": keep_initial or None}
     signature |= {k: v for k, v in extras.items() if v is not None}      # checkpoints of plain fits keep theirs
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -151,7 +147,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
         start = len(result.val_history)
     stopped = patience is not None and start and start - 1 - best_epoch >= patience
     rank, world = rank_and_world()
-    trained = _DataParallel(net, find_unused_parameters=True) if world > 1 else net
+    trained = _DataParallel(model, find_unused_parameters=True) if world > 1 else model
     for epoch in range(start, 0 if stopped else epochs):
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
         running, count = 0.0, 0
@@ -169,7 +165,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
                 sched.step()
             batch_loss = all_reduce_sum(value.detach()).item() / world
             running, count = running + batch_loss * len(idx), count + len(idx)
-        val = evaluate_mse(net, predict, val_idx, targets, loss=loss)
+        val = evaluate_mse(model, predict, val_idx, targets, loss=loss)
         result.val_history.append(val)
         result.train_history.append(running / count)
         if val < best_val:
@@ -189,7 +185,7 @@ def fit_regression(model: nn.Module, predict: Predictor, targets: torch.Tensor, 
     result.epochs_run = len(result.val_history)
     result.converged = has_converged(result.val_history, window)
     if test_idx is not None:
-        result.test = evaluate_mse(net, predict, test_idx, targets, loss=loss)
+        result.test = evaluate_mse(model, predict, test_idx, targets, loss=loss)
     if checkpoint is not None and rank == 0 and Path(checkpoint).exists():
         os.remove(checkpoint)
     return result
@@ -267,7 +263,7 @@ def _model_input(inputs: Inputs, idx: torch.Tensor):
 
 def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 50, batch_size: int = 32,
         lr: float = 1e-3, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0,
-        progress: bool = True, patience: int | None = None, compile: bool = False) -> FitResult:
+        progress: bool = True, patience: int | None = None) -> FitResult:
     """Train ``model`` to map network ``i`` of ``inputs`` to ``targets[i]`` (``[M, K]``) by MSE with Adam.
 
     ``inputs``: a :class:`~gradmetanet.GradientBatch` (GradMetaNet, GradMetaNet++), a
@@ -279,8 +275,7 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
     ``val_fraction`` selects the epoch (the model keeps its best-validation weights), ``test_fraction`` is read
     once at the end (``FitResult.test``), the rest trains. ``patience``: stop once validation has not improved
     for that many epochs (``epochs`` is then a cap); ``FitResult.converged`` says whether validation stopped
-    improving. ``compile``: train and evaluate through ``torch.compile`` (see :func:`fit_regression`). Normalise
-    inputs and targets first (:class:`~gradmetanet.features.NeuronNormaliser`).
+    improving. Normalise inputs and targets first (:class:`~gradmetanet.features.NeuronNormaliser`).
     """
     m = _rows(inputs)
     if targets.dim() != 2 or targets.shape[0] != m:
@@ -307,4 +302,4 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, epochs: int = 5
     with tqdm(total=epochs, desc="fit", unit="epoch", disable=not progress) as bar:
         return fit_regression(model, predict, targets, train_idx, val_idx, test_idx, epochs, batch_size, lr, seed,
                               on_epoch=lambda epoch, val: (bar.update(), bar.set_postfix(val_mse=f"{val:.4g}")),
-                              patience=patience, compile=compile)
+                              patience=patience)
