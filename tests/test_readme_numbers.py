@@ -76,6 +76,13 @@ def streamed(key: str) -> float:
     return json.loads((ROOT / "benchmarks" / "results" / "streamed_training_cpu.json").read_text())["rows"][0][key]
 
 
+def compile_speedups(gradient_sets: bool) -> list[float]:
+    """Step speed-ups of ``torch.compile`` (benchmarks/results/torch_compile_cpu.json): the GradMetaNet cases or the
+    weight-space backbones'."""
+    cases = json.loads((ROOT / "benchmarks" / "results" / "torch_compile_cpu.json").read_text())["cases"]
+    return [c["speedup"] for name, c in cases.items() if name.startswith("gradmetanet") == gradient_sets]
+
+
 def scaling(*keys: str) -> float:
     value = json.loads((ROOT / "benchmarks" / "results" / "metanet_scaling_cpu_0.9.json").read_text())
     for key in keys:
@@ -93,6 +100,9 @@ FIGURES = [
     ("| training on a zoo larger than memory", lambda: streamed("cap") / 2 ** 30, "under a **{:.2f} GiB**"),
     ("| training on a zoo larger than memory", lambda: streamed("test_mse"), "test MSE {:.4f}"),
     ("| training on a zoo larger than memory", lambda: streamed("mean_predictor_mse"), "(mean predictor {:.4f})"),
+    ("| metanetwork training step", lambda: min(compile_speedups(False)), "`torch.compile` steps {:.1f}–"),
+    ("| metanetwork training step", lambda: max(compile_speedups(False)), "–{:.2f}×, GradMetaNets"),
+    ("| metanetwork training step", lambda: max(compile_speedups(True)), "GradMetaNets {:.1f}×"),
     ("| GradMetaNet vs a weight-space net", lambda: ws_over_gradmetanet("median_ms"), "**{:.1f}×** faster"),
     ("| GradMetaNet vs a weight-space net", lambda: ws_over_gradmetanet("peak_extra_bytes"), "{:.2f}× less memory (CPU"),
     ("| GradMetaNet vs a weight-space net", lambda: scaling("exponents", "gradmetanet", "b"), "grows as b^{:.2f}"),
@@ -145,7 +155,7 @@ FIGURES = [
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "statnn"), "StatNN {:.3f}, DWSNet"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "dws"), "DWSNet {:.3f}, GMN"),
     ("| generalisation prediction", lambda: generalisation("mlp-relu", "gmn"), "GMN {:.3f}: gradients"),
-    ("| generalisation prediction", lambda: generalisation_fits_converged(), "every fit converged{}"),
+    ("| generalisation prediction", generalisation_fits_converged, "every fit converged{}"),
     ("| INR classification from weights", lambda: ws_bench("gradmetanet"), "gradient sets **{:.1f}%**"),
     ("| INR classification from weights", lambda: ws_bench("gradmetanet", "symmetry"), "({:.1f}% under a random symmetry)"),
     ("| INR classification from weights", lambda: ws_bench("dws"), "(DWSNet {:.1f}%, GMN"),
