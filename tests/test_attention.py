@@ -1,7 +1,12 @@
 """GradMetaNet++'s CPU attention kernels (metanets/attention.py), the compiled one and the chunked one, against
 PyTorch's scaled-dot-product attention."""
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +107,22 @@ def test_a_kernel_that_cannot_be_built_warns_and_falls_back(monkeypatch):
             assert attention.fused_kernel() is None
     finally:
         attention.fused_kernel.cache_clear()
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_process(compiled, tmp_path):
+    """A build killed midway leaves PyTorch's ``lock`` marker in the build folder, and PyTorch's ``load`` then waited
+    for it forever (a GradMetaNet++ run slept for 15 minutes before this was found). A new process finds the kernel."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    name = attention._kernel_name()
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    shutil.copytree(built, tmp_path / name)                       # the built kernel, so nothing is compiled again
+    (tmp_path / name / "lock").touch()                            # what a killed build leaves behind
+    probe = "import gradmetanet.metanets.attention as a; print(a.fused_kernel() is not None)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240,
+                          env=os.environ | {"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]
+    assert not (tmp_path / name / "lock").exists()
 
 
 def test_attend_dispatch_and_errors(monkeypatch, compiled):

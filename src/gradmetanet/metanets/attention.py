@@ -22,12 +22,15 @@ derivative through it raises.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,22 +71,43 @@ def fused_kernel():
     ``GRADMETANET_FUSED_ATTENTION=0`` or when it cannot be built (a warning names the cause)."""
     if os.environ.get("GRADMETANET_FUSED_ATTENTION", "1") == "0":
         return None
-    # the build is specific to the source and to this CPU (-march=native): both name it
-    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
-        if Path("/proc/cpuinfo").exists() else os.uname().machine
-    digest = hashlib.sha1(_KERNEL_SOURCE.read_bytes() + cpu.encode()).hexdigest()[:12]
     if shutil.which("ninja") is None:            # pip installs ninja beside this interpreter, off PATH in a venv
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
-        from torch.utils.cpp_extension import load
-        return load(f"gradmetanet_attention_{digest}", [str(_KERNEL_SOURCE)], extra_cflags=["-O3", "-march=native"],
-                    verbose=False)
+        from torch.utils.cpp_extension import get_default_build_root, load
+        name = _kernel_name()
+        build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+        with _build_lock(build):
+            return load(name, [str(_KERNEL_SOURCE)], extra_cflags=["-O3", "-march=native"], build_directory=str(build),
+                        verbose=False)
     except Exception as error:                               # no compiler, no ninja, an unknown platform
         warnings.warn(f"gradmetanet: the fused CPU attention kernel could not be built ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); GradMetaNet++ runs the "
                       "slower chunked kernel (same results). Install a C++ compiler and ninja to build it, or set "
                       "GRADMETANET_FUSED_ATTENTION=0 to silence this.", RuntimeWarning, stacklevel=3)
         return None
+
+
+def _kernel_name() -> str:
+    """The extension's name: it changes with the source, this CPU (the build is ``-march=native``), Python and torch."""
+    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
+        if Path("/proc/cpuinfo").exists() else os.uname().machine
+    versions = f"{sys.version_info[:2]} {torch.__version__}"
+    return "gradmetanet_attention_" + hashlib.sha1(_KERNEL_SOURCE.read_bytes() + (cpu + versions).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold an OS lock on ``build`` (released by the kernel when its holder dies) and clear a stale build marker.
+
+    PyTorch marks a build in progress with a ``lock`` file that only the building process removes: a build that
+    was killed leaves it behind, and every later ``load`` of the same extension then waits for it forever. Under
+    this lock no other gradmetanet process is building, so a ``lock`` file found here is such a leftover."""
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "gradmetanet.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        yield
 
 
 class _FusedAttention(torch.autograd.Function):
